@@ -1,0 +1,194 @@
+"""The REMI tokenizer and the piano merge: the one place that turns a MIDI file into a token stream.
+
+The pipeline, generation and evaluation all call these functions, so training data and prompts can never
+be tokenized differently. The tokenizer's configuration is hashed; the hash ties shards to checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import symusic
+from miditok import REMI, TokenizerConfig
+
+# Meters seen in real corpora (2/2, 3/8, 6/8, 9/8, 12/8, 5/4, 7/8, ...). miditok drops signatures outside
+# this range and then counts bars wrongly, so anything else is mapped to an equivalent one (and counted).
+TIME_SIGNATURE_RANGE: dict[int, list[int]] = {
+    2: [1, 2, 3, 4],
+    4: list(range(1, 13)),
+    8: list(range(1, 19)),
+    16: [3, 5, 6, 7, 9, 12, 15],
+}
+
+DEFAULT_TOKENIZER_PARAMS: dict = {
+    "pitch_range": (21, 109),  # piano keys A0..C8 (upper bound exclusive)
+    "beat_res": {(0, 4): 8, (4, 12): 4},
+    "num_velocities": 32,
+    "special_tokens": ["PAD", "BOS", "EOS"],
+    "use_rests": True,
+    "use_tempos": True,
+    "num_tempos": 32,
+    "tempo_range": (40, 250),
+    "use_time_signatures": True,
+    "time_signature_range": TIME_SIGNATURE_RANGE,
+    "use_sustain_pedals": True,
+    "use_programs": False,
+}
+
+PIANO_PROGRAM = 0
+
+
+class MidiRejected(Exception):
+    """A file that cannot become training data; `reason` is a short class name for rejects.jsonl."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PianoScore:
+    """A parsed, merged piece and what had to be changed to tokenize it faithfully."""
+
+    score: symusic.Score
+    time_signatures_changed: int  # signatures outside the tokenizer's range that were rewritten
+
+
+def build_tokenizer(overrides: dict | None = None) -> REMI:
+    """REMI with the project's defaults; `overrides` replace individual TokenizerConfig fields."""
+    params = dict(DEFAULT_TOKENIZER_PARAMS)
+    if overrides:
+        unknown = set(overrides) - set(TokenizerConfig().__dict__)
+        if unknown:
+            raise ValueError(f"unknown tokenizer parameter(s): {', '.join(sorted(unknown))}")
+        params.update(overrides)
+    params["beat_res"] = {tuple(k): v for k, v in _beat_res_items(params["beat_res"])}
+    params["time_signature_range"] = {int(k): list(v) for k, v in params["time_signature_range"].items()}
+    return REMI(TokenizerConfig(**params))
+
+
+def _beat_res_items(beat_res) -> list[tuple[tuple[int, int], int]]:
+    """Accept {(0,4): 8} or the JSON-friendly {"0_4": 8} form used in config files."""
+    items = []
+    for k, v in beat_res.items():
+        if isinstance(k, str):
+            lo, hi = (int(x) for x in k.split("_"))
+            k = (lo, hi)
+        items.append((tuple(k), int(v)))
+    return items
+
+
+def load_tokenizer_overrides(path: str | os.PathLike) -> dict:
+    """Read a JSON (or TOML) file of TokenizerConfig overrides for `--tokenizer-config`."""
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        data = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of tokenizer parameters")
+    return data
+
+
+def tokenizer_from_file(path: str | os.PathLike) -> REMI:
+    """Load a tokenizer saved by `save_tokenizer` (miditok's own JSON format)."""
+    return REMI(params=Path(path))
+
+
+def save_tokenizer(tokenizer: REMI, path: str | os.PathLike) -> None:
+    """Write the tokenizer JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        tokenizer.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def tokenizer_hash(tokenizer: REMI) -> str:
+    """sha256 of the vocabulary and the configuration: equal hashes mean identical token ids."""
+    cfg = tokenizer.config.to_dict(serialize=True)
+    cfg.pop("miditok_version", None)
+    blob = json.dumps({"vocab": tokenizer.vocab, "config": cfg}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _supported_signature(num: int, den: int, tokenizer: REMI) -> tuple[int, int]:
+    """The closest signature the tokenizer can express with the same bar length where possible."""
+    ranges = tokenizer.config.time_signature_range
+    if den in ranges and num in ranges[den]:
+        return num, den
+    bar = Fraction(num, den)  # bar length in whole notes
+    for d in sorted(ranges):  # same bar length, another denominator (e.g. 4/2 -> 8/4)
+        n = bar * d
+        if n.denominator == 1 and int(n) in ranges[d]:
+            return int(n), d
+    # No exact match: the largest expressible bar not longer than this one, else 4/4.
+    best = (4, 4)
+    best_len = Fraction(0)
+    for d, nums in ranges.items():
+        for n in nums:
+            length = Fraction(n, d)
+            if best_len < length <= bar:
+                best, best_len = (n, d), length
+    return best
+
+
+def load_piano_score(source: str | os.PathLike | bytes, tokenizer: REMI) -> PianoScore:
+    """Parse a MIDI file and merge every non-drum track into one piano track.
+
+    Raises MidiRejected for files that cannot be parsed or hold no pitched notes.
+    """
+    try:
+        score = symusic.Score.from_midi(source) if isinstance(source, bytes) else symusic.Score(str(source))
+    except Exception as e:  # symusic raises plain RuntimeError/ValueError for corrupt data
+        raise MidiRejected("parse-error", str(e) or type(e).__name__) from e
+    if score.tpq <= 0:
+        raise MidiRejected("parse-error", f"invalid ticks per quarter {score.tpq}")
+    pitched = [t for t in score.tracks if not t.is_drum]
+    if not pitched:
+        raise MidiRejected("no-pitched-tracks", "the file has no non-drum tracks")
+    piano = symusic.Track("piano", PIANO_PROGRAM, False)
+    for t in pitched:
+        piano.notes.extend(t.notes)
+        piano.pedals.extend(t.pedals)
+    if len(piano.notes) == 0:
+        raise MidiRejected("no-notes", "the file's pitched tracks contain no notes")
+    piano.notes.sort()
+    piano.pedals.sort()
+    merged = symusic.Score(score.tpq)
+    merged.tempos = score.tempos
+    changed = 0
+    signatures = []
+    for ts in score.time_signatures:
+        num, den = _supported_signature(ts.numerator, ts.denominator, tokenizer)
+        if (num, den) != (ts.numerator, ts.denominator):
+            changed += 1
+        signatures.append(symusic.TimeSignature(ts.time, num, den))
+    merged.time_signatures = signatures
+    merged.tracks.append(piano)
+    return PianoScore(merged, changed)
+
+
+def encode_piano(piano: PianoScore, tokenizer: REMI) -> list[int]:
+    """Token ids of the merged piano track (one REMI stream, starting with a Bar token)."""
+    seq = tokenizer.encode(piano.score)
+    if isinstance(seq, list):
+        seq = seq[0]
+    return list(seq.ids)
