@@ -1,0 +1,301 @@
+"""RWKV-7 (x070) language model, as in BlinkDL's RWKV-LM, in plain PyTorch.
+
+Parameter names and shapes equal RWKV-LM's state-dict keys (``blocks.0.att.r_k``, ``emb.weight``, ...),
+so checkpoints convert by name. One difference: layer 0 has no ``v0/v1/v2`` (RWKV-LM creates them but
+never uses them); `checkpoint.save_rwkv_lm` writes placeholders for them.
+
+Shapes: B batch, T time, C = n_embd, H heads of N = head_size channels, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from rwkv_music.model.config import RWKV7Config
+from rwkv_music.model.state import RWKV7State
+from rwkv_music.model.wkv import wkv
+
+_MIX_EXPONENTS = {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}
+
+
+def _ortho_lora_(p: Tensor, scale: float) -> None:
+    """RWKV-LM's ortho_init for LoRA up-projections: orthogonal, gain scaled for tall matrices."""
+    rows, cols = p.shape
+    gain = math.sqrt(rows / cols) if rows > cols else 1.0
+    nn.init.orthogonal_(p, gain=gain * scale)
+
+
+def _shift(x: Tensor, x_prev: Tensor | None) -> Tensor:
+    """Token shift: the previous token's vector at every position (x_prev or zeros before the first)."""
+    first = torch.zeros_like(x[:, :1]) if x_prev is None else x_prev[:, None].to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1)
+
+
+class TimeMix(nn.Module):
+    """x070 time mixing: six token-shift lerps, LoRA-made decay / in-context rate / gate, WKV, bonus."""
+
+    def __init__(self, cfg: RWKV7Config, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_layer = cfg.n_layer
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        self.n_head, self.head_size = H, N
+        for name in _MIX_EXPONENTS:
+            setattr(self, name, nn.Parameter(torch.empty(1, 1, C)))
+        self.w0 = nn.Parameter(torch.empty(1, 1, C))
+        self.w1 = nn.Parameter(torch.empty(C, cfg.d_decay_lora))
+        self.w2 = nn.Parameter(torch.empty(cfg.d_decay_lora, C))
+        self.a0 = nn.Parameter(torch.empty(1, 1, C))
+        self.a1 = nn.Parameter(torch.empty(C, cfg.d_aaa_lora))
+        self.a2 = nn.Parameter(torch.empty(cfg.d_aaa_lora, C))
+        if layer_id > 0:  # value residual toward layer 0's v (layer 0 supplies v_first)
+            self.v0 = nn.Parameter(torch.empty(1, 1, C))
+            self.v1 = nn.Parameter(torch.empty(C, cfg.d_mv_lora))
+            self.v2 = nn.Parameter(torch.empty(cfg.d_mv_lora, C))
+        self.g1 = nn.Parameter(torch.empty(C, cfg.d_gate_lora))
+        self.g2 = nn.Parameter(torch.empty(cfg.d_gate_lora, C))
+        self.k_k = nn.Parameter(torch.empty(1, 1, C))
+        self.k_a = nn.Parameter(torch.empty(1, 1, C))
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """RWKV-LM x070 init (module init plus generate_init_weight's overrides)."""
+        C, N = self.w0.shape[-1], self.head_size
+        n_layer, layer = self.n_layer, self.layer_id
+        ratio_0_to_1 = layer / max(n_layer - 1, 1)
+        ratio_1_to_almost0 = 1.0 - layer / n_layer
+        ddd = torch.arange(C, dtype=torch.float32) / C
+        for name, e in _MIX_EXPONENTS.items():
+            getattr(self, name).copy_((1.0 - ddd.pow(e * ratio_1_to_almost0)).view(1, 1, C))
+        n = torch.arange(C, dtype=torch.float32)
+        linear = n / (C - 1) - 0.5
+        zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = zigzag * zigzag.abs()
+        www = -6 + 6 * (n / (C - 1)) ** (1 + ratio_0_to_1**0.3)
+        self.w0.copy_((www + 0.5 + zigzag * 2.5).view(1, 1, C))
+        self.a0.copy_((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
+        self.k_k.copy_((0.71 - linear * 0.1).view(1, 1, C))
+        self.k_a.fill_(1.02)
+        self.r_k.fill_(-0.04)
+        for down, up in (("w1", "w2"), ("a1", "a2"), ("v1", "v2"), ("g1", "g2")):
+            if hasattr(self, down):
+                getattr(self, down).zero_()
+                _ortho_lora_(getattr(self, up), 0.1)
+        if hasattr(self, "v0"):
+            self.v0.copy_((0.73 - linear * 0.4).view(1, 1, C))
+        nn.init.orthogonal_(self.receptance.weight, gain=1.0)
+        nn.init.orthogonal_(self.key.weight, gain=0.1)
+        nn.init.orthogonal_(self.value.weight, gain=1.0)
+        self.output.weight.zero_()
+        self.ln_x.weight.fill_(((1 + layer) / n_layer) ** 0.7)
+        self.ln_x.bias.zero_()
+
+    def forward(
+        self, x: Tensor, v_first: Tensor | None, x_prev: Tensor | None, state: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x: [B, T, C] (ln1 output). Returns (out, v_first, last x for token shift, WKV state)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = _shift(x, x_prev) - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = self.receptance(xr)
+        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # raw decay logit; decay = exp(-e^-0.5 sigmoid(w))
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            assert v_first is not None
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
+        k = k * (1 + (a - 1) * self.k_a)
+
+        dt = r.dtype
+        heads = [t.to(dt).reshape(B, T, H, N) for t in (r, w, k, v, -kk, kk * a)]
+        y, state = wkv(*heads, state=state)
+
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(dim=-1, keepdim=True)
+        y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
+        return self.output(y * g), v_first, x[:, -1], state
+
+
+class ChannelMix(nn.Module):
+    """x070 channel mixing: token-shift lerp, then relu(.)^2 MLP."""
+
+    def __init__(self, cfg: RWKV7Config, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id, self.n_layer = layer_id, cfg.n_layer
+        C = cfg.n_embd
+        self.x_k = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, cfg.dim_ffn, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        C = self.x_k.shape[-1]
+        ratio_1_to_almost0 = 1.0 - self.layer_id / self.n_layer
+        ddd = torch.arange(C, dtype=torch.float32) / C
+        self.x_k.copy_((1.0 - ddd.pow(ratio_1_to_almost0**4)).view(1, 1, C))
+        nn.init.orthogonal_(self.key.weight, gain=1.0)
+        self.value.weight.zero_()
+
+    def forward(self, x: Tensor, x_prev: Tensor | None) -> tuple[Tensor, Tensor]:
+        xx = _shift(x, x_prev) - x
+        k = torch.relu(self.key(x + xx * self.x_k)) ** 2
+        return self.value(k), x[:, -1]
+
+
+class Block(nn.Module):
+    """Pre-LN residual block (ln0 on the embedding in layer 0 only)."""
+
+    def __init__(self, cfg: RWKV7Config, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id)
+
+    def forward(
+        self,
+        x: Tensor,
+        v_first: Tensor | None,
+        att_x: Tensor | None,
+        wkv_state: Tensor | None,
+        ffn_x: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        dx, v_first, att_x, wkv_state = self.att(self.ln1(x), v_first, att_x, wkv_state)
+        x = x + dx
+        dx, ffn_x = self.ffn(self.ln2(x), ffn_x)
+        return x + dx, v_first, att_x, wkv_state, ffn_x
+
+
+class RWKV7(nn.Module):
+    """The RWKV-7 model: embedding, blocks, final LayerNorm, LM head.
+
+    Call conventions (idx: LongTensor [B, T]):
+      ``model(idx)``                                -> logits [B, T, V]
+      ``model(idx, positions=mask)``                -> logits [n_selected, V]  (mask: bool [B, T])
+      ``model(idx, positions=pos)``                 -> logits [B, V] for pos: long [B],
+                                                       [B, K, V] for pos: long [B, K]
+      ``model(idx, state, ..., return_state=True)`` -> (logits, RWKV7State)
+      ``model.step(tokens, state)``                 -> (logits [B, V], RWKV7State)   RNN mode
+    ``state=None`` means the zero state. The LM head runs only on selected positions, so training with
+    a completion mask never materialises [B, T, V].
+    """
+
+    def __init__(self, cfg: RWKV7Config, init_weights: bool = True) -> None:
+        """``init_weights=False`` leaves parameters uninitialised (for loaders that overwrite them)."""
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if init_weights:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """RWKV-LM's x070 initialisation (uses the global torch RNG: seed it for reproducibility)."""
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm | TimeMix | ChannelMix):
+                m.reset_parameters()
+        self.reset_vocab_parameters()
+
+    @torch.no_grad()
+    def reset_vocab_parameters(self, start: int = 0) -> None:
+        """(Re-)initialise embedding and head rows from ``start`` on, as RWKV-LM does."""
+        V, C = self.cfg.vocab_size, self.cfg.n_embd
+        nn.init.uniform_(self.emb.weight[start:], -1e-4, 1e-4)
+        gain = 0.5 * math.sqrt(V / C) if V > C else 0.5
+        head = torch.empty(V, C)
+        nn.init.orthogonal_(head, gain=gain)
+        self.head.weight[start:] = head[start:].to(self.head.weight)
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.weight.device
+
+    def zero_state(self, batch_size: int, device: torch.device | str | None = None) -> RWKV7State:
+        return RWKV7State.zeros(self.cfg, batch_size, device=device or self.device)
+
+    def hidden(
+        self, idx: Tensor, state: RWKV7State | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, RWKV7State]:
+        """Final hidden states after ln_out, [B, T, C] (apply ``model.head`` for logits)."""
+        x = self.emb(idx)
+        v_first: Tensor | None = None
+        att_xs, wkvs, ffn_xs = [], [], []
+        use_ckpt = self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            layer_state = (None, None, None) if state is None else (state.att_x[i], state.wkv[i], state.ffn_x[i])
+            if use_ckpt:
+                x, v_first, att_x, s, ffn_x = checkpoint(block, x, v_first, *layer_state, use_reentrant=False)
+            else:
+                x, v_first, att_x, s, ffn_x = block(x, v_first, *layer_state)
+            att_xs.append(att_x)
+            wkvs.append(s)
+            ffn_xs.append(ffn_x)
+        h = self.ln_out(x)
+        if not return_state:
+            return h
+        return h, RWKV7State(torch.stack(att_xs), torch.stack(wkvs), torch.stack(ffn_xs))
+
+    @staticmethod
+    def select(h: Tensor, positions: Tensor | None) -> Tensor:
+        """Rows of h [B, T, C] chosen by ``positions`` (bool [B, T], long [B] or long [B, K])."""
+        if positions is None:
+            return h
+        if positions.dtype == torch.bool:
+            if positions.shape != h.shape[:2]:
+                raise ValueError(f"mask shape {tuple(positions.shape)} != [B, T] {tuple(h.shape[:2])}")
+            return h[positions]
+        if positions.dim() == 1:
+            return h[torch.arange(h.shape[0], device=h.device), positions]
+        if positions.dim() == 2:
+            return torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))
+        raise ValueError("positions must be a bool [B, T] mask or a long [B] / [B, K] index tensor")
+
+    def forward(
+        self,
+        idx: Tensor,
+        state: RWKV7State | None = None,
+        positions: Tensor | None = None,
+        return_state: bool = False,
+    ) -> Tensor | tuple[Tensor, RWKV7State]:
+        """Parallel mode. Returns logits (see the class docstring), or (logits, state) if return_state."""
+        if return_state:
+            h, new_state = self.hidden(idx, state, return_state=True)
+            return self.head(self.select(h, positions)), new_state
+        h = self.hidden(idx, state)
+        return self.head(self.select(h, positions))
+
+    def step(self, tokens: Tensor, state: RWKV7State | None) -> tuple[Tensor, RWKV7State]:
+        """RNN mode: one token per row (tokens: long [B]). O(1) in the sequence length."""
+        logits, new_state = self.forward(tokens[:, None], state, return_state=True)
+        return logits[:, 0], new_state
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

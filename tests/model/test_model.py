@@ -1,0 +1,165 @@
+"""RWKV7 module: config, parallel vs RNN mode, state passing, logit slicing, training signal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_testutil import randomised_model, rel_err
+
+from rwkv_music.model import PRESETS, RWKV7, RWKV7Config, RWKV7State, from_preset
+
+
+def test_presets_and_derived_dims() -> None:
+    assert PRESETS == {"tiny": (4, 128), "small": (6, 512), "base": (12, 768), "large": (24, 1024)}
+    expect = {  # (w, a, v, g) ranks from RWKV-LM's formulas; 1024 shows Python's round-half-even (2.5 -> 2)
+        "tiny": (32, 32, 32, 64),
+        "small": (64, 64, 32, 128),
+        "base": (64, 64, 32, 128),
+        "large": (64, 64, 64, 160),
+    }
+    for name, ranks in expect.items():
+        cfg = from_preset(name, vocab_size=300)
+        assert (cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) == ranks
+        assert cfg.dim_ffn == 4 * cfg.n_embd and cfg.n_head == cfg.n_embd // 64
+        assert RWKV7Config.from_dict(cfg.to_dict()) == cfg
+    assert RWKV7(from_preset("tiny", 300)).num_params() == from_preset("tiny", 300).num_params()
+    with pytest.raises(ValueError, match="preset"):
+        from_preset("huge", 300)
+    with pytest.raises(ValueError, match="head_size"):
+        RWKV7Config(vocab_size=10, n_embd=100)
+
+
+def test_every_weight_is_a_registered_parameter(tiny_model: RWKV7) -> None:
+    names = {n for n, _ in tiny_model.named_parameters()}
+    per_layer = {
+        "ln1.weight", "att.x_r", "att.x_w", "att.x_k", "att.x_v", "att.x_a", "att.x_g", "att.w0", "att.w1",
+        "att.w2", "att.a0", "att.a1", "att.a2", "att.g1", "att.g2", "att.k_k", "att.k_a", "att.r_k",
+        "att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
+        "att.ln_x.weight", "att.ln_x.bias", "ffn.x_k", "ffn.key.weight", "ffn.value.weight", "ln2.bias",
+    }  # fmt: skip
+    for i in range(tiny_model.cfg.n_layer):
+        assert {f"blocks.{i}.{n}" for n in per_layer} <= names
+        assert ({f"blocks.{i}.att.v{j}" for j in range(3)} <= names) == (i > 0)
+    assert {"emb.weight", "blocks.0.ln0.weight", "ln_out.weight", "head.weight"} <= names
+    assert set(tiny_model.state_dict()) == names  # no buffers hiding weights
+
+
+def test_parallel_equals_rnn_steps(tiny_model: RWKV7) -> None:
+    idx = torch.randint(0, tiny_model.cfg.vocab_size, (3, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, state = tiny_model(idx, return_state=True)
+        s = None
+        steps = []
+        for t in range(idx.shape[1]):
+            out, s = tiny_model.step(idx[:, t], s)
+            steps.append(out)
+    assert logits.shape == (3, 37, tiny_model.cfg.vocab_size)
+    assert rel_err(torch.stack(steps, 1), logits) < 1e-4
+    for a, b in ((s.att_x, state.att_x), (s.wkv, state.wkv), (s.ffn_x, state.ffn_x)):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_prefill_in_chunks_equals_one_call(tiny_model: RWKV7) -> None:
+    idx = torch.randint(0, tiny_model.cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, s_full = tiny_model(idx, return_state=True)
+        a, s1 = tiny_model(idx[:, :21], return_state=True)
+        b, s2 = tiny_model(idx[:, 21:], state=s1, return_state=True)
+        nxt = torch.tensor([5, 7])
+        assert rel_err(tiny_model.step(nxt, s2)[0], tiny_model.step(nxt, s_full)[0]) < 1e-5
+    assert rel_err(torch.cat([a, b], 1), full) < 1e-5
+    assert rel_err(s2.wkv, s_full.wkv) < 1e-5
+    assert s2.wkv.dtype == torch.float32 and s2.wkv.shape == (3, 2, 2, 64, 64)
+
+
+def test_state_helpers(tiny_model: RWKV7) -> None:
+    cfg = tiny_model.cfg
+    prompt = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        last, s = tiny_model(prompt, positions=torch.tensor([11]), return_state=True)
+        big = s.expand(4)
+        assert big.batch_size == 4 and big.n_layer == cfg.n_layer
+        out, big2 = tiny_model.step(torch.tensor([1, 2, 3, 1]), big)
+        single, _ = tiny_model.step(torch.tensor([1]), s)
+        assert torch.allclose(out[0], single[0], atol=1e-5) and torch.allclose(out[3], single[0], atol=1e-5)
+        picked = big2.index(torch.tensor([1, 2]))
+        out_p, _ = tiny_model.step(torch.tensor([4, 4]), picked)
+        out_all, _ = tiny_model.step(torch.tensor([4, 4, 4, 4]), big2)
+        assert torch.allclose(out_p, out_all[1:3], atol=1e-5)
+    assert last.shape == (1, cfg.vocab_size)
+    z = RWKV7State.zeros(cfg, 2)
+    assert z.wkv.shape == (cfg.n_layer, 2, cfg.n_head, 64, 64)
+    with torch.no_grad():  # the explicit zero state is the same as state=None
+        assert torch.equal(tiny_model(prompt.repeat(2, 1), state=z), tiny_model(prompt.repeat(2, 1)))
+    buf = RWKV7State.zeros(cfg, 4)
+    buf.copy_(big2)
+    assert torch.equal(buf.wkv, big2.wkv)
+    assert RWKV7State.cat([s, s]).batch_size == 2 and s.repeat_interleave(3).batch_size == 3
+
+
+def test_logit_slicing_values_and_gradients(tiny_cfg: RWKV7Config) -> None:
+    model = randomised_model(tiny_cfg, seed=2).train()
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 30), generator=g)
+    mask = torch.rand(2, 30, generator=g) > 0.6
+    targets = torch.randint(0, tiny_cfg.vocab_size, (int(mask.sum()),), generator=g)
+
+    full = model(idx)
+    loss_full = F.cross_entropy(full[mask], targets)
+    grads_full = torch.autograd.grad(loss_full, list(model.parameters()))
+    sliced = model(idx, positions=mask)
+    assert sliced.shape == (int(mask.sum()), tiny_cfg.vocab_size)
+    assert torch.allclose(sliced, full[mask], atol=1e-6)
+    loss_sliced = F.cross_entropy(sliced, targets)
+    grads_sliced = torch.autograd.grad(loss_sliced, list(model.parameters()))
+    for a, b in zip(grads_full, grads_sliced, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+
+    pos = torch.tensor([29, 4])
+    assert torch.allclose(model(idx, positions=pos), full[torch.arange(2), pos], atol=1e-6)
+    pos2 = torch.tensor([[0, 5, 6], [1, 2, 29]])
+    assert torch.allclose(model(idx, positions=pos2), torch.stack([full[0, pos2[0]], full[1, pos2[1]]]), atol=1e-6)
+    h = model.hidden(idx)
+    assert torch.allclose(model.head(h), full, atol=1e-6)
+
+
+def test_training_changes_every_parameter(tiny_cfg: RWKV7Config) -> None:
+    """Guards against weights that never train. From RWKV-LM's init the output projections are zero, so
+    the first step only moves the head/output side; by the third step every tensor has moved."""
+    torch.manual_seed(4)
+    model = RWKV7(tiny_cfg).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n.endswith(".weight")]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n.endswith(".weight"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, tiny_cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(5))
+    losses = []
+    for _ in range(3):
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+    assert losses[-1] < losses[0]
+
+
+def test_grad_checkpoint_gives_same_gradients(tiny_cfg: RWKV7Config) -> None:
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(6))
+    grads = []
+    for ckpt in (False, True):
+        cfg = RWKV7Config(**{**tiny_cfg.to_dict(), "grad_checkpoint": ckpt})
+        model = randomised_model(cfg, seed=7).train()
+        model(idx).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+
+
+def test_bad_positions_are_rejected(tiny_model: RWKV7) -> None:
+    idx = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="mask shape"):
+        tiny_model(idx, positions=torch.ones(2, 4, dtype=torch.bool))
