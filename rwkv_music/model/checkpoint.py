@@ -65,8 +65,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> R
     doc = json.loads((src / CONFIG_NAME).read_text())
     cfg = RWKV7Config.from_dict(doc["config"])
     model = _empty_model(cfg)
-    device = str(map_location)
-    model.load_state_dict(load_file(src / WEIGHTS_NAME, device=device), strict=True)
+    model.load_state_dict(load_file(src / WEIGHTS_NAME, device="cpu"), strict=True)
     return model.to(map_location)
 
 

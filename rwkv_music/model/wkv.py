@@ -210,7 +210,9 @@ def wkv_step(
     mod = _cuda_for(r)
     if mod is not None:
         step = getattr(mod, "wkv_cuda_step", None)
-        if step is not None:
+        tensors = (r, w, k, v, a, b) + (() if state is None else (state,))
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if step is not None and not needs_grad:  # the fast step kernel has no backward
             return step(r, w, k, v, a, b, state)
         y, s = mod.wkv_cuda(*(x[:, None] for x in (r, w, k, v, a, b)), state)  # type: ignore[attr-defined]
         return y[:, 0], s

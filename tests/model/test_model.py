@@ -163,3 +163,17 @@ def test_bad_positions_are_rejected(tiny_model: RWKV7) -> None:
     idx = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="mask shape"):
         tiny_model(idx, positions=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_bf16_autocast_forward_backward(tiny_cfg: RWKV7Config) -> None:
+    """Mixed precision (CPU autocast stands in for CUDA's): runs, keeps the WKV state fp32, stays close."""
+    model = randomised_model(tiny_cfg, seed=11).train()
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(12))
+    ref = model(idx[:, :20]).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, state = model(idx[:, :20], return_state=True)
+        more = model(idx[:, 20:], state=state)
+    assert state.wkv.dtype == torch.float32
+    assert rel_err(logits.float(), ref) < 5e-2
+    (logits.float().square().mean() + more.float().square().mean()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
