@@ -1,0 +1,165 @@
+"""`musicprep build-shards`: check inputs and OUT, scan, run the batches on Dask, write manifest and rejects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from ..shards.atomic import write_bytes_atomic, write_json_atomic
+from ..shards.manifest import MANIFEST, REJECTS, TOKENIZER
+from ..shards.schema import FORMAT_VERSION, SPLITS
+from .batch import COUNT_KEYS, BatchResult, BatchTask, load_finished
+from .config import BuildConfig, Runtime
+from .scan import CorpusError, find_midi, make_batches, scan_corpus
+from .tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
+
+BUILD_CONFIG = ".build/config.json"
+OWNED = ("train", "val", ".build", MANIFEST, REJECTS, TOKENIZER)
+
+
+class BuildError(Exception):
+    """A problem with the inputs or OUT that stops the build before anything is written."""
+
+
+def _prepare_out(out: Path, fingerprint: dict, overwrite: bool) -> None:
+    """Refuse an OUT built with other settings (or not by us) unless `overwrite`; then clear our files there."""
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        cfg_path = out / BUILD_CONFIG
+        previous = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+        if previous != fingerprint:
+            if not overwrite:
+                what = "a build with a different configuration" if previous else "files from something else"
+                diff = ""
+                if previous:
+                    keys = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+                    diff = f" (differs in: {', '.join(keys)})"
+                raise BuildError(f"{out} already holds {what}{diff}; pass --overwrite to replace it")
+            for name in OWNED:
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+    for split in SPLITS:  # leftovers of an interrupted write
+        for tmp in (out / split).glob(".*.tmp") if (out / split).is_dir() else []:
+            tmp.unlink()
+    write_json_atomic(out / BUILD_CONFIG, fingerprint)
+
+
+def _args_record(cfg: BuildConfig, rt: Runtime) -> dict:
+    return {
+        "corpus": str(cfg.corpus), "out": str(cfg.out), **asdict(cfg.spec), "formats": list(cfg.formats),
+        "samples_per_shard": cfg.samples_per_shard, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+        "files_per_batch": cfg.files_per_batch, "tokenizer_overrides": cfg.tokenizer_overrides,
+        "workers": rt.workers, "scheduler": rt.scheduler, "dashboard_address": rt.dashboard_address,
+    }
+
+
+def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = print) -> dict:
+    """Run a whole build; returns the manifest. Raises BuildError/CorpusError before writing anything."""
+    t0 = time.perf_counter()
+    rels = find_midi(cfg.corpus)  # CorpusError: missing, not a dir, no MIDI
+    try:
+        tok = build_tokenizer(cfg.tokenizer_overrides)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BuildError(f"invalid tokenizer configuration: {e}") from e
+    thash = tokenizer_hash(tok)
+    out = Path(cfg.out)
+    _prepare_out(out, cfg.fingerprint(thash), rt.overwrite)
+    save_tokenizer(tok, out / TOKENIZER)
+    t_scan = time.perf_counter()
+    scan = scan_corpus(cfg.corpus, rels)
+    batches = make_batches(scan.unique, cfg.files_per_batch)
+    t_run = time.perf_counter()
+
+    results: dict[int, BatchResult] = {}
+    tasks = []
+    for b in batches:
+        done = load_finished(out, b)
+        if done is not None:
+            results[b.index] = done
+        else:
+            tasks.append(BatchTask(b, str(Path(cfg.corpus).resolve()), str(out.resolve()),
+                                   str((out / TOKENIZER).resolve()), thash, cfg.spec, tuple(cfg.formats),
+                                   cfg.samples_per_shard, cfg.val_fraction, cfg.seed))
+    if len(results):
+        log(f"resuming: {len(results)} of {len(batches)} batch(es) already finished")
+    failures: list[dict] = []
+
+    def on_failure(task: BatchTask, e: BaseException) -> None:
+        for f in task.batch.files:
+            failures.append({"path": f.rel, "reason": "batch-failed", "message": f"{type(e).__name__}: {e}"})
+
+    if tasks:
+        from .driver import run_tasks
+
+        run_tasks(tasks, rt, log, lambda r: results.__setitem__(r.index, r), on_failure)
+    t_done = time.perf_counter()
+
+    manifest = _assemble_manifest(cfg, rt, tok, thash, scan, [results[i] for i in sorted(results)], failures)
+    rejects = sorted(scan.rejects + failures + [r for i in sorted(results) for r in results[i].rejects],
+                     key=lambda r: r["path"])
+    write_bytes_atomic(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
+    write_json_atomic(out / MANIFEST, manifest)
+    timings = {"prepare": t_scan - t0, "scan": t_run - t_scan, "batches": t_done - t_run,
+               "total": time.perf_counter() - t0}
+    write_json_atomic(out / ".build" / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    return manifest
+
+
+def _assemble_manifest(cfg: BuildConfig, rt: Runtime, tok, thash: str, scan, results: list[BatchResult],
+                       failures: list[dict]) -> dict:
+    """Everything in batch order, so the manifest does not depend on completion order."""
+    c = dict.fromkeys(COUNT_KEYS, 0)
+    for r in results:
+        for k in COUNT_KEYS:
+            c[k] += r.counts.get(k, 0)
+    counts = {
+        "files_seen": scan.seen,
+        "files_ok": c["ok"],
+        "files_rejected": c["rejected"] + len(scan.rejects) + len(failures),
+        "duplicates": len(scan.duplicates),
+        "too_short": c["too_short"],
+        "time_signatures_changed": sum(1 for r in results for _ in r.timesig_changed),
+        "windows": c["windows"],
+        "windows_dropped": c["windows_dropped"],
+        "windows_truncated": c["windows_truncated"],
+        "samples": {s: c[f"samples_{s}"] for s in SPLITS},
+        "tokens": {s: c[f"tokens_{s}"] for s in SPLITS},
+    }
+    shards = sorted((s for r in results for s in r.shards), key=lambda s: (s["split"], s["format"], s["path"]))
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"hash": thash, "path": TOKENIZER, "config": tok.config.to_dict(serialize=True)},
+        "config": cfg.fingerprint(thash),
+        "args": _args_record(cfg, rt),
+        "counts": counts,
+        "duplicates": scan.duplicates,
+        "time_signatures_changed": [t for r in results for t in r.timesig_changed],
+        "shards": shards,
+    }
+
+
+def summary_table(manifest: dict) -> str:
+    """A short human summary of a build."""
+    c = manifest["counts"]
+    rows = [
+        ("files seen", c["files_seen"]), ("files ok", c["files_ok"]), ("files rejected", c["files_rejected"]),
+        ("  of which too short", c["too_short"]), ("duplicates (skipped)", c["duplicates"]),
+        ("time signatures changed (files)", c["time_signatures_changed"]),
+        ("windows dropped (too long)", c["windows_dropped"]), ("windows truncated", c["windows_truncated"]),
+    ]
+    for s in SPLITS:
+        n_shards = len({e["path"].rsplit(".", 1)[0] for e in manifest["shards"] if e["split"] == s})
+        rows.append((f"{s}: samples / tokens / shards", f"{c['samples'][s]} / {c['tokens'][s]} / {n_shards}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+__all__ = ["BuildError", "CorpusError", "build_shards", "summary_table"]

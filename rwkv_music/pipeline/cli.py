@@ -1,0 +1,122 @@
+"""`musicprep`: build training shards from a MIDI corpus, inspect them, and listen to samples."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..shards.schema import FORMATS
+from .windows import WindowSpec
+
+
+class UsageFailure(click.ClickException):
+    """A one-line error with exit code 2 (bad arguments or input; nothing was written)."""
+
+    exit_code = 2
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """MIDI corpus -> Parquet/WebDataset training shards (see docs/pipeline.md)."""
+
+
+@main.command("build-shards")
+@click.argument("corpus", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--context-bars", default=4, show_default=True, type=int)
+@click.option("--completion-bars", default=2, show_default=True, type=int)
+@click.option("--stride-bars", default=1, show_default=True, type=int)
+@click.option("--max-seq-len", default=2048, show_default=True, type=int)
+@click.option("--format", "fmt", type=click.Choice(["both", *FORMATS]), default="both", show_default=True)
+@click.option("--samples-per-shard", default=4096, show_default=True, type=int)
+@click.option("--val-fraction", default=0.05, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--workers", default=None, type=int, help="Dask worker processes [default: CPU count].")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (no LocalCluster).")
+@click.option("--dashboard-address", default=":8787", show_default=True,
+              help="Dashboard address of the embedded cluster ('' disables it).")
+@click.option("--tokenizer-config", type=click.Path(path_type=Path, dir_okay=False),
+              help="JSON/TOML file of miditok TokenizerConfig overrides.")
+@click.option("--files-per-batch", default=None, type=int,
+              help="Files per Dask task (fixed; part of the output identity) [default: 16].")
+@click.option("--overwrite", is_flag=True, help="Replace an OUT built with a different configuration.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars: int, stride_bars: int,
+                     max_seq_len: int, fmt: str, samples_per_shard: int, val_fraction: float, seed: int,
+                     workers: int | None, scheduler: str | None, dashboard_address: str,
+                     tokenizer_config: Path | None, files_per_batch: int | None, overwrite: bool,
+                     no_progress: bool) -> None:
+    """Tokenize CORPUS (all .mid/.midi below it) into bar-aligned windows and write shards to OUT."""
+    from .build import BuildError, build_shards, summary_table
+    from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Runtime
+    from .scan import CorpusError
+    from .tokenizer import load_tokenizer_overrides
+
+    try:
+        overrides = load_tokenizer_overrides(tokenizer_config) if tokenizer_config else None
+        spec = WindowSpec(context_bars, completion_bars, stride_bars, max_seq_len)
+        cfg = BuildConfig(corpus=corpus, out=out, spec=spec,
+                          formats=FORMATS if fmt == "both" else (fmt,), samples_per_shard=samples_per_shard,
+                          val_fraction=val_fraction, seed=seed,
+                          files_per_batch=files_per_batch or DEFAULT_FILES_PER_BATCH, tokenizer_overrides=overrides)
+        if workers is not None and workers < 1:
+            raise ValueError("--workers must be >= 1")
+        rt = Runtime(workers=workers or os.cpu_count() or 1, scheduler=scheduler,
+                     dashboard_address=dashboard_address or None, overwrite=overwrite, progress=not no_progress)
+    except (OSError, ValueError) as e:
+        raise UsageFailure(str(e)) from e
+    t0 = time.perf_counter()
+    try:
+        manifest = build_shards(cfg, rt, log=_echo_err)
+    except (CorpusError, BuildError) as e:
+        raise UsageFailure(str(e)) from e
+    click.echo(summary_table(manifest))
+    click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+
+
+@main.command("inspect")
+@click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--verify", is_flag=True, help="Re-hash every shard against the manifest.")
+def inspect_cmd(out: Path, verify: bool) -> None:
+    """Print a build's manifest summary and sample length statistics."""
+    from ..shards.manifest import ManifestError
+    from .inspect import inspect_report
+
+    try:
+        text, ok = inspect_report(out, verify=verify)
+    except ManifestError as e:
+        raise UsageFailure(str(e)) from e
+    click.echo(text)
+    if not ok:
+        sys.exit(1)
+
+
+@main.command("sample")
+@click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("-n", "num", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("-o", "--output", "dest", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+def sample_cmd(out: Path, num: int, dest: Path, split: str, seed: int) -> None:
+    """Decode NUM random samples back to MIDI: context, completion and the joined window, per sample."""
+    from ..shards.manifest import ManifestError
+    from .listen import write_random_samples
+
+    try:
+        written = write_random_samples(out, dest, num, split=split, seed=seed)
+    except (ManifestError, ValueError) as e:
+        raise UsageFailure(str(e)) from e
+    for line in written:
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()
