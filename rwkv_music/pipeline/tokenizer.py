@@ -31,7 +31,10 @@ DEFAULT_TOKENIZER_PARAMS: dict = {
     "beat_res": {(0, 4): 8, (4, 12): 4},
     "num_velocities": 32,
     "special_tokens": ["PAD", "BOS", "EOS"],
-    "use_rests": True,
+    # No Rest tokens: miditok's REMI measures a rest from the previous note's end and then skips the Bar
+    # tokens of the bars it crosses, so a window of N Bar tokens could span more than N bars. Without rests
+    # every bar, empty or not, starts with its own Bar token and bar counting stays exact.
+    "use_rests": False,
     "use_tempos": True,
     "num_tempos": 32,
     "tempo_range": (40, 250),
