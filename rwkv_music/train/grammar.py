@@ -1,0 +1,385 @@
+"""The REMI grammar as a small state machine: which tokens keep a sequence decodable.
+
+miditok's REMI decoder is lenient: it silently drops a Pitch without Velocity/Duration, places a Position past the
+bar's end in a later bar, and lets a Rest skip whole bars without a Bar token. Generation must never produce such
+streams, so sampling is restricted to the tokens this machine allows. It mirrors the decoder's clock (ticks at the
+tokenizer's resolution): the current tick, the start and length of the current bar, and the end of the last note
+(where a Rest starts). Token classes and values come from the tokenizer's vocabulary, never from fixed ids.
+
+Two modes:
+- data mode (`strict=False`) accepts every stream miditok itself writes (rests that cross bar lines, meter
+  changes after a Bar); prompts are read in this mode.
+- strict mode (generation) additionally keeps rests inside the bar and the meter fixed, so the number of Bar
+  tokens equals the number of bars a continuation spans.
+
+`GrammarState`/`RemiGrammar.advance` is the scalar reference (fast for reading one long prompt); `BatchedGrammar`
+is the same machine on tensors, with no data-dependent Python branching, so a decode step can be captured in a
+CUDA graph. Tests check that the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+import numpy as np
+import torch
+from miditok import REMI
+
+# Token classes.
+OTHER, BAR, TIMESIG, POSITION, TEMPO, PITCH, VELOCITY, DURATION, REST, PEDAL, PEDALOFF, PAD = range(12)
+N_CLASSES = 12
+_PREFIX = {
+    "Bar": BAR, "TimeSig": TIMESIG, "Position": POSITION, "Tempo": TEMPO, "Pitch": PITCH,
+    "Velocity": VELOCITY, "Duration": DURATION, "Rest": REST, "Pedal": PEDAL, "PedalOff": PEDALOFF, "PAD": PAD,
+}
+CLASS_NAMES = {v: k for k, v in _PREFIX.items()} | {OTHER: "Other"}
+
+# Machine states: the class of the previous token, plus three states for the window's meta tokens and one for
+# a finished sample (which may only emit PAD).
+S_META_TS, S_META_TEMPO, S_BODY, S_DONE = N_CLASSES, N_CLASSES + 1, N_CLASSES + 2, N_CLASSES + 3
+N_STATES = N_CLASSES + 4
+
+# Which classes may follow which (learnt from miditok's REMI encoder and checked on real streams).
+_NEXT: dict[int, set[int]] = {
+    S_META_TS: {TIMESIG},
+    S_META_TEMPO: {TEMPO},
+    S_BODY: {BAR},
+    BAR: {TIMESIG},  # REMI writes the signature after every Bar
+    TIMESIG: {POSITION, BAR},
+    POSITION: {PITCH, PEDAL, PEDALOFF, TEMPO},
+    TEMPO: {PITCH, POSITION, BAR, REST, PEDAL, PEDALOFF},
+    PITCH: {VELOCITY},
+    VELOCITY: {DURATION},
+    DURATION: {PITCH, POSITION, BAR, REST},
+    PEDAL: {PITCH, POSITION, BAR, REST},
+    PEDALOFF: {PITCH, POSITION, BAR, REST},
+    REST: {REST, POSITION, BAR},
+    S_DONE: {PAD},
+}
+# Data mode only: a Rest that crossed into a bar with a new meter is followed by the TimeSig (no Bar token).
+_NEXT_DATA_EXTRA: dict[int, set[int]] = {REST: {TIMESIG}}
+# Tokens needed after a token of this class before a Bar may follow (Position: a whole note, Pitch Velocity
+# Duration), used to end every sample within its token budget.
+_CLOSE_COST = {POSITION: 3, PITCH: 2, VELOCITY: 1, BAR: 1}
+
+PEDAL_UNKNOWN, PEDAL_ON, PEDAL_OFF = 0, 1, 2
+
+
+class GrammarError(ValueError):
+    """A token the grammar does not allow at this point."""
+
+
+def _beats(value: str) -> Fraction:
+    """'1.6.8' -> 1 + 6/8 beats (miditok's duration/rest notation)."""
+    beat, num, res = (int(x) for x in value.split("."))
+    return beat + Fraction(num, res)
+
+
+@dataclass
+class GrammarState:
+    """The decoder's clock and the grammar position of one sequence (ticks at the tokenizer's resolution)."""
+
+    state: int = S_META_TS
+    cur: int = 0  # current tick
+    cur_min: int = 0  # the next Position must land at or after this tick
+    bar_start: int = 0
+    bar_len: int = 0
+    tpb: int = 0  # ticks per beat of the current meter
+    note_end: int = 0  # end of the latest note (or tempo change): where a Rest starts
+    pedal: int = PEDAL_UNKNOWN
+    bars: int = 0  # Bar tokens seen
+    meter: int = -1  # id of the TimeSig token in force
+    tempo: int = -1  # id of the Tempo token in force
+    tokens: int = 0  # tokens consumed
+
+
+class RemiGrammar:
+    """Token tables of one tokenizer and the scalar reference machine."""
+
+    def __init__(self, tokenizer: REMI):
+        vocab: dict[str, int] = tokenizer.vocab
+        V = len(vocab)
+        self.vocab_size = V
+        self.tpq = int(tokenizer.time_division)
+        self.pos_per_beat = int(tokenizer.config.max_num_pos_per_beat)
+        cls = np.full(V, OTHER, np.int64)
+        pos_idx = np.full(V, -1, np.int64)
+        dur_beats: dict[int, Fraction] = {}
+        rest_beats: dict[int, Fraction] = {}
+        ts_of: dict[int, tuple[int, int]] = {}
+        for token, i in vocab.items():
+            kind, _, value = token.partition("_")
+            c = _PREFIX.get(kind, OTHER)
+            cls[i] = c
+            if c == POSITION:
+                pos_idx[i] = int(value)
+            elif c == DURATION:
+                dur_beats[i] = _beats(value)
+            elif c == REST:
+                rest_beats[i] = _beats(value)
+            elif c == TIMESIG:
+                num, den = (int(x) for x in value.split("/"))
+                ts_of[i] = (num, den)
+        if "Bar_None" not in vocab or not ts_of or not dur_beats:
+            raise ValueError("the grammar needs a REMI tokenizer with Bar_None, TimeSig and Duration tokens")
+        # Durations and rests in 1/L beat units, L the common resolution, so ticks = units * tpb // L exactly.
+        self.unit = math.lcm(*(b.denominator for b in [*dur_beats.values(), *rest_beats.values()]))
+        dur_units = np.zeros(V, np.int64)
+        rest_units = np.zeros(V, np.int64)
+        for i, b in dur_beats.items():
+            dur_units[i] = int(b * self.unit)
+        for i, b in rest_beats.items():
+            rest_units[i] = int(b * self.unit)
+        ts_bar = np.zeros(V, np.int64)
+        ts_tpb = np.zeros(V, np.int64)
+        for i, (num, den) in ts_of.items():
+            tpb = self.tpq * 4 // den
+            if tpb * den != self.tpq * 4 or tpb % self.unit or tpb % self.pos_per_beat:
+                raise ValueError(f"time signature {num}/{den} does not divide the tokenizer's resolution")
+            ts_tpb[i], ts_bar[i] = tpb, tpb * num
+        self.cls, self.pos_idx, self.dur_units, self.rest_units = cls, pos_idx, dur_units, rest_units
+        self.ts_bar, self.ts_tpb = ts_bar, ts_tpb
+        self.bar_id = vocab["Bar_None"]
+        self.pad_id = vocab.get("PAD_None", -1)
+        if self.pad_id < 0:
+            raise ValueError("the grammar needs a PAD token for finished samples")
+        # [state, V]: which tokens each state allows by class (values are checked separately).
+        self.next_class = np.zeros((N_STATES, N_CLASSES), bool)
+        self.next_class_data = np.zeros((N_STATES, N_CLASSES), bool)
+        for s, nxt in _NEXT.items():
+            for c in nxt:
+                self.next_class[s, c] = self.next_class_data[s, c] = True
+        for s, nxt in _NEXT_DATA_EXTRA.items():
+            for c in nxt:
+                self.next_class_data[s, c] = True
+        self.close_cost = np.zeros(N_STATES, np.int64)
+        for s, c in _CLOSE_COST.items():
+            self.close_cost[s] = c
+
+    # ----- the scalar reference -----
+
+    def initial(self) -> GrammarState:
+        """State before a window's meta tokens ([TimeSig, Tempo] then the first Bar)."""
+        return GrammarState()
+
+    def token_ok(self, st: GrammarState, token: int, strict: bool = True) -> bool:
+        """Whether `token` may follow (budget forcing is the batched machine's job)."""
+        if not 0 <= token < self.vocab_size:
+            return False
+        c = int(self.cls[token])
+        table = self.next_class if strict else self.next_class_data
+        if not table[st.state, c]:
+            return False
+        if c == POSITION:
+            tick = int(self.pos_idx[token]) * (st.tpb // self.pos_per_beat)
+            return st.bar_start + tick >= st.cur_min and tick < st.bar_len
+        if c == REST and strict:
+            rest_end = max(st.note_end, st.cur) + int(self.rest_units[token]) * st.tpb // self.unit
+            return rest_end < st.bar_start + st.bar_len
+        if c == TIMESIG and strict and st.state != S_META_TS and st.meter >= 0:
+            return token == st.meter
+        if c == PEDAL:
+            return st.pedal != PEDAL_ON
+        if c == PEDALOFF:
+            return st.pedal != PEDAL_OFF
+        return True
+
+    def allowed(self, st: GrammarState, strict: bool = True) -> np.ndarray:
+        """Boolean mask [V] of the tokens allowed next (slow; for tests and inspection)."""
+        return np.array([self.token_ok(st, t, strict) for t in range(self.vocab_size)])
+
+    def advance(self, st: GrammarState, token: int, strict: bool = True) -> GrammarState:
+        """The state after `token`; raises GrammarError if the token is not allowed."""
+        if not self.token_ok(st, token, strict):
+            name = f"{CLASS_NAMES[int(self.cls[token])]}" if 0 <= token < self.vocab_size else "out of range"
+            raise GrammarError(f"token {token} ({name}) not allowed after {_state_name(st.state)}")
+        c = int(self.cls[token])
+        st = replace(st, tokens=st.tokens + 1)
+        if st.state == S_META_TS:
+            st.meter, st.bar_len, st.tpb = token, int(self.ts_bar[token]), int(self.ts_tpb[token])
+            st.state = S_META_TEMPO
+            return st
+        if st.state == S_META_TEMPO:
+            st.tempo, st.state = token, S_BODY
+            return st
+        if c == BAR:
+            if st.bars > 0:  # the decoder: the first Bar starts at tick 0, later ones one bar after the last
+                st.bar_start += st.bar_len
+            st.cur = st.cur_min = st.bar_start
+            st.bars += 1
+        elif c == TIMESIG:
+            st.meter, st.bar_len, st.tpb = token, int(self.ts_bar[token]), int(self.ts_tpb[token])
+        elif c == POSITION:
+            st.cur = st.bar_start + int(self.pos_idx[token]) * (st.tpb // self.pos_per_beat)
+            st.cur_min = st.cur + 1
+        elif c == DURATION:
+            st.note_end = max(st.note_end, st.cur + int(self.dur_units[token]) * st.tpb // self.unit)
+        elif c == TEMPO:
+            st.tempo = token
+            st.note_end = max(st.note_end, st.cur)
+        elif c == REST:
+            st.cur = max(st.note_end, st.cur) + int(self.rest_units[token]) * st.tpb // self.unit
+            # A window cut from a piece does not know the notes held over from before it, so in data mode the
+            # rest may have started later than we think: any position of the bar may follow.
+            st.cur_min = st.cur if strict else st.bar_start
+            if st.cur >= st.bar_start + st.bar_len:  # data mode: the rest ran into later bars
+                st.bar_start += (st.cur - st.bar_start) // st.bar_len * st.bar_len
+        elif c == PEDAL:
+            st.pedal = PEDAL_ON
+        elif c == PEDALOFF:
+            st.pedal = PEDAL_OFF
+        st.state = c
+        return st
+
+    def run(self, tokens, meta_len: int = 2, strict: bool = False, st: GrammarState | None = None) -> GrammarState:
+        """Feed a window (meta + bars) through the machine; GrammarError names the first bad token's index."""
+        if st is None:
+            st = self.initial()
+            if meta_len == 0:
+                st = replace(st, state=S_BODY)
+            elif meta_len != 2:
+                raise ValueError("windows have 0 or 2 meta tokens")
+        for i, t in enumerate(tokens):
+            try:
+                st = self.advance(st, int(t), strict)
+            except GrammarError as e:
+                raise GrammarError(f"at token {i}: {e}") from None
+        return st
+
+    def accepts(self, tokens, meta_len: int = 2, strict: bool = False) -> bool:
+        try:
+            self.run(tokens, meta_len, strict)
+        except GrammarError:
+            return False
+        return True
+
+
+def _state_name(s: int) -> str:
+    return {S_META_TS: "start", S_META_TEMPO: "meta TimeSig", S_BODY: "meta Tempo", S_DONE: "end"}.get(
+        s, CLASS_NAMES.get(s, str(s)))
+
+
+class BatchedGrammar:
+    """The strict machine for B samples on one device: `mask(logits)` then `update(tokens)` per step.
+
+    Every sample starts from the same prompt state; the first generated token must be a Bar, and a sample is
+    done at the Bar that would open bar `bars + 1` (that Bar is not part of the continuation). When the budget
+    left is just enough to close the open note and the remaining bars, only the shortest path there is
+    allowed, so every sample ends with exactly `bars` bars within `max_new_tokens` tokens.
+    """
+
+    FIELDS = ("state", "cur", "cur_min", "bar_start", "bar_len", "tpb", "note_end", "pedal", "bars", "meter",
+              "tokens")
+
+    def __init__(self, grammar: RemiGrammar, start: GrammarState, batch_size: int, bars: int,
+                 max_new_tokens: int, device: torch.device | str = "cpu"):
+        if start.bars < 1 or start.state in (S_META_TS, S_META_TEMPO, S_BODY, S_DONE):
+            raise ValueError("generation starts after a prompt with at least one bar")
+        if not grammar.next_class[start.state, BAR]:
+            raise ValueError(f"the prompt ends inside an event ({_state_name(start.state)}); it cannot be continued")
+        if bars < 1:
+            raise ValueError("bars must be at least 1")
+        need = 2 * bars + 1
+        if max_new_tokens < need:
+            raise ValueError(f"max_new_tokens must be at least {need} for {bars} bar(s)")
+        self.g, self.B, self.target, self.budget = grammar, batch_size, bars, max_new_tokens
+        dev = torch.device(device)
+        self.device = dev
+        t = lambda a: torch.as_tensor(a, device=dev)  # noqa: E731
+        self.cls, self.pos_idx = t(grammar.cls), t(grammar.pos_idx)
+        self.dur_units, self.rest_units = t(grammar.dur_units), t(grammar.rest_units)
+        self.ts_bar, self.ts_tpb = t(grammar.ts_bar), t(grammar.ts_tpb)
+        self.tok_ok = t(grammar.next_class[:, grammar.cls])  # [S, V]
+        self.cost_of_tok = t(grammar.close_cost[grammar.cls])  # [V]: tokens needed after it before a Bar
+        self.arange = torch.arange(grammar.vocab_size, device=dev)
+        self.is_pos = self.cls == POSITION
+        self.is_rest = self.cls == REST
+        self.is_ts = self.cls == TIMESIG
+        self.is_pedal = self.cls == PEDAL
+        self.is_pedaloff = self.cls == PEDALOFF
+        self.is_bar = self.cls == BAR
+        self.done = torch.zeros(batch_size, dtype=torch.bool, device=dev)
+        self.start = start
+        for name in self.FIELDS:
+            setattr(self, name, torch.full((batch_size,), int(getattr(start, name)), dtype=torch.long, device=dev))
+        self.bars.zero_()  # count the continuation's bars
+        self.tokens.zero_()
+
+    def reset(self) -> None:
+        """Back to the prompt state in place (tensors keep their storage, for CUDA graph replays)."""
+        for name in self.FIELDS:
+            getattr(self, name).fill_(int(getattr(self.start, name)))
+        self.bars.zero_()
+        self.tokens.zero_()
+        self.done.zero_()
+
+    def allowed(self) -> torch.Tensor:
+        """[B, V] bool: tokens each sample may emit now."""
+        ok = self.tok_ok[self.state]
+        tpp = (self.tpb // self.g.pos_per_beat)[:, None]
+        pos_tick = self.pos_idx[None, :] * tpp
+        pos_fit = (self.bar_start[:, None] + pos_tick >= self.cur_min[:, None]) & (pos_tick < self.bar_len[:, None])
+        ok = ok & (~self.is_pos | pos_fit)
+        rest_end = torch.maximum(self.note_end, self.cur)[:, None] + self.rest_units[None, :] * self.tpb[:, None] \
+            // self.g.unit
+        ok = ok & (~self.is_rest | (rest_end < (self.bar_start + self.bar_len)[:, None]))
+        ok = ok & (~self.is_ts | (self.arange[None, :] == self.meter[:, None]))
+        ok = ok & ~(self.is_pedal[None, :] & (self.pedal == PEDAL_ON)[:, None])
+        ok = ok & ~(self.is_pedaloff[None, :] & (self.pedal == PEDAL_OFF)[:, None])
+        # The first token of a continuation opens a new bar.
+        ok = ok & ((self.tokens > 0)[:, None] | self.is_bar[None, :])
+        # Budget: a token is allowed only if the shortest way to the end still fits after it. Each bar still to
+        # open costs Bar + TimeSig, the final Bar (which ends the sample) one token.
+        need_after = (self.target + 1 - self.bars)[:, None] - self.is_bar.long()[None, :]
+        finish_after = torch.where(need_after > 0, self.cost_of_tok[None, :] + 2 * need_after - 1, 0)
+        ok = ok & (finish_after <= (self.budget - self.tokens - 1)[:, None])
+        ok = ok | (self.done[:, None] & (self.cls == PAD)[None, :])
+        return ok
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """Disallowed tokens to -inf (returns a new tensor)."""
+        return logits.masked_fill(~self.allowed(), float("-inf"))
+
+    def update(self, tok: torch.Tensor) -> None:
+        """Advance every sample by its sampled token (finished samples stay finished)."""
+        tok = tok.to(torch.long)
+        c = self.cls[tok]
+        live = ~self.done
+        is_bar = (c == BAR) & live
+        new_bar_start = self.bar_start + self.bar_len
+        self.bar_start = torch.where(is_bar, new_bar_start, self.bar_start)
+        self.bars = self.bars + is_bar.long()
+        finished = is_bar & (self.bars > self.target)
+        pos = (c == POSITION) & live
+        pos_cur = self.bar_start + self.pos_idx[tok] * (self.tpb // self.g.pos_per_beat)
+        rest = (c == REST) & live
+        rest_cur = torch.maximum(self.note_end, self.cur) + self.rest_units[tok] * self.tpb // self.g.unit
+        cur = torch.where(is_bar, self.bar_start, self.cur)
+        cur = torch.where(pos, pos_cur, cur)
+        cur = torch.where(rest, rest_cur, cur)
+        self.cur_min = torch.where(is_bar | rest, cur, torch.where(pos, cur + 1, self.cur_min))
+        dur = (c == DURATION) & live
+        self.note_end = torch.where(dur, torch.maximum(self.note_end, cur + self.dur_units[tok] * self.tpb
+                                                       // self.g.unit), self.note_end)
+        tempo = (c == TEMPO) & live
+        self.note_end = torch.where(tempo, torch.maximum(self.note_end, cur), self.note_end)
+        self.cur = cur
+        ts = (c == TIMESIG) & live
+        self.bar_len = torch.where(ts, self.ts_bar[tok], self.bar_len)
+        self.tpb = torch.where(ts, self.ts_tpb[tok], self.tpb)
+        self.meter = torch.where(ts, tok, self.meter)
+        self.pedal = torch.where((c == PEDAL) & live, PEDAL_ON, self.pedal)
+        self.pedal = torch.where((c == PEDALOFF) & live, PEDAL_OFF, self.pedal)
+        self.tokens = self.tokens + live.long()
+        self.done = self.done | finished
+        self.state = torch.where(self.done, S_DONE, torch.where(live, c, self.state))
+
+    def update_(self, tok: torch.Tensor) -> None:
+        """`update` writing into the existing tensors (CUDA graph capture needs fixed storage)."""
+        old = {name: getattr(self, name) for name in (*self.FIELDS, "done")}
+        self.update(tok)
+        for name, buf in old.items():
+            buf.copy_(getattr(self, name))
+            setattr(self, name, buf)
