@@ -43,6 +43,12 @@ def build_cli() -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture(scope="session")
+def built_shards_args() -> tuple[str, ...]:
+    """The extra build-shards arguments `built_shards` was built with."""
+    return FIXTURE_BUILD_ARGS
+
+
+@pytest.fixture(scope="session")
 def built_shards(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """OUT of one finished build of the test corpus (FIXTURE_BUILD_ARGS); treat it as read-only."""
     out = tmp_path_factory.mktemp("built-shards") / "out"

@@ -1,0 +1,129 @@
+"""The per-batch worker and the scan, in-process (no Dask): rejects, duplicates, meter mapping, shard files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import symusic
+
+from rwkv_music.pipeline.batch import BatchTask, batch_record_path, load_finished, process_batch
+from rwkv_music.pipeline.scan import CorpusError, find_midi, make_batches, scan_corpus
+from rwkv_music.pipeline.tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
+from rwkv_music.pipeline.windows import WindowSpec
+from rwkv_music.shards import iter_parquet_samples, iter_webdataset_samples, parquet_tokenizer_hash
+
+
+@pytest.fixture(scope="module")
+def small_corpus(corpus_dir: Path, tmp_path_factory) -> Path:
+    """Real files plus the awkward cases: a byte-identical copy, a 0-byte file, a 2-bar excerpt, an 11/16 piece,
+    an upper-case suffix, and a non-MIDI file that must be ignored."""
+    root = tmp_path_factory.mktemp("small-corpus")
+    (root / "a").mkdir()
+    (root / "b" / "deep").mkdir(parents=True)
+    shutil.copy(corpus_dir / "MIDIs_one_track/POP909_008.mid", root / "a/pop.mid")
+    shutil.copy(corpus_dir / "MIDIs_one_track/POP909_008.mid", root / "b/deep/pop-copy.mid")
+    shutil.copy(corpus_dir / "MIDIs_multitrack/Funkytown.mid", root / "b/FUNK.MIDI")
+    shutil.copy(corpus_dir / "MIDIs_corrupted/ValueError_Control168.mid", root / "a/corrupt.mid")
+    shutil.copy(corpus_dir / "MIDIs_one_track/empty.mid", root / "a/empty-track.mid")
+    (root / "a/zero.mid").write_bytes(b"")
+    (root / "a/notes.txt").write_text("not midi")
+    score = symusic.Score(str(corpus_dir / "MIDIs_one_track/Maestro_1.mid"))
+    short = score.clip(0, score.tpq * 4 * 2, clip_end=True)
+    short.dump_midi(str(root / "a/short.mid"))
+    odd = symusic.Score(str(corpus_dir / "MIDIs_one_track/POP909_010.mid"))
+    odd.time_signatures = [symusic.TimeSignature(0, 11, 16)]
+    odd.dump_midi(str(root / "b/eleven-sixteen.mid"))
+    return root
+
+
+def test_find_midi_is_sorted_recursive_and_case_insensitive(small_corpus):
+    rels = find_midi(small_corpus)
+    assert rels == sorted(rels)
+    assert "b/FUNK.MIDI" in rels and "b/deep/pop-copy.mid" in rels and "a/notes.txt" not in rels
+    assert len(rels) == 8
+
+
+def test_scan_keeps_first_of_duplicates(small_corpus):
+    scan = scan_corpus(small_corpus, find_midi(small_corpus))
+    assert scan.seen == 8
+    assert scan.duplicates == [{"source": "b/deep/pop-copy.mid", "same_as": "a/pop.mid"}]
+    assert [f.rel for f in scan.unique] == sorted(f.rel for f in scan.unique)
+    assert len(scan.unique) == 7
+    batches = make_batches(scan.unique, 3)
+    assert [len(b.files) for b in batches] == [3, 3, 1] and [b.index for b in batches] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("bad", ["missing", "empty", "no-midi"])
+def test_find_midi_rejects_unusable_corpus(tmp_path, bad):
+    corpus = tmp_path / "c"
+    if bad != "missing":
+        corpus.mkdir()
+    if bad == "no-midi":
+        (corpus / "readme.txt").write_text("x")
+    with pytest.raises(CorpusError):
+        find_midi(corpus)
+
+
+def test_process_batch_writes_shards_and_records_rejects(small_corpus, tmp_path):
+    tok = build_tokenizer()
+    thash = tokenizer_hash(tok)
+    save_tokenizer(tok, tmp_path / "out/tokenizer.json")
+    scan = scan_corpus(small_corpus, find_midi(small_corpus))
+    (batch,) = make_batches(scan.unique, 16)
+    task = BatchTask(batch, str(small_corpus), str(tmp_path / "out"), str(tmp_path / "out/tokenizer.json"), thash,
+                     WindowSpec(), ("parquet", "webdataset"), 100, 0.5, 0)
+    result = process_batch(task)
+
+    reasons = {r["path"]: r["reason"] for r in result.rejects}
+    assert reasons == {"a/corrupt.mid": "parse-error", "a/empty-track.mid": "no-pitched-tracks",
+                       "a/zero.mid": "empty-file", "a/short.mid": "too-short"}
+    c = result.counts
+    assert c["files"] == 7 and c["ok"] == 3 and c["rejected"] == 4 and c["too_short"] == 1
+    assert result.timesig_changed == [{"source": "b/eleven-sixteen.mid", "changed": 1}]
+    assert c["windows"] == c["samples_train"] + c["samples_val"] + c["windows_dropped"]
+
+    by_path = {s["path"]: s for s in result.shards}
+    for split in ("train", "val"):
+        pq = sorted(p for p, s in by_path.items() if s["split"] == split and s["format"] == "parquet")
+        assert sum(by_path[p]["nsamples"] for p in pq) == c[f"samples_{split}"]
+        assert all(by_path[p]["nsamples"] <= 100 for p in pq)
+        for p in pq:
+            assert p.startswith(f"{split}/part-000000-")
+            rows = list(iter_parquet_samples(tmp_path / "out" / p))
+            tar_rows = list(iter_webdataset_samples(tmp_path / "out" / p.replace(".parquet", ".tar")))
+            assert len(rows) == len(tar_rows) == by_path[p]["nsamples"]
+            assert parquet_tokenizer_hash(tmp_path / "out" / p) == thash
+    # one piece never straddles the splits
+    pieces = {}
+    for s in result.shards:
+        if s["format"] == "parquet":
+            for row in iter_parquet_samples(tmp_path / "out" / s["path"]):
+                pieces.setdefault(row["piece_id"], set()).add(s["split"])
+    assert len(pieces) == 3 and all(len(v) == 1 for v in pieces.values())
+
+    # the batch is recognised as finished, and no longer once one of its shards is gone
+    record = json.loads(batch_record_path(tmp_path / "out", 0).read_text())
+    assert record["digest"] == batch.digest()
+    assert load_finished(tmp_path / "out", batch) is not None
+    (tmp_path / "out" / result.shards[0]["path"]).unlink()
+    assert load_finished(tmp_path / "out", batch) is None
+
+
+def test_process_batch_is_deterministic(small_corpus, tmp_path):
+    tok = build_tokenizer()
+    thash = tokenizer_hash(tok)
+    save_tokenizer(tok, tmp_path / "tok.json")
+    scan = scan_corpus(small_corpus, find_midi(small_corpus))
+    batch = make_batches(scan.unique, 4)[1]
+    results = []
+    for name in ("x", "y"):
+        task = BatchTask(batch, str(small_corpus), str(tmp_path / name), str(tmp_path / "tok.json"), thash,
+                         WindowSpec(context_bars=2, completion_bars=1, max_seq_len=512), ("parquet", "webdataset"),
+                         64, 0.3, 7)
+        results.append(process_batch(task))
+    a, b = ([(s["path"], s["sha256"]) for s in r.shards] for r in results)
+    assert a == b and a
+    assert all(p.startswith(("train/part-000001-", "val/part-000001-")) for p, _ in a)

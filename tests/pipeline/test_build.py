@@ -1,0 +1,117 @@
+"""`musicprep build-shards` end to end on the real test corpus (the session build plus one more)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rwkv_music.pipeline.cli import main
+from rwkv_music.shards import iter_samples, read_manifest, verify_shards
+
+
+def test_counts_add_up(built_shards: Path):
+    m = read_manifest(built_shards)
+    c = m["counts"]
+    assert c["files_seen"] == 30
+    assert c["files_seen"] == c["files_ok"] + c["files_rejected"] + c["duplicates"]
+    assert c["files_ok"] == 28
+    assert c["windows"] == c["samples"]["train"] + c["samples"]["val"] + c["windows_dropped"]
+    assert c["samples"]["train"] > 0 and c["samples"]["val"] > 0
+    for split in ("train", "val"):
+        for fmt in ("parquet", "webdataset"):
+            entries = [s for s in m["shards"] if s["split"] == split and s["format"] == fmt]
+            assert len(entries) >= 2
+            assert sum(e["nsamples"] for e in entries) == c["samples"][split]
+            assert all(e["nsamples"] <= 256 for e in entries)
+        rows = list(iter_samples(built_shards, split))
+        assert len(rows) == c["samples"][split]
+        assert sum(len(r["tokens"]) for r in rows) == c["tokens"][split]
+    assert m["tokenizer"]["hash"] and (built_shards / "tokenizer.json").is_file()
+    assert m["args"]["context_bars"] == 4 and m["args"]["completion_bars"] == 2
+
+
+def test_rejects_hold_the_corrupt_and_the_empty_file(built_shards: Path):
+    lines = (built_shards / "rejects.jsonl").read_text().splitlines()
+    rejects = {r["path"]: r for r in map(json.loads, lines)}
+    assert set(rejects) == {"MIDIs_corrupted/ValueError_Control168.mid", "MIDIs_one_track/empty.mid"}
+    assert all(r["reason"] and r["message"] for r in rejects.values())
+    assert len(lines) == read_manifest(built_shards)["counts"]["files_rejected"]
+
+
+def test_manifest_hashes_match_files(built_shards: Path):
+    assert verify_shards(built_shards) == []
+    listed = {e["path"] for e in read_manifest(built_shards)["shards"]}
+    on_disk = {p.relative_to(built_shards).as_posix() for p in built_shards.glob("*/*") if p.suffix in (".parquet",
+                                                                                                          ".tar")}
+    assert listed == on_disk
+
+
+def test_both_formats_hold_the_same_samples(built_shards: Path):
+    for split in ("train", "val"):
+        pq = iter_samples(built_shards, split, "parquet")
+        wd = iter_samples(built_shards, split, "webdataset")
+        n = 0
+        for a, b in zip(pq, wd, strict=True):
+            assert a["tokens"].tolist() == b["tokens"].tolist()
+            assert {k: v for k, v in a.items() if k != "tokens"} == {k: v for k, v in b.items() if k != "tokens"}
+            n += 1
+        assert n > 0
+
+
+def test_samples_are_well_formed_and_pieces_stay_in_one_split(built_shards: Path):
+    split_of: dict[str, str] = {}
+    for split in ("train", "val"):
+        for r in iter_samples(built_shards, split):
+            t = r["tokens"]
+            assert r["meta_len"] == 2 and r["meta_len"] <= r["ctx_len"] <= len(t) <= 2048
+            assert r["ctx_len"] + r["completion_len"] == len(t) and r["completion_len"] > 0
+            assert split_of.setdefault(r["piece_id"], split) == split
+            assert not r["source"].startswith("/") and r["source"].endswith(".mid")
+
+
+def test_rebuild_is_byte_identical_with_other_worker_count_and_resumes(built_shards: Path, built_shards_args,
+                                                                         corpus_dir, build_cli, tmp_path):
+    """A second build (1 worker instead of 2) gives the same shard bytes; rerunning it reuses every batch."""
+    out = tmp_path / "again"
+    args = list(built_shards_args)
+    args[args.index("--workers") + 1] = "1"
+    build_cli(corpus_dir, out, *args)
+    first = {(e["path"], e["sha256"], e["bytes"]) for e in read_manifest(built_shards)["shards"]}
+    second = {(e["path"], e["sha256"], e["bytes"]) for e in read_manifest(out)["shards"]}
+    assert first == second
+    for path, _, _ in first:
+        assert (built_shards / path).read_bytes() == (out / path).read_bytes()
+
+    again = build_cli(corpus_dir, out, *args)  # same configuration: every batch is already finished
+    assert "already finished" in again.stderr
+    assert {(e["path"], e["sha256"]) for e in read_manifest(out)["shards"]} == {(p, h) for p, h, _ in first}
+
+    other = build_cli(corpus_dir, out, *args, "--stride-bars", "2", check=False)
+    assert other.returncode == 2 and "--overwrite" in other.stderr and "stride_bars" in other.stderr
+    assert verify_shards(out) == []  # refused: nothing touched
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no-midi"])
+def test_unusable_corpus_exits_2_and_writes_nothing(tmp_path, case):
+    corpus = tmp_path / "corpus"
+    if case != "missing":
+        corpus.mkdir()
+    if case == "no-midi":
+        (corpus / "notes.txt").write_text("hello")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["build-shards", str(corpus), "-o", str(out), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Error" in res.output
+    assert not out.exists()
+
+
+def test_refuses_foreign_out_dir(tmp_path, corpus_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    res = CliRunner().invoke(main, ["build-shards", str(corpus_dir), "-o", str(out), "--no-progress"])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
