@@ -284,3 +284,30 @@ def compute_metrics(notes: NoteArray) -> dict[str, float]:
         "groove_consistency": groove_consistency(notes),
         "scale_consistency": scale_consistency(notes),
     }
+
+
+# ------------------------------------------------------------------------------------------ segment building
+
+def concat_segments(segments: list[NoteArray]) -> NoteArray:
+    """Segments one after another (each shifted by the total length of those before it); same tpq required."""
+    if not segments:
+        raise ValueError("nothing to concatenate")
+    tpq = segments[0].tpq
+    if any(s.tpq != tpq for s in segments):
+        raise ValueError("segments have different resolutions")
+    offsets = np.cumsum([0] + [s.end for s in segments[:-1]])
+    cat = lambda f: np.concatenate([f(s, o) for s, o in zip(segments, offsets, strict=True)])  # noqa: E731
+    bars = np.concatenate([segments[0].bars[:1]] + [s.bars[1:] + o for s, o in zip(segments, offsets, strict=True)])
+    beats = np.concatenate([segments[0].beats[:1]] + [s.beats[1:] + o for s, o in zip(segments, offsets,
+                                                                                       strict=True)])
+    return NoteArray(cat(lambda s, o: s.onset + o), cat(lambda s, o: s.duration), cat(lambda s, o: s.pitch),
+                     cat(lambda s, o: s.velocity), tpq, bars, beats)
+
+
+def repeat_last_bars(notes: NoteArray, n_bars: int) -> NoteArray:
+    """`n_bars` bars made by repeating the segment's last `n_bars` bars (cycling if it has fewer)."""
+    if notes.n_bars == 0:
+        raise ValueError("the segment has no bars to repeat")
+    k = min(n_bars, notes.n_bars)
+    first = notes.n_bars - k
+    return concat_segments([bar_slice(notes, first + i % k, first + i % k + 1) for i in range(n_bars)])

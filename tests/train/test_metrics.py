@@ -177,3 +177,16 @@ def test_real_midi_windows(name):
         beats_with_onset = {note.time // score.tpq for note in score.tracks[0].notes}
         if all(ts.denominator == 4 for ts in score.time_signatures):
             assert m["empty_beat_rate"] == pytest.approx(1 - len(beats_with_onset) / n.n_beats)
+
+
+def test_repeat_last_bars(hand):
+    rep = M.repeat_last_bars(hand, 3)  # bars 0, 1 of the segment, then bar 0 again (cycling the last two)
+    assert rep.bars.tolist() == [0, 16, 32, 48]
+    assert rep.beats.tolist() == list(range(0, 49, 4))
+    assert rep.onset.tolist() == [0, 0, 0, 8, 16, 26, 32, 32, 32, 40]
+    last = M.repeat_last_bars(hand, 1)  # just the last bar
+    assert last.onset.tolist() == [0, 10] and last.pitch.tolist() == [73, 66]
+    # Repeating one bar twice gives a perfectly consistent groove.
+    twice = M.concat_segments([last, last])
+    assert twice.bars.tolist() == [0, 16, 32]
+    assert M.groove_consistency(twice) == 1.0
