@@ -1,0 +1,717 @@
+// RWKV-7 WKV kernels: forward, backward (two passes) and a single-token step.
+//
+// Per head (N = 64), state S [N, N] with rows i = value index and columns j = key index:
+//     S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,    y_t = S_t r_t,
+//     d_t = exp(-exp(-0.5) * sigmoid(w_t))     (w is the raw logit; d lies in [0.545, 1)).
+//
+// The recurrence couples only the entries of one row (forward) or treats rows as independent given
+// sa_t = S_{t-1} a_t, so every kernel splits a head's 64x64 state over several blocks:
+//   fwd   rows split over blocks; each thread holds R rows x (64/P) columns, the row sums (sa, y) are
+//         finished with P-lane shuffles.  Saves sa_t (fp32) and the state every L steps when training.
+//   bwd1  the same layout, backwards in time, for dS alone: dS_t = dS_{t+1} D + dsa a^T, + dy r^T.
+//         dS needs no S.  Gives dv = dS k, dsa = dS b (saved, fp32) and the initial state's gradient.
+//   bwd2  columns split over blocks; each thread holds 64/RG rows x Cc columns of S and dS.  Given sa
+//         and dsa, columns are independent: S steps backwards from the nearest checkpoint by inverting
+//         the update (d >= 0.545, at most L steps), dS by its recurrence; the column sums dr, dk, db,
+//         da and the decay gradient are finished with RG-lane shuffles.
+// Inputs are staged chunk by chunk (L steps) into shared memory as fp32, the next chunk's global loads
+// in flight while the current one is computed.  Steps past T are padded with d = 1 and zeros, which
+// leave S and dS unchanged.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "wkv7.h"
+
+namespace wkv7 {
+namespace {
+
+constexpr int N = 64;
+constexpr int L = 16;  // chunk length = checkpoint interval
+constexpr float DECAY_SCALE = 0.60653065971263342f;  // exp(-0.5)
+constexpr unsigned FULL = 0xffffffffu;
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// ---- 16-byte vector IO for fp32 and bf16 ------------------------------------------------------------
+template <typename F>
+struct IO;
+
+template <>
+struct IO<float> {
+  static constexpr int V = 4;
+  __device__ static void unpack(const uint4& u, float* o) {
+    o[0] = __uint_as_float(u.x);
+    o[1] = __uint_as_float(u.y);
+    o[2] = __uint_as_float(u.z);
+    o[3] = __uint_as_float(u.w);
+  }
+  __device__ static uint4 pack(const float* o) {
+    return make_uint4(__float_as_uint(o[0]), __float_as_uint(o[1]), __float_as_uint(o[2]),
+                      __float_as_uint(o[3]));
+  }
+  __device__ static float to_f(float x) { return x; }
+  __device__ static float from_f(float x) { return x; }
+};
+
+template <>
+struct IO<__nv_bfloat16> {
+  static constexpr int V = 8;
+  __device__ static void unpack2(uint32_t x, float* o) {
+    o[0] = __uint_as_float(x << 16);
+    o[1] = __uint_as_float(x & 0xffff0000u);
+  }
+  __device__ static void unpack(const uint4& u, float* o) {
+    unpack2(u.x, o);
+    unpack2(u.y, o + 2);
+    unpack2(u.z, o + 4);
+    unpack2(u.w, o + 6);
+  }
+  __device__ static uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static uint4 pack(const float* o) {
+    return make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
+  }
+  __device__ static float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+};
+
+// How a staged value is transformed on its way into shared memory (padded steps get `pad`).
+enum class Tf { Plain, Decay, InvDecay, DecayGrad };
+
+template <Tf TF>
+__device__ __forceinline__ float transform(float x, bool valid) {
+  if constexpr (TF == Tf::Plain) {
+    return valid ? x : 0.f;
+  } else if constexpr (TF == Tf::Decay) {
+    return valid ? __expf(-DECAY_SCALE * sigmoidf_(x)) : 1.f;
+  } else if constexpr (TF == Tf::InvDecay) {
+    return valid ? __expf(DECAY_SCALE * sigmoidf_(x)) : 1.f;
+  } else {  // d(decay)/dw = -exp(-0.5) * decay * s (1 - s)
+    if (!valid) return 0.f;
+    float s = sigmoidf_(x);
+    return -DECAY_SCALE * __expf(-DECAY_SCALE * s) * s * (1.f - s);
+  }
+}
+
+// One chunk (L steps) of W consecutive channels starting at `off` of a [B, T, H, N] tensor, held in
+// registers between `load` (global) and `store` (shared memory, fp32, transformed).
+template <typename F, int NT, int W>
+struct Chunk {
+  static constexpr int V = 16 / (int)sizeof(F);
+  static_assert(W % V == 0, "width must be a multiple of the vector size");
+  static constexpr int PER_STEP = W / V;
+  static constexpr int TOTAL = L * PER_STEP;
+  static constexpr int PER_THREAD = (TOTAL + NT - 1) / NT;
+  uint4 reg[PER_THREAD];
+
+  // base points at element (b, t=0, h, off); stride_t = H * N.
+  __device__ __forceinline__ void load(const F* __restrict__ base, long stride_t, int t0, int T) {
+#pragma unroll
+    for (int u = 0; u < PER_THREAD; ++u) {
+      const int idx = threadIdx.x + u * NT;
+      reg[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (idx < TOTAL) {
+        const int s = idx / PER_STEP, q = idx % PER_STEP;
+        if (t0 + s < T) reg[u] = __ldg(reinterpret_cast<const uint4*>(base + (long)(t0 + s) * stride_t + q * V));
+      }
+    }
+  }
+  template <Tf TF>
+  __device__ __forceinline__ void store(float* dst /* [L][W] */, int t0, int T) const {
+#pragma unroll
+    for (int u = 0; u < PER_THREAD; ++u) {
+      const int idx = threadIdx.x + u * NT;
+      if (idx < TOTAL) {
+        const int s = idx / PER_STEP, q = idx % PER_STEP;
+        const bool valid = t0 + s < T;
+        float tmp[V];
+        IO<F>::unpack(reg[u], tmp);
+        float* d = dst + s * W + q * V;
+#pragma unroll
+        for (int e = 0; e < V; ++e) d[e] = transform<TF>(tmp[e], valid);
+      }
+    }
+  }
+};
+
+// Write a [L][W] fp32 shared-memory tile to steps t0.. of a [B, T, H, N] tensor (channels off..off+W),
+// optionally scaled elementwise by a second tile.
+template <typename F, int NT, int W>
+__device__ __forceinline__ void write_chunk(F* __restrict__ base, long stride_t, int t0, int T,
+                                            const float* src, const float* scale = nullptr) {
+  constexpr int V = 16 / (int)sizeof(F);
+  constexpr int PER_STEP = W / V;
+  for (int idx = threadIdx.x; idx < L * PER_STEP; idx += NT) {
+    const int s = idx / PER_STEP, q = idx % PER_STEP;
+    if (t0 + s < T) {
+      float tmp[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        tmp[e] = src[s * W + q * V + e];
+        if (scale != nullptr) tmp[e] *= scale[s * W + q * V + e];
+      }
+      *reinterpret_cast<uint4*>(base + (long)(t0 + s) * stride_t + q * V) = IO<F>::pack(tmp);
+    }
+  }
+}
+
+template <int P>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int o = 1; o < P; o <<= 1) x += __shfl_xor_sync(FULL, x, o);
+  return x;
+}
+
+// ---- forward ------------------------------------------------------------------------------------------
+// Block: RB rows of one head.  Thread (g, p): rows row0 + g + NG*r (r < R), columns 4p + 4P*m + q.
+template <typename F, int RB, int R, int P, bool SAVE>
+__global__ void __launch_bounds__(RB / R * P) fwd_kernel(
+    int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
+    const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
+    const float* __restrict__ s0, F* __restrict__ y_, float* __restrict__ sT, float* __restrict__ sa_out,
+    float* __restrict__ ckpt) {
+  constexpr int NG = RB / R, NT = NG * P, C = N / P, M = C / 4;
+  static_assert(NT % 32 == 0 && C % 4 == 0 && P <= 16, "bad fwd config");
+  const int p = threadIdx.x % P, g = threadIdx.x / P;
+  const int row0 = blockIdx.x * RB, h = blockIdx.y, b = blockIdx.z;
+  const long stride_t = (long)H * N;
+  const long in0 = ((long)b * T * H + h) * N;  // element (b, 0, h, 0)
+  const long head = (long)b * H + h;
+  const int NC = (T + L - 1) / L;
+
+  __shared__ __align__(16) float s_r[L][N], s_w[L][N], s_k[L][N], s_a[L][N], s_b[L][N], s_v[L][RB];
+  __shared__ __align__(16) float o_y[L][RB], o_sa[L][RB];
+
+  float S[R][C];
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr) {
+    const int i = row0 + g + NG * rr;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (s0 != nullptr) x = *reinterpret_cast<const float4*>(s0 + (head * N + i) * N + 4 * p + 4 * P * m);
+      S[rr][4 * m] = x.x;
+      S[rr][4 * m + 1] = x.y;
+      S[rr][4 * m + 2] = x.z;
+      S[rr][4 * m + 3] = x.w;
+    }
+  }
+
+  Chunk<F, NT, N> cr, cw, ck, ca, cb;
+  Chunk<F, NT, RB> cv;
+  auto load_all = [&](int t0) {
+    cr.load(r_ + in0, stride_t, t0, T);
+    cw.load(w_ + in0, stride_t, t0, T);
+    ck.load(k_ + in0, stride_t, t0, T);
+    ca.load(a_ + in0, stride_t, t0, T);
+    cb.load(b_ + in0, stride_t, t0, T);
+    cv.load(v_ + in0 + row0, stride_t, t0, T);
+  };
+  load_all(0);
+
+  for (int c = 0; c < NC; ++c) {
+    const int t0 = c * L;
+    __syncthreads();
+    cr.template store<Tf::Plain>(&s_r[0][0], t0, T);
+    cw.template store<Tf::Decay>(&s_w[0][0], t0, T);
+    ck.template store<Tf::Plain>(&s_k[0][0], t0, T);
+    ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
+    cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
+    cv.template store<Tf::Plain>(&s_v[0][0], t0, T);
+    if (c + 1 < NC) load_all(t0 + L);
+    if constexpr (SAVE) {
+      if (c > 0) {  // checkpoint c = state after c*L steps
+        float* dst = ckpt + ((head * NC + c) * N + row0) * N;
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+          for (int m = 0; m < M; ++m)
+            *reinterpret_cast<float4*>(dst + (g + NG * rr) * N + 4 * p + 4 * P * m) =
+                make_float4(S[rr][4 * m], S[rr][4 * m + 1], S[rr][4 * m + 2], S[rr][4 * m + 3]);
+      }
+    }
+    __syncthreads();
+
+#pragma unroll 1
+    for (int s = 0; s < L; ++s) {
+      float av[C];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float4 x = *reinterpret_cast<const float4*>(&s_a[s][4 * p + 4 * P * m]);
+        av[4 * m] = x.x, av[4 * m + 1] = x.y, av[4 * m + 2] = x.z, av[4 * m + 3] = x.w;
+      }
+      float sa[R];
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int jj = 0; jj < C; ++jj) acc[jj % 4] = fmaf(S[rr][jj], av[jj], acc[jj % 4]);
+        sa[rr] = group_sum<P>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+      }
+      float y[R];
+      float vv[R];
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        vv[rr] = s_v[s][g + NG * rr];
+        y[rr] = 0.f;
+      }
+      float yacc[R][2];
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) yacc[rr][0] = yacc[rr][1] = 0.f;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const int col = 4 * p + 4 * P * m;
+        const float4 wq = *reinterpret_cast<const float4*>(&s_w[s][col]);
+        const float4 kq = *reinterpret_cast<const float4*>(&s_k[s][col]);
+        const float4 bq = *reinterpret_cast<const float4*>(&s_b[s][col]);
+        const float4 rq = *reinterpret_cast<const float4*>(&s_r[s][col]);
+        const float wv[4] = {wq.x, wq.y, wq.z, wq.w}, kv[4] = {kq.x, kq.y, kq.z, kq.w};
+        const float bv[4] = {bq.x, bq.y, bq.z, bq.w}, rv[4] = {rq.x, rq.y, rq.z, rq.w};
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            float& x = S[rr][4 * m + q];
+            x = fmaf(x, wv[q], fmaf(sa[rr], bv[q], vv[rr] * kv[q]));
+            yacc[rr][q & 1] = fmaf(x, rv[q], yacc[rr][q & 1]);
+          }
+      }
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) y[rr] = group_sum<P>(yacc[rr][0] + yacc[rr][1]);
+      if (p == 0) {
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) {
+          o_y[s][g + NG * rr] = y[rr];
+          if constexpr (SAVE) o_sa[s][g + NG * rr] = sa[rr];
+        }
+      }
+    }
+    __syncthreads();
+    write_chunk<F, NT, RB>(y_ + in0 + row0, stride_t, t0, T, &o_y[0][0]);
+    if constexpr (SAVE) write_chunk<float, NT, RB>(sa_out + in0 + row0, stride_t, t0, T, &o_sa[0][0]);
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr) {
+    const int i = row0 + g + NG * rr;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+      *reinterpret_cast<float4*>(sT + (head * N + i) * N + 4 * p + 4 * P * m) =
+          make_float4(S[rr][4 * m], S[rr][4 * m + 1], S[rr][4 * m + 2], S[rr][4 * m + 3]);
+  }
+}
+
+// ---- backward pass 1: dS rows, backwards in time ---------------------------------------------------------
+// Same layout as fwd_kernel.  Outputs dv (input dtype), dsa = dS_t b_t (fp32) and ds0.
+template <typename F, int RB, int R, int P>
+__global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
+    int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
+    const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
+    const float* __restrict__ dsT, F* __restrict__ dv_, float* __restrict__ dsa_out,
+    float* __restrict__ ds0) {
+  constexpr int NG = RB / R, NT = NG * P, C = N / P, M = C / 4;
+  static_assert(NT % 32 == 0 && C % 4 == 0 && P <= 16, "bad bwd1 config");
+  const int p = threadIdx.x % P, g = threadIdx.x / P;
+  const int row0 = blockIdx.x * RB, h = blockIdx.y, b = blockIdx.z;
+  const long stride_t = (long)H * N;
+  const long in0 = ((long)b * T * H + h) * N;
+  const long head = (long)b * H + h;
+  const int NC = (T + L - 1) / L;
+
+  __shared__ __align__(16) float s_r[L][N], s_w[L][N], s_k[L][N], s_a[L][N], s_b[L][N], s_dy[L][RB];
+  __shared__ __align__(16) float o_dv[L][RB], o_dsa[L][RB];
+
+  float dS[R][C];
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr) {
+    const int i = row0 + g + NG * rr;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (dsT != nullptr) x = *reinterpret_cast<const float4*>(dsT + (head * N + i) * N + 4 * p + 4 * P * m);
+      dS[rr][4 * m] = x.x;
+      dS[rr][4 * m + 1] = x.y;
+      dS[rr][4 * m + 2] = x.z;
+      dS[rr][4 * m + 3] = x.w;
+    }
+  }
+
+  Chunk<F, NT, N> cr, cw, ck, ca, cb;
+  Chunk<F, NT, RB> cdy;
+  auto load_all = [&](int t0) {
+    cr.load(r_ + in0, stride_t, t0, T);
+    cw.load(w_ + in0, stride_t, t0, T);
+    ck.load(k_ + in0, stride_t, t0, T);
+    ca.load(a_ + in0, stride_t, t0, T);
+    cb.load(b_ + in0, stride_t, t0, T);
+    cdy.load(dy_ + in0 + row0, stride_t, t0, T);
+  };
+  load_all((NC - 1) * L);
+
+  for (int c = NC - 1; c >= 0; --c) {
+    const int t0 = c * L;
+    __syncthreads();
+    cr.template store<Tf::Plain>(&s_r[0][0], t0, T);
+    cw.template store<Tf::Decay>(&s_w[0][0], t0, T);
+    ck.template store<Tf::Plain>(&s_k[0][0], t0, T);
+    ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
+    cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
+    cdy.template store<Tf::Plain>(&s_dy[0][0], t0, T);
+    if (c > 0) load_all(t0 - L);
+    __syncthreads();
+
+#pragma unroll 1
+    for (int s = L - 1; s >= 0; --s) {
+      float dyv[R];
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) dyv[rr] = s_dy[s][g + NG * rr];
+      float dv[R][2], dsa[R][2];
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) dv[rr][0] = dv[rr][1] = dsa[rr][0] = dsa[rr][1] = 0.f;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const int col = 4 * p + 4 * P * m;
+        const float4 rq = *reinterpret_cast<const float4*>(&s_r[s][col]);
+        const float4 kq = *reinterpret_cast<const float4*>(&s_k[s][col]);
+        const float4 bq = *reinterpret_cast<const float4*>(&s_b[s][col]);
+        const float rv[4] = {rq.x, rq.y, rq.z, rq.w}, kv[4] = {kq.x, kq.y, kq.z, kq.w};
+        const float bv[4] = {bq.x, bq.y, bq.z, bq.w};
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            float& x = dS[rr][4 * m + q];
+            x = fmaf(dyv[rr], rv[q], x);
+            dv[rr][q & 1] = fmaf(x, kv[q], dv[rr][q & 1]);
+            dsa[rr][q & 1] = fmaf(x, bv[q], dsa[rr][q & 1]);
+          }
+      }
+      float dsat[R];
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        dsat[rr] = group_sum<P>(dsa[rr][0] + dsa[rr][1]);
+        dv[rr][0] = group_sum<P>(dv[rr][0] + dv[rr][1]);
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const int col = 4 * p + 4 * P * m;
+        const float4 wq = *reinterpret_cast<const float4*>(&s_w[s][col]);
+        const float4 aq = *reinterpret_cast<const float4*>(&s_a[s][col]);
+        const float wv[4] = {wq.x, wq.y, wq.z, wq.w}, av[4] = {aq.x, aq.y, aq.z, aq.w};
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            float& x = dS[rr][4 * m + q];
+            x = fmaf(x, wv[q], dsat[rr] * av[q]);
+          }
+      }
+      if (p == 0) {
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) {
+          o_dv[s][g + NG * rr] = dv[rr][0];
+          o_dsa[s][g + NG * rr] = dsat[rr];
+        }
+      }
+    }
+    __syncthreads();
+    write_chunk<F, NT, RB>(dv_ + in0 + row0, stride_t, t0, T, &o_dv[0][0]);
+    write_chunk<float, NT, RB>(dsa_out + in0 + row0, stride_t, t0, T, &o_dsa[0][0]);
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr) {
+    const int i = row0 + g + NG * rr;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+      *reinterpret_cast<float4*>(ds0 + (head * N + i) * N + 4 * p + 4 * P * m) =
+          make_float4(dS[rr][4 * m], dS[rr][4 * m + 1], dS[rr][4 * m + 2], dS[rr][4 * m + 3]);
+  }
+}
+
+// ---- backward pass 2: columns of S and dS, backwards in time ------------------------------------------
+// Block: CB columns of one head.  Thread (cp, rg): columns col0 + cp*CC + c (c < CC), rows 4rg + 4RG*m + q.
+template <typename F, int CB, int CC, int RG>
+__global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
+    int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
+    const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
+    const float* __restrict__ sa_, const float* __restrict__ dsa_, const float* __restrict__ ckpt,
+    const float* __restrict__ sT, const float* __restrict__ dsT, F* __restrict__ dr_, F* __restrict__ dw_,
+    F* __restrict__ dk_, F* __restrict__ da_, F* __restrict__ db_) {
+  constexpr int NT = CB / CC * RG, RR = N / RG, M = RR / 4;
+  static_assert(NT % 32 == 0 && RR % 4 == 0 && RG <= 16, "bad bwd2 config");
+  const int rg = threadIdx.x % RG, cp = threadIdx.x / RG;
+  const int col0 = blockIdx.x * CB, h = blockIdx.y, b = blockIdx.z;
+  const long stride_t = (long)H * N;
+  const long in0 = ((long)b * T * H + h) * N;
+  const long head = (long)b * H + h;
+  const int NC = (T + L - 1) / L;
+
+  __shared__ __align__(16) float s_dy[L][N], s_v[L][N], s_sa[L][N], s_dsa[L][N];
+  __shared__ __align__(16) float s_r[L][CB], s_k[L][CB], s_b[L][CB], s_a[L][CB], s_w[L][CB], s_wi[L][CB],
+      s_wg[L][CB];
+  __shared__ __align__(16) float o_dr[L][CB], o_dk[L][CB], o_db[L][CB], o_da[L][CB], o_dw[L][CB];
+
+  float S[RR][CC], dS[RR][CC];
+  auto load_state = [&](const float* src, float (&X)[RR][CC]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int cc = 0; cc < CC; ++cc)
+          X[4 * m + q][cc] =
+              src == nullptr ? 0.f : src[(4 * rg + 4 * RG * m + q) * N + col0 + cp * CC + cc];
+  };
+  load_state(sT + head * N * N, S);
+  load_state(dsT == nullptr ? nullptr : dsT + head * N * N, dS);
+
+  Chunk<F, NT, N> cdy, cv;
+  Chunk<float, NT, N> csa, cdsa;
+  Chunk<F, NT, CB> cr, ck, cb, ca, cw;
+  auto load_all = [&](int t0) {
+    cdy.load(dy_ + in0, stride_t, t0, T);
+    cv.load(v_ + in0, stride_t, t0, T);
+    csa.load(sa_ + in0, stride_t, t0, T);
+    cdsa.load(dsa_ + in0, stride_t, t0, T);
+    cr.load(r_ + in0 + col0, stride_t, t0, T);
+    ck.load(k_ + in0 + col0, stride_t, t0, T);
+    cb.load(b_ + in0 + col0, stride_t, t0, T);
+    ca.load(a_ + in0 + col0, stride_t, t0, T);
+    cw.load(w_ + in0 + col0, stride_t, t0, T);
+  };
+  load_all((NC - 1) * L);
+
+  for (int c = NC - 1; c >= 0; --c) {
+    const int t0 = c * L;
+    __syncthreads();
+    cdy.template store<Tf::Plain>(&s_dy[0][0], t0, T);
+    cv.template store<Tf::Plain>(&s_v[0][0], t0, T);
+    csa.template store<Tf::Plain>(&s_sa[0][0], t0, T);
+    cdsa.template store<Tf::Plain>(&s_dsa[0][0], t0, T);
+    cr.template store<Tf::Plain>(&s_r[0][0], t0, T);
+    ck.template store<Tf::Plain>(&s_k[0][0], t0, T);
+    cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
+    ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
+    cw.template store<Tf::Decay>(&s_w[0][0], t0, T);
+    cw.template store<Tf::InvDecay>(&s_wi[0][0], t0, T);
+    cw.template store<Tf::DecayGrad>(&s_wg[0][0], t0, T);
+    if (c > 0) load_all(t0 - L);
+    if (c + 1 < NC) load_state(ckpt + (head * NC + c + 1) * N * N, S);  // exact state after (c+1)*L steps
+    __syncthreads();
+
+#pragma unroll 1
+    for (int s = L - 1; s >= 0; --s) {
+      float pdr[CC], pdk[CC], pdb[CC], pdd[CC], pda[CC];
+      float rj[CC], kj[CC], bj[CC], aj[CC], wj[CC], wij[CC];
+#pragma unroll
+      for (int cc = 0; cc < CC; ++cc) {
+        const int j = cp * CC + cc;
+        rj[cc] = s_r[s][j], kj[cc] = s_k[s][j], bj[cc] = s_b[s][j];
+        aj[cc] = s_a[s][j], wj[cc] = s_w[s][j], wij[cc] = s_wi[s][j];
+        pdr[cc] = pdk[cc] = pdb[cc] = pdd[cc] = pda[cc] = 0.f;
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const int row = 4 * rg + 4 * RG * m;
+        const float4 dyq = *reinterpret_cast<const float4*>(&s_dy[s][row]);
+        const float4 vq = *reinterpret_cast<const float4*>(&s_v[s][row]);
+        const float4 saq = *reinterpret_cast<const float4*>(&s_sa[s][row]);
+        const float4 dsaq = *reinterpret_cast<const float4*>(&s_dsa[s][row]);
+        const float dyv[4] = {dyq.x, dyq.y, dyq.z, dyq.w}, vv[4] = {vq.x, vq.y, vq.z, vq.w};
+        const float sav[4] = {saq.x, saq.y, saq.z, saq.w}, dsav[4] = {dsaq.x, dsaq.y, dsaq.z, dsaq.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int cc = 0; cc < CC; ++cc) {
+            float& s_ = S[4 * m + q][cc];
+            float& d_ = dS[4 * m + q][cc];
+            d_ = fmaf(dyv[q], rj[cc], d_);
+            pdr[cc] = fmaf(s_, dyv[q], pdr[cc]);
+            s_ = (s_ - fmaf(vv[q], kj[cc], sav[q] * bj[cc])) * wij[cc];  // S_{t-1}
+            pdk[cc] = fmaf(d_, vv[q], pdk[cc]);
+            pdb[cc] = fmaf(d_, sav[q], pdb[cc]);
+            pdd[cc] = fmaf(d_, s_, pdd[cc]);
+            pda[cc] = fmaf(s_, dsav[q], pda[cc]);
+            d_ = fmaf(d_, wj[cc], dsav[q] * aj[cc]);
+          }
+      }
+#pragma unroll
+      for (int cc = 0; cc < CC; ++cc) {
+        pdr[cc] = group_sum<RG>(pdr[cc]);
+        pdk[cc] = group_sum<RG>(pdk[cc]);
+        pdb[cc] = group_sum<RG>(pdb[cc]);
+        pdd[cc] = group_sum<RG>(pdd[cc]);
+        pda[cc] = group_sum<RG>(pda[cc]);
+      }
+      if (rg == 0) {
+#pragma unroll
+        for (int cc = 0; cc < CC; ++cc) {
+          const int j = cp * CC + cc;
+          o_dr[s][j] = pdr[cc], o_dk[s][j] = pdk[cc], o_db[s][j] = pdb[cc];
+          o_da[s][j] = pda[cc], o_dw[s][j] = pdd[cc];
+        }
+      }
+    }
+    __syncthreads();
+    write_chunk<F, NT, CB>(dr_ + in0 + col0, stride_t, t0, T, &o_dr[0][0]);
+    write_chunk<F, NT, CB>(dk_ + in0 + col0, stride_t, t0, T, &o_dk[0][0]);
+    write_chunk<F, NT, CB>(db_ + in0 + col0, stride_t, t0, T, &o_db[0][0]);
+    write_chunk<F, NT, CB>(da_ + in0 + col0, stride_t, t0, T, &o_da[0][0]);
+    write_chunk<F, NT, CB>(dw_ + in0 + col0, stride_t, t0, T, &o_dw[0][0], &s_wg[0][0]);
+  }
+}
+
+// ---- single-token step --------------------------------------------------------------------------------
+// One block per head, 256 threads: row i = tid / 4, columns 4p + 16m + q.
+template <typename F>
+__global__ void __launch_bounds__(256) step_kernel(int H, const F* __restrict__ r_, const F* __restrict__ w_,
+                                                  const F* __restrict__ k_, const F* __restrict__ v_,
+                                                  const F* __restrict__ a_, const F* __restrict__ b_,
+                                                  const float* s_in, F* __restrict__ y_,
+                                                  float* s_out) {  // s_in may alias s_out
+  constexpr int P = 4, C = N / P;
+  const int p = threadIdx.x % P, i = threadIdx.x / P;
+  const long head = (long)blockIdx.y * H + blockIdx.x;
+  const long vec = head * N;
+  __shared__ float s_r[N], s_w[N], s_k[N], s_a[N], s_b[N];
+  if (threadIdx.x < N) {
+    const int j = threadIdx.x;
+    s_r[j] = IO<F>::to_f(r_[vec + j]);
+    s_w[j] = __expf(-DECAY_SCALE * sigmoidf_(IO<F>::to_f(w_[vec + j])));
+    s_k[j] = IO<F>::to_f(k_[vec + j]);
+    s_a[j] = IO<F>::to_f(a_[vec + j]);
+    s_b[j] = IO<F>::to_f(b_[vec + j]);
+  }
+  const float vi = IO<F>::to_f(v_[vec + i]);
+  float S[C];
+#pragma unroll
+  for (int m = 0; m < C / 4; ++m) {
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (s_in != nullptr) x = *reinterpret_cast<const float4*>(s_in + (head * N + i) * N + 4 * p + 16 * m);
+    S[4 * m] = x.x, S[4 * m + 1] = x.y, S[4 * m + 2] = x.z, S[4 * m + 3] = x.w;
+  }
+  __syncthreads();
+  float sa = 0.f;
+#pragma unroll
+  for (int m = 0; m < C / 4; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) sa = fmaf(S[4 * m + q], s_a[4 * p + 16 * m + q], sa);
+  sa = group_sum<P>(sa);
+  float y = 0.f;
+#pragma unroll
+  for (int m = 0; m < C / 4; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int j = 4 * p + 16 * m + q;
+      S[4 * m + q] = fmaf(S[4 * m + q], s_w[j], fmaf(sa, s_b[j], vi * s_k[j]));
+      y = fmaf(S[4 * m + q], s_r[j], y);
+    }
+  y = group_sum<P>(y);
+  if (p == 0) y_[vec + i] = IO<F>::from_f(y);
+#pragma unroll
+  for (int m = 0; m < C / 4; ++m)
+    *reinterpret_cast<float4*>(s_out + (head * N + i) * N + 4 * p + 16 * m) =
+        make_float4(S[4 * m], S[4 * m + 1], S[4 * m + 2], S[4 * m + 3]);
+}
+
+// ---- launch configurations ------------------------------------------------------------------------------
+// Row kernels (fwd, bwd1): RB rows per block, R rows per thread, P threads per row.
+// Column kernel (bwd2): CB columns per block, CC columns per thread, RG threads per column.
+template <typename F, bool SAVE>
+cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
+  const F* r = static_cast<const F*>(a.r);
+  const F* w = static_cast<const F*>(a.w);
+  const F* k = static_cast<const F*>(a.k);
+  const F* v = static_cast<const F*>(a.v);
+  const F* aa = static_cast<const F*>(a.a);
+  const F* bb = static_cast<const F*>(a.b);
+  F* y = static_cast<F*>(a.y);
+#define WKV7_FWD(RB, R, P)                                                                               \
+  fwd_kernel<F, RB, R, P, SAVE><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(a.T, a.H, r, w, k, v, aa, bb, \
+                                                                           a.s0, y, a.sT, a.sa, a.ckpt)
+  switch (cfg) {
+    case 0: WKV7_FWD(16, 1, 4); break;
+    case 1: WKV7_FWD(32, 2, 4); break;
+    case 2: WKV7_FWD(64, 4, 4); break;
+    case 3: WKV7_FWD(16, 1, 8); break;
+    default: return cudaErrorInvalidValue;
+  }
+#undef WKV7_FWD
+  return cudaGetLastError();
+}
+
+template <typename F>
+cudaError_t launch_bwd(int cfg, const Args& a, cudaStream_t st) {
+  const F* r = static_cast<const F*>(a.r);
+  const F* w = static_cast<const F*>(a.w);
+  const F* k = static_cast<const F*>(a.k);
+  const F* v = static_cast<const F*>(a.v);
+  const F* aa = static_cast<const F*>(a.a);
+  const F* bb = static_cast<const F*>(a.b);
+  const F* dy = static_cast<const F*>(a.dy);
+#define WKV7_BWD1(RB, R, P)                                                                                 \
+  bwd1_kernel<F, RB, R, P><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(a.T, a.H, r, w, k, aa, bb, dy, a.dsT, \
+                                                                      static_cast<F*>(a.dv), a.dsa, a.ds0)
+  switch (cfg) {
+    case 0: WKV7_BWD1(16, 1, 4); break;
+    case 1: WKV7_BWD1(32, 2, 4); break;
+    case 2: WKV7_BWD1(64, 4, 4); break;
+    case 3: WKV7_BWD1(16, 1, 8); break;
+    default: return cudaErrorInvalidValue;
+  }
+#undef WKV7_BWD1
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+#define WKV7_BWD2(CB, CC, RG)                                                                                  \
+  bwd2_kernel<F, CB, CC, RG><<<dim3(N / CB, a.H, a.B), CB / CC * RG, 0, st>>>(                                 \
+      a.T, a.H, r, w, k, v, aa, bb, dy, a.sa, a.dsa, a.ckpt, a.sT, a.dsT, static_cast<F*>(a.dr),              \
+      static_cast<F*>(a.dw), static_cast<F*>(a.dk), static_cast<F*>(a.da), static_cast<F*>(a.db))
+  switch (cfg) {
+    case 0: WKV7_BWD2(16, 1, 4); break;
+    case 1: WKV7_BWD2(32, 2, 4); break;
+    case 2: WKV7_BWD2(32, 1, 4); break;
+    case 3: WKV7_BWD2(16, 1, 8); break;
+    default: return cudaErrorInvalidValue;
+  }
+#undef WKV7_BWD2
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int chunk_len() { return L; }
+
+cudaError_t forward(DType dt, int cfg, bool save, const Args& a, cudaStream_t st) {
+  if (dt == DType::BF16)
+    return save ? launch_fwd<__nv_bfloat16, true>(cfg, a, st) : launch_fwd<__nv_bfloat16, false>(cfg, a, st);
+  return save ? launch_fwd<float, true>(cfg, a, st) : launch_fwd<float, false>(cfg, a, st);
+}
+
+cudaError_t backward(DType dt, int cfg, const Args& a, cudaStream_t st) {
+  if (dt == DType::BF16) return launch_bwd<__nv_bfloat16>(cfg, a, st);
+  return launch_bwd<float>(cfg, a, st);
+}
+
+cudaError_t step(DType dt, const Args& a, cudaStream_t st) {
+  const dim3 grid(a.H, a.B);
+  if (dt == DType::BF16) {
+    using F = __nv_bfloat16;
+    step_kernel<F><<<grid, 256, 0, st>>>(a.H, static_cast<const F*>(a.r), static_cast<const F*>(a.w),
+                                         static_cast<const F*>(a.k), static_cast<const F*>(a.v),
+                                         static_cast<const F*>(a.a), static_cast<const F*>(a.b), a.s0,
+                                         static_cast<F*>(a.y), a.sT);
+  } else {
+    step_kernel<float><<<grid, 256, 0, st>>>(a.H, static_cast<const float*>(a.r), static_cast<const float*>(a.w),
+                                             static_cast<const float*>(a.k), static_cast<const float*>(a.v),
+                                             static_cast<const float*>(a.a), static_cast<const float*>(a.b),
+                                             a.s0, static_cast<float*>(a.y), a.sT);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace wkv7
