@@ -1,0 +1,85 @@
+"""`musicprep inspect`: a build's manifest summary and the length statistics of its samples."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..shards.manifest import REJECTS, available_format, iter_shard, read_manifest, shard_entries, verify_shards
+from ..shards.schema import SPLITS
+from .build import summary_table
+
+
+def split_lengths(out: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
+    """Total, context and completion lengths of every sample of a split (Parquet: metadata columns only)."""
+    out = Path(out)
+    m = read_manifest(out)
+    fmt = available_format(m)
+    cols: dict[str, list] = {"length": [], "ctx_len": [], "completion_len": []}
+    for e in shard_entries(m, split, fmt):
+        if fmt == "parquet":
+            t = pq.read_table(out / e["path"], columns=["tokens", "ctx_len", "completion_len"])
+            cols["length"].append(pc.list_value_length(t.column("tokens")).to_numpy())
+            cols["ctx_len"].append(t.column("ctx_len").to_numpy())
+            cols["completion_len"].append(t.column("completion_len").to_numpy())
+        else:
+            rows = list(iter_shard(out / e["path"], fmt))
+            cols["length"].append(np.array([len(r["tokens"]) for r in rows]))
+            cols["ctx_len"].append(np.array([r["ctx_len"] for r in rows]))
+            cols["completion_len"].append(np.array([r["completion_len"] for r in rows]))
+    return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in cols.items()}
+
+
+def _stats_line(name: str, x: np.ndarray) -> str:
+    if len(x) == 0:
+        return f"  {name:<15} (none)"
+    q = np.percentile(x, [50, 90, 99])
+    return (f"  {name:<15} min {x.min():>6}  p50 {q[0]:>8.0f}  p90 {q[1]:>8.0f}  p99 {q[2]:>8.0f}  "
+            f"max {x.max():>6}  mean {x.mean():>8.1f}")
+
+
+def inspect_report(out: str | os.PathLike, verify: bool = False) -> tuple[str, bool]:
+    """The report text, and False if verification found a problem."""
+    out = Path(out)
+    m = read_manifest(out)
+    a = m["args"]
+    lines = [
+        f"build {out}",
+        f"  corpus {a['corpus']}",
+        f"  windows: {a['context_bars']} context + {a['completion_bars']} completion bars, stride {a['stride_bars']}, "
+        f"max {a['max_seq_len']} tokens; formats {', '.join(a['formats'])}",
+        f"  tokenizer {m['tokenizer']['hash'][:16]}",
+        "",
+        summary_table(m),
+        "",
+    ]
+    for fmt in a["formats"]:
+        for split in SPLITS:
+            es = shard_entries(m, split, fmt)
+            size = sum(e["bytes"] for e in es)
+            lines.append(f"{fmt:<10} {split:<5} {len(es):>5} shard(s) {size / 1e6:>10.2f} MB")
+    for split in SPLITS:
+        lens = split_lengths(out, split)
+        lines.append(f"\n{split}: {len(lens['length'])} samples (tokens per sample)")
+        if len(lens["length"]):
+            at_max = int((lens["length"] >= a["max_seq_len"] - 16).sum())
+            lines += [_stats_line(k, v) for k, v in lens.items()]
+            lines.append(f"  within 16 tokens of max-seq-len: {at_max}")
+    rejects_path = out / REJECTS
+    if rejects_path.is_file():
+        reasons = Counter(json.loads(line)["reason"] for line in rejects_path.read_text().splitlines() if line)
+        if reasons:
+            lines.append("\nrejects: " + ", ".join(f"{r} {n}" for r, n in reasons.most_common()))
+    ok = True
+    if verify:
+        problems = verify_shards(out)
+        ok = not problems
+        lines.append("\nverify: " + ("all shard sha256s match the manifest" if ok else f"{len(problems)} problem(s)"))
+        lines += [f"  {p}" for p in problems]
+    return "\n".join(lines), ok
