@@ -18,7 +18,8 @@ from .scan import CorpusError, find_midi, make_batches, scan_corpus
 from .tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
 
 BUILD_CONFIG = ".build/config.json"
-OWNED = ("train", "val", ".build", MANIFEST, REJECTS, TOKENIZER)
+STATS = "stats.json"
+OWNED = ("train", "val", ".build", MANIFEST, REJECTS, TOKENIZER, STATS)
 
 
 class BuildError(Exception):
@@ -76,7 +77,7 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
     t_scan = time.perf_counter()
     scan = scan_corpus(cfg.corpus, rels)
     batches = make_batches(scan.unique, cfg.files_per_batch)
-    t_run = time.perf_counter()
+    t_scan_done = t_run = time.perf_counter()
 
     results: dict[int, BatchResult] = {}
     tasks = []
@@ -107,10 +108,25 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
                      key=lambda r: r["path"])
     write_bytes_atomic(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
     write_json_atomic(out / MANIFEST, manifest)
-    timings = {"prepare": t_scan - t0, "scan": t_run - t_scan, "batches": t_done - t_run,
-               "total": time.perf_counter() - t0}
-    write_json_atomic(out / ".build" / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    wall = {"prepare": t_scan - t0, "scan": t_scan_done - t_scan, "batches": t_done - t_run,
+            "finish": time.perf_counter() - t_done}
+    wall["total"] = time.perf_counter() - t0
+    write_json_atomic(out / STATS, _stats(wall, [results[i] for i in sorted(results)], len(tasks)))
     return manifest
+
+
+def _stats(wall: dict, results: list[BatchResult], ran: int) -> dict:
+    """Where the time went: driver wall clock per phase, and worker seconds per stage summed over batches."""
+    stages: dict[str, float] = {}
+    for r in results:
+        for k, v in r.timings.items():
+            stages[k] = stages.get(k, 0.0) + v
+    return {
+        "wall_seconds": {k: round(v, 3) for k, v in wall.items()},
+        "worker_seconds": {k: round(v, 3) for k, v in sorted(stages.items())},
+        "batches": {"total": len(results), "ran": ran, "reused": len(results) - ran},
+        "per_batch": [{"index": r.index, "files": r.counts["files"], **r.timings} for r in results],
+    }
 
 
 def _assemble_manifest(cfg: BuildConfig, rt: Runtime, tok, thash: str, scan, results: list[BatchResult],

@@ -49,11 +49,13 @@ def main() -> None:
               help="Files per Dask task (fixed; part of the output identity) [default: 16].")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT built with a different configuration.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--performance-report", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write Dask's HTML performance report of the run here.")
 def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars: int, stride_bars: int,
                      max_seq_len: int, fmt: str, samples_per_shard: int, val_fraction: float, seed: int,
                      workers: int | None, scheduler: str | None, dashboard_address: str,
                      tokenizer_config: Path | None, files_per_batch: int | None, overwrite: bool,
-                     no_progress: bool) -> None:
+                     no_progress: bool, performance_report: Path | None) -> None:
     """Tokenize CORPUS (all .mid/.midi below it) into bar-aligned windows and write shards to OUT."""
     from .build import BuildError, build_shards, summary_table
     from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Runtime
@@ -70,7 +72,8 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
         if workers is not None and workers < 1:
             raise ValueError("--workers must be >= 1")
         rt = Runtime(workers=workers or os.cpu_count() or 1, scheduler=scheduler,
-                     dashboard_address=dashboard_address or None, overwrite=overwrite, progress=not no_progress)
+                     dashboard_address=dashboard_address or None, overwrite=overwrite, progress=not no_progress,
+                     performance_report=str(performance_report) if performance_report else None)
     except (OSError, ValueError) as e:
         raise UsageFailure(str(e)) from e
     t0 = time.perf_counter()

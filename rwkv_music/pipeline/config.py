@@ -62,3 +62,4 @@ class Runtime:
     dashboard_address: str | None = ":8787"
     overwrite: bool = False
     progress: bool = True
+    performance_report: str | None = None  # path of a Dask performance report (HTML)
