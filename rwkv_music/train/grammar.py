@@ -154,6 +154,10 @@ class RemiGrammar:
         for s, nxt in _NEXT_DATA_EXTRA.items():
             for c in nxt:
                 self.next_class_data[s, c] = True
+        # Plain lists for the scalar machine (numpy scalar indexing is slow per token).
+        self._cls, self._pos_idx, self._rest_units = cls.tolist(), pos_idx.tolist(), rest_units.tolist()
+        self._dur_units, self._ts_bar, self._ts_tpb = dur_units.tolist(), ts_bar.tolist(), ts_tpb.tolist()
+        self._next, self._next_data = self.next_class.tolist(), self.next_class_data.tolist()
         self.close_cost = np.zeros(N_STATES, np.int64)
         for s, c in _CLOSE_COST.items():
             self.close_cost[s] = c
@@ -168,15 +172,14 @@ class RemiGrammar:
         """Whether `token` may follow (budget forcing is the batched machine's job)."""
         if not 0 <= token < self.vocab_size:
             return False
-        c = int(self.cls[token])
-        table = self.next_class if strict else self.next_class_data
-        if not table[st.state, c]:
+        c = self._cls[token]
+        if not (self._next if strict else self._next_data)[st.state][c]:
             return False
         if c == POSITION:
-            tick = int(self.pos_idx[token]) * (st.tpb // self.pos_per_beat)
+            tick = self._pos_idx[token] * (st.tpb // self.pos_per_beat)
             return st.bar_start + tick >= st.cur_min and tick < st.bar_len
         if c == REST and strict:
-            rest_end = max(st.note_end, st.cur) + int(self.rest_units[token]) * st.tpb // self.unit
+            rest_end = max(st.note_end, st.cur) + self._rest_units[token] * st.tpb // self.unit
             return rest_end < st.bar_start + st.bar_len
         if c == TIMESIG and strict and st.state != S_META_TS and st.meter >= 0:
             return token == st.meter
@@ -191,14 +194,18 @@ class RemiGrammar:
         return np.array([self.token_ok(st, t, strict) for t in range(self.vocab_size)])
 
     def advance(self, st: GrammarState, token: int, strict: bool = True) -> GrammarState:
-        """The state after `token`; raises GrammarError if the token is not allowed."""
+        """The state after `token` (a new object); raises GrammarError if the token is not allowed."""
+        return self._step(replace(st), token, strict)
+
+    def _step(self, st: GrammarState, token: int, strict: bool) -> GrammarState:
+        """`advance` in place."""
         if not self.token_ok(st, token, strict):
-            name = f"{CLASS_NAMES[int(self.cls[token])]}" if 0 <= token < self.vocab_size else "out of range"
+            name = f"{CLASS_NAMES[self._cls[token]]}" if 0 <= token < self.vocab_size else "out of range"
             raise GrammarError(f"token {token} ({name}) not allowed after {_state_name(st.state)}")
-        c = int(self.cls[token])
-        st = replace(st, tokens=st.tokens + 1)
+        c = self._cls[token]
+        st.tokens += 1
         if st.state == S_META_TS:
-            st.meter, st.bar_len, st.tpb = token, int(self.ts_bar[token]), int(self.ts_tpb[token])
+            st.meter, st.bar_len, st.tpb = token, self._ts_bar[token], self._ts_tpb[token]
             st.state = S_META_TEMPO
             return st
         if st.state == S_META_TEMPO:
@@ -210,17 +217,17 @@ class RemiGrammar:
             st.cur = st.cur_min = st.bar_start
             st.bars += 1
         elif c == TIMESIG:
-            st.meter, st.bar_len, st.tpb = token, int(self.ts_bar[token]), int(self.ts_tpb[token])
+            st.meter, st.bar_len, st.tpb = token, self._ts_bar[token], self._ts_tpb[token]
         elif c == POSITION:
-            st.cur = st.bar_start + int(self.pos_idx[token]) * (st.tpb // self.pos_per_beat)
+            st.cur = st.bar_start + self._pos_idx[token] * (st.tpb // self.pos_per_beat)
             st.cur_min = st.cur + 1
         elif c == DURATION:
-            st.note_end = max(st.note_end, st.cur + int(self.dur_units[token]) * st.tpb // self.unit)
+            st.note_end = max(st.note_end, st.cur + self._dur_units[token] * st.tpb // self.unit)
         elif c == TEMPO:
             st.tempo = token
             st.note_end = max(st.note_end, st.cur)
         elif c == REST:
-            st.cur = max(st.note_end, st.cur) + int(self.rest_units[token]) * st.tpb // self.unit
+            st.cur = max(st.note_end, st.cur) + self._rest_units[token] * st.tpb // self.unit
             # A window cut from a piece does not know the notes held over from before it, so in data mode the
             # rest may have started later than we think: any position of the bar may follow.
             st.cur_min = st.cur if strict else st.bar_start
@@ -238,12 +245,14 @@ class RemiGrammar:
         if st is None:
             st = self.initial()
             if meta_len == 0:
-                st = replace(st, state=S_BODY)
+                st.state = S_BODY
             elif meta_len != 2:
                 raise ValueError("windows have 0 or 2 meta tokens")
+        else:
+            st = replace(st)
         for i, t in enumerate(tokens):
             try:
-                st = self.advance(st, int(t), strict)
+                self._step(st, int(t), strict)
             except GrammarError as e:
                 raise GrammarError(f"at token {i}: {e}") from None
         return st

@@ -1,0 +1,282 @@
+"""The piano copilot: continue a prompt by a few bars, several variations at once.
+
+The prompt is tokenized and cut exactly like a training window (`build_prompt`: meta tokens, then the last
+context bars), prefilled in one parallel forward, then decoded in RNN mode for all samples as one batch. Every
+step masks the logits with the REMI grammar (`grammar.BatchedGrammar`) and samples with per-sample random streams
+(`sampling`), so each continuation decodes to valid MIDI, has exactly the requested number of bars and is
+reproducible from its seed alone. On CUDA the decode step (mask, sample, grammar update, model step) can be
+captured once as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import symusic
+import torch
+from miditok import REMI
+from torch import Tensor
+
+from rwkv_music.pipeline.tokenizer import MidiRejected, PianoScore, encode_piano, load_piano_score
+from rwkv_music.pipeline.windows import Vocab, Window, build_prompt, decode_window
+from rwkv_music.train.grammar import BAR, PITCH, BatchedGrammar, GrammarError, GrammarState, RemiGrammar
+from rwkv_music.train.sampling import SamplingConfig, draw_uniforms, sample
+
+DEFAULT_TOKENS_PER_BAR = 384  # budget per requested bar; dense piano bars in the test corpus stay well below
+
+
+class CompletionError(Exception):
+    """A problem with the user's input (prompt or checkpoint), reported as one line."""
+
+
+@dataclass(frozen=True)
+class CompleteConfig:
+    bars: int = 2
+    context_bars: int | None = 4  # None: the whole prompt
+    num_samples: int = 4
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    max_new_tokens: int | None = None  # None: DEFAULT_TOKENS_PER_BAR * bars
+    max_seq_len: int = 2048  # prompt window length limit (leading context bars are dropped beyond it)
+    cuda_graph: bool = True  # capture the decode step on CUDA
+    dtype: str = "float32"  # autocast dtype on CUDA: float32 | bfloat16 | float16
+
+    def __post_init__(self):
+        if self.bars < 1:
+            raise ValueError("bars must be at least 1")
+        if self.context_bars is not None and self.context_bars < 1:
+            raise ValueError("context_bars must be at least 1 (or None for all)")
+        if self.num_samples < 1:
+            raise ValueError("num_samples must be at least 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
+
+    @property
+    def budget(self) -> int:
+        return self.max_new_tokens if self.max_new_tokens is not None else DEFAULT_TOKENS_PER_BAR * self.bars
+
+
+@dataclass
+class Sample:
+    index: int
+    seed: int
+    tokens: list[int]  # the continuation: starts with Bar, `bars` Bar tokens in all
+    score: symusic.Score  # the whole prompt + continuation; tracks "prompt" and "continuation"
+    continuation: symusic.Score  # the continuation alone, time 0 = its first bar
+    window_score: symusic.Score  # prompt window + continuation (what the model saw and wrote), time 0 = window start
+    continuation_tick: int  # where the continuation starts in `score`
+    window_continuation_tick: int  # ... and in `window_score`
+    bars: int  # Bar tokens in `tokens`
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]  # the whole tokenized prompt
+    window: Window  # the model input (meta + context bars)
+    samples: list[Sample]
+    tpq: int  # ticks per quarter of every Score here
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt
+
+
+def tokenize_prompt(prompt: str | os.PathLike | bytes | PianoScore | symusic.Score, tokenizer: REMI) -> list[int]:
+    """Token ids of the prompt after the pipeline's piano merge; CompletionError for unusable input."""
+    if isinstance(prompt, symusic.Score):
+        prompt = prompt.dumps_midi()
+    if not isinstance(prompt, PianoScore):
+        if not isinstance(prompt, bytes) and not Path(prompt).is_file():
+            raise CompletionError(f"prompt file not found: {prompt}")
+        try:
+            prompt = load_piano_score(prompt, tokenizer)
+        except MidiRejected as e:
+            if e.reason == "parse-error":
+                raise CompletionError(f"cannot read the prompt as MIDI: {e.message}") from None
+            raise CompletionError(f"the prompt has no notes ({e.message})") from None
+    ids = encode_piano(prompt, tokenizer)
+    grammar_classes = RemiGrammar(tokenizer).cls
+    if not any(grammar_classes[t] == PITCH for t in ids):
+        raise CompletionError("the prompt has no notes in the tokenizer's pitch range")
+    return ids
+
+
+def prompt_window(ids: list[int], tokenizer: REMI, context_bars: int | None, max_seq_len: int) -> Window:
+    """The model input, built exactly like a training window."""
+    try:
+        return build_prompt(ids, Vocab(tokenizer), context_bars, max_seq_len)
+    except ValueError as e:
+        raise CompletionError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+@torch.no_grad()
+def prefill(model, tokens: list[int], device: torch.device) -> tuple[Tensor, object]:
+    """One parallel forward over the prompt: logits [1, V] of its last token and the state after it."""
+    idx = torch.tensor([tokens], dtype=torch.long, device=device)
+    last = torch.tensor([len(tokens) - 1], dtype=torch.long, device=device)
+    logits, state = model(idx, positions=last, return_state=True)
+    return logits.float(), state
+
+
+class _Decoder:
+    """One decode step over static tensors: mask, sample, grammar update, model step."""
+
+    def __init__(self, model, grammar: BatchedGrammar, logits: Tensor, state, u: Tensor, sampling: SamplingConfig,
+                 vocab_size: int, pad_id: int):
+        self.model, self.g, self.sampling, self.V = model, grammar, sampling, vocab_size
+        B = grammar.B
+        dev = logits.device
+        self.logits = logits[:, :vocab_size].float().clone()
+        self.state = state
+        self.u = u
+        self.t = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out = torch.full((B, u.shape[1]), pad_id, dtype=torch.long, device=dev)
+        self.rows = torch.arange(B, device=dev)
+
+    def step(self) -> None:
+        u_t = self.u.index_select(1, self.t).squeeze(1)
+        tok = sample(self.g.mask(self.logits), u_t, self.sampling)
+        self.out.index_put_((self.rows, self.t.expand_as(self.rows)), tok)
+        self.g.update_(tok)
+        logits, new_state = self.model.step(tok, self.state)
+        self.logits.copy_(logits[:, : self.V].float())
+        self.state.copy_(new_state)
+        self.t.add_(1)
+
+
+@torch.no_grad()
+def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: GrammarState, *, bars: int,
+             num_samples: int, max_new_tokens: int, sampling: SamplingConfig, seed: int,
+             cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None,
+             check_every: int | None = None) -> list[list[int]]:
+    """Continuations of one prompt window, sample k drawn from seed + k. Returns token ids per sample
+    (without the Bar that ended it)."""
+    device = model.device
+    B = num_samples
+    amp = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype is not None and device.type == "cuda" \
+        else nullcontext()
+    with amp:
+        logits, state = prefill(model, window_tokens, device)
+    bg = BatchedGrammar(grammar, start, B, bars, max_new_tokens, device)
+    u = draw_uniforms([seed + k for k in range(B)], max_new_tokens, device)
+    dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, sampling, grammar.vocab_size,
+                   grammar.pad_id)
+    every = check_every or (16 if device.type == "cuda" else 1)
+    if cuda_graph and device.type == "cuda":
+        _run_graph(dec, max_new_tokens, every, amp)
+    else:
+        with amp:
+            for t in range(max_new_tokens):
+                dec.step()
+                if (t + 1) % every == 0 and bool(bg.done.all()):
+                    break
+    if not bool(bg.done.all()):  # cannot happen: the grammar closes every sample within the budget
+        raise RuntimeError("a sample did not finish within its token budget")
+    out = dec.out.cpu().tolist()
+    result = []
+    for row in out:
+        n, cut = 0, len(row)
+        for i, t in enumerate(row):
+            if grammar.cls[t] == BAR:
+                n += 1
+                if n == bars + 1:
+                    cut = i
+                    break
+        result.append(row[:cut])
+    return result
+
+
+def _run_graph(dec: _Decoder, max_new_tokens: int, every: int, amp) -> None:
+    """Capture `dec.step` once (after warm-up steps on a side stream) and replay it."""
+    # Warm-up runs real steps (they count), so kernels and allocator pools exist before capture.
+    warm = min(3, max_new_tokens)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), amp:
+        for _ in range(warm):
+            dec.step()
+    torch.cuda.current_stream().wait_stream(s)
+    done = warm
+    if done >= max_new_tokens or bool(dec.g.done.all()):
+        return
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), amp:
+        dec.step()  # recorded, not run
+    while done < max_new_tokens:
+        n = min(every, max_new_tokens - done)
+        for _ in range(n):
+            graph.replay()
+        done += n
+        if bool(dec.g.done.all()):
+            break
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The API
+
+
+def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = None) -> Completion:
+    """Continue `prompt` (MIDI path, bytes, symusic.Score, PianoScore, or a token id list) by `config.bars` bars.
+
+    Returns the token ids and Scores of every sample. CompletionError for unusable prompts.
+    """
+    config = config or CompleteConfig()
+    grammar = RemiGrammar(tokenizer)
+    vocab = Vocab(tokenizer)
+    check_vocab(model, tokenizer)
+    ids = list(prompt) if isinstance(prompt, list) else tokenize_prompt(prompt, tokenizer)
+    window = prompt_window(ids, tokenizer, config.context_bars, config.max_seq_len)
+    try:
+        start = grammar.run(window.tokens, window.meta_len, strict=False)
+        full = grammar.run(ids, 0, strict=False)
+    except GrammarError as e:
+        raise CompletionError(f"the prompt's tokens are not a REMI stream this grammar knows: {e}") from None
+    if not grammar.next_class[start.state, BAR]:
+        raise CompletionError("the prompt ends inside an event and cannot be continued")
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+    model.eval()
+    conts = generate(model, grammar, window.tokens, start, bars=config.bars, num_samples=config.num_samples,
+                     max_new_tokens=config.budget, sampling=config.sampling, seed=config.seed,
+                     cuda_graph=config.cuda_graph, autocast_dtype=dtype)
+    meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
+    samples = []
+    for k, cont in enumerate(conts):
+        score = _split(tokenizer.decode([ids + cont]), full.bar_start + full.bar_len)
+        window_score = _split(decode_window(window.tokens + cont, window.meta_len, tokenizer, vocab),
+                              start.bar_start + start.bar_len)
+        alone = decode_window(meta + cont, 2, tokenizer, vocab)
+        samples.append(Sample(k, config.seed + k, cont, score, alone, window_score, full.bar_start + full.bar_len,
+                              start.bar_start + start.bar_len, sum(1 for t in cont if t == grammar.bar_id)))
+    return Completion(ids, window, samples, int(tokenizer.time_division))
+
+
+def check_vocab(model, tokenizer: REMI) -> None:
+    """The model must have an output row for every token of the tokenizer."""
+    V = model.cfg.vocab_size
+    if len(tokenizer.vocab) > V:
+        raise CompletionError(f"checkpoint/tokenizer mismatch: the model has {V} tokens, the tokenizer "
+                              f"{len(tokenizer.vocab)}")
+
+
+def _split(score: symusic.Score, tick: int) -> symusic.Score:
+    """The decoded piano track split at `tick` into tracks "prompt" and "continuation"."""
+    out = symusic.Score(score.tpq)
+    out.tempos = score.tempos
+    out.time_signatures = score.time_signatures
+    before = symusic.Track("prompt", 0, False)
+    after = symusic.Track("continuation", 0, False)
+    for tr in score.tracks:
+        for n in tr.notes:
+            (after if n.time >= tick else before).notes.append(n)
+        for p in tr.pedals:
+            (after if p.time >= tick else before).pedals.append(p)
+    out.tracks.append(before)
+    out.tracks.append(after)
+    return out

@@ -1,0 +1,111 @@
+"""Files and summaries of a completion: MIDI per sample, optional piano-roll PNGs, the sample table.
+
+Everything is written to a staging directory next to OUT first and moved into OUT only when all files exist,
+so a failure never leaves half a result behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import symusic
+
+from rwkv_music.train.complete import Completion, Sample
+
+PROMPT_COLOUR = "#4c72b0"
+CONTINUATION_COLOUR = "#dd8452"
+_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+
+
+def note_name(pitch: int) -> str:
+    return f"{_NAMES[pitch % 12]}{pitch // 12 - 1}"
+
+
+def sample_stats(s: Sample) -> dict:
+    """Notes, bars and pitch range of a sample's continuation."""
+    notes = [n for tr in s.continuation.tracks for n in tr.notes]
+    pitches = [n.pitch for n in notes]
+    lo, hi = (min(pitches), max(pitches)) if pitches else (None, None)
+    return {"sample": s.index, "seed": s.seed, "tokens": len(s.tokens), "notes": len(notes), "bars": s.bars,
+            "pitch_min": lo, "pitch_max": hi}
+
+
+def format_table(completion: Completion) -> str:
+    """A plain-text table, one row per sample."""
+    head = f"{'sample':>6} {'seed':>6} {'tokens':>6} {'notes':>5} {'bars':>4}  pitch range"
+    rows = [head]
+    for s in completion.samples:
+        st = sample_stats(s)
+        rng = "-" if st["pitch_min"] is None else (
+            f"{note_name(st['pitch_min'])}-{note_name(st['pitch_max'])} ({st['pitch_min']}-{st['pitch_max']})")
+        rows.append(f"{st['sample']:>6} {st['seed']:>6} {st['tokens']:>6} {st['notes']:>5} {st['bars']:>4}  {rng}")
+    return "\n".join(rows)
+
+
+def write_completion(completion: Completion, out: str | os.PathLike, plot: bool = False) -> list[Path]:
+    """Write OUT/sample-K.mid, OUT/sample-K-continuation.mid (and OUT/sample-K.png). Returns the paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        names = []
+        for s in completion.samples:
+            k = s.index
+            s.score.dump_midi(str(stage / f"sample-{k}.mid"))
+            s.continuation.dump_midi(str(stage / f"sample-{k}-continuation.mid"))
+            names += [f"sample-{k}.mid", f"sample-{k}-continuation.mid"]
+            if plot:
+                plot_piano_roll(s, stage / f"sample-{k}.png")
+                names.append(f"sample-{k}.png")
+        out.mkdir(exist_ok=True)
+        paths = []
+        for name in names:
+            os.replace(stage / name, out / name)
+            paths.append(out / name)
+        return paths
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def plot_piano_roll(s: Sample, path: str | os.PathLike) -> None:
+    """The model's view: the prompt window's bars and the continuation, in two colours, with bar lines."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    from matplotlib.patches import Patch
+
+    score: symusic.Score = s.window_score
+    tpq = score.tpq
+    fig = Figure(figsize=(12, 4.5), dpi=100)
+    ax = fig.subplots()
+    pitches = []
+    end = s.window_continuation_tick
+    for tr in score.tracks:
+        colour = CONTINUATION_COLOUR if tr.name == "continuation" else PROMPT_COLOUR
+        notes = list(tr.notes)
+        if not notes:
+            continue
+        ax.barh([n.pitch for n in notes], [n.duration / tpq for n in notes], left=[n.time / tpq for n in notes],
+                height=0.8, color=colour, edgecolor="black", linewidth=0.3)
+        pitches += [n.pitch for n in notes]
+        end = max(end, max(n.end for n in notes))
+    # Bar lines from the time signatures in force.
+    sigs = sorted(score.time_signatures, key=lambda t: t.time) or [symusic.TimeSignature(0, 4, 4)]
+    tick, i = 0, 0
+    while tick <= end:
+        while i + 1 < len(sigs) and sigs[i + 1].time <= tick:
+            i += 1
+        ax.axvline(tick / tpq, color="0.85", linewidth=0.6, zorder=0)
+        tick += max(1, tpq * 4 * sigs[i].numerator // sigs[i].denominator)
+    ax.axvline(s.window_continuation_tick / tpq, color="black", linewidth=1.2, linestyle="--")
+    if pitches:
+        ax.set_ylim(min(pitches) - 2, max(pitches) + 2)
+    ax.set_xlim(0, max(end, 1) / tpq)
+    ax.set_xlabel("quarter notes from the start of the prompt window")
+    ax.set_ylabel("MIDI pitch")
+    ax.set_title(f"sample {s.index} (seed {s.seed}): {s.bars} new bar(s)")
+    ax.legend(handles=[Patch(color=PROMPT_COLOUR, label="prompt (context bars)"),
+                       Patch(color=CONTINUATION_COLOUR, label="continuation")], loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path))

@@ -1,0 +1,65 @@
+"""Temperature / top-k / top-p sampling driven by pre-drawn uniforms, one random stream per sample.
+
+Each sample k draws its uniforms from its own `torch.Generator` seeded with `seed + k`, before decoding starts.
+A token is then picked by inverse CDF over the filtered, sorted distribution. So sample k is the same whether it
+runs alone or in a batch (its random numbers do not depend on the batch), and the whole step is tensor ops with
+no host synchronisation, which a CUDA graph can capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.85  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.9  # 1.0 = off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def draw_uniforms(seeds: list[int], steps: int, device: torch.device | str = "cpu") -> Tensor:
+    """[len(seeds), steps] float32 uniforms in [0, 1); row k comes only from `seeds[k]`."""
+    rows = []
+    for s in seeds:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(s))
+        rows.append(torch.rand(steps, generator=g, dtype=torch.float64))
+    u = torch.stack(rows) if rows else torch.zeros(0, steps, dtype=torch.float64)
+    return u.to(torch.float32).clamp_(max=1.0 - 2**-24).to(device)
+
+
+def sample(logits: Tensor, u: Tensor, cfg: SamplingConfig) -> Tensor:
+    """One token per row of `logits` [B, V] (disallowed tokens already -inf), using the uniforms `u` [B].
+
+    Every row must have at least one finite logit.
+    """
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    p_sorted, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep = torch.ones_like(p_sorted, dtype=torch.bool)
+    if cfg.top_k > 0:
+        keep[:, cfg.top_k:] = False
+    if cfg.top_p < 1.0:
+        before = p_sorted.cumsum(dim=-1) - p_sorted  # mass of the more likely tokens; the first is always kept
+        keep &= before < cfg.top_p
+    kept = p_sorted * keep
+    cdf = kept.cumsum(dim=-1)
+    threshold = u[:, None] * cdf[:, -1:]
+    j = (cdf <= threshold).sum(dim=-1, keepdim=True)
+    last = (kept > 0).sum(dim=-1, keepdim=True) - 1  # rounding must never pick a token of zero probability
+    j = torch.minimum(j, last.clamp(min=0))
+    return order.gather(-1, j).squeeze(-1)
