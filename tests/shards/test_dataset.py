@@ -1,0 +1,195 @@
+"""The streaming training dataset on a real shard build: mask, partition, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from rwkv_music.shards import iter_samples, read_parquet_rows, write_parquet
+from rwkv_music.shards.dataset import (
+    DataError,
+    DataSpec,
+    collate,
+    iter_eval_batches,
+    make_stream,
+    open_split,
+    plan_epoch,
+)
+from rwkv_music.shards.schema import Sample
+
+
+def _rows(batch: dict) -> list[bytes]:
+    """The unpadded input rows of a batch (identity of its samples, independent of padding width)."""
+    out = []
+    for inp, m in zip(batch["input_ids"], batch["mask"], strict=True):
+        last = int(torch.nonzero(m)[-1]) + 1  # the mask ends at len-2, the last real input position
+        out.append(inp[:last].numpy().tobytes())
+    return out
+
+
+def _epoch(stream, epoch: int = 0, consumed: int = 0, workers: int = 0) -> list[dict]:
+    stream.set_position(epoch, consumed)
+    if workers:
+        return list(DataLoader(stream, batch_size=None, num_workers=workers))
+    return list(stream)
+
+
+def test_collate_masks_exactly_the_completion(built_shards: Path):
+    samples = []
+    for s in iter_samples(built_shards, "train"):
+        samples.append(s)
+        if len(samples) == 6:
+            break
+    b = collate(samples, pad_id=0)
+    T = max(len(s["tokens"]) for s in samples) - 1
+    assert b["input_ids"].shape == b["mask"].shape == (6, T)
+    expected = np.concatenate([s["tokens"][s["ctx_len"]:] for s in samples])
+    assert b["targets"].tolist() == expected.tolist()
+    assert b["n_targets"] == int(b["mask"].sum()) == sum(s["completion_len"] for s in samples)
+    for i, s in enumerate(samples):
+        L = len(s["tokens"])
+        assert b["input_ids"][i, : L - 1].tolist() == s["tokens"][:-1].tolist()
+        row = b["mask"][i]
+        assert row[s["ctx_len"] - 1 : L - 1].all() and not row[: s["ctx_len"] - 1].any() and not row[L - 1 :].any()
+        # the masked inputs predict the completion: the token after position p is tokens[p + 1]
+        p = s["ctx_len"] - 1
+        assert s["tokens"][p + 1] == s["tokens"][s["ctx_len"]]
+
+
+def test_collate_rejects_inconsistent_sample():
+    with pytest.raises(ValueError, match="bad sample"):
+        collate([{"tokens": np.arange(10), "ctx_len": 4, "completion_len": 3}])
+
+
+@pytest.mark.parametrize("n_slots", [1, 2, 3, 8, 40])
+def test_plan_epoch_partitions_every_sample_once(n_slots: int):
+    counts = [256] * 18 + [55, 128, 256, 7]
+    offsets = np.cumsum([0, *counts])
+    for epoch in (0, 1):
+        plans = plan_epoch(counts, n_slots, seed=3, epoch=epoch)
+        seen = []
+        for p in plans:
+            mine = [g for si in p.shards for g in range(offsets[si], offsets[si + 1])]
+            kept = [g for i, g in enumerate(mine) if i % p.stride == p.offset]
+            assert len(kept) == p.nsamples
+            seen += kept
+        assert sorted(seen) == list(range(sum(counts)))
+        # never more than 5% lost to equalising the slots
+        assert sum(counts) - n_slots * min(p.nsamples for p in plans) <= 0.05 * sum(counts) + n_slots
+    assert plan_epoch(counts, 4, 3, 0) != plan_epoch(counts, 4, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def train_set(built_shards: Path):
+    return open_split(built_shards, "train")
+
+
+def test_epoch_is_deterministic_and_reshuffled(train_set):
+    spec = DataSpec(batch_size=8, seed=1, shuffle_buffer=64, bucket_pool=4)
+    s = make_stream(train_set, spec)
+    e0 = _epoch(s, 0)
+    assert len(e0) == s.batches_per_epoch(0) == train_set.nsamples // 8
+    # each sample at most once (as a multiset: some windows repeat verbatim in real music)
+    used = Counter(r for b in e0 for r in _rows(b))
+    available = Counter(np.asarray(s["tokens"][:-1], dtype=np.int64).tobytes()
+                        for s in iter_samples(train_set.root, "train"))
+    assert not used - available
+    assert sum(used.values()) == 8 * len(e0)
+    assert [_rows(b) for b in _epoch(make_stream(train_set, spec), 0)] == [_rows(b) for b in e0]
+    e1 = _epoch(s, 1)
+    assert [_rows(b) for b in e1] != [_rows(b) for b in e0]
+    # length bucketing: batches are far less padded than random ones
+    pad = sum(int((b["input_ids"].shape[1] * 8) - b["n_tokens"]) for b in e0)
+    nobucket = _epoch(make_stream(train_set, DataSpec(batch_size=8, seed=1, shuffle_buffer=64, bucket_pool=1)), 0)
+    pad_nb = sum(int((b["input_ids"].shape[1] * 8) - b["n_tokens"]) for b in nobucket)
+    assert pad < 0.5 * pad_nb
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_with_unseen_batches(train_set, workers: int):
+    spec = DataSpec(batch_size=16, seed=5, num_workers=workers, shuffle_buffer=128)
+    s = make_stream(train_set, spec)
+    full = [_rows(b) for b in _epoch(s, 0, 0, workers)]
+    assert len(full) == s.batches_per_epoch(0)
+    for k in (1, 7, len(full) - 1):
+        rest = [_rows(b) for b in _epoch(s, 0, k, workers)]
+        assert rest == full[k:], f"resume at {k}"
+
+
+def test_ranks_get_equal_batches_and_streams_stand_in_for_ranks(train_set):
+    ranks = [make_stream(train_set, DataSpec(batch_size=4, seed=2, world_size=2, rank=r, shuffle_buffer=32))
+             for r in range(2)]
+    per_rank = [_epoch(s, 0) for s in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) > 0
+    one = make_stream(train_set, DataSpec(batch_size=8, seed=2, streams=2, shuffle_buffer=32))
+    joined = _epoch(one, 0)
+    assert len(joined) == len(per_rank[0])
+    for t, b in enumerate(joined):
+        assert _rows(b) == _rows(per_rank[0][t]) + _rows(per_rank[1][t])
+    # the ranks' data together use each sample at most once
+    available = Counter(np.asarray(s["tokens"][:-1], dtype=np.int64).tobytes()
+                        for s in iter_samples(train_set.root, "train"))
+    assert not Counter(r for rank in per_rank for b in rank for r in _rows(b)) - available
+    three = [make_stream(train_set, DataSpec(batch_size=4, seed=2, world_size=3, rank=r)) for r in range(3)]
+    assert len({s.batches_per_epoch(0) for s in three}) == 1
+
+
+def test_webdataset_stream_equals_parquet(built_shards: Path):
+    spec = DataSpec(batch_size=8, seed=0, shuffle_buffer=32)
+    pq = _epoch(make_stream(open_split(built_shards, "train", "parquet"), spec), 0)
+    wd = _epoch(make_stream(open_split(built_shards, "train", "webdataset"), spec), 0)
+    assert [_rows(b) for b in pq] == [_rows(b) for b in wd]
+
+
+def test_eval_batches_cover_val_split_once(built_shards: Path):
+    val = open_split(built_shards, "val")
+    n = sum(b["input_ids"].shape[0] for b in iter_eval_batches(val, 7))
+    assert n == val.nsamples
+    split = [sum(b["n_targets"] for b in iter_eval_batches(val, 7, rank=r, world_size=2)) for r in range(2)]
+    assert sum(split) == sum(b["n_targets"] for b in iter_eval_batches(val, 7))
+
+
+def test_bad_shard_directories_give_clear_errors(built_shards: Path, tmp_path: Path):
+    with pytest.raises(DataError, match="does not exist"):
+        open_split(tmp_path / "nope", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="manifest"):
+        open_split(tmp_path / "empty", "train")
+    bad = tmp_path / "copy"
+    shutil.copytree(built_shards, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    first = next(e for e in m["shards"] if e["split"] == "train" and e["format"] == "parquet")
+    with pytest.raises(DataError, match="checkpoint uses"):
+        open_split(bad, "train", expect_hash="0" * 64)
+    # a shard rewritten with another tokenizer's hash
+    rows = read_parquet_rows(bad / first["path"], range(first["nsamples"]))
+    write_parquet(bad / first["path"], [Sample(**r) for r in rows], tokenizer_hash="f" * 64)
+    with pytest.raises(DataError, match="different tokenizers"):
+        open_split(bad, "train")
+    # garbage bytes
+    (bad / first["path"]).write_bytes(b"not a parquet file" * 10)
+    with pytest.raises(DataError, match="cannot read shard"):
+        open_split(bad, "train")
+    (bad / first["path"]).unlink()
+    with pytest.raises(DataError, match="missing"):
+        open_split(bad, "train")
+
+
+def test_truncated_shard_fails_while_streaming_with_the_path(built_shards: Path, tmp_path: Path):
+    bad = tmp_path / "trunc"
+    shutil.copytree(built_shards, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    tars = [e for e in m["shards"] if e["split"] == "train" and e["format"] == "webdataset"]
+    for e in tars:  # cut every tar in half: the stream hits one whichever the permutation
+        p = bad / e["path"]
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    s = make_stream(open_split(bad, "train", "webdataset"), DataSpec(batch_size=4, shuffle_buffer=8))
+    with pytest.raises(DataError, match=r"cannot read shard .*\.tar"):
+        _epoch(s, 0)
