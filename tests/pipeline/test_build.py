@@ -115,3 +115,22 @@ def test_refuses_foreign_out_dir(tmp_path, corpus_dir):
     res = CliRunner().invoke(main, ["build-shards", str(corpus_dir), "-o", str(out), "--no-progress"])
     assert res.exit_code == 2 and "--overwrite" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("content", ['{"not_a_param": 1}', "{broken json", '{"num_velocities": "many"}'])
+def test_bad_tokenizer_config_exits_2_and_writes_nothing(tmp_path, corpus_dir, content):
+    cfg = tmp_path / "tok.json"
+    cfg.write_text(content)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["build-shards", str(corpus_dir), "-o", str(out), "--tokenizer-config", str(cfg),
+                                    "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert not out.exists()
+
+
+def test_stats_and_batch_records(built_shards: Path):
+    stats = json.loads((built_shards / "stats.json").read_text())
+    n_batches = len(list((built_shards / ".build" / "batches").glob("batch-*.json")))
+    assert stats["batches"] == {"total": n_batches, "ran": n_batches, "reused": 0} and n_batches == 2
+    assert {"read", "parse", "tokenize", "window", "write"} <= set(stats["worker_seconds"])
+    assert sum(b["files"] for b in stats["per_batch"]) == 30
