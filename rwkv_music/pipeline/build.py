@@ -175,7 +175,13 @@ def summary_table(manifest: dict) -> str:
         n_shards = len({e["path"].rsplit(".", 1)[0] for e in manifest["shards"] if e["split"] == s})
         rows.append((f"{s}: samples / tokens / shards", f"{c['samples'][s]} / {c['tokens'][s]} / {n_shards}"))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    changed = manifest.get("time_signatures_changed", [])
+    if changed:
+        shown = ", ".join(f"{t['source']} ({t['changed']})" for t in changed[:10])
+        more = f" and {len(changed) - 10} more (see manifest.json)" if len(changed) > 10 else ""
+        lines.append(f"time signatures mapped to supported ones in: {shown}{more}")
+    return "\n".join(lines)
 
 
 __all__ = ["BuildError", "CorpusError", "build_shards", "summary_table"]

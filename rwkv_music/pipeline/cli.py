@@ -31,13 +31,19 @@ def main() -> None:
 @main.command("build-shards")
 @click.argument("corpus", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--context-bars", default=4, show_default=True, type=int)
-@click.option("--completion-bars", default=2, show_default=True, type=int)
-@click.option("--stride-bars", default=1, show_default=True, type=int)
-@click.option("--max-seq-len", default=2048, show_default=True, type=int)
+@click.option("--context-bars", default=4, show_default=True, type=int,
+              help="Bars of context per window.")
+@click.option("--completion-bars", default=2, show_default=True, type=int,
+              help="Bars to complete per window.")
+@click.option("--stride-bars", default=1, show_default=True, type=int,
+              help="Bars between window starts.")
+@click.option("--max-seq-len", default=2048, show_default=True, type=int,
+              help="Longest window in tokens.")
 @click.option("--format", "fmt", type=click.Choice(["both", *FORMATS]), default="both", show_default=True)
-@click.option("--samples-per-shard", default=4096, show_default=True, type=int)
-@click.option("--val-fraction", default=0.05, show_default=True, type=float)
+@click.option("--samples-per-shard", default=4096, show_default=True, type=int,
+              help="Most samples per shard file.")
+@click.option("--val-fraction", default=0.05, show_default=True, type=float,
+              help="Share of pieces in the val split.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--workers", default=None, type=int, help="Dask worker processes [default: CPU count].")
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (no LocalCluster).")

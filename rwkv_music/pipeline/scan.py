@@ -71,6 +71,12 @@ def scan_corpus(corpus: str | os.PathLike, rels: list[str]) -> ScanResult:
     unique, duplicates, rejects = [], [], []
     for rel in rels:
         try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # Parquet strings must be UTF-8; keep the rest of the batch safe
+            rejects.append({"path": rel.encode("utf-8", "backslashreplace").decode(), "reason": "bad-filename",
+                            "message": "the file name is not valid UTF-8"})
+            continue
+        try:
             data = (root / rel).read_bytes()
         except OSError as e:
             rejects.append({"path": rel, "reason": "read-error", "message": str(e)})

@@ -127,3 +127,17 @@ def test_process_batch_is_deterministic(small_corpus, tmp_path):
     a, b = ([(s["path"], s["sha256"]) for s in r.shards] for r in results)
     assert a == b and a
     assert all(p.startswith(("train/part-000001-", "val/part-000001-")) for p, _ in a)
+
+
+def test_scan_rejects_non_utf8_file_names(tmp_path, corpus_dir):
+    data = (corpus_dir / "MIDIs_one_track/POP909_022.mid").read_bytes()
+    (tmp_path / "ok.mid").write_bytes(data)
+    try:
+        with open(bytes(tmp_path) + b"/bad\xff.mid", "wb") as f:
+            f.write(data[:-1] + b"\x00")
+    except OSError:
+        pytest.skip("the file system refuses non-UTF-8 names")
+    scan = scan_corpus(tmp_path, find_midi(tmp_path))
+    assert [f.rel for f in scan.unique] == ["ok.mid"]
+    assert [r["reason"] for r in scan.rejects] == ["bad-filename"]
+    json.dumps(scan.rejects)  # recordable in rejects.jsonl
