@@ -66,6 +66,13 @@ def wkv_step_torch(
     r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """One step of the recurrence in PyTorch. Inputs [B, H, N]; state [B, H, N, N] (None = zeros)."""
+    with _no_autocast(r):
+        return _wkv_step_fp32(r, w, k, v, a, b, state)
+
+
+def _wkv_step_fp32(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None
+) -> tuple[Tensor, Tensor]:
     out_dtype = r.dtype
     sdt = _state_dtype(r)
     r, w, k, v, a, b = (x.to(sdt) for x in (r, w, k, v, a, b))
@@ -99,6 +106,11 @@ def wkv_chunked(
     return _wkv_chunked(r, w, k, v, a, b, state, chunk_size)
 
 
+def _no_autocast(x: Tensor) -> torch.autocast:
+    """The chunk algebra must run in fp32 even inside a bf16 autocast region (its matmuls carry the state)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _wkv_chunked(
     r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
@@ -112,6 +124,13 @@ def _wkv_chunked(
     Everything not involving S0 is computed for all chunks at once; only S0 -> S_L runs chunk by chunk.
     Exponents are centred on half the chunk's total decay so that fp32 stays far from overflow.
     """
+    with _no_autocast(r):
+        return _wkv_chunked_fp32(r, w, k, v, a, b, state, chunk_size)
+
+
+def _wkv_chunked_fp32(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None, chunk_size: int
+) -> tuple[Tensor, Tensor]:
     B, T, H, N = r.shape
     out_dtype = r.dtype
     cdt = _state_dtype(r)

@@ -87,3 +87,15 @@ def test_env_var_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RWKV_MUSIC_WKV", "triton")
     with pytest.raises(ValueError, match="RWKV_MUSIC_WKV"):
         wkv(*x)
+
+
+def test_autocast_does_not_lower_wkv_precision() -> None:
+    """Inside a bf16 autocast region the chunk algebra and the step must still run in fp32."""
+    x = wkv_inputs(2, 50, 2, 64, torch.float32, seed=6)
+    s0 = torch.randn(2, 2, 64, 64)
+    y_ref, s_ref = wkv_reference(*x, s0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = wkv(*x, state=s0)
+        y1, _ = wkv(*(z[:, :1] for z in x), state=s0)
+    assert y.dtype == torch.float32 and rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    assert rel_err(y1[:, 0], y_ref[:, 0]) < 1e-5
