@@ -181,6 +181,11 @@ def summary_table(manifest: dict) -> str:
         shown = ", ".join(f"{t['source']} ({t['changed']})" for t in changed[:10])
         more = f" and {len(changed) - 10} more (see manifest.json)" if len(changed) > 10 else ""
         lines.append(f"time signatures mapped to supported ones in: {shown}{more}")
+    val_fraction = manifest["config"]["val_fraction"]
+    for split, wanted in (("val", val_fraction > 0), ("train", val_fraction < 1)):
+        if wanted and c["files_ok"] and not c["samples"][split]:
+            lines.append(f"warning: the {split} split is empty ({c['files_ok']} usable piece(s), val-fraction "
+                         f"{val_fraction}); change --val-fraction or --seed")
     return "\n".join(lines)
 
 
