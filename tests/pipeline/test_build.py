@@ -136,3 +136,24 @@ def test_stats_and_batch_records(built_shards: Path):
     assert stats["batches"] == {"total": n_batches, "ran": n_batches, "reused": 0} and n_batches == 2
     assert {"read", "parse", "tokenize", "window", "write"} <= set(stats["worker_seconds"])
     assert sum(b["files"] for b in stats["per_batch"]) == 30
+
+
+def test_overwrite_replaces_only_the_builds_own_files(tmp_path):
+    from rwkv_music.pipeline.build import BUILD_CONFIG, BuildError, _prepare_out
+
+    out = tmp_path / "out"
+    _prepare_out(out, {"seed": 0}, overwrite=False)  # fresh OUT
+    (out / "train").mkdir()
+    (out / "train" / "part-000000-00.parquet").write_bytes(b"old")
+    (out / "train" / ".part-000001-00.parquet.x.tmp").write_bytes(b"half")
+    (out / "manifest.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    _prepare_out(out, {"seed": 0}, overwrite=False)  # same configuration: kept, interrupted writes cleaned
+    assert (out / "train" / "part-000000-00.parquet").exists()
+    assert not (out / "train" / ".part-000001-00.parquet.x.tmp").exists()
+    with pytest.raises(BuildError, match="seed"):
+        _prepare_out(out, {"seed": 1}, overwrite=False)
+    assert (out / "train" / "part-000000-00.parquet").exists()
+    _prepare_out(out, {"seed": 1}, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [".build", "notes.txt"]
+    assert json.loads((out / BUILD_CONFIG).read_text()) == {"seed": 1}
