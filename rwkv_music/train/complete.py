@@ -266,10 +266,12 @@ def check_vocab(model, tokenizer: REMI) -> None:
 
 
 def _split(score: symusic.Score, tick: int) -> symusic.Score:
-    """The decoded piano track split at `tick` into tracks "prompt" and "continuation"."""
+    """The decoded piano track split at `tick` into tracks "prompt" and "continuation", and a marker
+    "continuation" at `tick` (MIDI files drop empty tracks; the marker stays)."""
     out = symusic.Score(score.tpq)
     out.tempos = score.tempos
     out.time_signatures = score.time_signatures
+    out.markers.append(symusic.TextMeta(tick, "continuation"))
     before = symusic.Track("prompt", 0, False)
     after = symusic.Track("continuation", 0, False)
     for tr in score.tracks:

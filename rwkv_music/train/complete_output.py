@@ -104,8 +104,9 @@ def plot_piano_roll(s: Sample, path: str | os.PathLike) -> None:
     ax.set_xlim(0, max(end, 1) / tpq)
     ax.set_xlabel("quarter notes from the start of the prompt window")
     ax.set_ylabel("MIDI pitch")
-    ax.set_title(f"sample {s.index} (seed {s.seed}): {s.bars} new bar(s)")
+    ax.set_title(f"sample {s.index} (seed {s.seed}): {s.bars} new bar(s)", loc="left")
     ax.legend(handles=[Patch(color=PROMPT_COLOUR, label="prompt (context bars)"),
-                       Patch(color=CONTINUATION_COLOUR, label="continuation")], loc="upper left", fontsize=8)
+                       Patch(color=CONTINUATION_COLOUR, label="continuation")], loc="lower right",
+              bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(str(path))

@@ -1,0 +1,87 @@
+"""`musictrain complete CHECKPOINT PROMPT.mid -o OUT`: the piano copilot on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rwkv_music.train.cli import UsageFailure
+
+
+def _context_bars(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number of bars or 'all', got {value!r}") from None
+    if n < 1:
+        raise click.BadParameter("must be at least 1")
+    return n
+
+
+@click.command("complete")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("prompt", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (sample-K.mid, sample-K-continuation.mid, sample-K.png).")
+@click.option("--bars", type=click.IntRange(min=1), default=2, show_default=True, help="Bars to add.")
+@click.option("--context-bars", default="4", show_default=True,
+              help="How many of the prompt's last bars condition the model, or 'all'.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Variations, generated as one batch.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.85, show_default=True,
+              help="Softmax temperature (0 = greedy).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample K uses seed + K.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Token budget per sample [384 per bar]; samples are closed off to fit.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Autocast dtype on CUDA.")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
+              help="Capture the decode step as a CUDA graph (CUDA only).")
+@click.option("--plot", is_flag=True, help="Also write a piano-roll PNG per sample.")
+def complete(checkpoint: Path, prompt: Path, out: Path, bars: int, context_bars: str, num_samples: int,
+             temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int | None, device: str,
+             dtype: str, cuda_graph: bool, plot: bool) -> None:
+    """Continue PROMPT (a MIDI file) by --bars bars with the model in CHECKPOINT (a run directory: its best
+    checkpoint, else the latest; or one checkpoint directory)."""
+    import torch
+
+    from rwkv_music.train.checkpoints import load_for_inference
+    from rwkv_music.train.complete import CompleteConfig, CompletionError
+    from rwkv_music.train.complete import complete as run_complete
+    from rwkv_music.train.complete_output import format_table, write_completion
+    from rwkv_music.train.sampling import SamplingConfig
+
+    ctx = _context_bars(context_bars)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UsageFailure("--device cuda: no CUDA device is available")
+    if not prompt.is_file():
+        raise UsageFailure(f"prompt not found: {prompt}")
+    if out.exists() and not out.is_dir():
+        raise UsageFailure(f"{out} exists and is not a directory")
+    try:
+        model, tokenizer, info = load_for_inference(checkpoint, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageFailure(_one_line(f"cannot load checkpoint {checkpoint}: {e}")) from None
+    config = CompleteConfig(bars=bars, context_bars=ctx, num_samples=num_samples,
+                            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed,
+                            max_new_tokens=max_tokens, cuda_graph=cuda_graph, dtype=dtype)
+    try:
+        completion = run_complete(model, tokenizer, prompt, config)
+    except (CompletionError, ValueError) as e:
+        raise UsageFailure(_one_line(f"{prompt}: {e}")) from None
+    write_completion(completion, out, plot=plot)
+    click.echo(f"checkpoint {info['checkpoint']} (step {info.get('step')}), prompt {prompt}: "
+               f"{len(completion.window.tokens)} prompt tokens, {bars} new bar(s) per sample -> {out}")
+    click.echo(format_table(completion))
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())

@@ -1,0 +1,242 @@
+"""`musictrain complete` and its Python API on a tiny model trained here on real windows of real MIDI files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import symusic
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from rwkv_music.model import RWKV7, RWKV7Config
+from rwkv_music.model import save as save_model
+from rwkv_music.pipeline.tokenizer import (
+    build_tokenizer,
+    encode_piano,
+    load_piano_score,
+    save_tokenizer,
+    tokenizer_hash,
+)
+from rwkv_music.pipeline.windows import Vocab, WindowSpec, build_prompt, make_windows
+from rwkv_music.train.checkpoints import load_for_inference
+from rwkv_music.train.complete import CompleteConfig, CompletionError, complete, prefill
+from rwkv_music.train.complete_output import format_table, write_completion
+from rwkv_music.train.grammar import PITCH, RemiGrammar
+from rwkv_music.train.sampling import SamplingConfig
+
+TRAIN_FILES = ["MIDIs_one_track/POP909_008.mid", "MIDIs_one_track/POP909_010.mid", "MIDIs_one_track/Maestro_1.mid"]
+PROMPT = "MIDIs_one_track/POP909_022.mid"
+STEPS = 20
+
+
+def _train_tiny(tok, corpus: Path) -> RWKV7:
+    """A 2-layer model trained a few steps on real windows (next-token loss), so it is not just noise."""
+    vocab = Vocab(tok)
+    windows = []
+    for f in TRAIN_FILES:
+        ids = encode_piano(load_piano_score(corpus / f, tok), tok)
+        windows += [w.tokens for w in make_windows(ids, vocab, WindowSpec(max_seq_len=192))]
+    torch.manual_seed(0)
+    model = RWKV7(RWKV7Config(vocab_size=len(tok.vocab), n_layer=2, n_embd=64, head_size=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    pad = tok.vocab["PAD_None"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        pick = torch.randint(len(windows), (8,), generator=g).tolist()
+        T = max(len(windows[i]) for i in pick)
+        x = torch.full((8, T), pad, dtype=torch.long)
+        for r, i in enumerate(pick):
+            x[r, : len(windows[i])] = torch.tensor(windows[i])
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), ignore_index=pad)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _write_run(run: Path, model: RWKV7, tok) -> Path:
+    """The trainer's run-directory layout: RUN/checkpoints/step-N/{model, tokenizer.json}, latest.json."""
+    name = f"step-{STEPS:08d}"
+    ckpt = run / "checkpoints" / name
+    save_model(model, ckpt, extra_meta={"step": STEPS, "val_loss": None, "tokenizer_hash": tokenizer_hash(tok)})
+    save_tokenizer(tok, ckpt / "tokenizer.json")
+    save_tokenizer(tok, run / "tokenizer.json")
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": STEPS, "path": name, "val_loss": None}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus_dir: Path, tmp_path_factory) -> Path:
+    torch.set_num_threads(1)  # identical float math in every test, whatever the machine
+    tok = build_tokenizer()
+    return _write_run(tmp_path_factory.mktemp("complete") / "run", _train_tiny(tok, corpus_dir), tok)
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir: Path):
+    model, tok, _ = load_for_inference(run_dir, "cpu")
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def prompt(corpus_dir: Path) -> Path:
+    return corpus_dir / PROMPT
+
+
+def _bar_ticks(score: symusic.Score) -> int:
+    ts = score.time_signatures[0]
+    return score.tpq * 4 * ts.numerator // ts.denominator
+
+
+def test_prefill_then_steps_equals_parallel_forward(loaded, prompt: Path):
+    model, tok = loaded
+    ids = encode_piano(load_piano_score(prompt, tok), tok)
+    w = build_prompt(ids[:600], Vocab(tok), 4, 2048)
+    tokens = w.tokens + ids[600:640]  # the prompt window, then the piece's real next tokens
+    P = len(w.tokens)
+    with torch.no_grad():
+        full = model(torch.tensor([tokens]))[0]
+        logits, state = prefill(model, w.tokens, model.device)
+        torch.testing.assert_close(logits[0], full[P - 1], atol=1e-4, rtol=1e-4)
+        for t in range(P, len(tokens)):
+            logits, state = model.step(torch.tensor([tokens[t]]), state)
+            torch.testing.assert_close(logits[0], full[t], atol=1e-4, rtol=1e-4)
+
+
+def test_batch_of_four_equals_four_single_runs(loaded, prompt: Path):
+    model, tok = loaded
+    cfg = CompleteConfig(bars=2, num_samples=4, seed=7, sampling=SamplingConfig(temperature=1.0, top_p=0.95))
+    batch = complete(model, tok, prompt, cfg)
+    assert [s.seed for s in batch.samples] == [7, 8, 9, 10]
+    singles = [complete(model, tok, prompt, CompleteConfig(bars=2, num_samples=1, seed=7 + k,
+                                                           sampling=cfg.sampling)).samples[0] for k in range(4)]
+    assert [s.tokens for s in batch.samples] == [s.tokens for s in singles]
+    assert len({tuple(s.tokens) for s in batch.samples}) > 1  # the seeds do make different variations
+
+
+def test_unconstrained_high_temperature_still_decodes(loaded, prompt: Path):
+    """Temperature 5 with top-p off: close to uniform over whatever the grammar allows."""
+    model, tok = loaded
+    g = RemiGrammar(tok)
+    bars = 2
+    res = complete(model, tok, prompt, CompleteConfig(bars=bars, num_samples=6, seed=1,
+                                                      sampling=SamplingConfig(temperature=5.0, top_p=1.0)))
+    start = g.run(res.window.tokens, res.window.meta_len)
+    for s in res.samples:
+        g.run(s.tokens, st=start, strict=True)  # raises GrammarError on any disallowed token
+        assert s.bars == bars and s.tokens[0] == g.bar_id
+        n_pitch = sum(1 for t in s.tokens if g.cls[t] == PITCH)
+        assert s.continuation.note_num() == n_pitch  # no note dropped by the decoder
+        limit = bars * _bar_ticks(s.continuation)
+        assert all(n.time < limit for n in s.continuation.tracks[0].notes) if n_pitch else True
+        cont = s.window_score.tracks[1]
+        assert cont.name == "continuation" and cont.note_num() == n_pitch
+        assert all(s.window_continuation_tick <= n.time < s.window_continuation_tick + limit for n in cont.notes)
+        assert s.score.tracks[1].note_num() == n_pitch
+        assert s.score.tracks[0].note_num() == sum(1 for t in res.prompt_ids if g.cls[t] == PITCH)
+
+
+def test_token_budget_closes_every_sample(loaded, prompt: Path):
+    model, tok = loaded
+    g = RemiGrammar(tok)
+    res = complete(model, tok, prompt, CompleteConfig(bars=3, num_samples=4, seed=3, max_new_tokens=16,
+                                                      sampling=SamplingConfig(temperature=5.0, top_p=1.0)))
+    start = g.run(res.window.tokens, res.window.meta_len)
+    for s in res.samples:
+        assert s.bars == 3 and len(s.tokens) <= 15  # the 16th token is the Bar that ends the sample
+        g.run(s.tokens, st=start, strict=True)
+
+
+def test_same_seed_same_files(loaded, prompt: Path, tmp_path: Path):
+    model, tok = loaded
+    cfg = CompleteConfig(bars=1, num_samples=2, seed=11)
+    a = write_completion(complete(model, tok, prompt, cfg), tmp_path / "a")
+    b = write_completion(complete(model, tok, prompt, cfg), tmp_path / "b")
+    assert [p.name for p in a] == [p.name for p in b]
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
+
+
+def test_api_errors(loaded, corpus_dir: Path):
+    model, tok = loaded
+    with pytest.raises(CompletionError, match="cannot read"):
+        complete(model, tok, corpus_dir / "MIDIs_corrupted" / "ValueError_Control168.mid")
+    with pytest.raises(CompletionError, match="no notes"):
+        complete(model, tok, corpus_dir / "MIDIs_one_track" / "empty.mid")
+    with pytest.raises(CompletionError, match="fewer than the 500 context bars"):
+        complete(model, tok, corpus_dir / PROMPT, CompleteConfig(context_bars=500))
+
+
+def test_cli_writes_samples_and_table(run_dir: Path, prompt: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "rwkv_music.train.cli", "complete", str(run_dir), str(prompt),
+                           "-o", str(out), "--bars", "2", "--context-bars", "all", "--num-samples", "3",
+                           "--seed", "5", "--device", "cpu", "--plot"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [r[:2] for r in rows] == [["0", "5"], ["1", "6"], ["2", "7"]]
+    assert all(r[4] == "2" for r in rows)  # bars column
+    for k in range(3):
+        full = symusic.Score(str(out / f"sample-{k}.mid"))
+        cont = symusic.Score(str(out / f"sample-{k}-continuation.mid"))
+        n_cont = int(rows[k][3])
+        # (a MIDI file keeps no empty track: a continuation of rests has only the marker)
+        assert [t.name for t in full.tracks] == ["prompt", "continuation"][: 2 if n_cont else 1]
+        assert full.tracks[0].note_num() > 0 and cont.note_num() == n_cont
+        assert full.tracks[-1].note_num() == n_cont or not n_cont
+        [marker] = [m for m in full.markers if m.text == "continuation"]
+        assert all(n.time < marker.time for n in full.tracks[0].notes)
+        assert all(n.time >= marker.time for n in full.tracks[1].notes) if n_cont else True
+        notes = cont.tracks[0].notes if cont.tracks else []
+        assert all(n.time < 2 * _bar_ticks(cont) for n in notes)
+        assert (out / f"sample-{k}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def _invoke(*args: str):
+    from rwkv_music.train.cli import main
+
+    return CliRunner().invoke(main, ["complete", *args, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("case", ["unreadable", "no-notes", "short", "missing-prompt", "missing-checkpoint"])
+def test_cli_input_errors_are_one_line_exit_2(case: str, run_dir: Path, corpus_dir: Path, tmp_path: Path):
+    prompt = {"unreadable": corpus_dir / "MIDIs_corrupted" / "ValueError_Control168.mid",
+              "no-notes": corpus_dir / "MIDIs_one_track" / "empty.mid",
+              "missing-prompt": tmp_path / "nope.mid"}.get(case, corpus_dir / PROMPT)
+    ckpt = tmp_path / "no-run" if case == "missing-checkpoint" else run_dir
+    extra = ["--context-bars", "999"] if case == "short" else []
+    out = tmp_path / "out"
+    res = _invoke(str(ckpt), str(prompt), "-o", str(out), *extra)
+    assert res.exit_code == 2, res.output
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), res.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_tokenizer_mismatch(run_dir: Path, corpus_dir: Path, tmp_path: Path):
+    """A checkpoint whose tokenizer.json is not the one the model was trained with."""
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    other = build_tokenizer({"num_velocities": 16})
+    for p in bad.rglob("tokenizer.json"):
+        save_tokenizer(other, p)
+    out = tmp_path / "out"
+    res = _invoke(str(bad), str(corpus_dir / PROMPT), "-o", str(out))
+    assert res.exit_code == 2 and "tokenizer" in res.output, res.output
+    assert len([x for x in res.output.splitlines() if x.strip()]) == 1
+    assert not out.exists()
+
+
+def test_table_lists_every_sample(loaded, prompt: Path):
+    model, tok = loaded
+    res = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=2, seed=0))
+    lines = format_table(res).splitlines()
+    assert len(lines) == 3 and lines[0].split()[:5] == ["sample", "seed", "tokens", "notes", "bars"]
