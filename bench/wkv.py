@@ -149,15 +149,44 @@ def time_impl(fn, B, T, H, device, gen, reps_ms):
     return ms
 
 
+def profile_kernels(fn, B, T, H, device, gen, iters=3):
+    """Mean CUDA time per kernel (ms) over `iters` fwd+bwd steps, by short kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    xs, _ = make_inputs(B, T, H, torch.bfloat16, device, gen, False)
+    xs = [x.requires_grad_() for x in xs]
+    dy = torch.randn(B, T, H, N, generator=gen, device=device).to(torch.bfloat16)
+    for _ in range(2):
+        torch.autograd.backward(fn(*xs, None), dy)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            torch.autograd.backward(fn(*xs, None), dy)
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t <= 0:
+            continue
+        name = ev.key
+        for tag in ("fwd_kernel", "bwd1_kernel", "bwd2_kernel"):
+            if tag in name:
+                name = tag
+        out[name[:60]] = out.get(name[:60], 0.0) + t / 1000.0 / iters
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
-    ap.add_argument("--configs", nargs="*", default=None, help="fwd,bwd config pairs, e.g. 0,0 1,2")
+    ap.add_argument("--configs", nargs="*", default=None, help="fwd,bwd1,bwd2 config triples, e.g. 0,0,0 1,1,2")
+    ap.add_argument("--check-configs", nargs="*", default=None, help="triples to check (default: --configs)")
     ap.add_argument("--impl", nargs="*", default=["ours", "fla", "torch"])
     ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H triples")
     ap.add_argument("--rep", type=float, default=200.0, help="do_bench rep in ms")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of each config of ours")
     args = ap.parse_args()
 
     device = torch.device("cuda")
@@ -172,14 +201,34 @@ def main():
     if not ok:
         sys.exit(1)
     configs = ([tuple(int(c) for c in s.split(",")) for s in args.configs] if args.configs
-               else [(c, c) for c in range(wkv_cuda.N_CONFIGS)])
+               else [(c, c, c) for c in range(wkv_cuda.N_CONFIGS)])
+    check_configs = [tuple(int(c) for c in s.split(",")) for s in args.check_configs] if args.check_configs else configs
     shapes = [tuple(int(c) for c in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     result = {"info": info}
     if not args.no_check:
-        result["check"], worst = run_checks(configs, device)
+        result["check"], worst = run_checks(check_configs, device)
         result["check_step"] = check_step(torch.Generator(device=device).manual_seed(7), device)
         print("step:", json.dumps(result["check_step"]))
         print(f"worst bf16 rel L2 error over all checks: {worst:.2e}", flush=True)
+    if args.profile:
+        gen = torch.Generator(device=device).manual_seed(0)
+        result["profile"] = {}
+        for shape in shapes:
+            for cfg in configs:
+                ks = profile_kernels(_ours(cfg), *shape, device, gen)
+                result["profile"][f"{shape} {cfg}"] = ks
+                top = sorted(ks.items(), key=lambda kv: -kv[1])[:5]
+                print(f"profile {shape} cfg={cfg}: " + ", ".join(f"{k}={v:.3f}" for k, v in top), flush=True)
+    best = {}
+    if args.profile:  # per shape, the fastest kernel of each kind among the profiled configs
+        for shape in shapes:
+            pick = []
+            for pos, tag in enumerate(("fwd_kernel", "bwd1_kernel", "bwd2_kernel")):
+                cands = [(result["profile"][f"{shape} {cfg}"].get(tag, 1e9), cfg[pos]) for cfg in configs]
+                pick.append(min(cands)[1])
+            best[shape] = tuple(pick)
+            print(f"best per kernel for {shape}: {best[shape]}")
+        result["best"] = {str(k): v for k, v in best.items()}
     if not args.no_time:
         gen = torch.Generator(device=device).manual_seed(0)
         timings = {}
@@ -187,7 +236,7 @@ def main():
         for name in args.impl:
             if name == "ours":
                 for cfg in configs:
-                    impls[f"ours{cfg[0]}{cfg[1]}"] = _ours(cfg)
+                    impls["ours" + "".join(map(str, cfg))] = _ours(cfg)
                 impls["ours_auto"] = lambda *x: wkv_cuda.wkv_cuda(*x[:6], x[6])[0]
             elif name == "fla":
                 f = fla_fn()
@@ -196,7 +245,10 @@ def main():
             elif name == "torch":
                 impls["torch"] = lambda *x: wkv_chunked(*x)[0]
         for shape in shapes:
-            for name, fn in impls.items():
+            shape_impls = dict(impls)
+            if shape in best:
+                shape_impls["ours_best"] = _ours(best[shape])
+            for name, fn in shape_impls.items():
                 if name == "torch" and math.prod(shape) > 8 * 4096 * 12:
                     continue  # the fallback at the largest shapes only costs device time
                 try:
@@ -207,7 +259,7 @@ def main():
                 timings.setdefault(str(shape), {})[name] = ms
                 print(f"time {name:10s} B{shape[0]} T{shape[1]} H{shape[2]}: {ms:8.3f} ms", flush=True)
         result["timings"] = timings
-        names = list(impls)
+        names = list(impls) + (["ours_best"] if best else [])
         print("\n| B, T, H | " + " | ".join(names) + " | goal |")
         print("|" + "---|" * (len(names) + 2))
         for shape in shapes:

@@ -32,12 +32,13 @@ _SOURCES = ("wkv7_op.cpp", "wkv7_kernels.cu")
 _LOCK = threading.Lock()
 _ERRORS: dict[tuple[int, int], str] = {}
 
-# Launch configurations (indices into the switch in wkv7_kernels.cu):
-#   row kernels (forward, backward pass 1): 0: 16 rows/block, 1 row/thread, 4 threads/row; 1: 32 rows, 2, 4;
-#                                           2: 64 rows, 4, 4; 3: 16 rows, 1, 8.
-#   column kernel (backward pass 2):        0: 16 cols/block, 1 col/thread, 4 threads/col; 1: 32, 2, 4;
-#                                           2: 32, 1, 4; 3: 16, 1, 8.
-N_CONFIGS = 4
+# Launch configurations, indices into the switches in wkv7_kernels.cu (U = steps unrolled):
+#   rows (forward, backward pass 1), (rows/block, rows/thread, threads/row, U):
+#     0: 16,1,4,1  1: 32,2,4,1  2: 64,4,4,1  3: 16,1,8,1  4: 16,1,4,2  5: 32,2,4,2  6: 64,4,4,2  7: 64,8,8,1
+#   columns (backward pass 2), (cols/block, cols/thread, threads/col, U):
+#     0: 16,1,4,1  1: 32,2,4,1  2: 32,1,4,1  3: 16,1,8,1  4: 16,1,4,2  5: 32,2,4,2  6: 32,1,4,2  7: 32,1,2,1
+N_CONFIGS = 8
+Config = tuple[int, int, int]  # (forward, backward pass 1, backward pass 2)
 
 
 def _build_dir(cap: tuple[int, int]) -> Path:
@@ -121,13 +122,13 @@ def load_error() -> str | None:
     return _ERRORS.get(torch.cuda.get_device_capability())
 
 
-def default_config(batch: int, heads: int, device: torch.device | None = None) -> tuple[int, int]:
-    """(forward/pass-1 config, pass-2 config) for B*H heads: split heads over more blocks when few."""
+def default_config(batch: int, heads: int, device: torch.device | None = None) -> Config:
+    """(forward, backward pass 1, backward pass 2) configs for B*H heads: more blocks per head when few."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     n = batch * heads
     if n * 4 <= 4 * sms:  # few heads: 4 blocks per head everywhere
-        return 0, 0
-    return 1, 2
+        return 0, 0, 0
+    return 1, 1, 2
 
 
 def _prep(r: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
@@ -143,14 +144,14 @@ def _check(r: Tensor) -> None:
 class _WKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, cfg):  # type: ignore[override]
-        fcfg, bcfg = cfg
+        fcfg, b1cfg, b2cfg = cfg
         dtypes = tuple(x.dtype for x in (r, w, k, v, a, b))
         r_, w_, k_, v_, a_, b_ = _prep(r, w, k, v, a, b)
         s0_ = None if s0 is None else s0.float().contiguous()
         y, sT, sa, ck = _ext(r.device).forward(r_, w_, k_, v_, a_, b_, s0_, True, fcfg)
         ctx.save_for_backward(r_, w_, k_, v_, a_, b_, sT, sa, ck)
         ctx.dtypes = dtypes
-        ctx.bcfg = bcfg
+        ctx.bcfg = (b1cfg, b2cfg)
         ctx.has_s0 = s0 is not None
         ctx.set_materialize_grads(False)
         return y.to(r.dtype), sT
@@ -160,7 +161,7 @@ class _WKV7(torch.autograd.Function):
         r_, w_, k_, v_, a_, b_, sT, sa, ck = ctx.saved_tensors
         dy = torch.zeros_like(r_) if dy is None else dy.to(r_.dtype).contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
-        grads = _ext(r_.device).backward(r_, w_, k_, v_, a_, b_, sT, sa, ck, dy, dsT, ctx.bcfg)
+        grads = _ext(r_.device).backward(r_, w_, k_, v_, a_, b_, sT, sa, ck, dy, dsT, *ctx.bcfg)
         needs = ctx.needs_input_grad[:6]
         out = [g.to(dt) if need else None for g, dt, need in zip(grads[:6], ctx.dtypes, needs, strict=True)]
         ds0 = grads[6] if ctx.has_s0 and ctx.needs_input_grad[6] else None
@@ -175,11 +176,11 @@ def wkv_cuda(
     a: Tensor,
     b: Tensor,
     state: Tensor | None = None,
-    cfg: tuple[int, int] | None = None,
+    cfg: Config | None = None,
 ) -> tuple[Tensor, Tensor]:
     """WKV over a sequence on CUDA. r, w, k, v, a, b: [B, T, H, 64] (w = raw decay logit); state [B, H, 64, 64]
     fp32 or None. Returns (y in r.dtype, final state fp32); differentiable w.r.t. all inputs and the state.
-    `cfg` (forward, backward launch configs) is for benchmarks; the default depends on B*H."""
+    `cfg` (forward, pass 1, pass 2 launch configs) is for benchmarks; the default depends on B*H."""
     _check(r)
     if cfg is None:
         cfg = default_config(r.shape[0], r.shape[2], r.device)

@@ -26,7 +26,8 @@ struct Args {
 
 int chunk_len();
 cudaError_t forward(DType dt, int cfg, bool save, const Args& a, cudaStream_t st);
-cudaError_t backward(DType dt, int cfg, const Args& a, cudaStream_t st);
+// cfg1: row config of backward pass 1, cfg2: column config of pass 2 (tables in wkv7_kernels.cu).
+cudaError_t backward(DType dt, int cfg1, int cfg2, const Args& a, cudaStream_t st);
 // One token: sequences are [B, H, 64] (T ignored); reads s0 (nullptr = zeros), writes y and sT.
 cudaError_t step(DType dt, const Args& a, cudaStream_t st);
 

@@ -101,7 +101,7 @@ __device__ __forceinline__ float transform(float x, bool valid) {
 // registers between `load` (global) and `store` (shared memory, fp32, transformed).
 template <typename F, int NT, int W>
 struct Chunk {
-  static constexpr int V = 16 / (int)sizeof(F);
+  static constexpr int V = IO<F>::V;
   static_assert(W % V == 0, "width must be a multiple of the vector size");
   static constexpr int PER_STEP = W / V;
   static constexpr int TOTAL = L * PER_STEP;
@@ -143,7 +143,7 @@ struct Chunk {
 template <typename F, int NT, int W>
 __device__ __forceinline__ void write_chunk(F* __restrict__ base, long stride_t, int t0, int T,
                                             const float* src, const float* scale = nullptr) {
-  constexpr int V = 16 / (int)sizeof(F);
+  constexpr int V = IO<F>::V;
   constexpr int PER_STEP = W / V;
   for (int idx = threadIdx.x; idx < L * PER_STEP; idx += NT) {
     const int s = idx / PER_STEP, q = idx % PER_STEP;
@@ -168,7 +168,7 @@ __device__ __forceinline__ float group_sum(float x) {
 
 // ---- forward ------------------------------------------------------------------------------------------
 // Block: RB rows of one head.  Thread (g, p): rows row0 + g + NG*r (r < R), columns 4p + 4P*m + q.
-template <typename F, int RB, int R, int P, bool SAVE>
+template <typename F, int RB, int R, int P, int U, bool SAVE>
 __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     }
     __syncthreads();
 
-#pragma unroll 1
+#pragma unroll U
     for (int s = 0; s < L; ++s) {
       float av[C];
 #pragma unroll
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
 
 // ---- backward pass 1: dS rows, backwards in time ---------------------------------------------------------
 // Same layout as fwd_kernel.  Outputs dv (input dtype), dsa = dS_t b_t (fp32) and ds0.
-template <typename F, int RB, int R, int P>
+template <typename F, int RB, int R, int P, int U>
 __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
     if (c > 0) load_all(t0 - L);
     __syncthreads();
 
-#pragma unroll 1
+#pragma unroll U
     for (int s = L - 1; s >= 0; --s) {
       float dyv[R];
 #pragma unroll
@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
 
 // ---- backward pass 2: columns of S and dS, backwards in time ------------------------------------------
 // Block: CB columns of one head.  Thread (cp, rg): columns col0 + cp*CC + c (c < CC), rows 4rg + 4RG*m + q.
-template <typename F, int CB, int CC, int RG>
+template <typename F, int CB, int CC, int RG, int U>
 __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
@@ -456,7 +456,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
       s_wg[L][CB];
   __shared__ __align__(16) float o_dr[L][CB], o_dk[L][CB], o_db[L][CB], o_da[L][CB], o_dw[L][CB];
 
-  float S[RR][CC], dS[RR][CC];
+  float S[RR][CC], dS[RR][CC], Snext[RR][CC];
   auto load_state = [&](const float* src, float (&X)[RR][CC]) {
 #pragma unroll
     for (int m = 0; m < M; ++m)
@@ -500,19 +500,27 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     cw.template store<Tf::Decay>(&s_w[0][0], t0, T);
     cw.template store<Tf::InvDecay>(&s_wi[0][0], t0, T);
     cw.template store<Tf::DecayGrad>(&s_wg[0][0], t0, T);
-    if (c > 0) load_all(t0 - L);
-    if (c + 1 < NC) load_state(ckpt + (head * NC + c + 1) * N * N, S);  // exact state after (c+1)*L steps
+    if (c + 1 < NC) {  // exact state after (c+1)*L steps, loaded during the previous chunk
+#pragma unroll
+      for (int i = 0; i < RR; ++i)
+#pragma unroll
+        for (int cc = 0; cc < CC; ++cc) S[i][cc] = Snext[i][cc];
+    }
+    if (c > 0) {
+      load_all(t0 - L);
+      load_state(ckpt + (head * NC + c) * N * N, Snext);
+    }
     __syncthreads();
 
-#pragma unroll 1
+#pragma unroll U
     for (int s = L - 1; s >= 0; --s) {
       float pdr[CC], pdk[CC], pdb[CC], pdd[CC], pda[CC];
-      float rj[CC], kj[CC], bj[CC], aj[CC], wj[CC], wij[CC];
+      float rj[CC], kwj[CC], bwj[CC], aj[CC], wj[CC], wij[CC];
 #pragma unroll
       for (int cc = 0; cc < CC; ++cc) {
         const int j = cp * CC + cc;
-        rj[cc] = s_r[s][j], kj[cc] = s_k[s][j], bj[cc] = s_b[s][j];
-        aj[cc] = s_a[s][j], wj[cc] = s_w[s][j], wij[cc] = s_wi[s][j];
+        rj[cc] = s_r[s][j], aj[cc] = s_a[s][j], wj[cc] = s_w[s][j], wij[cc] = s_wi[s][j];
+        kwj[cc] = s_k[s][j] * wij[cc], bwj[cc] = s_b[s][j] * wij[cc];
         pdr[cc] = pdk[cc] = pdb[cc] = pdd[cc] = pda[cc] = 0.f;
       }
 #pragma unroll
@@ -532,7 +540,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
             float& d_ = dS[4 * m + q][cc];
             d_ = fmaf(dyv[q], rj[cc], d_);
             pdr[cc] = fmaf(s_, dyv[q], pdr[cc]);
-            s_ = (s_ - fmaf(vv[q], kj[cc], sav[q] * bj[cc])) * wij[cc];  // S_{t-1}
+            s_ = fmaf(s_, wij[cc], -fmaf(vv[q], kwj[cc], sav[q] * bwj[cc]));  // S_{t-1}
             pdk[cc] = fmaf(d_, vv[q], pdk[cc]);
             pdb[cc] = fmaf(d_, sav[q], pdb[cc]);
             pdd[cc] = fmaf(d_, s_, pdd[cc]);
@@ -631,14 +639,18 @@ cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
   const F* aa = static_cast<const F*>(a.a);
   const F* bb = static_cast<const F*>(a.b);
   F* y = static_cast<F*>(a.y);
-#define WKV7_FWD(RB, R, P)                                                                               \
-  fwd_kernel<F, RB, R, P, SAVE><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(a.T, a.H, r, w, k, v, aa, bb, \
+#define WKV7_FWD(RB, R, P, U)                                                                             \
+  fwd_kernel<F, RB, R, P, U, SAVE><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(a.T, a.H, r, w, k, v, aa, bb, \
                                                                            a.s0, y, a.sT, a.sa, a.ckpt)
   switch (cfg) {
-    case 0: WKV7_FWD(16, 1, 4); break;
-    case 1: WKV7_FWD(32, 2, 4); break;
-    case 2: WKV7_FWD(64, 4, 4); break;
-    case 3: WKV7_FWD(16, 1, 8); break;
+    case 0: WKV7_FWD(16, 1, 4, 1); break;
+    case 1: WKV7_FWD(32, 2, 4, 1); break;
+    case 2: WKV7_FWD(64, 4, 4, 1); break;
+    case 3: WKV7_FWD(16, 1, 8, 1); break;
+    case 4: WKV7_FWD(16, 1, 4, 2); break;
+    case 5: WKV7_FWD(32, 2, 4, 2); break;
+    case 6: WKV7_FWD(64, 4, 4, 2); break;
+    case 7: WKV7_FWD(64, 8, 8, 1); break;
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_FWD
@@ -646,7 +658,7 @@ cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
 }
 
 template <typename F>
-cudaError_t launch_bwd(int cfg, const Args& a, cudaStream_t st) {
+cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
   const F* r = static_cast<const F*>(a.r);
   const F* w = static_cast<const F*>(a.w);
   const F* k = static_cast<const F*>(a.k);
@@ -654,28 +666,36 @@ cudaError_t launch_bwd(int cfg, const Args& a, cudaStream_t st) {
   const F* aa = static_cast<const F*>(a.a);
   const F* bb = static_cast<const F*>(a.b);
   const F* dy = static_cast<const F*>(a.dy);
-#define WKV7_BWD1(RB, R, P)                                                                                 \
-  bwd1_kernel<F, RB, R, P><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(a.T, a.H, r, w, k, aa, bb, dy, a.dsT, \
+#define WKV7_BWD1(RB, R, P, U)                                                                               \
+  bwd1_kernel<F, RB, R, P, U><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(a.T, a.H, r, w, k, aa, bb, dy, a.dsT, \
                                                                       static_cast<F*>(a.dv), a.dsa, a.ds0)
-  switch (cfg) {
-    case 0: WKV7_BWD1(16, 1, 4); break;
-    case 1: WKV7_BWD1(32, 2, 4); break;
-    case 2: WKV7_BWD1(64, 4, 4); break;
-    case 3: WKV7_BWD1(16, 1, 8); break;
+  switch (cfg1) {
+    case 0: WKV7_BWD1(16, 1, 4, 1); break;
+    case 1: WKV7_BWD1(32, 2, 4, 1); break;
+    case 2: WKV7_BWD1(64, 4, 4, 1); break;
+    case 3: WKV7_BWD1(16, 1, 8, 1); break;
+    case 4: WKV7_BWD1(16, 1, 4, 2); break;
+    case 5: WKV7_BWD1(32, 2, 4, 2); break;
+    case 6: WKV7_BWD1(64, 4, 4, 2); break;
+    case 7: WKV7_BWD1(64, 8, 8, 1); break;
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_BWD1
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-#define WKV7_BWD2(CB, CC, RG)                                                                                  \
-  bwd2_kernel<F, CB, CC, RG><<<dim3(N / CB, a.H, a.B), CB / CC * RG, 0, st>>>(                                 \
+#define WKV7_BWD2(CB, CC, RG, U)                                                                                \
+  bwd2_kernel<F, CB, CC, RG, U><<<dim3(N / CB, a.H, a.B), CB / CC * RG, 0, st>>>(                                 \
       a.T, a.H, r, w, k, v, aa, bb, dy, a.sa, a.dsa, a.ckpt, a.sT, a.dsT, static_cast<F*>(a.dr),              \
       static_cast<F*>(a.dw), static_cast<F*>(a.dk), static_cast<F*>(a.da), static_cast<F*>(a.db))
-  switch (cfg) {
-    case 0: WKV7_BWD2(16, 1, 4); break;
-    case 1: WKV7_BWD2(32, 2, 4); break;
-    case 2: WKV7_BWD2(32, 1, 4); break;
-    case 3: WKV7_BWD2(16, 1, 8); break;
+  switch (cfg2) {
+    case 0: WKV7_BWD2(16, 1, 4, 1); break;
+    case 1: WKV7_BWD2(32, 2, 4, 1); break;
+    case 2: WKV7_BWD2(32, 1, 4, 1); break;
+    case 3: WKV7_BWD2(16, 1, 8, 1); break;
+    case 4: WKV7_BWD2(16, 1, 4, 2); break;
+    case 5: WKV7_BWD2(32, 2, 4, 2); break;
+    case 6: WKV7_BWD2(32, 1, 4, 2); break;
+    case 7: WKV7_BWD2(32, 1, 2, 1); break;
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_BWD2
@@ -692,9 +712,9 @@ cudaError_t forward(DType dt, int cfg, bool save, const Args& a, cudaStream_t st
   return save ? launch_fwd<float, true>(cfg, a, st) : launch_fwd<float, false>(cfg, a, st);
 }
 
-cudaError_t backward(DType dt, int cfg, const Args& a, cudaStream_t st) {
-  if (dt == DType::BF16) return launch_bwd<__nv_bfloat16>(cfg, a, st);
-  return launch_bwd<float>(cfg, a, st);
+cudaError_t backward(DType dt, int cfg1, int cfg2, const Args& a, cudaStream_t st) {
+  if (dt == DType::BF16) return launch_bwd<__nv_bfloat16>(cfg1, cfg2, a, st);
+  return launch_bwd<float>(cfg1, cfg2, a, st);
 }
 
 cudaError_t step(DType dt, const Args& a, cudaStream_t st) {

@@ -70,7 +70,7 @@ std::vector<at::Tensor> forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Te
 // Returns [dr, dw, dk, dv, da, db, ds0].
 std::vector<at::Tensor> backward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v, at::Tensor a, at::Tensor b,
                                  at::Tensor sT, at::Tensor sa, at::Tensor ck, at::Tensor dy,
-                                 std::optional<at::Tensor> dsT, int64_t cfg) {
+                                 std::optional<at::Tensor> dsT, int64_t cfg1, int64_t cfg2) {
   check_seq(r, r, "r");
   check_seq(w, r, "w");
   check_seq(k, r, "k");
@@ -102,7 +102,7 @@ std::vector<at::Tensor> backward(at::Tensor r, at::Tensor w, at::Tensor k, at::T
   args.ds0 = ds0.data_ptr<float>();
   args.dr = dr.data_ptr(), args.dw = dw.data_ptr(), args.dk = dk.data_ptr();
   args.dv = dv.data_ptr(), args.da = da.data_ptr(), args.db = db.data_ptr();
-  check(wkv7::backward(dtype_of(r), (int)cfg, args, c10::cuda::getCurrentCUDAStream()));
+  check(wkv7::backward(dtype_of(r), (int)cfg1, (int)cfg2, args, c10::cuda::getCurrentCUDAStream()));
   return {dr, dw, dk, dv, da, db, ds0};
 }
 

@@ -1,0 +1,34 @@
+"""CPU CI: the CUDA WKV sources compile with nvcc for Hopper (PTX only; nothing runs). Skips without nvcc."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CUDA_DIR = Path(__file__).resolve().parents[2] / "rwkv_music" / "model" / "cuda"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_wkv7_kernels_compile_to_ptx(tmp_path: Path) -> None:
+    out = tmp_path / "wkv7.ptx"
+    cmd = ["nvcc", "-arch=sm_90", "-std=c++17", "-O3", "--use_fast_math", "--ptx",
+           str(CUDA_DIR / "wkv7_kernels.cu"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ptx = out.read_text()
+    for kernel in ("fwd_kernel", "bwd1_kernel", "bwd2_kernel", "step_kernel"):
+        assert f"{kernel}" in ptx, f"{kernel} missing from the PTX"
+    assert ".target sm_90" in ptx
+    assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
+
+
+def test_sources_are_packaged_next_to_loader() -> None:
+    """The loader resolves its sources from its own file; they must exist there."""
+    from rwkv_music.model import wkv_cuda
+
+    for name in wkv_cuda._SOURCES:
+        assert (wkv_cuda._SRC_DIR / name).is_file()
+    assert (wkv_cuda._SRC_DIR / "wkv7.h").is_file()
