@@ -1,0 +1,190 @@
+"""`musictrain eval` on a briefly trained tiny checkpoint over real shards of the test corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import fit_testutil
+import numpy as np
+import pytest
+import torch
+from fit_testutil import TINY, fit_env, musictrain
+
+from rwkv_music.pipeline.windows import Vocab
+from rwkv_music.shards import iter_samples
+from rwkv_music.train import metrics as M
+from rwkv_music.train.checkpoints import load_for_inference
+from rwkv_music.train.evaluate import (
+    EvalConfig,
+    count_bars,
+    decode_segments,
+    load_split,
+    run_eval,
+    teacher_forced,
+    token_types,
+)
+
+N_WINDOWS = 3
+small_shards = fit_testutil.small_shards  # the trainer tests' short-window build of the test corpus (fixture)
+
+
+def eval_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """`musictrain eval ...` as a real subprocess (through the group once `eval` is registered on it)."""
+    from rwkv_music.train.cli import main
+
+    entry = ["-m", "rwkv_music.train.cli", "eval"] if "eval" in main.commands else ["-m", "rwkv_music.train.eval_cli"]
+    cmd = [sys.executable, *entry, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fit_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("eval-run") / "run"
+    musictrain("fit", small_shards, "-o", run, *TINY, "--batch-size", "16", "--max-steps", "60", "--lr", "5e-3",
+               "--warmup-steps", "10", "--eval-every", "60", "--eval-batches", "2", "--save-every", "60",
+               "--keep-last", "1", "--no-tensorboard")
+    return run
+
+
+@pytest.fixture(scope="module")
+def report_dir(trained_run: Path, small_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("eval") / "report"
+    proc = eval_cli(trained_run, small_shards, "--num-windows", N_WINDOWS, "--max-tf-windows", 48, "--device", "cpu",
+                    "--piano-rolls", 2, "--tokens-per-bar", 48, "-o", out)
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def report(report_dir) -> dict:
+    return json.loads((report_dir[0] / "report.json").read_text())
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def test_report_files(report_dir, report):
+    out, stdout = report_dir
+    for name in ("report.json", "report.html", "loss_per_type.png", "metric_distributions.png",
+                 *report["plots"]["piano_rolls"]):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert len(report["plots"]["piano_rolls"]) == 2
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "report.html").read_text()
+    for name in ("loss_per_type.png", "metric_distributions.png", "pianoroll_00.png", "Unigram baseline"):
+        assert name in html
+    assert str(out / "report.html") in stdout and "unigram entropy" in stdout
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_teacher_forced_numbers(report):
+    tf = report["teacher_forced"]
+    assert tf["windows"] == 48 and tf["tokens"] > 0
+    for k in ("loss", "perplexity", "top1", "top5"):
+        assert _finite(tf[k]), k
+    assert 0 <= tf["top1"] <= tf["top5"] <= 1
+    assert tf["perplexity"] == pytest.approx(math.exp(tf["loss"]))
+    types = tf["per_type"]
+    assert {"Bar", "Position", "Pitch", "Velocity", "Duration"} <= set(types)
+    # Per-type losses are means over disjoint sets of targets: weighted by counts they give the overall loss.
+    assert sum(v["count"] for v in types.values()) == tf["tokens"]
+    assert sum(v["count"] * v["loss"] for v in types.values()) / tf["tokens"] == pytest.approx(tf["loss"], rel=1e-9)
+    assert sum(v["count"] * v["top1"] for v in types.values()) / tf["tokens"] == pytest.approx(tf["top1"])
+    for v in types.values():
+        assert all(_finite(v[k]) for k in ("loss", "perplexity", "top1", "top5"))
+    # Every Velocity follows a Pitch and every Duration a Velocity, one each.
+    assert types["Pitch"]["count"] == types["Velocity"]["count"] == types["Duration"]["count"]
+    # 60 steps already beat a uniform guess over the vocabulary.
+    assert tf["loss"] < math.log(470)
+
+
+def test_unigram_baseline_matches_an_independent_count(report, small_shards: Path):
+    counts: dict[int, int] = {}
+    for s in iter_samples(small_shards, "train"):
+        for t in list(s["tokens"])[int(s["ctx_len"]):]:
+            counts[int(t)] = counts.get(int(t), 0) + 1
+    n = sum(counts.values())
+    h = -sum(c / n * math.log(c / n) for c in counts.values())
+    uni = report["unigram"]
+    assert uni["train_tokens"] == n
+    assert uni["entropy_train"] == pytest.approx(h, rel=1e-9)
+    assert _finite(uni["cross_entropy_eval"]) and uni["cross_entropy_eval"] > 0
+    assert report["loss_below_unigram_nats"] == pytest.approx(h - report["teacher_forced"]["loss"])
+
+
+def test_generative_part_and_baselines(report):
+    g = report["generative"]
+    assert g["n_windows"] == len(g["windows"]) == N_WINDOWS
+    assert 0 <= g["valid_midi_rate"] <= 1
+    assert g["bars_ok_rate"] == 1.0  # the grammar closes every completion after exactly the asked bars
+    for name in ("model", "repeat", "random"):
+        sysm = g["systems"][name]
+        assert sysm["available"] == N_WINDOWS, name
+        assert 0 <= sysm["pch_distance_truth"]["mean"] <= 1
+        assert sysm["values"]["note_density"]["n"] == N_WINDOWS
+        for m in M.METRIC_NAMES:
+            assert m in sysm["abs_error_vs_truth"]
+    for w in g["windows"]:
+        assert w["random_from"]["piece_id"] != w["piece_id"]
+        assert w["generated_bars"] == w["completion_bars"]
+        for name in ("context", "truth", "model", "repeat", "random"):
+            m = w["metrics"][name]
+            assert m["n_notes"] >= 0 and 0 <= m["empty_beat_rate"] <= 1
+    assert set(g["model_vs_random"]) >= {"pch_distance_truth", "note_density"}
+
+
+def test_teacher_forced_equals_full_forward(trained_run: Path, small_shards: Path):
+    """The masked loss equals cross-entropy read off one plain forward over each whole window."""
+    model, tok, _ = load_for_inference(trained_run, "cpu")
+    samples = load_split(small_shards, "val", "parquet")[:5]
+    tf = teacher_forced(model, samples, token_types(tok), torch.device("cpu"), batch_tokens=200)
+    losses = []
+    with torch.no_grad():
+        for s in samples:
+            logits = model(torch.tensor([s.tokens]))[0]
+            t = torch.tensor(s.tokens)
+            nll = torch.nn.functional.cross_entropy(logits[:-1], t[1:], reduction="none")
+            losses.append(nll[s.ctx_len - 1:].numpy())
+    ref = np.concatenate(losses)
+    assert tf["tokens"] == ref.size == sum(s.completion_len for s in samples)
+    assert tf["loss"] == pytest.approx(float(ref.mean()), rel=1e-4)
+
+
+def test_repeat_baseline_is_the_context_tail(small_shards: Path, trained_run: Path):
+    _, tok, _ = load_for_inference(trained_run, "cpu")
+    vocab = Vocab(tok)
+    s = load_split(small_shards, "val", "parquet")[0]
+    bars = count_bars(s.tokens[s.ctx_len:], vocab)
+    d = decode_segments(s.tokens[: s.ctx_len], s.meta_len, s.tokens[s.ctx_len:], bars, tok, vocab)
+    rep = M.repeat_last_bars(d.context, bars)
+    tail = M.bar_slice(d.context, d.context.n_bars - bars, d.context.n_bars)
+    assert rep.onset.tolist() == tail.onset.tolist() and rep.pitch.tolist() == tail.pitch.tolist()
+
+
+def test_eval_api_with_no_generation(trained_run: Path, small_shards: Path, tmp_path: Path):
+    model, tok, info = load_for_inference(trained_run, "cpu")
+    res = run_eval(model, tok, small_shards, tmp_path / "r", EvalConfig(num_windows=0, max_tf_windows=8, device="cpu"),
+                   tokenizer_hash=info["tokenizer_hash"])
+    assert "generative" not in res.report and (tmp_path / "r" / "report.html").is_file()
+    with pytest.raises(ValueError, match="tokenizer"):
+        run_eval(model, tok, small_shards, tmp_path / "x", EvalConfig(num_windows=0, max_tf_windows=8, device="cpu"),
+                 tokenizer_hash="0" * 64)
+    with pytest.raises(ValueError, match="split"):
+        run_eval(model, tok, small_shards, tmp_path / "y", EvalConfig(split="test", num_windows=0, device="cpu"))
+
+
+def test_cli_usage_errors(small_shards: Path, trained_run: Path, tmp_path: Path):
+    proc = eval_cli(tmp_path, small_shards, "-o", tmp_path / "r", check=False)  # not a checkpoint
+    assert proc.returncode == 2 and "checkpoint" in proc.stderr
+    assert not (tmp_path / "r").exists()
+    proc = eval_cli(trained_run, tmp_path, "-o", tmp_path / "r2", check=False)  # not a shard build
+    assert proc.returncode == 2 and "shards" in proc.stderr
+    assert not (tmp_path / "r2").exists()
