@@ -1,0 +1,140 @@
+"""TrainConfig: every knob of `musictrain fit`, loadable from TOML/JSON and overridable from the command line.
+
+Precedence: dataclass defaults < `--config FILE` < options given explicitly on the command line. The resolved
+config is written to RUN/config.json, and `--resume` starts from that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+# Fields whose change would alter the data order, so a resumed run must keep them.
+DATA_FIELDS = ("seed", "batch_size", "streams", "num_workers", "shuffle_buffer", "bucket_pool", "format")
+
+
+@dataclass
+class TrainConfig:
+    shards: str = ""
+    out: str = ""
+    format: str = "parquet"  # parquet | webdataset
+    # model
+    preset: str = "tiny"
+    n_layer: int | None = None
+    n_embd: int | None = None
+    head_size: int | None = None
+    dim_ffn: int | None = None
+    init_from: str | None = None  # RWKV-LM x070 .pth, or a run / checkpoint directory
+    # length of training
+    max_steps: int | None = None  # default: one epoch
+    max_tokens: int | None = None  # stop once this many (unpadded, global) input tokens were seen
+    # batch and optimiser (RWKV-LM's x070 recipe)
+    batch_size: int = 16  # samples per process per micro-step
+    grad_accum: int = 1
+    lr: float = 6e-4
+    lr_final: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adam_eps: float = 1e-18
+    grad_clip: float = 1.0
+    # data
+    streams: int = 1  # sample streams per process (1 process x streams=k sees the data of k DDP ranks)
+    num_workers: int = 0
+    shuffle_buffer: int = 2048
+    bucket_pool: int = 8
+    # runtime
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    grad_checkpoint: bool = False
+    compile: bool = False
+    # evaluation, checkpoints, logging
+    eval_every: int = 500
+    eval_batches: int | None = None  # None: the whole val split
+    eval_batch_size: int | None = None  # default: batch_size
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in ("parquet", "webdataset"):
+            raise ValueError(f"format must be parquet or webdataset, not {self.format!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        for name in ("batch_size", "grad_accum", "streams", "eval_every", "save_every", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.streams:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of streams {self.streams}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError("give max_steps or max_tokens, not both")
+        if self.lr <= 0 or self.lr_final < 0 or self.warmup_steps < 0:
+            raise ValueError("need lr > 0, lr_final >= 0, warmup_steps >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def model_overrides(self) -> dict[str, Any]:
+        keys = ("n_layer", "n_embd", "head_size", "dim_ffn")
+        out: dict[str, Any] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.grad_checkpoint:
+            out["grad_checkpoint"] = True
+        return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML (or .json) file of TrainConfig keys; one level of tables is flattened ([optim] lr = ... -> lr)."""
+    p = Path(path)
+    text = p.read_text()
+    data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return {k.replace("-", "_"): v for k, v in flat.items()}
+
+
+def resolve(file: str | os.PathLike | None, overrides: dict[str, Any], base: dict[str, Any] | None = None
+            ) -> TrainConfig:
+    """defaults < base (a saved run config) < file < overrides (explicit CLI options)."""
+    d: dict[str, Any] = dict(base or {})
+    if file is not None:
+        d.update(read_config_file(file))
+    d.update(overrides)
+    return TrainConfig.from_dict(d)
+
+
+def save_config(cfg: TrainConfig, run_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """RUN/config.json: the resolved TrainConfig (+ derived values such as the model config), atomically."""
+    from rwkv_music.shards.atomic import write_json_atomic
+
+    path = Path(run_dir) / "config.json"
+    write_json_atomic(path, {"train": cfg.to_dict(), **(extra or {})})
+    return path
+
+
+def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "config.json").read_text())

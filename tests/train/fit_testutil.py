@@ -1,0 +1,51 @@
+"""Helpers of the trainer tests (imported by test_fit*.py; pytest puts this directory on sys.path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# 2 context bars + 1 completion bar, at most 96 tokens: ~4k train / ~400 val windows from the test corpus.
+SMALL_BUILD_ARGS = ("--format", "parquet", "--max-seq-len", "96", "--context-bars", "2", "--completion-bars", "1",
+                    "--samples-per-shard", "256", "--workers", "2", "--val-fraction", "0.2", "--seed", "0")
+
+# A 2-layer, 64-wide model: the smallest that still has the full x070 block.
+TINY = ("--preset", "tiny", "--n-layer", "2", "--n-embd", "64", "--device", "cpu", "--no-progress")
+
+
+def fit_env() -> dict[str, str]:
+    # One thread per process: on a busy 2-core machine more threads only fight each other.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def musictrain(*args: str | os.PathLike, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`musictrain ...` as a real subprocess."""
+    cmd = [sys.executable, "-m", "rwkv_music.train.cli", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=fit_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def musictrain_here(*args: str | os.PathLike):
+    """`musictrain ...` in this process (click's runner): no interpreter start-up, for quick error-path tests.
+
+    Returns click's Result (exit_code, output with stdout and stderr)."""
+    import torch
+    from click.testing import CliRunner
+
+    from rwkv_music.train.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]

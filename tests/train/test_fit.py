@@ -1,0 +1,224 @@
+"""`musictrain fit` end to end on real shards: it learns, resumes exactly, DDP matches one process, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fit_testutil import SMALL_BUILD_ARGS, TINY, fit_env, metrics, musictrain, musictrain_here
+from safetensors.torch import load_file, save_file
+
+from rwkv_music.model import RWKV7, RWKV7Config, load, save_rwkv_lm
+from rwkv_music.shards import iter_samples
+from rwkv_music.shards.dataset import open_split
+from rwkv_music.train.checkpoints import load_for_inference, resolve_checkpoint
+from rwkv_music.train.fit import evaluate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process training/evaluation on one thread (the 2-core CI machine is shared with subprocesses)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_shards(corpus_dir: Path, build_cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real build of the test corpus with short windows (so CPU training is quick)."""
+    out = tmp_path_factory.mktemp("train-shards") / "out"
+    build_cli(corpus_dir, out, *SMALL_BUILD_ARGS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def learned_run(small_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("learn") / "run"
+    musictrain("fit", small_shards, "-o", run, *TINY, "--batch-size", "16", "--max-steps", "150", "--lr", "5e-3",
+               "--warmup-steps", "10", "--eval-every", "50", "--save-every", "50", "--keep-last", "1",
+               "--log-every", "10")
+    return run
+
+
+def unigram_entropy(shards: Path) -> float:
+    counts = np.zeros(4096)
+    for s in iter_samples(shards, "train"):
+        np.add.at(counts, s["tokens"], 1)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_completion_loss_falls_well_below_unigram_entropy(learned_run: Path, small_shards: Path):
+    h = unigram_entropy(small_shards)
+    rows = metrics(learned_run)
+    assert rows[0]["loss"] > rows[-1]["loss"] + 1.0  # it really learned (step 10 is already near h)
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert [r["step"] for r in rows if "val_loss" in r] == [50, 100, 150]
+    assert vals[-1] < h - 1.0, (vals, h)
+    assert rows[-1]["loss"] < h - 1.0
+    for r in rows:
+        assert {"step", "loss", "lr", "tokens_per_s"} <= set(r) and r["tokens_per_s"] > 0
+
+
+def test_run_directory_layout(learned_run: Path):
+    cfg = json.loads((learned_run / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 150 and cfg["model"]["n_layer"] == 2 and cfg["model"]["n_embd"] == 64
+    assert (learned_run / "tokenizer.json").is_file()
+    assert (learned_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(p.name.startswith("events.out.tfevents") for p in (learned_run / "tb").iterdir())
+    ckpts = learned_run / "checkpoints"
+    latest = json.loads((ckpts / "latest.json").read_text())
+    best = json.loads((ckpts / "best.json").read_text())
+    assert latest["step"] == 150 and latest["path"] == "step-00000150"
+    vals = {r["step"]: r["val_loss"] for r in metrics(learned_run) if "val_loss" in r}
+    assert best["val_loss"] == min(vals.values()) and best["step"] == min(vals, key=vals.get)
+    # keep-last 1: only the latest and the best survive
+    assert {p.name for p in ckpts.iterdir() if p.is_dir()} == {latest["path"], best["path"]}
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "trainer_state.json"):
+        assert (ckpts / latest["path"] / name).is_file()
+    state = json.loads((ckpts / latest["path"] / "trainer_state.json").read_text())
+    assert state["step"] == 150 and state["consumed"] == 150 and state["epoch"] == 0 and state["rng"]["torch"]
+
+
+def test_checkpoint_reproduces_saved_val_loss(learned_run: Path, small_shards: Path):
+    best = json.loads((learned_run / "checkpoints" / "best.json").read_text())
+    ckpt = resolve_checkpoint(learned_run)
+    assert ckpt.name == best["path"]
+    model = load(ckpt)
+    loss, n = evaluate(model, open_split(small_shards, "val"), 16, torch.device("cpu"))
+    assert n > 0
+    assert loss == pytest.approx(best["val_loss"], rel=1e-6)
+    m2, tok, info = load_for_inference(learned_run)
+    assert info["checkpoint"] == ckpt and info["val_loss"] == pytest.approx(best["val_loss"])
+    assert len(tok) == m2.cfg.vocab_size and not m2.training
+    assert resolve_checkpoint(learned_run, which="latest").name == "step-00000150"
+
+
+def test_kill_and_resume_gives_the_losses_of_an_uninterrupted_run(small_shards: Path, tmp_path: Path):
+    args = (*TINY, "--batch-size", "8", "--max-steps", "40", "--lr", "3e-3", "--warmup-steps", "5",
+            "--eval-every", "20", "--eval-batches", "2", "--save-every", "10", "--log-every", "1",
+            "--shuffle-buffer", "256")
+    musictrain("fit", small_shards, "-o", tmp_path / "whole", *args)
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rwkv_music.train.cli", "fit", str(small_shards), "-o", str(run), *args]
+    proc = subprocess.Popen(cmd, env=fit_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = json.loads(latest.read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            step = 0
+        if step >= 20:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = step
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None and killed_at < 40, "the run ended before it could be killed"
+    assert max(r["step"] for r in metrics(run)) < 40
+    musictrain("fit", small_shards, "-o", run, *args, "--resume")
+    a, b = metrics(tmp_path / "whole"), metrics(run)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 41))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-9, abs=1e-12), x["step"]
+        assert ("val_loss" in x) == ("val_loss" in y)
+        if "val_loss" in x:
+            assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-9)
+        assert y["tokens"] == x["tokens"]
+
+
+def test_two_gloo_processes_match_one_process_with_the_doubled_batch(small_shards: Path, tmp_path: Path):
+    common = (*TINY, "--max-steps", "6", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "3",
+              "--eval-batches", "2", "--save-every", "6", "--log-every", "1", "--shuffle-buffer", "256")
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "rwkv_music.train.cli", "fit", str(small_shards), "-o", str(ddp), "--batch-size", "4", *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fit_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((ddp / "config.json").read_text())["world_size"] == 2
+    one = tmp_path / "one"
+    musictrain("fit", small_shards, "-o", one, "--batch-size", "8", "--streams", "2", *common)
+    a, b = metrics(one), metrics(ddp)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):
+        assert y["tokens"] == x["tokens"]  # the same samples
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
+        if "val_loss" in x:
+            assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-5)
+
+
+def test_config_file_with_cli_override(small_shards: Path, tmp_path: Path):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text('preset = "tiny"\nn_layer = 1\nn_embd = 64\nbatch_size = 4\nmax_steps = 2\n'
+                   '[optim]\nlr = 1e-3\nwarmup_steps = 0\nadam_eps = 1e-8\n')
+    run = tmp_path / "run"
+    res = musictrain_here("fit", small_shards, "-o", run, "--config", cfg, "--max-steps", "3", "--device", "cpu",
+                          "--no-progress", "--log-every", "1", "--eval-batches", "1")
+    assert res.exit_code == 0, res.output
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 3 and saved["train"]["adam_eps"] == 1e-8
+    assert saved["model"]["n_layer"] == 1 and saved["train"]["batch_size"] == 4
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+    assert metrics(run)[0]["lr"] == pytest.approx(1e-3)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 1\n")
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "x", "--config", bad)
+    assert res.exit_code == 2 and "unknown config key(s): learning_rate" in res.output
+
+
+def test_init_from_rwkv_lm_pth_resizes_the_vocabulary(small_shards: Path, tmp_path: Path):
+    torch.manual_seed(0)
+    text_model = RWKV7(RWKV7Config(vocab_size=1000, n_layer=1, n_embd=64))
+    pth = save_rwkv_lm(text_model, tmp_path / "x070.pth")
+    run = tmp_path / "run"
+    res = musictrain_here("fit", small_shards, "-o", run, "--init-from", pth, "--batch-size", "4", "--max-steps", "2",
+                          "--device", "cpu", "--no-progress", "--eval-batches", "1")
+    assert res.exit_code == 0 and "vocabulary resized 1000 -> " in res.output, res.output
+    model = load(resolve_checkpoint(run))
+    assert model.cfg.n_layer == 1 and model.cfg.vocab_size == len(load_for_inference(run)[1])
+    # the transferred block weights are the text model's, moved by two small warm-up steps only
+    r0 = text_model.blocks[0].att.receptance.weight
+    assert (model.blocks[0].att.receptance.weight - r0).abs().max() < 1e-3 < 0.1 < r0.abs().max()
+
+
+def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
+    res = musictrain_here("fit", tmp_path / "missing", "-o", tmp_path / "r0", *TINY)
+    assert res.exit_code == 2 and "does not exist" in res.output and res.exception.__class__ is SystemExit
+    (tmp_path / "empty").mkdir()
+    res = musictrain_here("fit", tmp_path / "empty", "-o", tmp_path / "r1", *TINY)
+    assert res.exit_code == 2 and "manifest.json" in res.output
+    # a finished run is not overwritten without --resume
+    run = tmp_path / "r2"
+    res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--batch-size", "4", "--max-steps", "1",
+                          "--eval-batches", "1")
+    assert res.exit_code == 0, res.output
+    res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--max-steps", "2")
+    assert res.exit_code == 1 and "--resume" in res.output
+    # --resume must not change what decides the data order
+    res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--max-steps", "2", "--batch-size", "8", "--resume")
+    assert res.exit_code == 1 and "batch_size=4" in res.output
+    # NaN weights -> NaN loss at the first step: stop, name the step, write no checkpoint
+    ckpt = resolve_checkpoint(run)
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["head.weight"] = torch.full_like(tensors["head.weight"], math.nan)
+    save_file(tensors, poisoned / "model.safetensors")
+    (poisoned / "config.json").write_bytes((ckpt / "config.json").read_bytes())
+    nan_run = tmp_path / "r3"
+    res = musictrain_here("fit", small_shards, "-o", nan_run, "--init-from", poisoned, "--batch-size", "4",
+                          "--max-steps", "3", "--device", "cpu", "--no-progress")
+    assert res.exit_code == 1 and "loss is nan" in res.output and "at step 1" in res.output
+    assert not (nan_run / "checkpoints").exists()
