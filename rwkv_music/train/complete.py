@@ -11,7 +11,6 @@ captured once as a CUDA graph and replayed.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,6 @@ class CompleteConfig:
     max_new_tokens: int | None = None  # None: DEFAULT_TOKENS_PER_BAR * bars
     max_seq_len: int = 2048  # prompt window length limit (leading context bars are dropped beyond it)
     cuda_graph: bool = True  # capture the decode step on CUDA
-    dtype: str = "float32"  # autocast dtype on CUDA: float32 | bfloat16 | float16
 
     def __post_init__(self):
         if self.bars < 1:
@@ -51,8 +49,6 @@ class CompleteConfig:
             raise ValueError("context_bars must be at least 1 (or None for all)")
         if self.num_samples < 1:
             raise ValueError("num_samples must be at least 1")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
 
     @property
     def budget(self) -> int:
@@ -154,29 +150,24 @@ class _Decoder:
 @torch.no_grad()
 def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: GrammarState, *, bars: int,
              num_samples: int, max_new_tokens: int, sampling: SamplingConfig, seed: int,
-             cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None,
-             check_every: int | None = None) -> list[list[int]]:
+             cuda_graph: bool = False, check_every: int | None = None) -> list[list[int]]:
     """Continuations of one prompt window, sample k drawn from seed + k. Returns token ids per sample
-    (without the Bar that ended it)."""
+    (without the Bar that ended it). The model runs in its own dtype; sampling is always float32."""
     device = model.device
     B = num_samples
-    amp = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype is not None and device.type == "cuda" \
-        else nullcontext()
-    with amp:
-        logits, state = prefill(model, window_tokens, device)
+    logits, state = prefill(model, window_tokens, device)
     bg = BatchedGrammar(grammar, start, B, bars, max_new_tokens, device)
     u = draw_uniforms([seed + k for k in range(B)], max_new_tokens, device)
     dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, sampling, grammar.vocab_size,
                    grammar.pad_id)
     every = check_every or (16 if device.type == "cuda" else 1)
     if cuda_graph and device.type == "cuda":
-        _run_graph(dec, max_new_tokens, every, amp)
+        _run_graph(dec, max_new_tokens, every)
     else:
-        with amp:
-            for t in range(max_new_tokens):
-                dec.step()
-                if (t + 1) % every == 0 and bool(bg.done.all()):
-                    break
+        for t in range(max_new_tokens):
+            dec.step()
+            if (t + 1) % every == 0 and bool(bg.done.all()):
+                break
     if not bool(bg.done.all()):  # cannot happen: the grammar closes every sample within the budget
         raise RuntimeError("a sample did not finish within its token budget")
     out = dec.out.cpu().tolist()
@@ -193,13 +184,13 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
     return result
 
 
-def _run_graph(dec: _Decoder, max_new_tokens: int, every: int, amp) -> None:
+def _run_graph(dec: _Decoder, max_new_tokens: int, every: int) -> None:
     """Capture `dec.step` once (after warm-up steps on a side stream) and replay it."""
     # Warm-up runs real steps (they count), so kernels and allocator pools exist before capture.
     warm = min(3, max_new_tokens)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), amp:
+    with torch.cuda.stream(s):
         for _ in range(warm):
             dec.step()
     torch.cuda.current_stream().wait_stream(s)
@@ -207,7 +198,7 @@ def _run_graph(dec: _Decoder, max_new_tokens: int, every: int, amp) -> None:
     if done >= max_new_tokens or bool(dec.g.done.all()):
         return
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), amp:
+    with torch.cuda.graph(graph):
         dec.step()  # recorded, not run
     while done < max_new_tokens:
         n = min(every, max_new_tokens - done)
@@ -240,11 +231,10 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
         raise CompletionError(f"the prompt's tokens are not a REMI stream this grammar knows: {e}") from None
     if not grammar.next_class[start.state, BAR]:
         raise CompletionError("the prompt ends inside an event and cannot be continued")
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
     model.eval()
     conts = generate(model, grammar, window.tokens, start, bars=config.bars, num_samples=config.num_samples,
                      max_new_tokens=config.budget, sampling=config.sampling, seed=config.seed,
-                     cuda_graph=config.cuda_graph, autocast_dtype=dtype)
+                     cuda_graph=config.cuda_graph)
     meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
     samples = []
     for k, cont in enumerate(conts):

@@ -40,7 +40,7 @@ def _context_bars(value: str) -> int | None:
               help="Token budget per sample [384 per bar]; samples are closed off to fit.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="Autocast dtype on CUDA.")
+              show_default=True, help="Weights and activations dtype (the WKV state stays float32).")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="Capture the decode step as a CUDA graph (CUDA only).")
 @click.option("--plot", is_flag=True, help="Also write a piano-roll PNG per sample.")
@@ -72,7 +72,9 @@ def complete(checkpoint: Path, prompt: Path, out: Path, bars: int, context_bars:
         raise UsageFailure(_one_line(f"cannot load checkpoint {checkpoint}: {e}")) from None
     config = CompleteConfig(bars=bars, context_bars=ctx, num_samples=num_samples,
                             sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed,
-                            max_new_tokens=max_tokens, cuda_graph=cuda_graph, dtype=dtype)
+                            max_new_tokens=max_tokens, cuda_graph=cuda_graph)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
     try:
         completion = run_complete(model, tokenizer, prompt, config)
     except (CompletionError, ValueError) as e:

@@ -1,0 +1,266 @@
+"""Generation speed: our prefill and decode step against BlinkDL's `rwkv` package, on one random model shape.
+
+Run from the repository root:
+    python3 bench/complete.py                                   # CUDA: L12 D768 vocab 640 (the issue's shape)
+    python3 bench/complete.py --device cpu --presets tiny small  # the CPU figures of docs/benchmarks.md
+Prints one table. Rows:
+  prefill   one parallel forward over --prefill tokens (batch 1), state out
+  step      model.step alone (RNN mode), eager and (CUDA) as a CUDA graph
+  generate  the decode step `musictrain complete` runs: grammar mask + top-p sampling + grammar update +
+            model step (CUDA: one CUDA graph replay), prompt from examples/demo-corpus
+  rwkv-pip  the `rwkv` package (0.8.x, x070): RWKV(...).forward(tokens, None) and forward([tok], state),
+            batch 1 only (the package has no batched RNN step); run in a subprocess because its settings
+            are environment variables read at import (RWKV_CUDA_ON=1 builds its CUDA kernel).
+Times are medians over --repeats (prefill) or means over --steps (decode), after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rwkv_music.model import RWKV7, RWKV7Config, from_preset, save_rwkv_lm  # noqa: E402
+from rwkv_music.pipeline.tokenizer import build_tokenizer, encode_piano, load_piano_score  # noqa: E402
+from rwkv_music.pipeline.windows import Vocab, build_prompt  # noqa: E402
+from rwkv_music.train.complete import _Decoder, _run_graph, prefill  # noqa: E402
+from rwkv_music.train.grammar import BatchedGrammar, RemiGrammar  # noqa: E402
+from rwkv_music.train.sampling import SamplingConfig, draw_uniforms  # noqa: E402
+
+DEMO_PROMPT = REPO / "examples" / "demo-corpus" / "POP909_010.mid"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, n: int) -> float:
+    """Mean ms per call of fn over n calls."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def make_model(preset: str, vocab: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> RWKV7:
+    torch.manual_seed(seed)
+    cfg = from_preset(preset, vocab) if preset != "issue" else RWKV7Config(vocab_size=vocab, n_layer=12, n_embd=768)
+    return RWKV7(cfg).eval().to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def bench_prefill(model: RWKV7, T: int, repeats: int) -> float:
+    device = model.device
+    idx = torch.randint(0, model.cfg.vocab_size, (1, T), device=device)
+    last = torch.tensor([T - 1], device=device)
+    for _ in range(2):
+        model(idx, positions=last, return_state=True)
+    times = [timed(lambda: model(idx, positions=last, return_state=True), device, 1) for _ in range(repeats)]
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_step(model: RWKV7, B: int, steps: int, graph: bool) -> float:
+    device = model.device
+    _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
+    tok = torch.zeros(B, dtype=torch.long, device=device)
+
+    def step():
+        logits, new = model.step(tok, state)
+        state.copy_(new)
+        return logits
+
+    if not graph:
+        for _ in range(3):
+            step()
+        return timed(step, device, steps)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    return timed(g.replay, device, steps)
+
+
+@torch.no_grad()
+def bench_generate(model: RWKV7, B: int, steps: int, graph: bool) -> float:
+    """The real decode step of `complete` (grammar + sampling + model); a large bar target and budget. (The
+    step's work is the same whatever the samples do: finished ones keep running on PAD.)"""
+    device = model.device
+    tok = build_tokenizer()
+    grammar = RemiGrammar(tok)
+    ids = encode_piano(load_piano_score(DEMO_PROMPT, tok), tok)
+    w = build_prompt(ids, Vocab(tok), 4, 2048)
+    start = grammar.run(w.tokens, w.meta_len)
+    budget = 16 * steps + 100
+    logits, state = prefill(model, w.tokens, device)
+    bg = BatchedGrammar(grammar, start, B, bars=budget // 8, max_new_tokens=budget, device=device)
+    u = draw_uniforms(list(range(B)), budget, device)
+    dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, SamplingConfig(), grammar.vocab_size,
+                   grammar.pad_id)
+    if not graph:
+        for _ in range(3):
+            dec.step()
+        return timed(dec.step, device, steps)
+    _run_graph(dec, 4, 1)  # warm-up + capture path of `complete`, then time replays of our own capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        dec.step()
+    g.replay()
+    return timed(g.replay, device, steps)
+
+
+PIP_SCRIPT = r"""
+import os, sys, json, time, statistics
+os.environ["RWKV_V7_ON"] = "1"; os.environ["RWKV_JIT_ON"] = "1"
+os.environ["RWKV_CUDA_ON"] = sys.argv[3]
+import torch
+from rwkv.model import RWKV
+path, strategy, _, T, steps, repeats, vocab = sys.argv[1:8]
+T, steps, repeats, vocab = int(T), int(steps), int(repeats), int(vocab)
+cuda = strategy.startswith("cuda")
+def sync():
+    if cuda: torch.cuda.synchronize()
+m = RWKV(model=path, strategy=strategy)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, vocab, (T,), generator=g).tolist()
+for _ in range(2): m.forward(ids, None)
+times = []
+for _ in range(repeats):
+    sync(); t0 = time.perf_counter(); m.forward(ids, None); sync(); times.append((time.perf_counter() - t0) * 1e3)
+_, state = m.forward(ids[:16], None)
+for _ in range(3): _, state = m.forward([1], state)
+sync(); t0 = time.perf_counter()
+for _ in range(steps): _, state = m.forward([1], state)
+sync()
+print(json.dumps({"prefill_ms": statistics.median(times), "step_ms": (time.perf_counter() - t0) / steps * 1e3}))
+"""
+
+
+def bench_rwkv_pip(model: RWKV7, device: torch.device, strategy: str, T: int, steps: int, repeats: int) -> dict:
+    try:
+        import rwkv  # noqa: F401
+    except ImportError:
+        return {"error": "rwkv package not installed"}
+    with tempfile.TemporaryDirectory() as d:
+        pth = Path(d) / "model.pth"
+        save_rwkv_lm(model.float().cpu(), pth)
+        proc = subprocess.run([sys.executable, "-c", PIP_SCRIPT, str(pth)[:-4], strategy,
+                               "1" if device.type == "cuda" else "0", str(T), str(steps), str(repeats),
+                               str(model.cfg.vocab_size)], capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["strategy"] = strategy
+    return out
+
+
+def check(device: torch.device, dtype: torch.dtype, vocab: int) -> None:
+    """Same tokens with and without the CUDA graph, and batched vs single, on a random model (tiny preset)."""
+    from rwkv_music.train.complete import CompleteConfig, complete
+
+    tok = build_tokenizer()
+    model = make_model("tiny", max(vocab, len(tok.vocab)), device, dtype)
+    cfg = dict(bars=2, seed=3, context_bars=4)
+    graph = complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, cuda_graph=True, **cfg))
+    eager = complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, cuda_graph=False, **cfg))
+    singles = [complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=1, cuda_graph=True,
+                                                                **{**cfg, "seed": 3 + k})).samples[0]
+               for k in range(4)]
+    same = [a.tokens == b.tokens for a, b in zip(graph.samples, eager.samples, strict=True)]
+    batched = [a.tokens == b.tokens for a, b in zip(graph.samples, singles, strict=True)]
+    print(f"# check on {device}: graph == eager per sample {same}; batch-of-4 == single runs {batched}; "
+          f"bars {[s.bars for s in graph.samples]}, tokens {[len(s.tokens) for s in graph.samples]}, "
+          f"notes {[s.continuation.note_num() for s in graph.samples]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    ap.add_argument("--presets", nargs="+", default=None,
+                    help="Model shapes: 'issue' (L12 D768) or project presets [cuda: issue; cpu: tiny small].")
+    ap.add_argument("--vocab", type=int, default=640)
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="Ours [cuda: bfloat16, cpu: float32].")
+    ap.add_argument("--pip-strategy", default=None, help="The rwkv package's strategy [cuda fp16 | cpu fp32].")
+    ap.add_argument("--check", action="store_true",
+                    help="First check on a real prompt that CUDA-graph decoding gives the same tokens as eager "
+                         "decoding, and a batch of 4 the same as 4 single runs.")
+    ap.add_argument("--prefill", type=int, default=1024)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--steps", type=int, default=None, help="Decode steps timed [cuda 500, cpu 50].")
+    ap.add_argument("--repeats", type=int, default=None, help="Prefill repeats [cuda 20, cpu 3].")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch default].")
+    ap.add_argument("--no-rwkv-pip", action="store_true", help="Skip the rwkv package.")
+    ap.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON here.")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    presets = args.presets or (["issue"] if cuda else ["tiny", "small"])
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    strategy = args.pip_strategy or ("cuda fp16" if cuda else "cpu fp32")
+    steps = args.steps or (500 if cuda else 50)
+    repeats = args.repeats or (20 if cuda else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "dtype": dtype, "wkv": os.environ.get("RWKV_MUSIC_WKV", "auto")}
+    print("# " + ", ".join(f"{k}: {v}" for k, v in env.items()))
+    if args.check:
+        check(device, DTYPES[dtype], args.vocab)
+    rows = []
+    for preset in presets:
+        model = make_model(preset, args.vocab, device, DTYPES[dtype])
+        shape = f"{preset} L{model.cfg.n_layer} D{model.cfg.n_embd} V{args.vocab}"
+        rows.append({"impl": "ours", "shape": shape, "what": f"prefill {args.prefill}", "batch": 1,
+                     "ms": bench_prefill(model, args.prefill, repeats)})
+        for B in args.batches:
+            for graph in ([False, True] if cuda else [False]):
+                tag = "graph" if graph else "eager"
+                rows.append({"impl": "ours", "shape": shape, "what": f"step ({tag})", "batch": B,
+                             "ms": bench_step(model, B, steps, graph)})
+                rows.append({"impl": "ours", "shape": shape, "what": f"generate ({tag})", "batch": B,
+                             "ms": bench_generate(model, B, steps, graph)})
+        if not args.no_rwkv_pip:
+            pip = bench_rwkv_pip(model, device, strategy, args.prefill, steps, repeats)
+            if "error" in pip:
+                rows.append({"impl": "rwkv-pip", "shape": shape, "what": "error", "batch": 1, "ms": float("nan"),
+                             "note": pip["error"]})
+            else:
+                rows.append({"impl": "rwkv-pip", "shape": shape, "what": f"prefill {args.prefill}", "batch": 1,
+                             "ms": pip["prefill_ms"], "note": pip["strategy"]})
+                rows.append({"impl": "rwkv-pip", "shape": shape, "what": "step", "batch": 1, "ms": pip["step_ms"],
+                             "note": pip["strategy"]})
+        del model
+    print(f"{'impl':<9} {'shape':<22} {'what':<18} {'batch':>5} {'ms':>9} {'tok/s':>9}  note")
+    for r in rows:
+        tps = "" if r["what"].startswith(("prefill", "error")) else f"{r['batch'] * 1e3 / r['ms']:9.0f}"
+        if r["what"].startswith("prefill"):
+            tps = f"{args.prefill * 1e3 / r['ms']:9.0f}"
+        print(f"{r['impl']:<9} {r['shape']:<22} {r['what']:<18} {r['batch']:>5} {r['ms']:9.3f} {tps:>9}  "
+              f"{r.get('note', '')}")
+    if args.json:
+        args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
