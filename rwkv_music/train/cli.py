@@ -135,6 +135,8 @@ def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, **o
 
 
 # Commands of other modules: one line each (imported only when used).
+main.add_command(lazy("rwkv_music.train.eval_cli:eval_cmd", "eval",
+                      "Evaluation report of a checkpoint on a shard split."))
 main.add_command(lazy("rwkv_music.train.complete_cli:complete", "complete", "Continue a MIDI file by a few bars."))
 
 
