@@ -32,11 +32,14 @@ _SOURCES = ("wkv7_op.cpp", "wkv7_kernels.cu")
 _LOCK = threading.Lock()
 _ERRORS: dict[tuple[int, int], str] = {}
 
-# Launch configurations, indices into the switches in wkv7_kernels.cu (U = steps unrolled):
-#   rows (forward, backward pass 1), (rows/block, rows/thread, threads/row, U):
-#     0: 16,1,4,1  1: 32,2,4,1  2: 64,4,4,1  3: 16,1,8,1  4: 16,1,4,2  5: 32,2,4,2  6: 64,4,4,2  7: 64,8,8,1
-#   columns (backward pass 2), (cols/block, cols/thread, threads/col, U):
-#     0: 16,1,4,1  1: 32,2,4,1  2: 32,1,4,1  3: 16,1,8,1  4: 16,1,4,2  5: 32,2,4,2  6: 32,1,4,2  7: 32,1,2,1
+# Launch configurations, indices into the switches in wkv7_kernels.cu (U = steps unrolled; D = row/column
+# sums left as per-thread partials in shared memory and added once per chunk):
+#   rows (forward, backward pass 1), (rows/block, rows/thread, threads/row, U, D):
+#     0: 16,1,4,16,D  1: 32,2,4,4,D  2: 64,4,4,2,D  3: 16,1,8,16,D  4: 16,1,4,2  5: 32,2,4,2  6: 64,4,4,2
+#     7: 32,2,4,16,D
+#   columns (backward pass 2), (cols/block, cols/thread, threads/col, U, D):
+#     0: 16,1,4,1  1: 32,1,4,1  2: 16,1,8,1  3: 32,1,2,1  4: 16,1,4,2,D  5: 16,1,4,4,D  6: 32,1,2,2,D
+#     7: 16,1,4,8,D
 N_CONFIGS = 8
 Config = tuple[int, int, int]  # (forward, backward pass 1, backward pass 2)
 
@@ -123,12 +126,16 @@ def load_error() -> str | None:
 
 
 def default_config(batch: int, heads: int, device: torch.device | None = None) -> Config:
-    """(forward, backward pass 1, backward pass 2) configs for B*H heads: more blocks per head when few."""
+    """(forward, backward pass 1, backward pass 2) configs for B*H heads, picked from per-kernel H100 profiles
+    (bench/NOTES-wkv.md): few heads want small blocks (more warps per head), many heads want more state per
+    thread (fewer shared-memory loads per flop)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     n = batch * heads
-    if n * 4 <= 4 * sms:  # few heads: 4 blocks per head everywhere
-        return 0, 0, 0
-    return 1, 1, 2
+    if 2 * n <= sms:
+        return 0, 0, 4
+    if n <= 2 * sms:
+        return 1, 1, 6
+    return 2, 2, 6
 
 
 def _prep(r: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:

@@ -88,7 +88,10 @@ def test_no_grad_forward_and_final_state_only(wkv_cuda) -> None:
     _, sT_ref = wkv_reference(*ref_in, s0.double())
     (sT_ref * dsT.double()).sum().backward()
     for a, b in zip(ins, ref_in, strict=True):
-        assert _rel(a.grad, b.grad) < TOL_BF16
+        if b.grad is None:  # the final state does not depend on r
+            assert a.grad is None or not a.grad.any()
+        else:
+            assert _rel(a.grad, b.grad) < TOL_BF16
 
 
 def test_step_matches_reference_and_inplace(wkv_cuda) -> None:
@@ -107,7 +110,9 @@ def test_step_matches_reference_and_inplace(wkv_cuda) -> None:
 
 def test_base_preset_matches_cpu_fp32(wkv_cuda, monkeypatch) -> None:
     """Base preset (L12 D768): loss and gradients with the kernel under bf16 autocast match the CPU fp32
-    path on the same weights within bf16 tolerance."""
+    path on the same weights within bf16 tolerance: the loss within 1%, all gradients together within 5%,
+    and each parameter's gradient no further from fp32 than 3x the chunked PyTorch path's own bf16 error
+    (+1e-2), since some small gradients are dominated by bf16 rounding elsewhere in the model."""
     from rwkv_music.model import RWKV7, from_preset
 
     cfg = from_preset("base", vocab_size=512)
@@ -116,11 +121,13 @@ def test_base_preset_matches_cpu_fp32(wkv_cuda, monkeypatch) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+    names = [n for n, _ in model.named_parameters()]
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, cfg.vocab_size, (2, 129), generator=g)
     tgt = torch.randint(0, cfg.vocab_size, (2, 129), generator=g)
 
-    def run(device, autocast):
+    def run(device, impl, autocast):
+        monkeypatch.setenv("RWKV_MUSIC_WKV", impl)
         model.to(device).zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             logits = model(idx.to(device))
@@ -128,12 +135,20 @@ def test_base_preset_matches_cpu_fp32(wkv_cuda, monkeypatch) -> None:
         loss.backward()
         return loss.item(), [p.grad.detach().float().cpu() for p in model.parameters()]
 
-    monkeypatch.setenv("RWKV_MUSIC_WKV", "torch")
-    ref_loss, ref_grads = run("cpu", autocast=False)
-    monkeypatch.setenv("RWKV_MUSIC_WKV", "cuda")
-    loss, grads = run("cuda", autocast=True)
+    ref_loss, ref_grads = run("cpu", "torch", autocast=False)
+    loss, grads = run("cuda", "cuda", autocast=True)
+    _, torch_grads = run("cuda", "torch", autocast=True)
+
+    def flat(gs):
+        return torch.cat([x.flatten() for x in gs])
+
+    total = _rel(flat(grads), flat(ref_grads))
+    errs = [(_rel(a, r), _rel(b, r), n) for a, b, r, n in zip(grads, torch_grads, ref_grads, names, strict=True)
+            if r.norm() > 0]
+    worst = sorted(errs, reverse=True)[:3]
+    print(f"base preset: loss {loss:.6f} vs cpu fp32 {ref_loss:.6f}; grad rel L2 all {total:.2e} "
+          f"(chunked bf16 {_rel(flat(torch_grads), flat(ref_grads)):.2e}); worst (kernel, chunked, name) {worst}")
     assert abs(loss - ref_loss) < 1e-2 * abs(ref_loss)
-    flat, ref_flat = torch.cat([x.flatten() for x in grads]), torch.cat([x.flatten() for x in ref_grads])
-    assert _rel(flat, ref_flat) < 5e-2
-    worst = max(_rel(a, b) for a, b in zip(grads, ref_grads, strict=True) if b.norm() > 0)
-    assert worst < 0.15
+    assert total < 5e-2
+    for e_kernel, e_torch, name in errs:
+        assert e_kernel < 3 * e_torch + 1e-2, (name, e_kernel, e_torch)

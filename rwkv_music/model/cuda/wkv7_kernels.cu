@@ -80,7 +80,7 @@ struct IO<__nv_bfloat16> {
 };
 
 // How a staged value is transformed on its way into shared memory (padded steps get `pad`).
-enum class Tf { Plain, Decay, InvDecay, DecayGrad };
+enum class Tf { Plain, Decay, Sigmoid };
 
 template <Tf TF>
 __device__ __forceinline__ float transform(float x, bool valid) {
@@ -88,12 +88,8 @@ __device__ __forceinline__ float transform(float x, bool valid) {
     return valid ? x : 0.f;
   } else if constexpr (TF == Tf::Decay) {
     return valid ? __expf(-DECAY_SCALE * sigmoidf_(x)) : 1.f;
-  } else if constexpr (TF == Tf::InvDecay) {
-    return valid ? __expf(DECAY_SCALE * sigmoidf_(x)) : 1.f;
-  } else {  // d(decay)/dw = -exp(-0.5) * decay * s (1 - s)
-    if (!valid) return 0.f;
-    float s = sigmoidf_(x);
-    return -DECAY_SCALE * __expf(-DECAY_SCALE * s) * s * (1.f - s);
+  } else {  // sigmoid(w); padded steps get 0, i.e. decay 1 and no decay gradient
+    return valid ? sigmoidf_(x) : 0.f;
   }
 }
 
@@ -138,11 +134,15 @@ struct Chunk {
   }
 };
 
-// Write a [L][W] fp32 shared-memory tile to steps t0.. of a [B, T, H, N] tensor (channels off..off+W),
-// optionally scaled elementwise by a second tile.
-template <typename F, int NT, int W>
+struct NoPost {
+  __device__ float operator()(int, int, float x) const { return x; }
+};
+
+// Write a [L][W] fp32 shared-memory tile (the sum of NSUM tiles `part_stride` floats apart) to steps t0..
+// of a [B, T, H, N] tensor, channels off..off+W; post(s, channel, value) transforms each value.
+template <typename F, int NT, int W, int NSUM = 1, class Post = NoPost>
 __device__ __forceinline__ void write_chunk(F* __restrict__ base, long stride_t, int t0, int T,
-                                            const float* src, const float* scale = nullptr) {
+                                            const float* src, int part_stride = 0, Post post = Post()) {
   constexpr int V = IO<F>::V;
   constexpr int PER_STEP = W / V;
   for (int idx = threadIdx.x; idx < L * PER_STEP; idx += NT) {
@@ -151,8 +151,10 @@ __device__ __forceinline__ void write_chunk(F* __restrict__ base, long stride_t,
       float tmp[V];
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        tmp[e] = src[s * W + q * V + e];
-        if (scale != nullptr) tmp[e] *= scale[s * W + q * V + e];
+        float x = 0.f;
+#pragma unroll
+        for (int u = 0; u < NSUM; ++u) x += src[u * part_stride + s * W + q * V + e];
+        tmp[e] = post(s, q * V + e, x);
       }
       *reinterpret_cast<uint4*>(base + (long)(t0 + s) * stride_t + q * V) = IO<F>::pack(tmp);
     }
@@ -168,7 +170,9 @@ __device__ __forceinline__ float group_sum(float x) {
 
 // ---- forward ------------------------------------------------------------------------------------------
 // Block: RB rows of one head.  Thread (g, p): rows row0 + g + NG*r (r < R), columns 4p + 4P*m + q.
-template <typename F, int RB, int R, int P, int U, bool SAVE>
+// DEFER: y's row sums are not finished with shuffles each step; each thread leaves its partial sum in
+// shared memory and the P partials are added when the chunk is written (shorter per-step dependency chain).
+template <typename F, int RB, int R, int P, int U, bool DEFER, bool SAVE>
 __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
@@ -184,7 +188,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
   const int NC = (T + L - 1) / L;
 
   __shared__ __align__(16) float s_r[L][N], s_w[L][N], s_k[L][N], s_a[L][N], s_b[L][N], s_v[L][RB];
-  __shared__ __align__(16) float o_y[L][RB], o_sa[L][RB];
+  __shared__ __align__(16) float o_y[DEFER ? P : 1][L][RB], o_sa[L][RB];
 
   float S[R][C];
 #pragma unroll
@@ -280,18 +284,23 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
             yacc[rr][q & 1] = fmaf(x, rv[q], yacc[rr][q & 1]);
           }
       }
+      if constexpr (DEFER) {
 #pragma unroll
-      for (int rr = 0; rr < R; ++rr) y[rr] = group_sum<P>(yacc[rr][0] + yacc[rr][1]);
+        for (int rr = 0; rr < R; ++rr) o_y[p][s][g + NG * rr] = yacc[rr][0] + yacc[rr][1];
+      } else {
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) y[rr] = group_sum<P>(yacc[rr][0] + yacc[rr][1]);
+      }
       if (p == 0) {
 #pragma unroll
         for (int rr = 0; rr < R; ++rr) {
-          o_y[s][g + NG * rr] = y[rr];
+          if constexpr (!DEFER) o_y[0][s][g + NG * rr] = y[rr];
           if constexpr (SAVE) o_sa[s][g + NG * rr] = sa[rr];
         }
       }
     }
     __syncthreads();
-    write_chunk<F, NT, RB>(y_ + in0 + row0, stride_t, t0, T, &o_y[0][0]);
+    write_chunk<F, NT, RB, DEFER ? P : 1>(y_ + in0 + row0, stride_t, t0, T, &o_y[0][0][0], L * RB);
     if constexpr (SAVE) write_chunk<float, NT, RB>(sa_out + in0 + row0, stride_t, t0, T, &o_sa[0][0]);
   }
 
@@ -307,7 +316,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
 
 // ---- backward pass 1: dS rows, backwards in time ---------------------------------------------------------
 // Same layout as fwd_kernel.  Outputs dv (input dtype), dsa = dS_t b_t (fp32) and ds0.
-template <typename F, int RB, int R, int P, int U>
+template <typename F, int RB, int R, int P, int U, bool DEFER>
 __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
@@ -323,7 +332,7 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
   const int NC = (T + L - 1) / L;
 
   __shared__ __align__(16) float s_r[L][N], s_w[L][N], s_k[L][N], s_a[L][N], s_b[L][N], s_dy[L][RB];
-  __shared__ __align__(16) float o_dv[L][RB], o_dsa[L][RB];
+  __shared__ __align__(16) float o_dv[DEFER ? P : 1][L][RB], o_dsa[L][RB];
 
   float dS[R][C];
 #pragma unroll
@@ -394,7 +403,11 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
 #pragma unroll
       for (int rr = 0; rr < R; ++rr) {
         dsat[rr] = group_sum<P>(dsa[rr][0] + dsa[rr][1]);
-        dv[rr][0] = group_sum<P>(dv[rr][0] + dv[rr][1]);
+        if constexpr (DEFER) {
+          o_dv[p][s][g + NG * rr] = dv[rr][0] + dv[rr][1];
+        } else {
+          dv[rr][0] = group_sum<P>(dv[rr][0] + dv[rr][1]);
+        }
       }
 #pragma unroll
       for (int m = 0; m < M; ++m) {
@@ -413,13 +426,13 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
       if (p == 0) {
 #pragma unroll
         for (int rr = 0; rr < R; ++rr) {
-          o_dv[s][g + NG * rr] = dv[rr][0];
+          if constexpr (!DEFER) o_dv[0][s][g + NG * rr] = dv[rr][0];
           o_dsa[s][g + NG * rr] = dsat[rr];
         }
       }
     }
     __syncthreads();
-    write_chunk<F, NT, RB>(dv_ + in0 + row0, stride_t, t0, T, &o_dv[0][0]);
+    write_chunk<F, NT, RB, DEFER ? P : 1>(dv_ + in0 + row0, stride_t, t0, T, &o_dv[0][0][0], L * RB);
     write_chunk<float, NT, RB>(dsa_out + in0 + row0, stride_t, t0, T, &o_dsa[0][0]);
   }
 
@@ -435,7 +448,9 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
 
 // ---- backward pass 2: columns of S and dS, backwards in time ------------------------------------------
 // Block: CB columns of one head.  Thread (cp, rg): columns col0 + cp*CC + c (c < CC), rows 4rg + 4RG*m + q.
-template <typename F, int CB, int CC, int RG, int U>
+// DEFER: the five column sums are left as RG partials in shared memory and added when the chunk is
+// written, so the step loop has no cross-lane traffic.
+template <typename F, int CB, int CC, int RG, int U, bool DEFER>
 __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
@@ -444,6 +459,8 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     F* __restrict__ dk_, F* __restrict__ da_, F* __restrict__ db_) {
   constexpr int NT = CB / CC * RG, RR = N / RG, M = RR / 4;
   static_assert(NT % 32 == 0 && RR % 4 == 0 && RG <= 16, "bad bwd2 config");
+  constexpr int NP = DEFER ? RG : 1;                        // partial tiles per output
+  constexpr int PS = L * CB + (DEFER ? 32 / RG * CC : 0);   // floats between partial tiles (bank padding)
   const int rg = threadIdx.x % RG, cp = threadIdx.x / RG;
   const int col0 = blockIdx.x * CB, h = blockIdx.y, b = blockIdx.z;
   const long stride_t = (long)H * N;
@@ -452,9 +469,8 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
   const int NC = (T + L - 1) / L;
 
   __shared__ __align__(16) float s_dy[L][N], s_v[L][N], s_sa[L][N], s_dsa[L][N];
-  __shared__ __align__(16) float s_r[L][CB], s_k[L][CB], s_b[L][CB], s_a[L][CB], s_w[L][CB], s_wi[L][CB],
-      s_wg[L][CB];
-  __shared__ __align__(16) float o_dr[L][CB], o_dk[L][CB], o_db[L][CB], o_da[L][CB], o_dw[L][CB];
+  __shared__ __align__(16) float s_r[L][CB], s_k[L][CB], s_b[L][CB], s_a[L][CB], s_sg[L][CB];
+  __shared__ __align__(16) float o_part[5][NP * PS];  // dr, dk, db, da, d(decay)
 
   float S[RR][CC], dS[RR][CC], Snext[RR][CC];
   auto load_state = [&](const float* src, float (&X)[RR][CC]) {
@@ -497,9 +513,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     ck.template store<Tf::Plain>(&s_k[0][0], t0, T);
     cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
     ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
-    cw.template store<Tf::Decay>(&s_w[0][0], t0, T);
-    cw.template store<Tf::InvDecay>(&s_wi[0][0], t0, T);
-    cw.template store<Tf::DecayGrad>(&s_wg[0][0], t0, T);
+    cw.template store<Tf::Sigmoid>(&s_sg[0][0], t0, T);
     if (c + 1 < NC) {  // exact state after (c+1)*L steps, loaded during the previous chunk
 #pragma unroll
       for (int i = 0; i < RR; ++i)
@@ -519,7 +533,9 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
 #pragma unroll
       for (int cc = 0; cc < CC; ++cc) {
         const int j = cp * CC + cc;
-        rj[cc] = s_r[s][j], aj[cc] = s_a[s][j], wj[cc] = s_w[s][j], wij[cc] = s_wi[s][j];
+        const float sg = s_sg[s][j];
+        wj[cc] = __expf(-DECAY_SCALE * sg), wij[cc] = __expf(DECAY_SCALE * sg);
+        rj[cc] = s_r[s][j], aj[cc] = s_a[s][j];
         kwj[cc] = s_k[s][j] * wij[cc], bwj[cc] = s_b[s][j] * wij[cc];
         pdr[cc] = pdk[cc] = pdb[cc] = pdd[cc] = pda[cc] = 0.f;
       }
@@ -548,29 +564,42 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
             d_ = fmaf(d_, wj[cc], dsav[q] * aj[cc]);
           }
       }
-#pragma unroll
-      for (int cc = 0; cc < CC; ++cc) {
-        pdr[cc] = group_sum<RG>(pdr[cc]);
-        pdk[cc] = group_sum<RG>(pdk[cc]);
-        pdb[cc] = group_sum<RG>(pdb[cc]);
-        pdd[cc] = group_sum<RG>(pdd[cc]);
-        pda[cc] = group_sum<RG>(pda[cc]);
-      }
-      if (rg == 0) {
+      if constexpr (DEFER) {
 #pragma unroll
         for (int cc = 0; cc < CC; ++cc) {
-          const int j = cp * CC + cc;
-          o_dr[s][j] = pdr[cc], o_dk[s][j] = pdk[cc], o_db[s][j] = pdb[cc];
-          o_da[s][j] = pda[cc], o_dw[s][j] = pdd[cc];
+          const int o = rg * PS + s * CB + cp * CC + cc;
+          o_part[0][o] = pdr[cc], o_part[1][o] = pdk[cc], o_part[2][o] = pdb[cc];
+          o_part[3][o] = pda[cc], o_part[4][o] = pdd[cc];
+        }
+      } else {
+#pragma unroll
+        for (int cc = 0; cc < CC; ++cc) {
+          pdr[cc] = group_sum<RG>(pdr[cc]);
+          pdk[cc] = group_sum<RG>(pdk[cc]);
+          pdb[cc] = group_sum<RG>(pdb[cc]);
+          pdd[cc] = group_sum<RG>(pdd[cc]);
+          pda[cc] = group_sum<RG>(pda[cc]);
+        }
+        if (rg == 0) {
+#pragma unroll
+          for (int cc = 0; cc < CC; ++cc) {
+            const int o = s * CB + cp * CC + cc;
+            o_part[0][o] = pdr[cc], o_part[1][o] = pdk[cc], o_part[2][o] = pdb[cc];
+            o_part[3][o] = pda[cc], o_part[4][o] = pdd[cc];
+          }
         }
       }
     }
     __syncthreads();
-    write_chunk<F, NT, CB>(dr_ + in0 + col0, stride_t, t0, T, &o_dr[0][0]);
-    write_chunk<F, NT, CB>(dk_ + in0 + col0, stride_t, t0, T, &o_dk[0][0]);
-    write_chunk<F, NT, CB>(db_ + in0 + col0, stride_t, t0, T, &o_db[0][0]);
-    write_chunk<F, NT, CB>(da_ + in0 + col0, stride_t, t0, T, &o_da[0][0]);
-    write_chunk<F, NT, CB>(dw_ + in0 + col0, stride_t, t0, T, &o_dw[0][0], &s_wg[0][0]);
+    write_chunk<F, NT, CB, NP>(dr_ + in0 + col0, stride_t, t0, T, o_part[0], PS);
+    write_chunk<F, NT, CB, NP>(dk_ + in0 + col0, stride_t, t0, T, o_part[1], PS);
+    write_chunk<F, NT, CB, NP>(db_ + in0 + col0, stride_t, t0, T, o_part[2], PS);
+    write_chunk<F, NT, CB, NP>(da_ + in0 + col0, stride_t, t0, T, o_part[3], PS);
+    // d/dw of exp(-c sigmoid(w)) = -c * decay * s (1 - s)
+    write_chunk<F, NT, CB, NP>(dw_ + in0 + col0, stride_t, t0, T, o_part[4], PS, [&](int s, int j, float x) {
+      const float sg = s_sg[s][j];
+      return x * (-DECAY_SCALE) * __expf(-DECAY_SCALE * sg) * sg * (1.f - sg);
+    });
   }
 }
 
@@ -639,18 +668,18 @@ cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
   const F* aa = static_cast<const F*>(a.a);
   const F* bb = static_cast<const F*>(a.b);
   F* y = static_cast<F*>(a.y);
-#define WKV7_FWD(RB, R, P, U)                                                                             \
-  fwd_kernel<F, RB, R, P, U, SAVE><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(a.T, a.H, r, w, k, v, aa, bb, \
-                                                                           a.s0, y, a.sT, a.sa, a.ckpt)
+#define WKV7_FWD(RB, R, P, U, D)                                                                          \
+  fwd_kernel<F, RB, R, P, U, D, SAVE><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                          \
+      a.T, a.H, r, w, k, v, aa, bb, a.s0, y, a.sT, a.sa, a.ckpt)
   switch (cfg) {
-    case 0: WKV7_FWD(16, 1, 4, 1); break;
-    case 1: WKV7_FWD(32, 2, 4, 1); break;
-    case 2: WKV7_FWD(64, 4, 4, 1); break;
-    case 3: WKV7_FWD(16, 1, 8, 1); break;
-    case 4: WKV7_FWD(16, 1, 4, 2); break;
-    case 5: WKV7_FWD(32, 2, 4, 2); break;
-    case 6: WKV7_FWD(64, 4, 4, 2); break;
-    case 7: WKV7_FWD(64, 8, 8, 1); break;
+    case 0: WKV7_FWD(16, 1, 4, 16, true); break;
+    case 1: WKV7_FWD(32, 2, 4, 4, true); break;
+    case 2: WKV7_FWD(64, 4, 4, 2, true); break;
+    case 3: WKV7_FWD(16, 1, 8, 16, true); break;
+    case 4: WKV7_FWD(16, 1, 4, 2, false); break;
+    case 5: WKV7_FWD(32, 2, 4, 2, false); break;
+    case 6: WKV7_FWD(64, 4, 4, 2, false); break;
+    case 7: WKV7_FWD(32, 2, 4, 16, true); break;
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_FWD
@@ -666,36 +695,36 @@ cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
   const F* aa = static_cast<const F*>(a.a);
   const F* bb = static_cast<const F*>(a.b);
   const F* dy = static_cast<const F*>(a.dy);
-#define WKV7_BWD1(RB, R, P, U)                                                                               \
-  bwd1_kernel<F, RB, R, P, U><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(a.T, a.H, r, w, k, aa, bb, dy, a.dsT, \
-                                                                      static_cast<F*>(a.dv), a.dsa, a.ds0)
+#define WKV7_BWD1(RB, R, P, U, D)                                                                         \
+  bwd1_kernel<F, RB, R, P, U, D><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                               \
+      a.T, a.H, r, w, k, aa, bb, dy, a.dsT, static_cast<F*>(a.dv), a.dsa, a.ds0)
   switch (cfg1) {
-    case 0: WKV7_BWD1(16, 1, 4, 1); break;
-    case 1: WKV7_BWD1(32, 2, 4, 1); break;
-    case 2: WKV7_BWD1(64, 4, 4, 1); break;
-    case 3: WKV7_BWD1(16, 1, 8, 1); break;
-    case 4: WKV7_BWD1(16, 1, 4, 2); break;
-    case 5: WKV7_BWD1(32, 2, 4, 2); break;
-    case 6: WKV7_BWD1(64, 4, 4, 2); break;
-    case 7: WKV7_BWD1(64, 8, 8, 1); break;
+    case 0: WKV7_BWD1(16, 1, 4, 16, true); break;
+    case 1: WKV7_BWD1(32, 2, 4, 4, true); break;
+    case 2: WKV7_BWD1(64, 4, 4, 2, true); break;
+    case 3: WKV7_BWD1(16, 1, 8, 16, true); break;
+    case 4: WKV7_BWD1(16, 1, 4, 2, false); break;
+    case 5: WKV7_BWD1(32, 2, 4, 2, false); break;
+    case 6: WKV7_BWD1(64, 4, 4, 2, false); break;
+    case 7: WKV7_BWD1(32, 2, 4, 16, true); break;
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_BWD1
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-#define WKV7_BWD2(CB, CC, RG, U)                                                                                \
-  bwd2_kernel<F, CB, CC, RG, U><<<dim3(N / CB, a.H, a.B), CB / CC * RG, 0, st>>>(                                 \
+#define WKV7_BWD2(CB, CC, RG, U, D)                                                                       \
+  bwd2_kernel<F, CB, CC, RG, U, D><<<dim3(N / CB, a.H, a.B), CB / CC * RG, 0, st>>>(                           \
       a.T, a.H, r, w, k, v, aa, bb, dy, a.sa, a.dsa, a.ckpt, a.sT, a.dsT, static_cast<F*>(a.dr),              \
       static_cast<F*>(a.dw), static_cast<F*>(a.dk), static_cast<F*>(a.da), static_cast<F*>(a.db))
   switch (cfg2) {
-    case 0: WKV7_BWD2(16, 1, 4, 1); break;
-    case 1: WKV7_BWD2(32, 2, 4, 1); break;
-    case 2: WKV7_BWD2(32, 1, 4, 1); break;
-    case 3: WKV7_BWD2(16, 1, 8, 1); break;
-    case 4: WKV7_BWD2(16, 1, 4, 2); break;
-    case 5: WKV7_BWD2(32, 2, 4, 2); break;
-    case 6: WKV7_BWD2(32, 1, 4, 2); break;
-    case 7: WKV7_BWD2(32, 1, 2, 1); break;
+    case 0: WKV7_BWD2(16, 1, 4, 1, false); break;
+    case 1: WKV7_BWD2(32, 1, 4, 1, false); break;
+    case 2: WKV7_BWD2(16, 1, 8, 1, false); break;
+    case 3: WKV7_BWD2(32, 1, 2, 1, false); break;
+    case 4: WKV7_BWD2(16, 1, 4, 2, true); break;
+    case 5: WKV7_BWD2(16, 1, 4, 4, true); break;
+    case 6: WKV7_BWD2(32, 1, 2, 2, true); break;
+    case 7: WKV7_BWD2(16, 1, 4, 8, true); break;
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_BWD2
