@@ -1,0 +1,185 @@
+"""Training-step throughput of our RWKV-7 against FLA's RWKV7ForCausalLM, same shape, one run.
+
+    python bench/train_step.py                      # base preset, batch 16 x 2048, bf16 autocast, on CUDA
+    python bench/train_step.py --preset tiny --batch 2 --seq 128 --steps 3 --device cpu   # smoke test
+
+A step is what `musictrain fit` does per optimiser step: forward under bf16 autocast (fp32 master weights),
+cross-entropy, backward, gradient clipping at 1.0, fused AdamW (RWKV-LM's groups for ours). Cases:
+  ours/completion  the LM head only on the completion positions (--completion-frac of each row, the
+                   last ones, as in training windows): what the trainer runs
+  ours/all         the LM head on every position (the same work as a plain LM)
+  fla              fla.models.RWKV7ForCausalLM with labels (its fused CE), skipped if `fla` is not installed
+tokens/s counts every input token (B x T) per step. MFU = model FLOPs / step time / --peak-tflops, with
+model FLOPs = 6 x (non-embedding matmul parameters) x tokens + 6 x n_embd x vocab x (positions given logits)
++ the WKV state recurrence (about 18 x head_size x n_embd per token per layer, forward + backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rwkv_music.model import RWKV7, from_preset
+from rwkv_music.pipeline.tokenizer import build_tokenizer
+from rwkv_music.train.config import TrainConfig
+from rwkv_music.train.optim import make_optimizer
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+
+
+def model_flops_per_step(model: RWKV7, B: int, T: int, n_logits: int) -> float:
+    cfg = model.cfg
+    emb_head = 2 * cfg.vocab_size * cfg.n_embd
+    dense = sum(p.numel() for p in model.parameters() if p.dim() == 2) - emb_head
+    wkv = 18 * cfg.head_size * cfg.n_embd * cfg.n_layer
+    return 6.0 * dense * B * T + 6.0 * cfg.n_embd * cfg.vocab_size * n_logits + float(wkv) * B * T
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds per step, peak GiB) after `warmup` untimed steps."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    dt = (time.perf_counter() - t) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return dt, peak
+
+
+def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
+    torch.manual_seed(0)
+    model = RWKV7(from_preset(args.preset, vocab, grad_checkpoint=args.grad_checkpoint)).to(device)
+    cfg = TrainConfig(lr=1e-4, warmup_steps=0)
+    opt = make_optimizer(model, cfg, fused=device.type == "cuda")
+    fwd = torch.compile(model) if args.compile else model
+    B, T = args.batch, args.seq
+    idx = torch.randint(0, vocab, (B, T), device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    if frac is not None:
+        mask[:, : T - max(1, round(frac * T))] = False
+    targets = torch.randint(0, vocab, (int(mask.sum()),), device=device)
+    amp = device.type == "cuda"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = fwd(idx, positions=mask)
+        loss = F.cross_entropy(logits.float(), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt, peak = time_steps(step, device, args.warmup, args.steps)
+    flops = model_flops_per_step(model, B, T, int(mask.sum()))
+    name = "ours/all" if frac is None else f"ours/completion {frac:.2f}"
+    return {"case": name, "ms_per_step": dt * 1e3, "tokens_per_s": B * T / dt, "peak_gib": peak,
+            "tflops": flops / dt / 1e12, "params": model.num_params()}
+
+
+def bench_fla(args, device, vocab: int) -> dict | None:
+    try:
+        from fla.models import RWKV7Config as FlaConfig
+        from fla.models import RWKV7ForCausalLM
+    except Exception as e:  # not installed, or its Triton kernels do not import here
+        print(f"[bench] FLA skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    ours = from_preset(args.preset, vocab)
+    torch.manual_seed(0)
+    fcfg = FlaConfig(hidden_size=ours.n_embd, num_hidden_layers=ours.n_layer, head_dim=ours.head_size,
+                     vocab_size=vocab, intermediate_size=ours.dim_ffn)
+    model = RWKV7ForCausalLM(fcfg).to(device)
+    if args.grad_checkpoint:
+        model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-18,
+                            fused=device.type == "cuda")
+    B, T = args.batch, args.seq
+    idx = torch.randint(0, vocab, (B, T), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(input_ids=idx, labels=idx)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt, peak = time_steps(step, device, args.warmup, args.steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    # same FLOP model as ours (same shape), logits on every position
+    ref = RWKV7(from_preset(args.preset, vocab), init_weights=False)
+    flops = model_flops_per_step(ref, B, T, B * T)
+    return {"case": "fla", "ms_per_step": dt * 1e3, "tokens_per_s": B * T / dt, "peak_gib": peak,
+            "tflops": flops / dt / 1e12, "params": n_params}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--completion-frac", type=float, default=1 / 3,
+                    help="Share of positions given logits in ours/completion (2 of 6 bars in default windows).")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--grad-checkpoint", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our model")
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--only", choices=["completion", "all", "fla"], action="append")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="Dense bf16 peak [from the GPU name].")
+    ap.add_argument("--json", default=None, help="Also write the results here.")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    vocab = len(build_tokenizer())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), math.nan)
+    only = set(args.only or ["completion", "all", "fla"])
+    rows = []
+    if "completion" in only:
+        rows.append(bench_ours(args, device, vocab, args.completion_frac))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "all" in only:
+        rows.append(bench_ours(args, device, vocab, None))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "fla" in only and not args.no_fla:
+        r = bench_fla(args, device, vocab)
+        if r:
+            rows.append(r)
+    for r in rows:
+        r["mfu"] = r["tflops"] / peak if math.isfinite(peak) else None
+
+    print(f"\n{args.preset} preset, vocab {vocab}, batch {args.batch} x {args.seq}, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {name}, torch {torch.__version__}"
+          f"{', grad checkpoint' if args.grad_checkpoint else ''}{', compiled' if args.compile else ''}")
+    print("| case | params | ms/step | tokens/s | peak GiB | model TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"| {r['case']} | {r['params'] / 1e6:.1f}M | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['peak_gib']:.1f} | {r['tflops']:.1f} | {mfu} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
