@@ -96,6 +96,13 @@ run "$PY" -m rwkv_music.pipeline.cli build-shards "$corpus" -o "$work/shards" --
     --val-fraction "$VAL_FRACTION" --seed "$SPLIT_SEED" --workers "$workers" --dashboard-address "" --no-progress \
     --overwrite
 
+if [[ "$DEVICE" == cuda ]]; then
+    # Build (or load from its cache) the CUDA WKV kernel now, so compiling does not eat the training budget.
+    say "== building the CUDA WKV extension"
+    "$PY" -c "import time; t = time.time(); from rwkv_music.model import wkv_cuda; ok = wkv_cuda.is_available(); \
+print('CUDA WKV available:', ok, wkv_cuda.load_error() or '', f'({time.time() - t:.0f}s)')" 2>&1 | tee -a "$log"
+fi
+
 say "== 2/3 train the $PRESET preset on $DEVICE: at most $STEPS steps or ${TIME_BUDGET_S}s"
 rm -rf "$work/run"
 t0=$(date +%s)
