@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 # 2 context bars + 1 completion bar, at most 96 tokens: ~4k train / ~400 val windows from the test corpus.
-SMALL_BUILD_ARGS = ("--format", "parquet", "--max-seq-len", "96", "--context-bars", "2", "--completion-bars", "1",
+SMALL_BUILD_ARGS = ("--format", "both", "--max-seq-len", "96", "--context-bars", "2", "--completion-bars", "1",
                     "--samples-per-shard", "256", "--workers", "2", "--val-fraction", "0.2", "--seed", "0")
 
 # A 2-layer, 64-wide model: the smallest that still has the full x070 block.

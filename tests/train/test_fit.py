@@ -222,3 +222,24 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
                           "--max-steps", "3", "--device", "cpu", "--no-progress")
     assert res.exit_code == 1 and "loss is nan" in res.output and "at step 1" in res.output
     assert not (nan_run / "checkpoints").exists()
+
+
+def test_grad_accum_workers_and_webdataset(small_shards: Path, tmp_path: Path):
+    common = (*TINY, "--batch-size", "4", "--log-every", "1", "--eval-batches", "1", "--warmup-steps", "0")
+    runs = {
+        "accum": ("--grad-accum", "2", "--max-steps", "3"),
+        "plain": ("--max-steps", "6"),
+        "wds": ("--grad-accum", "2", "--max-steps", "3", "--num-workers", "2", "--format", "webdataset"),
+        "pq": ("--grad-accum", "2", "--max-steps", "3", "--num-workers", "2"),
+    }
+    for name, extra in runs.items():
+        res = musictrain_here("fit", small_shards, "-o", tmp_path / name, *common, *extra)
+        assert res.exit_code == 0, res.output
+    accum, plain = metrics(tmp_path / "accum"), metrics(tmp_path / "plain")
+    # a step of 2 micro-batches consumes exactly the next two batches of the stream
+    assert [r["tokens"] for r in accum] == [r["tokens"] for r in plain][1::2]
+    # DataLoader workers read WebDataset and Parquet shards into the same batches
+    wds, pq = metrics(tmp_path / "wds"), metrics(tmp_path / "pq")
+    assert [r["tokens"] for r in wds] == [r["tokens"] for r in pq]
+    assert [r["loss"] for r in wds] == pytest.approx([r["loss"] for r in pq], rel=1e-6)
+    assert [r["tokens"] for r in pq] != [r["tokens"] for r in accum]  # 2 workers = 2 data slots
