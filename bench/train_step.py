@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--completion-frac", type=float, default=1 / 3,
                     help="Share of positions given logits in ours/completion (2 of 6 bars in default windows).")
+    ap.add_argument("--vocab", type=int, default=None, help="Vocabulary size [the project's REMI tokenizer's].")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
@@ -147,7 +148,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    vocab = len(build_tokenizer())
+    vocab = args.vocab or len(build_tokenizer())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), math.nan)
     only = set(args.only or ["completion", "all", "fla"])

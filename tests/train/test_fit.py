@@ -243,3 +243,14 @@ def test_grad_accum_workers_and_webdataset(small_shards: Path, tmp_path: Path):
     assert [r["tokens"] for r in wds] == [r["tokens"] for r in pq]
     assert [r["loss"] for r in wds] == pytest.approx([r["loss"] for r in pq], rel=1e-6)
     assert [r["tokens"] for r in pq] != [r["tokens"] for r in accum]  # 2 workers = 2 data slots
+
+
+def test_max_tokens_stops_once_the_budget_is_seen(small_shards: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--batch-size", "4", "--max-tokens", "2000",
+                          "--log-every", "1", "--eval-batches", "1")
+    assert res.exit_code == 0, res.output
+    rows = metrics(run)
+    assert rows[-1]["tokens"] >= 2000 > rows[-2]["tokens"]
+    planned = json.loads((run / "config.json").read_text())["total_steps"]
+    assert abs(planned - rows[-1]["step"]) <= max(2, planned // 3)  # the schedule was planned from the manifest
