@@ -49,6 +49,7 @@ class TrainerState:
     best_val_loss: float | None
     tokenizer_hash: str
     rng: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the run's resolved TrainConfig, for self-containment
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -311,7 +311,7 @@ def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> 
         if di.is_main:
             st = ck.TrainerState(step=step, epoch=epoch, consumed=consumed, tokens_seen=tokens_seen,
                                  val_loss=last_val if last_val_step == step else None, best_val_loss=best_val,
-                                 tokenizer_hash=tok_hash, rng=ck.rng_state())
+                                 tokenizer_hash=tok_hash, rng=ck.rng_state(), config=cfg.to_dict())
             path = ck.save_checkpoint(run_dir, raw, opt, sched, st, tok_path, cfg.keep_last)
         if di.enabled:
             dist.barrier()

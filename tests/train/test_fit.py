@@ -88,6 +88,7 @@ def test_run_directory_layout(learned_run: Path):
         assert (ckpts / latest["path"] / name).is_file()
     state = json.loads((ckpts / latest["path"] / "trainer_state.json").read_text())
     assert state["step"] == 150 and state["consumed"] == 150 and state["epoch"] == 0 and state["rng"]["torch"]
+    assert state["config"] == cfg["train"]
 
 
 def test_checkpoint_reproduces_saved_val_loss(learned_run: Path, small_shards: Path):
