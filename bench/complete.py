@@ -75,13 +75,14 @@ def bench_prefill(model: RWKV7, T: int, repeats: int) -> float:
 
 
 @torch.no_grad()
-def bench_step(model: RWKV7, B: int, steps: int, graph: bool) -> float:
+def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False) -> float:
     device = model.device
     _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
     tok = torch.zeros(B, dtype=torch.long, device=device)
+    model_step = torch.compile(model.step, dynamic=False) if compiled else model.step
 
     def step():
-        logits, new = model.step(tok, state)
+        logits, new = model_step(tok, state)
         state.copy_(new)
         return logits
 
@@ -103,7 +104,7 @@ def bench_step(model: RWKV7, B: int, steps: int, graph: bool) -> float:
 
 
 @torch.no_grad()
-def bench_generate(model: RWKV7, B: int, steps: int, graph: bool) -> float:
+def bench_generate(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False) -> float:
     """The real decode step of `complete` (grammar + sampling + model); a large bar target and budget. (The
     step's work is the same whatever the samples do: finished ones keep running on PAD.)"""
     device = model.device
@@ -117,7 +118,7 @@ def bench_generate(model: RWKV7, B: int, steps: int, graph: bool) -> float:
     bg = BatchedGrammar(grammar, start, B, bars=budget // 8, max_new_tokens=budget, device=device)
     u = draw_uniforms(list(range(B)), budget, device)
     dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, SamplingConfig(), grammar.vocab_size,
-                   grammar.pad_id)
+                   grammar.pad_id, compiled)
     if not graph:
         for _ in range(3):
             dec.step()
@@ -202,6 +203,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=640)
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="Ours [cuda: bfloat16, cpu: float32].")
     ap.add_argument("--pip-strategy", default=None, help="The rwkv package's strategy [cuda fp16 | cpu fp32].")
+    ap.add_argument("--compile", action="store_true", help="Add rows with the model step torch.compile'd.")
     ap.add_argument("--check", action="store_true",
                     help="First check on a real prompt that CUDA-graph decoding gives the same tokens as eager "
                          "decoding, and a batch of 4 the same as 4 single runs.")
@@ -234,12 +236,15 @@ def main() -> None:
         rows.append({"impl": "ours", "shape": shape, "what": f"prefill {args.prefill}", "batch": 1,
                      "ms": bench_prefill(model, args.prefill, repeats)})
         for B in args.batches:
-            for graph in ([False, True] if cuda else [False]):
-                tag = "graph" if graph else "eager"
+            modes = [(False, False), (True, False)] if cuda else [(False, False)]
+            if args.compile:
+                modes.append((cuda, True))
+            for graph, compiled in modes:
+                tag = ("compiled " if compiled else "") + ("graph" if graph else "eager")
                 rows.append({"impl": "ours", "shape": shape, "what": f"step ({tag})", "batch": B,
-                             "ms": bench_step(model, B, steps, graph)})
+                             "ms": bench_step(model, B, steps, graph, compiled)})
                 rows.append({"impl": "ours", "shape": shape, "what": f"generate ({tag})", "batch": B,
-                             "ms": bench_generate(model, B, steps, graph)})
+                             "ms": bench_generate(model, B, steps, graph, compiled)})
         if not args.no_rwkv_pip:
             pip = bench_rwkv_pip(model, device, strategy, args.prefill, steps, repeats)
             if "error" in pip:
@@ -251,12 +256,12 @@ def main() -> None:
                 rows.append({"impl": "rwkv-pip", "shape": shape, "what": "step", "batch": 1, "ms": pip["step_ms"],
                              "note": pip["strategy"]})
         del model
-    print(f"{'impl':<9} {'shape':<22} {'what':<18} {'batch':>5} {'ms':>9} {'tok/s':>9}  note")
+    print(f"{'impl':<9} {'shape':<22} {'what':<24} {'batch':>5} {'ms':>9} {'tok/s':>9}  note")
     for r in rows:
         tps = "" if r["what"].startswith(("prefill", "error")) else f"{r['batch'] * 1e3 / r['ms']:9.0f}"
         if r["what"].startswith("prefill"):
             tps = f"{args.prefill * 1e3 / r['ms']:9.0f}"
-        print(f"{r['impl']:<9} {r['shape']:<22} {r['what']:<18} {r['batch']:>5} {r['ms']:9.3f} {tps:>9}  "
+        print(f"{r['impl']:<9} {r['shape']:<22} {r['what']:<24} {r['batch']:>5} {r['ms']:9.3f} {tps:>9}  "
               f"{r.get('note', '')}")
     if args.json:
         args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))

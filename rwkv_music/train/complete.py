@@ -41,6 +41,7 @@ class CompleteConfig:
     max_new_tokens: int | None = None  # None: DEFAULT_TOKENS_PER_BAR * bars
     max_seq_len: int = 2048  # prompt window length limit (leading context bars are dropped beyond it)
     cuda_graph: bool = True  # capture the decode step on CUDA
+    compile_step: bool = False  # torch.compile the model step (slow first call; faster steps)
 
     def __post_init__(self):
         if self.bars < 1:
@@ -125,8 +126,10 @@ class _Decoder:
     """One decode step over static tensors: mask, sample, grammar update, model step."""
 
     def __init__(self, model, grammar: BatchedGrammar, logits: Tensor, state, u: Tensor, sampling: SamplingConfig,
-                 vocab_size: int, pad_id: int):
+                 vocab_size: int, pad_id: int, compile_step: bool = False):
         self.model, self.g, self.sampling, self.V = model, grammar, sampling, vocab_size
+        # torch.compile fuses the step's many small element-wise kernels (static shapes: one compile).
+        self.model_step = torch.compile(model.step, dynamic=False) if compile_step else model.step
         B = grammar.B
         dev = logits.device
         self.logits = logits[:, :vocab_size].float().clone()
@@ -141,7 +144,7 @@ class _Decoder:
         tok = sample(self.g.mask(self.logits), u_t, self.sampling)
         self.out.index_put_((self.rows, self.t.expand_as(self.rows)), tok)
         self.g.update_(tok)
-        logits, new_state = self.model.step(tok, self.state)
+        logits, new_state = self.model_step(tok, self.state)
         self.logits.copy_(logits[:, : self.V].float())
         self.state.copy_(new_state)
         self.t.add_(1)
@@ -150,7 +153,8 @@ class _Decoder:
 @torch.no_grad()
 def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: GrammarState, *, bars: int,
              num_samples: int, max_new_tokens: int, sampling: SamplingConfig, seed: int,
-             cuda_graph: bool = False, check_every: int | None = None) -> list[list[int]]:
+             cuda_graph: bool = False, compile_step: bool = False,
+             check_every: int | None = None) -> list[list[int]]:
     """Continuations of one prompt window, sample k drawn from seed + k. Returns token ids per sample
     (without the Bar that ended it). The model runs in its own dtype; sampling is always float32."""
     device = model.device
@@ -159,7 +163,7 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
     bg = BatchedGrammar(grammar, start, B, bars, max_new_tokens, device)
     u = draw_uniforms([seed + k for k in range(B)], max_new_tokens, device)
     dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, sampling, grammar.vocab_size,
-                   grammar.pad_id)
+                   grammar.pad_id, compile_step)
     every = check_every or (16 if device.type == "cuda" else 1)
     if cuda_graph and device.type == "cuda":
         _run_graph(dec, max_new_tokens, every)
@@ -234,7 +238,7 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
     model.eval()
     conts = generate(model, grammar, window.tokens, start, bars=config.bars, num_samples=config.num_samples,
                      max_new_tokens=config.budget, sampling=config.sampling, seed=config.seed,
-                     cuda_graph=config.cuda_graph)
+                     cuda_graph=config.cuda_graph, compile_step=config.compile_step)
     meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
     samples = []
     for k, cont in enumerate(conts):
