@@ -7,13 +7,17 @@
 #   RESULTS_DIR  optional: the 8 files worth keeping (report.json/html, plots, loss curve, log) copied flat
 #
 # Environment knobs (defaults in brackets):
-#   PRESET [small]  STEPS [3000]  TIME_BUDGET_S [1200]  BATCH [16]  LR [1e-3]  WARMUP [200]  EVAL_EVERY [250]
+#   PRESET [small]  STEPS [1500]  TIME_BUDGET_S [330]  BATCH [16]  LR [1e-3]  WARMUP [100]  EVAL_EVERY [150]
 #   EVAL_WINDOWS [64]  MAX_TF_WINDOWS [2000]  DEVICE [cuda]  SEED [0]  SPLIT_SEED [3]  VAL_FRACTION [0.15]
 #   EXTRA_CORPUS (a folder of more MIDI files)  PY (python interpreter)
 # Training stops at STEPS or after TIME_BUDGET_S seconds, whichever comes first; a checkpoint is written every
 # EVAL_EVERY steps, and eval reads the best one (lowest val loss), so a stop by the time budget loses at most
 # EVAL_EVERY steps. The corpus is tiny (28 distinct pieces): SPLIT_SEED 3 with VAL_FRACTION 0.15 puts three whole
 # pieces (about 1.6k windows) in val; the split is by piece content, so no val piece is ever trained on.
+# Sized for one 10-minute device command: on one H100 the small preset ran about 4 steps/s (batch 16), shards
+# took 10 s and the kernel build 5 s, so the defaults end in about 8 minutes. On the device machine:
+#   EXTRA_CORPUS=<carried copy of the miditok test MIDIs> bash bench/e2e_proof.sh /tmp/proof "$OUT"
+# with .whl (miditok, symusic, dask, ... wheels) carried.
 set -euo pipefail
 
 work="${1:?usage: bench/e2e_proof.sh WORK_DIR [RESULTS_DIR]}"
@@ -23,12 +27,12 @@ mkdir -p "$work"
 work="$(cd "$work" && pwd)"
 
 PRESET="${PRESET:-small}"
-STEPS="${STEPS:-3000}"
-TIME_BUDGET_S="${TIME_BUDGET_S:-1200}"
+STEPS="${STEPS:-1500}"
+TIME_BUDGET_S="${TIME_BUDGET_S:-330}"
 BATCH="${BATCH:-16}"
 LR="${LR:-1e-3}"
-WARMUP="${WARMUP:-200}"
-EVAL_EVERY="${EVAL_EVERY:-250}"
+WARMUP="${WARMUP:-100}"
+EVAL_EVERY="${EVAL_EVERY:-150}"
 EVAL_WINDOWS="${EVAL_WINDOWS:-64}"
 MAX_TF_WINDOWS="${MAX_TF_WINDOWS:-2000}"
 DEVICE="${DEVICE:-cuda}"

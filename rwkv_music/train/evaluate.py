@@ -307,10 +307,6 @@ def complete_windows(model, tokenizer, prompts: Sequence[list[int]], meta_lens: 
     return outs
 
 
-def _metric_row(seg: M.NoteArray) -> dict[str, float]:
-    return M.compute_metrics(seg)
-
-
 def generative(model, tokenizer, samples: Sequence[EvalSample], chosen: Sequence[int], device: torch.device,
                seed: int, complete_fn: CompleteFn | None = None,
                random_pool: Sequence[EvalSample] | None = None) -> dict:
@@ -362,7 +358,7 @@ def generative(model, tokenizer, samples: Sequence[EvalSample], chosen: Sequence
             rec["random_from"] = {"piece_id": o.piece_id, "window": o.window}
         else:
             segs["random"] = None
-        rec["metrics"] = {name: (_metric_row(seg) if seg is not None else None) for name, seg in segs.items()}
+        rec["metrics"] = {name: (M.compute_metrics(seg) if seg is not None else None) for name, seg in segs.items()}
         rec["pch_distance"] = {
             name: ({"truth": M.pitch_class_histogram_distance(seg, truth.completion),
                     "context": M.pitch_class_histogram_distance(seg, truth.context)} if seg is not None else None)
