@@ -37,6 +37,11 @@ def log_decay(w: Tensor) -> Tensor:
     return -DECAY_SCALE * torch.sigmoid(w)
 
 
+def _no_autocast(x: Tensor) -> torch.autocast:
+    """The torch WKV paths run in fp32 even inside a bf16 autocast region (its matmuls carry the state)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _state_dtype(x: Tensor) -> torch.dtype:
     """float32 state, except float64 when the inputs are float64 (tests compare in float64)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -104,11 +109,6 @@ def wkv_chunked(
     if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return checkpoint(_wkv_chunked, r, w, k, v, a, b, state, chunk_size, use_reentrant=False)
     return _wkv_chunked(r, w, k, v, a, b, state, chunk_size)
-
-
-def _no_autocast(x: Tensor) -> torch.autocast:
-    """The chunk algebra must run in fp32 even inside a bf16 autocast region (its matmuls carry the state)."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def _wkv_chunked(
