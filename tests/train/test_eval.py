@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fit_testutil
 import numpy as np
 import pytest
 import torch
@@ -29,7 +28,9 @@ from rwkv_music.train.evaluate import (
 )
 
 N_WINDOWS = 3
-small_shards = fit_testutil.small_shards  # the trainer tests' short-window build of the test corpus (fixture)
+# Short windows (2 context bars + 1 completion bar, at most 96 tokens) so CPU training and eval stay quick.
+BUILD_ARGS = ("--format", "parquet", "--max-seq-len", "96", "--context-bars", "2", "--completion-bars", "1",
+              "--samples-per-shard", "1024", "--workers", "2", "--val-fraction", "0.2", "--seed", "0")
 
 
 def eval_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
@@ -42,6 +43,13 @@ def eval_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="module")
+def small_shards(corpus_dir: Path, build_cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval-shards") / "out"
+    build_cli(corpus_dir, out, *BUILD_ARGS)
+    return out
 
 
 @pytest.fixture(scope="module")
