@@ -28,6 +28,11 @@ def _f(x, nd: int = 3) -> str:
               help="Piano-roll plots of completions next to the truth.")
 @click.option("--tokens-per-bar", default=None, type=click.IntRange(min=8),
               help="Generation budget per bar [complete's default].")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="Sampling temperature [complete's default, 0.85].")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Nucleus sampling mass [complete's default, 0.9].")
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Top-k sampling [complete's default, off].")
 @click.option("--batch-tokens", default=32768, show_default=True, type=click.IntRange(min=64),
               help="Padded tokens per teacher-forced batch.")
 @click.option("--format", "shard_format", default="parquet", show_default=True,
@@ -36,7 +41,8 @@ def _f(x, nd: int = 3) -> str:
               type=click.Path(file_okay=False, path_type=Path), help="Report directory.")
 def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_tf_windows: int,
              all_tf_windows: bool, device: str, seed: int, piano_rolls: int, tokens_per_bar: int | None,
-             batch_tokens: int, shard_format: str, out: Path) -> None:
+             temperature: float | None, top_p: float | None, top_k: int | None, batch_tokens: int,
+             shard_format: str, out: Path) -> None:
     """Evaluate CHECKPOINT (a run or checkpoint directory) on SHARDS (a `musicprep build-shards` output).
 
     Teacher-forced loss, perplexity and top-1/top-5 accuracy on completion tokens per token type, against a
@@ -51,7 +57,8 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
 
     cfg = EvalConfig(split=split, num_windows=num_windows, max_tf_windows=None if all_tf_windows else max_tf_windows,
                      batch_tokens=batch_tokens, piano_rolls=piano_rolls, seed=seed, device=device,
-                     shard_format=shard_format, tokens_per_bar=tokens_per_bar)
+                     shard_format=shard_format, tokens_per_bar=tokens_per_bar, temperature=temperature,
+                     top_p=top_p, top_k=top_k)
     try:
         dev = resolve_device(device)
     except RuntimeError as e:

@@ -12,6 +12,7 @@ Everything lands in one report directory: report.json, report.html and the PNG p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -45,6 +46,9 @@ class EvalConfig:
     unigram_max_windows: int | None = 200_000  # training windows counted for the unigram baseline
     piano_rolls: int = 4
     tokens_per_bar: int | None = None  # generation budget per bar (None: complete's default)
+    temperature: float | None = None  # sampling overrides; None: `musictrain complete`'s defaults
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int = 0
     device: str = "auto"
     shard_format: str = "parquet"  # preferred; the other one is used if the build has only that
@@ -91,6 +95,14 @@ def load_split(shards: Path, split: str, fmt: str) -> list[EvalSample]:
     manifest = read_manifest(shards)
     fmt = available_format(manifest, fmt)
     return [EvalSample.from_row(r) for r in iter_samples(shards, split, fmt)]
+
+
+def sampling_config(cfg: EvalConfig):
+    """`complete`'s SamplingConfig with the overrides of `cfg` applied."""
+    from rwkv_music.train.sampling import SamplingConfig
+
+    over = {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k") if getattr(cfg, k) is not None}
+    return dataclasses.replace(SamplingConfig(), **over)
 
 
 def reservoir(shards: Path, split: str, fmt: str, k: int, seed: int) -> list[EvalSample]:
@@ -280,11 +292,12 @@ def midi_roundtrip_ok(score: symusic.Score) -> bool:
 
 def complete_windows(model, tokenizer, prompts: Sequence[list[int]], meta_lens: Sequence[int],
                      bars: Sequence[int], *, device: torch.device, seed: int,
-                     tokens_per_bar: int | None = None) -> list:
+                     tokens_per_bar: int | None = None, sampling=None) -> list:
     """Continue each window prompt (meta + context tokens, exactly as in training) by its number of bars.
 
-    Uses `complete`'s decoder with its default sampling, grammar and token budget (one sample per window,
-    window k seeded with seed + k). A window that fails yields its exception instead of tokens.
+    Uses `complete`'s decoder, grammar, token budget and (unless `sampling`, a SamplingConfig, is given)
+    default sampling; one sample per window, window k seeded with seed + k. A window that fails yields its
+    exception instead of tokens.
     """
     from rwkv_music.train.complete import DEFAULT_TOKENS_PER_BAR, CompleteConfig, check_vocab, generate
     from rwkv_music.train.grammar import RemiGrammar
@@ -299,7 +312,7 @@ def complete_windows(model, tokenizer, prompts: Sequence[list[int]], meta_lens: 
         try:
             start = grammar.run(list(prompt), meta_len, strict=False)
             cont = generate(model, grammar, list(prompt), start, bars=nb, num_samples=1,
-                            max_new_tokens=per_bar * nb, sampling=cfg.sampling, seed=seed + k,
+                            max_new_tokens=per_bar * nb, sampling=sampling or cfg.sampling, seed=seed + k,
                             cuda_graph=cfg.cuda_graph)
             outs.append(cont[0])
         except Exception as e:  # one bad window is a counted failure, not a failed evaluation
@@ -650,11 +663,13 @@ def run_eval(model: torch.nn.Module, tokenizer, shards: str | os.PathLike, out_d
         pool, pool_split = samples, cfg.split
         if len({s.piece_id for s in samples}) < 2:  # one piece: other pieces come from the training split
             pool, pool_split = samples + reservoir(shards, "train", cfg.shard_format, 4096, cfg.seed), "train"
-        fn = complete_fn or functools.partial(complete_windows, tokens_per_bar=cfg.tokens_per_bar)
+        fn = complete_fn or functools.partial(complete_windows, tokens_per_bar=cfg.tokens_per_bar,
+                                              sampling=sampling_config(cfg))
         g = generative(model, tokenizer, samples, chosen, device, cfg.seed, fn, pool)
         windows = g["windows"]
         report["generative"] = summarize_generative(windows)
         report["generative"]["random_window_split"] = pool_split
+        report["generative"]["sampling"] = dataclasses.asdict(sampling_config(cfg))
         report["generative"]["windows_without_context"] = len(samples) - len(with_context)
         report["generative"]["windows"] = windows
         report["timing_s"]["generation"] = g["generation_seconds"]
