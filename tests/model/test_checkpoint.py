@@ -56,6 +56,17 @@ def test_rwkv_lm_format_round_trip(tiny_model: RWKV7, tmp_path: Path) -> None:
     assert rel_err(_logits(bf16, idx), _logits(tiny_model, idx)) < 5e-2
 
 
+def test_rwkv_lm_ranks_come_from_shapes(tmp_path: Path) -> None:
+    """Older RWKV-LM revisions used other LoRA ranks (e.g. gate 0.6 * C**0.8); the loader must follow."""
+    cfg = RWKV7Config(vocab_size=50, n_layer=2, n_embd=128, d_decay_lora=64, d_aaa_lora=96, d_mv_lora=32,
+                      d_gate_lora=128, dim_ffn=448)
+    model = randomised_model(cfg, seed=13)
+    loaded = load_rwkv_lm(save_rwkv_lm(model, tmp_path / "old.pth"))
+    assert loaded.cfg == cfg
+    idx = torch.randint(0, 50, (1, 11))
+    assert torch.equal(_logits(loaded, idx), _logits(model, idx))
+
+
 def test_rwkv_lm_loader_rejects_other_variants(tiny_model: RWKV7, tmp_path: Path) -> None:
     sd = {k: v for k, v in tiny_model.state_dict().items()}
     sd["blocks.0.ffn.s_emb.weight"] = torch.zeros(3)  # e.g. a DeepEmbed checkpoint
