@@ -8,6 +8,7 @@ Prints one table. Rows:
   step      model.step alone (RNN mode), eager and (CUDA) as a CUDA graph
   generate  the decode step `musictrain complete` runs: grammar mask + top-p sampling + grammar update +
             model step (CUDA: one CUDA graph replay), prompt from examples/demo-corpus
+  compiled  (--compile) the same with the step torch.compile'd (model step alone / the whole decode step)
   rwkv-pip  the `rwkv` package (0.8.x, x070): RWKV(...).forward(tokens, None) and forward([tok], state),
             batch 1 only (the package has no batched RNN step); run in a subprocess because its settings
             are environment variables read at import (RWKV_CUDA_ON=1 builds its CUDA kernel).
@@ -79,6 +80,8 @@ def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = F
     device = model.device
     _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
     tok = torch.zeros(B, dtype=torch.long, device=device)
+    if compiled:
+        torch._dynamo.reset()  # a fresh compile per shape (no cache-size limit, no dynamic-shape fallback)
     model_step = torch.compile(model.step, dynamic=False) if compiled else model.step
 
     def step():
@@ -108,6 +111,8 @@ def bench_generate(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool
     """The real decode step of `complete` (grammar + sampling + model); a large bar target and budget. (The
     step's work is the same whatever the samples do: finished ones keep running on PAD.)"""
     device = model.device
+    if compiled:
+        torch._dynamo.reset()
     tok = build_tokenizer()
     grammar = RemiGrammar(tok)
     ids = encode_piano(load_piano_score(DEMO_PROMPT, tok), tok)
@@ -188,9 +193,14 @@ def check(device: torch.device, dtype: torch.dtype, vocab: int) -> None:
     singles = [complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=1, cuda_graph=True,
                                                                 **{**cfg, "seed": 3 + k})).samples[0]
                for k in range(4)]
+    torch._dynamo.reset()
+    compiled = complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, cuda_graph=True, compile_step=True,
+                                                                **cfg))
+    same_c = [a.tokens == b.tokens for a, b in zip(compiled.samples, eager.samples, strict=True)]
     same = [a.tokens == b.tokens for a, b in zip(graph.samples, eager.samples, strict=True)]
     batched = [a.tokens == b.tokens for a, b in zip(graph.samples, singles, strict=True)]
-    print(f"# check on {device}: graph == eager per sample {same}; batch-of-4 == single runs {batched}; "
+    print(f"# check on {device}: graph == eager per sample {same}; compiled graph == eager {same_c}; "
+          f"batch-of-4 == single runs {batched}; "
           f"bars {[s.bars for s in graph.samples]}, tokens {[len(s.tokens) for s in graph.samples]}, "
           f"notes {[s.continuation.note_num() for s in graph.samples]}")
 

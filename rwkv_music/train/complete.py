@@ -128,8 +128,9 @@ class _Decoder:
     def __init__(self, model, grammar: BatchedGrammar, logits: Tensor, state, u: Tensor, sampling: SamplingConfig,
                  vocab_size: int, pad_id: int, compile_step: bool = False):
         self.model, self.g, self.sampling, self.V = model, grammar, sampling, vocab_size
-        # torch.compile fuses the step's many small element-wise kernels (static shapes: one compile).
-        self.model_step = torch.compile(model.step, dynamic=False) if compile_step else model.step
+        # torch.compile fuses the step's many small element-wise kernels (static shapes: one compile). The
+        # result is still captured as a CUDA graph by `_run_graph`.
+        self.step = torch.compile(self._step, dynamic=False) if compile_step else self._step
         B = grammar.B
         dev = logits.device
         self.logits = logits[:, :vocab_size].float().clone()
@@ -139,12 +140,12 @@ class _Decoder:
         self.out = torch.full((B, u.shape[1]), pad_id, dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
 
-    def step(self) -> None:
+    def _step(self) -> None:
         u_t = self.u.index_select(1, self.t).squeeze(1)
         tok = sample(self.g.mask(self.logits), u_t, self.sampling)
         self.out.index_put_((self.rows, self.t.expand_as(self.rows)), tok)
         self.g.update_(tok)
-        logits, new_state = self.model_step(tok, self.state)
+        logits, new_state = self.model.step(tok, self.state)
         self.logits.copy_(logits[:, : self.V].float())
         self.state.copy_(new_state)
         self.t.add_(1)
