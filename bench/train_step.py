@@ -155,16 +155,19 @@ def main() -> None:
     rows = []
     if "completion" in only:
         rows.append(bench_ours(args, device, vocab, args.completion_frac))
+        print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if "all" in only:
         rows.append(bench_ours(args, device, vocab, None))
+        print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if "fla" in only and not args.no_fla:
         r = bench_fla(args, device, vocab)
         if r:
             rows.append(r)
+            print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
     for r in rows:
         r["mfu"] = r["tflops"] / peak if math.isfinite(peak) else None
 
