@@ -13,7 +13,7 @@ prompt="$corpus/POP909_008.mid"
 
 echo "== 1/3 build shards from $corpus"
 musicprep build-shards "$corpus" -o "$out/shards" --workers 2 --max-seq-len 512 --samples-per-shard 512 \
-    --val-fraction 0.15 --overwrite
+    --val-fraction 0.25 --overwrite
 echo "== 2/3 train the tiny preset for $steps steps on the CPU"
 musictrain fit "$out/shards" -o "$out/run" --preset tiny --max-steps "$steps" --batch-size 8 \
     --eval-every 100 --save-every 100 --device cpu
