@@ -43,10 +43,13 @@ def _context_bars(value: str) -> int | None:
               show_default=True, help="Weights and activations dtype (the WKV state stays float32).")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="Capture the decode step as a CUDA graph (CUDA only).")
+@click.option("--compile", "compile_step", is_flag=True,
+              help="torch.compile the decode step (CUDA: ~1.3 ms/step instead of ~2.2 for L12 D768, after a "
+                   "compile of tens of seconds; worth it for long or repeated generation).")
 @click.option("--plot", is_flag=True, help="Also write a piano-roll PNG per sample.")
 def complete(checkpoint: Path, prompt: Path, out: Path, bars: int, context_bars: str, num_samples: int,
              temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int | None, device: str,
-             dtype: str, cuda_graph: bool, plot: bool) -> None:
+             dtype: str, cuda_graph: bool, compile_step: bool, plot: bool) -> None:
     """Continue PROMPT (a MIDI file) by --bars bars with the model in CHECKPOINT (a run directory: its best
     checkpoint, else the latest; or one checkpoint directory)."""
     import torch
@@ -72,7 +75,7 @@ def complete(checkpoint: Path, prompt: Path, out: Path, bars: int, context_bars:
         raise UsageFailure(_one_line(f"cannot load checkpoint {checkpoint}: {e}")) from None
     config = CompleteConfig(bars=bars, context_bars=ctx, num_samples=num_samples,
                             sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed,
-                            max_new_tokens=max_tokens, cuda_graph=cuda_graph)
+                            max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step)
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     try:
