@@ -1,13 +1,16 @@
-"""The per-batch worker: files -> merged piano -> REMI ids -> windows -> split -> shards on disk.
+"""The per-batch worker: files -> merged piano -> filters -> REMI ids -> windows -> split -> staged shards.
 
-Runs inside a Dask worker (or directly, in tests). It writes its shards itself, atomically, then a small
-JSON record of what it did; a batch whose record exists (and whose inputs match) is finished.
+Runs inside a Dask worker (or directly, in tests). It writes its shards itself, atomically, into the staging
+area OUT/.build/staging/, then a small JSON record of what it did (with each piece's content fingerprints); a
+batch whose record exists (and whose inputs match) is finished. The driver later decides which pieces are
+near-duplicates and publishes the staged shards under train/ and val/ (finalize.py).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,14 +22,18 @@ from ..shards.atomic import sha256_file, write_json_atomic
 from ..shards.parquet import write_parquet
 from ..shards.schema import SPLITS, Sample, shard_name
 from ..shards.webdataset import write_webdataset
+from .config import Filters
+from .dedup import minhash_signature
+from .guard import FileWatchdog, inject_fault, timeout_marker
 from .scan import Batch, CorpusFile
-from .split import assign_split, note_content_hash
+from .split import assign_split, note_array, note_content_hash
 from .tokenizer import MidiRejected, encode_piano, load_piano_score, tokenizer_from_file, tokenizer_hash
 from .windows import Vocab, WindowSpec, WindowStats, index_bars, make_windows
 
 BATCH_DIR = ".build/batches"
+STAGING_DIR = ".build/staging"
 COUNT_KEYS = ("files", "ok", "rejected", "too_short", "windows", "windows_dropped", "windows_truncated",
-              "samples_train", "samples_val", "tokens_train", "tokens_val")
+              "samples_train", "samples_val", "tokens_train", "tokens_val", "tokens_encoded")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,11 @@ class BatchTask:
     samples_per_shard: int
     val_fraction: float
     seed: int
+    filters: Filters = field(default_factory=Filters)
+    minhash: bool = False  # also compute each piece's MinHash signature
+    file_timeout: float | None = None  # seconds per file before the worker gives up on it (guard.py)
+    crashed: tuple[str, ...] = ()  # files found to kill the worker: rejected as "worker-crash" without processing
+    probe: bool = False  # only process the files (to find a crashing one); write nothing
 
 
 @dataclass
@@ -50,10 +62,12 @@ class BatchResult:
     index: int
     digest: str  # Batch.digest() of the inputs
     counts: dict = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
-    shards: list[dict] = field(default_factory=list)  # manifest entries
+    shards: list[dict] = field(default_factory=list)  # staged shards, manifest-style entries (paths relative to OUT)
+    pieces: list[dict] = field(default_factory=list)  # per usable file: source, piece_id, content, split, counts
     rejects: list[dict] = field(default_factory=list)  # {"path", "reason", "message"}
     timesig_changed: list[dict] = field(default_factory=list)  # {"source", "changed"}
     timings: dict = field(default_factory=dict)  # seconds per stage (not part of the output identity)
+    peak_rss_mb: float = 0.0  # the worker process's peak resident memory after this batch
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -83,9 +97,34 @@ class _Piece:
     samples: list[Sample]
 
 
+def max_polyphony(notes: np.ndarray) -> int:
+    """Most notes sounding at once, from (onset, duration, pitch) rows; a note ends before one starting then."""
+    if not len(notes):
+        return 0
+    times = np.concatenate([notes[:, 0], notes[:, 0] + np.maximum(notes[:, 1], 1)])
+    delta = np.concatenate([np.ones(len(notes), np.int64), -np.ones(len(notes), np.int64)])
+    order = np.lexsort((delta, times))  # at equal times, ends (-1) before starts (+1)
+    return int(np.cumsum(delta[order]).max())
+
+
+def _check_filters(notes: np.ndarray, grid_per_quarter: int, filters: Filters) -> tuple[str, str] | None:
+    n = len(notes)
+    if n < filters.min_notes:
+        return "too-few-notes", f"{n} note(s), at least {filters.min_notes} wanted"
+    poly = max_polyphony(notes)
+    if poly > filters.max_polyphony:
+        return "polyphony-outlier", f"{poly} notes sound at once (limit {filters.max_polyphony})"
+    span = (int((notes[:, 0] + notes[:, 1]).max()) - int(notes[:, 0].min())) / grid_per_quarter if n else 0.0
+    density = n / max(span, 1.0)
+    if density > filters.max_notes_per_beat:
+        return "density-outlier", f"{density:.1f} notes per quarter note (limit {filters.max_notes_per_beat:g})"
+    return None
+
+
 def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, result: BatchResult,
                   timings: dict) -> _Piece | None:
     """One file to its samples, or a reject recorded in `result` (None)."""
+    from .split import GRID_PER_QUARTER
 
     def reject(reason: str, message: str) -> None:
         result.rejects.append({"path": f.rel, "reason": reason, "message": message})
@@ -103,12 +142,19 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
         piano = load_piano_score(data, tok)
     except MidiRejected as e:
         return reject(e.reason, e.message)
+    notes = note_array(piano.score)
+    bad = _check_filters(notes, GRID_PER_QUARTER, task.filters)
+    if bad:
+        return reject(*bad)
     t2 = time.perf_counter()
     try:
         ids = encode_piano(piano, tok)
     except Exception as e:  # miditok raises assorted errors on odd content
         return reject("tokenize-error", f"{type(e).__name__}: {e}")
     t3 = time.perf_counter()
+    n_bars = index_bars(ids, vocab).n_bars
+    if n_bars < task.filters.min_bars:
+        return reject("too-few-bars", f"{n_bars} bar(s), at least {task.filters.min_bars} wanted")
     stats = WindowStats()
     windows = make_windows(ids, vocab, task.spec, stats)
     t4 = time.perf_counter()
@@ -116,71 +162,102 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
         timings[k] = timings.get(k, 0.0) + dt
     if piano.time_signatures_changed:
         result.timesig_changed.append({"source": f.rel, "changed": piano.time_signatures_changed})
-    result.counts["windows"] += len(windows) + stats.dropped
-    result.counts["windows_dropped"] += stats.dropped
-    result.counts["windows_truncated"] += stats.truncated
     if stats.too_short:
         result.counts["too_short"] += 1
-        n_bars = index_bars(ids, vocab).n_bars
         need = task.spec.context_bars + task.spec.completion_bars
         return reject("too-short", f"{n_bars} bar(s), a window needs {need}")
     if not windows:
         return reject("no-windows", f"all {stats.dropped} window(s) exceed max-seq-len {task.spec.max_seq_len}")
-    split = assign_split(note_content_hash(piano.score), task.val_fraction, task.seed)
+    t5 = time.perf_counter()
+    content = note_content_hash(piano.score)
+    split = assign_split(content, task.val_fraction, task.seed)
     samples = [Sample(tokens=np.asarray(w.tokens, dtype=np.int32), meta_len=w.meta_len, ctx_len=w.ctx_len,
                       completion_len=w.completion_len, piece_id=f.sha256, source=f.rel, window=w.window,
                       first_bar=w.first_bar) for w in windows]
-    result.counts["ok"] += 1
+    piece = {"source": f.rel, "piece_id": f.sha256, "content": content, "split": split,
+             "samples": len(samples), "tokens": sum(len(s.tokens) for s in samples),
+             "windows": len(windows) + stats.dropped, "windows_dropped": stats.dropped,
+             "windows_truncated": stats.truncated, "tokens_encoded": len(ids)}
+    if task.minhash:
+        piece["minhash"] = minhash_signature(notes)
+    result.pieces.append(piece)
+    timings["dedup"] = timings.get("dedup", 0.0) + time.perf_counter() - t5
+    c = result.counts
+    c["ok"] += 1
+    c["windows"] += piece["windows"]
+    c["windows_dropped"] += stats.dropped
+    c["windows_truncated"] += stats.truncated
+    c["tokens_encoded"] += len(ids)
     return _Piece(split, samples)
 
 
-def _write_split(task: BatchTask, split: str, samples: list[Sample], result: BatchResult) -> None:
-    out = Path(task.out)
-    n = task.samples_per_shard
-    for part, start in enumerate(range(0, len(samples), n)):
-        chunk = samples[start:start + n]
-        for fmt in task.formats:
-            rel = f"{split}/{shard_name(task.batch.index, part, fmt)}"
+def write_split_shards(out: str | Path, prefix: str, batch_index: int, split: str, samples: list[Sample],
+                       task_formats: tuple[str, ...], samples_per_shard: int, thash: str) -> list[dict]:
+    """Write `samples` as parts of `samples_per_shard` under OUT/prefix/split/; their manifest entries."""
+    out = Path(out)
+    entries = []
+    for part, start in enumerate(range(0, len(samples), samples_per_shard)):
+        chunk = samples[start:start + samples_per_shard]
+        for fmt in task_formats:
+            rel = f"{prefix}{split}/{shard_name(batch_index, part, fmt)}"
             path = out / rel
             if fmt == "parquet":
-                write_parquet(path, chunk, task.tokenizer_hash)
+                write_parquet(path, chunk, thash)
             else:
                 write_webdataset(path, chunk)
-            result.shards.append({"path": rel, "split": split, "format": fmt, "nsamples": len(chunk),
-                                  "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+            entries.append({"path": rel, "split": split, "format": fmt, "nsamples": len(chunk),
+                            "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    return entries
 
 
 def process_batch(task: BatchTask) -> BatchResult:
-    """Build, write and record one batch. Per-file problems become rejects; the batch always completes."""
+    """Build, stage and record one batch. Per-file problems become rejects; the batch always completes."""
     t_start = time.perf_counter()
     tok, vocab = _load_tokenizer(task.tokenizer_path, task.tokenizer_hash)
     result = BatchResult(task.batch.index, task.batch.digest())
     timings: dict = {}
     by_split: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+    watchdog = FileWatchdog(task.out, task.file_timeout)
     for f in task.batch.files:
         result.counts["files"] += 1
+        if f.rel in task.crashed:
+            result.rejects.append({"path": f.rel, "reason": "worker-crash",
+                                   "message": "the worker process died on this file (after retries)"})
+            result.counts["rejected"] += 1
+            continue
+        if timeout_marker(task.out, f.sha256).is_file():
+            result.rejects.append({"path": f.rel, "reason": "timeout",
+                                   "message": f"processing took longer than {task.file_timeout} s"})
+            result.counts["rejected"] += 1
+            continue
         try:
-            piece = _process_file(task, f, tok, vocab, result, timings)
+            with watchdog.watch(f.rel, f.sha256):
+                inject_fault(f.rel)
+                piece = _process_file(task, f, tok, vocab, result, timings)
         except Exception as e:  # a bug or an unforeseen input must not take the other files down
             result.rejects.append({"path": f.rel, "reason": "internal-error", "message": f"{type(e).__name__}: {e}"})
             result.counts["rejected"] += 1
             continue
         if piece is not None:
             by_split[piece.split].extend(piece.samples)
+    if task.probe:
+        return result
     t_write = time.perf_counter()
     for split, samples in by_split.items():
         result.counts[f"samples_{split}"] = len(samples)
         result.counts[f"tokens_{split}"] = sum(len(s.tokens) for s in samples)
-        _write_split(task, split, samples, result)
+        result.shards += write_split_shards(task.out, f"{STAGING_DIR}/", task.batch.index, split, samples,
+                                            task.formats, task.samples_per_shard, task.tokenizer_hash)
     timings["write"] = time.perf_counter() - t_write
     timings["total"] = time.perf_counter() - t_start
     result.timings = {k: round(v, 4) for k, v in timings.items()}
+    result.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_json_atomic(batch_record_path(task.out, task.batch.index), result.to_json())
     return result
 
 
 def load_finished(out: str | Path, batch: Batch) -> BatchResult | None:
-    """The recorded result of `batch` if it finished with the same inputs and its shards are all present."""
+    """The recorded result of `batch` if it finished with the same inputs and its staged shards are all present."""
     path = batch_record_path(out, batch.index)
     if not path.is_file():
         return None

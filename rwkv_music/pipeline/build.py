@@ -12,14 +12,20 @@ from pathlib import Path
 from ..shards.atomic import write_bytes_atomic, write_json_atomic
 from ..shards.manifest import MANIFEST, REJECTS, TOKENIZER
 from ..shards.schema import FORMAT_VERSION, SPLITS
-from .batch import COUNT_KEYS, BatchResult, BatchTask, load_finished
+from .batch import STAGING_DIR, BatchResult, BatchTask, load_finished
 from .config import BuildConfig, Runtime
+from .dedup import find_near_duplicates
+from .finalize import publish_batch
 from .scan import CorpusError, find_midi, make_batches, scan_corpus
 from .tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
 
 BUILD_CONFIG = ".build/config.json"
 STATS = "stats.json"
-OWNED = ("train", "val", ".build", MANIFEST, REJECTS, TOKENIZER, STATS)
+PERFORMANCE_REPORT = "performance-report.html"
+OWNED = ("train", "val", ".build", MANIFEST, REJECTS, TOKENIZER, STATS, PERFORMANCE_REPORT)
+# Reject reasons that are quality filters (counted under counts.filtered) rather than unreadable input.
+FILTER_REASONS = ("no-pitched-tracks", "no-notes", "too-few-notes", "too-few-bars", "too-short", "polyphony-outlier",
+                  "density-outlier", "no-windows")
 
 
 class BuildError(Exception):
@@ -47,8 +53,8 @@ def _prepare_out(out: Path, fingerprint: dict, overwrite: bool) -> None:
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
-    for split in SPLITS:  # leftovers of an interrupted write
-        for tmp in (out / split).glob(".*.tmp") if (out / split).is_dir() else []:
+    for d in (*SPLITS, *(f"{STAGING_DIR}/{s}" for s in SPLITS)):  # leftovers of an interrupted write
+        for tmp in (out / d).glob(".*.tmp") if (out / d).is_dir() else []:
             tmp.unlink()
     write_json_atomic(out / BUILD_CONFIG, fingerprint)
 
@@ -58,7 +64,10 @@ def _args_record(cfg: BuildConfig, rt: Runtime) -> dict:
         "corpus": str(cfg.corpus), "out": str(cfg.out), **asdict(cfg.spec), "formats": list(cfg.formats),
         "samples_per_shard": cfg.samples_per_shard, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
         "files_per_batch": cfg.files_per_batch, "tokenizer_overrides": cfg.tokenizer_overrides,
-        "workers": rt.workers, "scheduler": rt.scheduler, "dashboard_address": rt.dashboard_address,
+        "filters": asdict(cfg.filters), "near_dedup": cfg.near_dedup, "minhash_threshold": cfg.minhash_threshold,
+        "workers": rt.workers, "scheduler": rt.scheduler or rt.scheduler_file,
+        "dashboard_address": rt.dashboard_address,
+        "file_timeout": rt.file_timeout, "retries": rt.retries,
     }
 
 
@@ -88,7 +97,8 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
         else:
             tasks.append(BatchTask(b, str(Path(cfg.corpus).resolve()), str(out.resolve()),
                                    str((out / TOKENIZER).resolve()), thash, cfg.spec, tuple(cfg.formats),
-                                   cfg.samples_per_shard, cfg.val_fraction, cfg.seed))
+                                   cfg.samples_per_shard, cfg.val_fraction, cfg.seed, cfg.filters,
+                                   cfg.near_dedup == "minhash", rt.file_timeout))
     if len(results):
         log(f"resuming: {len(results)} of {len(batches)} batch(es) already finished")
     failures: list[dict] = []
@@ -100,18 +110,25 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
     if tasks:
         from .driver import run_tasks
 
-        run_tasks(tasks, rt, log, lambda r: results.__setitem__(r.index, r), on_failure)
+        report = rt.performance_report
+        if report == "":
+            report = str(out / PERFORMANCE_REPORT)
+        run_tasks(tasks, rt, log, lambda r: results.__setitem__(r.index, r), on_failure, report)
     t_done = time.perf_counter()
 
-    manifest = _assemble_manifest(cfg, rt, tok, thash, scan, [results[i] for i in sorted(results)], failures)
-    rejects = sorted(scan.rejects + failures + [r for i in sorted(results) for r in results[i].rejects],
-                     key=lambda r: r["path"])
+    ordered = [results[i] for i in sorted(results)]
+    near = find_near_duplicates([p for r in ordered for p in r.pieces], cfg.near_dedup, cfg.minhash_threshold)
+    dropped = set(near)
+    shards = [e for r in ordered
+              for e in publish_batch(out, r, dropped, tuple(cfg.formats), cfg.samples_per_shard, thash)]
+    manifest = _assemble_manifest(cfg, rt, tok, thash, scan, ordered, failures, near, shards)
+    rejects = sorted(scan.rejects + failures + [r for res in ordered for r in res.rejects], key=lambda r: r["path"])
     write_bytes_atomic(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
     write_json_atomic(out / MANIFEST, manifest)
     wall = {"prepare": t_scan - t0, "scan": t_scan_done - t_scan, "batches": t_done - t_run,
             "finish": time.perf_counter() - t_done}
     wall["total"] = time.perf_counter() - t0
-    write_json_atomic(out / STATS, _stats(wall, [results[i] for i in sorted(results)], len(tasks)))
+    write_json_atomic(out / STATS, _stats(wall, ordered, len(tasks)))
     return manifest
 
 
@@ -125,31 +142,39 @@ def _stats(wall: dict, results: list[BatchResult], ran: int) -> dict:
         "wall_seconds": {k: round(v, 3) for k, v in wall.items()},
         "worker_seconds": {k: round(v, 3) for k, v in sorted(stages.items())},
         "batches": {"total": len(results), "ran": ran, "reused": len(results) - ran},
-        "per_batch": [{"index": r.index, "files": r.counts["files"], **r.timings} for r in results],
+        "tokens_encoded": sum(r.counts.get("tokens_encoded", 0) for r in results),
+        "worker_peak_rss_mb": max((r.peak_rss_mb for r in results), default=0.0),
+        "per_batch": [{"index": r.index, "files": r.counts["files"], **r.timings, "peak_rss_mb": r.peak_rss_mb}
+                      for r in results],
     }
 
 
 def _assemble_manifest(cfg: BuildConfig, rt: Runtime, tok, thash: str, scan, results: list[BatchResult],
-                       failures: list[dict]) -> dict:
-    """Everything in batch order, so the manifest does not depend on completion order."""
-    c = dict.fromkeys(COUNT_KEYS, 0)
-    for r in results:
-        for k in COUNT_KEYS:
-            c[k] += r.counts.get(k, 0)
+                       failures: list[dict], near: dict[str, str], shards: list[dict]) -> dict:
+    """Everything in batch order, so the manifest does not depend on completion order. Counts cover the kept
+    pieces only (near-duplicates are dropped after the batches ran)."""
+    kept = [p for r in results for p in r.pieces if p["source"] not in near]
+    rejects = scan.rejects + failures + [x for r in results for x in r.rejects]
+    by_reason: dict[str, int] = {}
+    for x in rejects:
+        by_reason[x["reason"]] = by_reason.get(x["reason"], 0) + 1
     counts = {
         "files_seen": scan.seen,
-        "files_ok": c["ok"],
-        "files_rejected": c["rejected"] + len(scan.rejects) + len(failures),
+        "files_ok": len(kept),
+        "files_rejected": len(rejects),
         "duplicates": len(scan.duplicates),
-        "too_short": c["too_short"],
-        "time_signatures_changed": sum(1 for r in results for _ in r.timesig_changed),
-        "windows": c["windows"],
-        "windows_dropped": c["windows_dropped"],
-        "windows_truncated": c["windows_truncated"],
-        "samples": {s: c[f"samples_{s}"] for s in SPLITS},
-        "tokens": {s: c[f"tokens_{s}"] for s in SPLITS},
+        "near_duplicates": len(near),
+        "too_short": by_reason.get("too-short", 0),
+        "filtered": {k: by_reason.get(k, 0) for k in FILTER_REASONS},
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "time_signatures_changed": sum(1 for r in results for t in r.timesig_changed if t["source"] not in near),
+        "windows": sum(p["windows"] for p in kept),
+        "windows_dropped": sum(p["windows_dropped"] for p in kept),
+        "windows_truncated": sum(p["windows_truncated"] for p in kept),
+        "samples": {s: sum(p["samples"] for p in kept if p["split"] == s) for s in SPLITS},
+        "tokens": {s: sum(p["tokens"] for p in kept if p["split"] == s) for s in SPLITS},
     }
-    shards = sorted((s for r in results for s in r.shards), key=lambda s: (s["split"], s["format"], s["path"]))
+    shards = sorted(shards, key=lambda s: (s["split"], s["format"], s["path"]))
     return {
         "format_version": FORMAT_VERSION,
         "tokenizer": {"hash": thash, "path": TOKENIZER, "config": tok.config.to_dict(serialize=True)},
@@ -157,7 +182,8 @@ def _assemble_manifest(cfg: BuildConfig, rt: Runtime, tok, thash: str, scan, res
         "args": _args_record(cfg, rt),
         "counts": counts,
         "duplicates": scan.duplicates,
-        "time_signatures_changed": [t for r in results for t in r.timesig_changed],
+        "near_duplicates": [{"source": s, "same_as": near[s]} for s in sorted(near)],
+        "time_signatures_changed": [t for r in results for t in r.timesig_changed if t["source"] not in near],
         "shards": shards,
     }
 
@@ -168,6 +194,8 @@ def summary_table(manifest: dict) -> str:
     rows = [
         ("files seen", c["files_seen"]), ("files ok", c["files_ok"]), ("files rejected", c["files_rejected"]),
         ("  of which too short", c["too_short"]), ("duplicates (skipped)", c["duplicates"]),
+        ("near-duplicates (skipped)", c["near_duplicates"]),
+        *((f"  filtered: {k}", v) for k, v in c["filtered"].items() if v and k != "too-short"),
         ("time signatures changed (files)", c["time_signatures_changed"]),
         ("windows dropped (too long)", c["windows_dropped"]), ("windows truncated", c["windows_truncated"]),
     ]

@@ -47,6 +47,8 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--workers", default=None, type=int, help="Dask worker processes [default: CPU count].")
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (no LocalCluster).")
+@click.option("--scheduler-file", default=None, type=click.Path(path_type=Path, dir_okay=False),
+              help="Scheduler file of an existing Dask cluster (dask scheduler --scheduler-file).")
 @click.option("--dashboard-address", default=":8787", show_default=True,
               help="Dashboard address of the embedded cluster ('' disables it).")
 @click.option("--tokenizer-config", type=click.Path(path_type=Path, dir_okay=False),
@@ -55,16 +57,33 @@ def main() -> None:
               help="Files per Dask task (fixed; part of the output identity) [default: 16].")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT built with a different configuration.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--performance-report", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write Dask's HTML performance report of the run here.")
+@click.option("--performance-report", default=None,
+              help="Dask's HTML performance report of the run [default: OUT/performance-report.html; '' = none].")
+@click.option("--near-dedup", type=click.Choice(["content", "minhash", "off"]), default="content", show_default=True,
+              help="Drop re-encoded copies (equal notes); 'minhash' also drops close variants.")
+@click.option("--minhash-threshold", default=0.9, show_default=True, type=float,
+              help="Estimated note 4-gram Jaccard similarity that makes two pieces near-duplicates.")
+@click.option("--min-notes", default=1, show_default=True, type=int, help="Reject pieces with fewer notes.")
+@click.option("--min-bars", default=0, show_default=True, type=int,
+              help="Reject pieces with fewer bars (windows always need context + completion bars).")
+@click.option("--max-polyphony", default=64, show_default=True, type=int,
+              help="Reject pieces with more notes sounding at once.")
+@click.option("--max-notes-per-beat", default=32.0, show_default=True, type=float,
+              help="Reject pieces averaging more notes per quarter note.")
+@click.option("--file-timeout", default=30.0, show_default=True, type=float,
+              help="Seconds one file may take before it is rejected as 'timeout' (0 = no limit).")
+@click.option("--retries", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Worker deaths a batch may cause before it is split to isolate the file (embedded cluster).")
 def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars: int, stride_bars: int,
                      max_seq_len: int, fmt: str, samples_per_shard: int, val_fraction: float, seed: int,
-                     workers: int | None, scheduler: str | None, dashboard_address: str,
-                     tokenizer_config: Path | None, files_per_batch: int | None, overwrite: bool,
-                     no_progress: bool, performance_report: Path | None) -> None:
+                     workers: int | None, scheduler: str | None, scheduler_file: Path | None,
+                     dashboard_address: str, tokenizer_config: Path | None, files_per_batch: int | None,
+                     overwrite: bool, no_progress: bool, performance_report: str | None, near_dedup: str,
+                     minhash_threshold: float, min_notes: int, min_bars: int, max_polyphony: int,
+                     max_notes_per_beat: float, file_timeout: float, retries: int) -> None:
     """Tokenize CORPUS (all .mid/.midi below it) into bar-aligned windows and write shards to OUT."""
     from .build import BuildError, build_shards, summary_table
-    from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Runtime
+    from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Filters, Runtime
     from .scan import CorpusError
     from .tokenizer import load_tokenizer_overrides
 
@@ -74,12 +93,20 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
         cfg = BuildConfig(corpus=corpus, out=out, spec=spec,
                           formats=FORMATS if fmt == "both" else (fmt,), samples_per_shard=samples_per_shard,
                           val_fraction=val_fraction, seed=seed,
-                          files_per_batch=files_per_batch or DEFAULT_FILES_PER_BATCH, tokenizer_overrides=overrides)
+                          files_per_batch=files_per_batch or DEFAULT_FILES_PER_BATCH, tokenizer_overrides=overrides,
+                          filters=Filters(min_notes, min_bars, max_polyphony, max_notes_per_beat),
+                          near_dedup=near_dedup, minhash_threshold=minhash_threshold)
         if workers is not None and workers < 1:
             raise ValueError("--workers must be >= 1")
+        if scheduler and scheduler_file:
+            raise ValueError("give --scheduler or --scheduler-file, not both")
+        if file_timeout < 0:
+            raise ValueError("--file-timeout must be >= 0")
         rt = Runtime(workers=workers or os.cpu_count() or 1, scheduler=scheduler,
+                     scheduler_file=str(scheduler_file) if scheduler_file else None,
                      dashboard_address=dashboard_address or None, overwrite=overwrite, progress=not no_progress,
-                     performance_report=str(performance_report) if performance_report else None)
+                     performance_report="" if performance_report is None else (performance_report or None),
+                     file_timeout=file_timeout or None, retries=retries)
     except (OSError, ValueError) as e:
         raise UsageFailure(str(e)) from e
     t0 = time.perf_counter()

@@ -12,6 +12,21 @@ from .windows import WindowSpec
 # Files per Dask task. Fixed (never derived from --workers) so batch contents, shard names and shard
 # bytes are the same whatever the cluster looks like.
 DEFAULT_FILES_PER_BATCH = 16
+NEAR_DEDUP = ("content", "minhash", "off")
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Quality filters applied to each merged piano piece (rejects with a reason, counted in the manifest)."""
+
+    min_notes: int = 1  # fewer notes: "too-few-notes"
+    min_bars: int = 0  # fewer bars: "too-few-bars" (a window's own need is always enforced: "too-short")
+    max_polyphony: int = 64  # more notes sounding at once anywhere: "polyphony-outlier"
+    max_notes_per_beat: float = 32.0  # more notes per quarter note on average: "density-outlier"
+
+    def __post_init__(self):
+        if self.min_notes < 0 or self.min_bars < 0 or self.max_polyphony < 1 or self.max_notes_per_beat <= 0:
+            raise ValueError("filters: min-notes/min-bars must be >= 0, max-polyphony >= 1, max-notes-per-beat > 0")
 
 
 @dataclass(frozen=True)
@@ -27,8 +42,15 @@ class BuildConfig:
     seed: int = 0
     files_per_batch: int = DEFAULT_FILES_PER_BATCH
     tokenizer_overrides: dict | None = None
+    filters: Filters = field(default_factory=Filters)
+    near_dedup: str = "content"  # "content": note-level hash; "minhash": also MinHash over note n-grams; "off"
+    minhash_threshold: float = 0.9  # estimated Jaccard similarity above which two pieces are near-duplicates
 
     def __post_init__(self):
+        if self.near_dedup not in NEAR_DEDUP:
+            raise ValueError(f"near_dedup must be one of {NEAR_DEDUP}")
+        if not 0.0 < self.minhash_threshold <= 1.0:
+            raise ValueError("minhash_threshold must be in (0, 1]")
         if not self.formats or any(f not in FORMATS for f in self.formats):
             raise ValueError(f"formats must be a non-empty subset of {FORMATS}")
         if self.samples_per_shard < 1:
@@ -50,6 +72,9 @@ class BuildConfig:
             "val_fraction": self.val_fraction,
             "seed": self.seed,
             "files_per_batch": self.files_per_batch,
+            "filters": asdict(self.filters),
+            "near_dedup": self.near_dedup,
+            **({"minhash_threshold": self.minhash_threshold} if self.near_dedup == "minhash" else {}),
         }
 
 
@@ -59,7 +84,10 @@ class Runtime:
 
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     scheduler: str | None = None  # address of an existing Dask scheduler
+    scheduler_file: str | None = None  # or the JSON file an existing scheduler wrote (dask scheduler --scheduler-file)
     dashboard_address: str | None = ":8787"
     overwrite: bool = False
     progress: bool = True
-    performance_report: str | None = None  # path of a Dask performance report (HTML)
+    performance_report: str | None = ""  # HTML report path; "" = OUT/performance-report.html, None = none
+    file_timeout: float | None = 30.0  # seconds one file may take in parse+tokenize+window; None = no limit
+    retries: int = 1  # worker deaths a batch may cause before it is split to find the culprit file

@@ -1,29 +1,42 @@
-"""Run batch tasks on Dask: an embedded LocalCluster (processes, one thread each) or an existing scheduler."""
+"""Run batch tasks on Dask: an embedded LocalCluster (processes, one thread each) or an existing scheduler.
+
+A batch whose worker keeps dying (segfault, OOM kill, timeout watchdog) raises KilledWorker once Dask's retry
+limit is spent. The driver then re-runs halves of the batch as "probe" tasks (no output) until each culprit file
+is alone, and finally re-runs the whole batch with the culprits rejected as `worker-crash`, so the batch's
+output is what it would be had those files simply been unreadable.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Iterator
 
 from .batch import BatchResult, BatchTask, process_batch
 from .config import Runtime
+from .scan import Batch
 
 
 @contextlib.contextmanager
 def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = None) -> Iterator[object]:
     """A connected distributed.Client; the embedded cluster (never more workers than tasks) is torn down on exit."""
+    import dask
     from distributed import Client, LocalCluster
 
-    if rt.scheduler:
-        with Client(rt.scheduler) as client:
-            log(f"Dask scheduler {rt.scheduler}; dashboard: {client.dashboard_link}")
+    if rt.scheduler or rt.scheduler_file:
+        kwargs = {"address": rt.scheduler} if rt.scheduler else {"scheduler_file": rt.scheduler_file}
+        with Client(**kwargs) as client:
+            n = len(client.scheduler_info(n_workers=-1)["workers"])
+            log(f"Dask scheduler {client.scheduler.address} ({n} worker(s)); dashboard: {client.dashboard_link}")
             yield client
         return
     n_workers = max(1, min(rt.workers, n_tasks)) if n_tasks else rt.workers
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                      dashboard_address=rt.dashboard_address or None, silence_logs=logging.ERROR) as cluster, \
+    # The scheduler runs in this process, so its retry limit is ours to set.
+    with dask.config.set({"distributed.scheduler.allowed-failures": rt.retries}), \
+            LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                         dashboard_address=rt.dashboard_address or None, silence_logs=logging.CRITICAL) as cluster, \
             Client(cluster) as client:
         link = client.dashboard_link if rt.dashboard_address else "(disabled)"
         log(f"Dask LocalCluster: {n_workers} worker process(es); dashboard: {link}")
@@ -31,35 +44,105 @@ def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = N
 
 
 @contextlib.contextmanager
-def _report(rt: Runtime, log: Callable[[str], None]) -> Iterator[None]:
+def _report(path: str | None, log: Callable[[str], None]) -> Iterator[None]:
     """Dask's HTML performance report (task stream, worker profiles) when asked for."""
-    if not rt.performance_report:
+    if not path:
         yield
         return
     from distributed import performance_report
 
-    with performance_report(filename=str(rt.performance_report)):
+    with performance_report(filename=str(path)):
         yield
-    log(f"Dask performance report: {rt.performance_report}")
+    log(f"Dask performance report: {path}")
+
+
+@dataclasses.dataclass
+class _Hunt:
+    """The search for the files that kill the workers running one batch."""
+
+    task: BatchTask
+    pending: int = 0
+    culprits: list[str] = dataclasses.field(default_factory=list)
+    rerun: bool = False
+
+
+def _halves(task: BatchTask, files: tuple) -> list[BatchTask]:
+    mid = len(files) // 2
+    return [dataclasses.replace(task, batch=Batch(task.batch.index, part), probe=True)
+            for part in (files[:mid], files[mid:])]
 
 
 def run_tasks(tasks: list[BatchTask], rt: Runtime, log: Callable[[str], None],
-              on_result: Callable[[BatchResult], None], on_failure: Callable[[BatchTask, BaseException], None]) -> None:
+              on_result: Callable[[BatchResult], None], on_failure: Callable[[BatchTask, BaseException], None],
+              performance_report: str | None = None) -> None:
     """Submit every task; report each result (or failure) as it completes, in completion order."""
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
     from tqdm import tqdm
 
     total_files = sum(len(t.batch.files) for t in tasks)
-    with dask_client(rt, log, len(tasks)) as client, _report(rt, log), \
+    with dask_client(rt, log, len(tasks)) as client, _report(performance_report, log), \
             tqdm(total=total_files, unit="file", file=sys.stderr, disable=not rt.progress, desc="build-shards") as bar:
-        keys = [f"musicprep-batch-{t.batch.index:06d}-{t.batch.digest()[:12]}" for t in tasks]
-        futures = client.map(process_batch, tasks, key=keys, pure=False, retries=0)
-        owner = {f.key: t for f, t in zip(futures, tasks, strict=True)}
-        for fut in as_completed(futures):
-            task = owner[fut.key]
+        serial = iter(range(1 << 62))
+
+        def submit(task: BatchTask, kind: str, hunt: _Hunt | None = None):
+            tag = "probe" if task.probe else "batch"
+            key = f"musicprep-{tag}-{task.batch.index:06d}-{task.batch.digest()[:12]}-{next(serial)}"
+            fut = client.submit(process_batch, task, key=key, pure=False, retries=0)
+            owner[fut.key] = (kind, task, hunt)
+            ac.add(fut)
+
+        owner: dict[str, tuple[str, BatchTask, _Hunt | None]] = {}
+        ac = as_completed()
+        for t in tasks:
+            submit(t, "batch")
+
+        def start_hunt(task: BatchTask) -> None:
+            files = tuple(f for f in task.batch.files if f.rel not in task.crashed)
+            hunt = _Hunt(task)
+            log(f"batch {task.batch.index}: workers died on it; searching its {len(files)} file(s) for the cause")
+            if len(files) == 1:
+                hunt.culprits.append(files[0].rel)
+                finish_hunt(hunt)
+                return
+            for half in _halves(task, files):
+                hunt.pending += 1
+                submit(half, "probe", hunt)
+
+        def finish_hunt(hunt: _Hunt) -> None:
+            hunt.rerun = True
+            crashed = tuple(sorted(set(hunt.task.crashed) | set(hunt.culprits)))
+            log(f"batch {hunt.task.batch.index}: rejecting {len(hunt.culprits)} file(s) as worker-crash: "
+                f"{', '.join(hunt.culprits) or '(none found)'}")
+            submit(dataclasses.replace(hunt.task, crashed=crashed), "rerun", hunt)
+
+        for fut in ac:
+            kind, task, hunt = owner.pop(fut.key)
             try:
-                on_result(fut.result())
+                res = fut.result()
+                err = None
+            except KilledWorker as e:
+                res, err = None, e
             except Exception as e:
-                on_failure(task, e)
+                res, err = None, e
+            finally:
+                fut.release()
+            if kind == "probe":
+                hunt.pending -= 1
+                if isinstance(err, KilledWorker):
+                    if len(task.batch.files) == 1:
+                        hunt.culprits.append(task.batch.files[0].rel)
+                    else:
+                        for half in _halves(task, task.batch.files):
+                            hunt.pending += 1
+                            submit(half, "probe", hunt)
+                if hunt.pending == 0:
+                    finish_hunt(hunt)
+                continue
+            if isinstance(err, KilledWorker) and kind == "batch":
+                start_hunt(task)
+                continue
+            if err is not None:
+                on_failure(hunt.task if hunt else task, err)
+            else:
+                on_result(res)
             bar.update(len(task.batch.files))
-            fut.release()

@@ -91,7 +91,7 @@ def test_process_batch_writes_shards_and_records_rejects(small_corpus, tmp_path)
         assert sum(by_path[p]["nsamples"] for p in pq) == c[f"samples_{split}"]
         assert all(by_path[p]["nsamples"] <= 100 for p in pq)
         for p in pq:
-            assert p.startswith(f"{split}/part-000000-")
+            assert p.startswith(f".build/staging/{split}/part-000000-")
             rows = list(iter_parquet_samples(tmp_path / "out" / p))
             tar_rows = list(iter_webdataset_samples(tmp_path / "out" / p.replace(".parquet", ".tar")))
             assert len(rows) == len(tar_rows) == by_path[p]["nsamples"]
@@ -126,7 +126,7 @@ def test_process_batch_is_deterministic(small_corpus, tmp_path):
         results.append(process_batch(task))
     a, b = ([(s["path"], s["sha256"]) for s in r.shards] for r in results)
     assert a == b and a
-    assert all(p.startswith(("train/part-000001-", "val/part-000001-")) for p, _ in a)
+    assert all(p.startswith((".build/staging/train/part-000001-", ".build/staging/val/part-000001-")) for p, _ in a)
 
 
 def test_scan_rejects_non_utf8_file_names(tmp_path, corpus_dir):
