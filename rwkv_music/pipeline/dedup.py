@@ -13,6 +13,13 @@ NGRAM = 4  # notes per shingle
 _MINHASH_SEED = 1
 
 
+def _scheme() -> dict:
+    """datasketch >= 2.0 names its hashing scheme (and needs it to rebuild a MinHash from stored values)."""
+    import datasketch
+
+    return {"scheme": "affine32"} if int(datasketch.__version__.split(".")[0]) >= 2 else {}
+
+
 def minhash_signature(notes: np.ndarray) -> list[int]:
     """MinHash of the piece's note 4-grams, each note as (onset step since the previous note, duration, pitch).
 
@@ -27,7 +34,7 @@ def minhash_signature(notes: np.ndarray) -> list[int]:
         d[0, 0] = 0
     k = min(NGRAM, max(1, len(d)))
     shingles = [d[i:i + k].tobytes() for i in range(max(1, len(d) - k + 1))]
-    m = MinHash(num_perm=NUM_PERM, seed=_MINHASH_SEED)
+    m = MinHash(num_perm=NUM_PERM, seed=_MINHASH_SEED, **_scheme())
     m.update_batch(shingles)
     return [int(v) for v in m.hashvalues]
 
@@ -58,7 +65,7 @@ def find_near_duplicates(pieces: list[dict], mode: str, threshold: float = 0.9) 
             if not p.get("minhash"):
                 continue
             sig = np.asarray(p["minhash"], dtype=np.uint64)
-            m = MinHash(num_perm=NUM_PERM, seed=_MINHASH_SEED, hashvalues=sig)
+            m = MinHash(num_perm=NUM_PERM, seed=_MINHASH_SEED, hashvalues=sig, **_scheme())
             # LSH candidates are only probably close: confirm with the estimated Jaccard similarity.
             close = sorted(c for c in lsh.query(m) if float(np.mean(signatures[c] == sig)) >= threshold)
             if close:
