@@ -107,6 +107,14 @@ def max_polyphony(notes: np.ndarray) -> int:
     return int(np.cumsum(delta[order]).max())
 
 
+def longest_silence(notes: np.ndarray) -> int:
+    """Longest stretch (in the notes' time unit) with no note sounding, between the first and the last note."""
+    if len(notes) < 2:
+        return 0
+    ends = np.maximum.accumulate(notes[:, 0] + notes[:, 1])  # rows are sorted by onset
+    return int(max(0, (notes[1:, 0] - ends[:-1]).max()))
+
+
 def _check_filters(notes: np.ndarray, grid_per_quarter: int, filters: Filters) -> tuple[str, str] | None:
     n = len(notes)
     if n < filters.min_notes:
@@ -118,6 +126,9 @@ def _check_filters(notes: np.ndarray, grid_per_quarter: int, filters: Filters) -
     density = n / max(span, 1.0)
     if density > filters.max_notes_per_beat:
         return "density-outlier", f"{density:.1f} notes per quarter note (limit {filters.max_notes_per_beat:g})"
+    silence = longest_silence(notes) / grid_per_quarter
+    if silence > filters.max_silence_beats:
+        return "long-silence", f"{silence:g} quarter notes without a note (limit {filters.max_silence_beats:g})"
     return None
 
 

@@ -25,7 +25,7 @@ PERFORMANCE_REPORT = "performance-report.html"
 OWNED = ("train", "val", ".build", MANIFEST, REJECTS, TOKENIZER, STATS, PERFORMANCE_REPORT)
 # Reject reasons that are quality filters (counted under counts.filtered) rather than unreadable input.
 FILTER_REASONS = ("no-pitched-tracks", "no-notes", "too-few-notes", "too-few-bars", "too-short", "polyphony-outlier",
-                  "density-outlier", "no-windows")
+                  "density-outlier", "long-silence", "no-windows")
 
 
 class BuildError(Exception):

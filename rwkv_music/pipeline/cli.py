@@ -70,6 +70,8 @@ def main() -> None:
               help="Reject pieces with more notes sounding at once.")
 @click.option("--max-notes-per-beat", default=32.0, show_default=True, type=float,
               help="Reject pieces averaging more notes per quarter note.")
+@click.option("--max-silence-beats", default=256.0, show_default=True, type=float,
+              help="Reject pieces with a longer silence inside (quarter notes).")
 @click.option("--file-timeout", default=30.0, show_default=True, type=float,
               help="Seconds one file may take before it is rejected as 'timeout' (0 = no limit).")
 @click.option("--retries", default=1, show_default=True, type=click.IntRange(min=0),
@@ -80,7 +82,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
                      dashboard_address: str, tokenizer_config: Path | None, files_per_batch: int | None,
                      overwrite: bool, no_progress: bool, performance_report: str | None, near_dedup: str,
                      minhash_threshold: float, min_notes: int, min_bars: int, max_polyphony: int,
-                     max_notes_per_beat: float, file_timeout: float, retries: int) -> None:
+                     max_notes_per_beat: float, max_silence_beats: float, file_timeout: float, retries: int) -> None:
     """Tokenize CORPUS (all .mid/.midi below it) into bar-aligned windows and write shards to OUT."""
     from .build import BuildError, build_shards, summary_table
     from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Filters, Runtime
@@ -94,7 +96,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
                           formats=FORMATS if fmt == "both" else (fmt,), samples_per_shard=samples_per_shard,
                           val_fraction=val_fraction, seed=seed,
                           files_per_batch=files_per_batch or DEFAULT_FILES_PER_BATCH, tokenizer_overrides=overrides,
-                          filters=Filters(min_notes, min_bars, max_polyphony, max_notes_per_beat),
+                          filters=Filters(min_notes, min_bars, max_polyphony, max_notes_per_beat, max_silence_beats),
                           near_dedup=near_dedup, minhash_threshold=minhash_threshold)
         if workers is not None and workers < 1:
             raise ValueError("--workers must be >= 1")

@@ -23,10 +23,13 @@ class Filters:
     min_bars: int = 0  # fewer bars: "too-few-bars" (a window's own need is always enforced: "too-short")
     max_polyphony: int = 64  # more notes sounding at once anywhere: "polyphony-outlier"
     max_notes_per_beat: float = 32.0  # more notes per quarter note on average: "density-outlier"
+    max_silence_beats: float = 256.0  # a longer silence (quarter notes) inside the piece: "long-silence"
 
     def __post_init__(self):
-        if self.min_notes < 0 or self.min_bars < 0 or self.max_polyphony < 1 or self.max_notes_per_beat <= 0:
-            raise ValueError("filters: min-notes/min-bars must be >= 0, max-polyphony >= 1, max-notes-per-beat > 0")
+        if self.min_notes < 0 or self.min_bars < 0 or self.max_polyphony < 1 or self.max_notes_per_beat <= 0 \
+                or self.max_silence_beats <= 0:
+            raise ValueError("filters: min-notes/min-bars must be >= 0, max-polyphony >= 1, max-notes-per-beat and "
+                             "max-silence-beats > 0")
 
 
 @dataclass(frozen=True)

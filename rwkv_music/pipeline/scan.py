@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MIDI_SUFFIXES = (".mid", ".midi")
+# Real MIDI files are kilobytes to a few megabytes; anything far larger is not worth parsing.
+DEFAULT_MAX_FILE_BYTES = 64 << 20
 
 
 class CorpusError(Exception):
@@ -50,9 +52,11 @@ def find_midi(corpus: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         raise CorpusError(f"corpus {corpus} is not a directory")
     found = []
+    # Symbolic links to directories are not followed (no loops); a directory (or a link to one) named like a
+    # MIDI file is listed so that it is reported as a reject rather than silently skipped.
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        for name in filenames:
+        for name in filenames + dirnames:
             if name.lower().endswith(MIDI_SUFFIXES):
                 found.append(Path(dirpath, name).relative_to(root).as_posix())
     if not found:
@@ -64,7 +68,20 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def scan_corpus(corpus: str | os.PathLike, rels: list[str]) -> ScanResult:
+def _hash_file(path: Path, limit: int) -> tuple[int, str]:
+    """(size, sha256) read in chunks; raises OSError for unreadable paths and ValueError above `limit` bytes."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            size += len(block)
+            if size > limit:
+                raise ValueError(f"larger than {limit} bytes")
+            h.update(block)
+    return size, h.hexdigest()
+
+
+def scan_corpus(corpus: str | os.PathLike, rels: list[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> ScanResult:
     """Hash every file; of byte-identical files the first in sorted path order is kept."""
     root = Path(corpus)
     first_of: dict[str, str] = {}
@@ -73,20 +90,26 @@ def scan_corpus(corpus: str | os.PathLike, rels: list[str]) -> ScanResult:
         try:
             rel.encode("utf-8")
         except UnicodeEncodeError:  # Parquet strings must be UTF-8; keep the rest of the batch safe
-            rejects.append({"path": rel.encode("utf-8", "backslashreplace").decode(), "reason": "bad-filename",
+            rejects.append({"path": os.fsencode(rel).decode("utf-8", "backslashreplace"), "reason": "bad-filename",
                             "message": "the file name is not valid UTF-8"})
             continue
-        try:
-            data = (root / rel).read_bytes()
-        except OSError as e:
-            rejects.append({"path": rel, "reason": "read-error", "message": str(e)})
+        path = root / rel
+        if path.is_dir():
+            rejects.append({"path": rel, "reason": "not-a-file", "message": "a directory named like a MIDI file"})
             continue
-        digest = sha256_bytes(data)
+        try:
+            size, digest = _hash_file(path, max_bytes)
+        except OSError as e:
+            rejects.append({"path": rel, "reason": "read-error", "message": f"{type(e).__name__}: {e}"})
+            continue
+        except ValueError as e:
+            rejects.append({"path": rel, "reason": "too-large", "message": str(e)})
+            continue
         if digest in first_of:
             duplicates.append({"source": rel, "same_as": first_of[digest]})
             continue
         first_of[digest] = rel
-        unique.append(CorpusFile(rel, len(data), digest))
+        unique.append(CorpusFile(rel, size, digest))
     return ScanResult(len(rels), unique, duplicates, rejects)
 
 
