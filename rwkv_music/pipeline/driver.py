@@ -33,8 +33,10 @@ def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = N
             yield client
         return
     n_workers = max(1, min(rt.workers, n_tasks)) if n_tasks else rt.workers
-    # The scheduler runs in this process, so its retry limit is ours to set.
-    with dask.config.set({"distributed.scheduler.allowed-failures": rt.retries}), \
+    # The scheduler runs in this process, so its settings are ours: the retry limit, and one task per worker
+    # thread at a time (no queued extra task), so that a dying worker takes down only the task that killed it.
+    with dask.config.set({"distributed.scheduler.allowed-failures": rt.retries,
+                          "distributed.scheduler.worker-saturation": 1.0}), \
             LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                          dashboard_address=rt.dashboard_address or None, silence_logs=logging.CRITICAL) as cluster, \
             Client(cluster) as client:

@@ -1,0 +1,42 @@
+"""A worker that dies on one file (segfault) or hangs on one (timeout) costs only that file, in a real build.
+
+The crash and the hang come from the documented fault-injection hook (RWKV_MUSIC_FAULT_INJECT, guard.py): the
+worker really receives SIGSEGV, or really stops making progress; no valid MIDI file does that reliably.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rwkv_music.pipeline.guard import FAULT_ENV
+from rwkv_music.shards import iter_samples, read_manifest
+
+FILES = ["POP909_008", "POP909_010", "POP909_022", "POP909_191", "Maestro_3", "Maestro_4"]
+
+
+def test_crashing_and_hanging_files_are_rejected_alone(corpus_dir: Path, tmp_path: Path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for name in FILES:
+        shutil.copy(corpus_dir / "MIDIs_one_track" / f"{name}.mid", root / f"{name}.mid")
+    out = tmp_path / "out"
+    # batches of 4 (sorted): [Maestro_3, Maestro_4, POP909_008, POP909_010], [POP909_022, POP909_191]
+    env = {**os.environ, FAULT_ENV: "crash:POP909_008.mid,hang:POP909_191.mid"}
+    cmd = [sys.executable, "-m", "rwkv_music.pipeline.cli", "build-shards", str(root), "-o", str(out),
+           "--dashboard-address", "", "--no-progress", "--performance-report", "", "--workers", "2",
+           "--files-per-batch", "4", "--val-fraction", "0", "--retries", "0", "--file-timeout", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rejects = {r["path"]: r for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert {p: r["reason"] for p, r in rejects.items()} == {"POP909_008.mid": "worker-crash",
+                                                            "POP909_191.mid": "timeout"}
+    assert "worker-crash" in proc.stderr and "POP909_008.mid" in proc.stderr
+    sources = {r["source"] for r in iter_samples(out, "train")}
+    assert sources == {f"{n}.mid" for n in FILES} - set(rejects)
+    c = read_manifest(out)["counts"]
+    assert c["files_ok"] == 4 and c["rejected_by_reason"] == {"timeout": 1, "worker-crash": 1}
