@@ -1,0 +1,133 @@
+"""Real processes: a build killed with SIGKILL and resumed, its live dashboard, and a build on an existing
+Dask cluster (`dask scheduler` + two `dask worker`s); both must give the session build's exact shard bytes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from rwkv_music.shards import read_manifest, verify_shards
+
+DASK = Path(sys.executable).parent / "dask"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _same_shards(a: Path, b: Path) -> None:
+    ea = {(e["path"], e["sha256"]) for e in read_manifest(a)["shards"]}
+    eb = {(e["path"], e["sha256"]) for e in read_manifest(b)["shards"]}
+    assert ea == eb and ea
+    for path, _ in ea:
+        assert (a / path).read_bytes() == (b / path).read_bytes()
+
+
+def _cmd(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rwkv_music.pipeline.cli", "build-shards", str(corpus), "-o", str(out),
+            "--no-progress", *extra]
+
+
+def _readable(path: Path) -> None:
+    if path.suffix == ".parquet":
+        pq.read_table(path)
+    else:
+        with tarfile.open(path) as t:
+            t.getmembers()
+
+
+def test_kill_9_then_rerun_completes_identically_and_dashboard_is_live(corpus_dir, built_shards, built_shards_args,
+                                                                        tmp_path):
+    out = tmp_path / "out"
+    args = list(built_shards_args)
+    args[args.index("--workers") + 1] = "1"  # one worker: the second batch is still running when we kill
+    port = _free_port()
+    proc = subprocess.Popen(_cmd(corpus_dir, out, *args, "--dashboard-address", f"127.0.0.1:{port}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("dashboard: http" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        url = next(line for line in lines if "dashboard: http" in line).split("dashboard: ")[1].strip()
+        assert url == f"http://127.0.0.1:{port}/status"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            page = r.read().decode()
+        assert r.status == 200 and "Dask" in page
+        first = out / ".build/batches/batch-000000.json"
+        while not first.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.json").exists()
+    for d in ("train", "val", ".build/staging/train", ".build/staging/val"):  # nothing half-written under a real name
+        for p in (out / d).glob("part-*") if (out / d).is_dir() else []:
+            _readable(p)
+
+    again = subprocess.run(_cmd(corpus_dir, out, *args, "--dashboard-address", ""), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 1 of 2 batch(es) already finished" in again.stderr
+    assert verify_shards(out) == []
+    _same_shards(built_shards, out)
+    report = (out / "performance-report.html").read_text()
+    assert "<html" in report.lower() and "Dask Performance Report" in report
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """`dask scheduler` and two single-thread `dask worker` processes on 127.0.0.1; yields the scheduler file."""
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", str(sched_file)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None
+            time.sleep(0.1)
+        for name in ("w1", "w2"):
+            procs.append(subprocess.Popen([str(DASK), "worker", "--scheduler-file", str(sched_file), "--nthreads",
+                                           "1", "--no-dashboard", "--name", name, "--host", "127.0.0.1"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from distributed import Client
+
+        with Client(scheduler_file=str(sched_file), timeout=60) as c:
+            c.wait_for_workers(2, timeout=60)
+        yield sched_file
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_existing_cluster_build_is_byte_identical(dask_cluster, corpus_dir, built_shards, built_shards_args,
+                                                   tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(_cmd(corpus_dir, out, *built_shards_args, "--scheduler-file", str(dask_cluster),
+                               "--performance-report", ""), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "(2 worker(s))" in proc.stderr
+    _same_shards(built_shards, out)
