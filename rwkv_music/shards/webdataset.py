@@ -1,7 +1,8 @@
 """WebDataset tar shards: `<key>.tokens.npy` (int32) and `<key>.json` (the other fields) per sample.
 
-The tar is written with fixed metadata (mtime 0, uid/gid 0, mode 0644) so equal samples give equal bytes.
-It is a plain tar that `webdataset.WebDataset(...).decode()` reads as-is.
+The tar is a plain POSIX ustar archive with fixed metadata (mtime 0, uid/gid 0, mode 0644), so equal samples give
+equal bytes; `webdataset.WebDataset(...).decode()` and `tarfile` read it as-is. Headers and .npy members are
+assembled directly (not through `tarfile` and `np.save`, which cost more than the data at one member per window).
 """
 
 from __future__ import annotations
@@ -21,20 +22,39 @@ TOKENS_EXT = "tokens.npy"
 JSON_EXT = "json"
 
 
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar archives end padded to a whole record, as tarfile writes them
+
+
 def _npy_bytes(tokens) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(tokens, dtype=np.int32), allow_pickle=False)
-    return buf.getvalue()
+    """The .npy (format 1.0) bytes of a 1-D little-endian int32 array, exactly as np.save writes them."""
+    a = np.ascontiguousarray(tokens, dtype="<i4")
+    header = f"{{'descr': '<i4', 'fortran_order': False, 'shape': ({len(a)},), }}"
+    pad = -(10 + len(header) + 1) % 64  # magic(6) + version(2) + length(2); header ends with "\n"
+    header = (header + " " * pad + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + a.tobytes()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+def _ustar_header(name: str, size: int) -> bytes:
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    h = bytearray(BLOCK)
+    h[0:len(raw)] = raw
+    h[100:108] = b"0000644\x00"
+    h[108:116] = b"0000000\x00"
+    h[116:124] = b"0000000\x00"
+    h[124:136] = b"%011o\x00" % size
+    h[136:148] = b"00000000000\x00"
+    h[148:156] = b" " * 8
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\x00 " % sum(h)
+    return bytes(h)
+
+
+def _member(name: str, data: bytes) -> bytes:
+    return _ustar_header(name, len(data)) + data + b"\x00" * (-len(data) % BLOCK)
 
 
 def sample_json(s: Sample) -> bytes:
@@ -44,11 +64,16 @@ def sample_json(s: Sample) -> bytes:
 
 def write_webdataset(path: str | os.PathLike, samples: Sequence[Sample]) -> None:
     """Write `samples` atomically as a WebDataset tar, in order."""
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        written = 0
         for s in samples:
             key = s.key
-            _add(tar, f"{key}.{TOKENS_EXT}", _npy_bytes(s.tokens))
-            _add(tar, f"{key}.{JSON_EXT}", sample_json(s))
+            chunk = _member(f"{key}.{TOKENS_EXT}", _npy_bytes(s.tokens)) + _member(f"{key}.{JSON_EXT}", sample_json(s))
+            f.write(chunk)
+            written += len(chunk)
+        end = 2 * BLOCK
+        end += -(written + end) % RECORD
+        f.write(b"\x00" * end)
 
 
 def iter_webdataset_samples(path: str | os.PathLike) -> Iterator[dict]:

@@ -102,3 +102,26 @@ def test_sample_json_fields(tmp_path):
         fields = json.loads(t.extractfile(names[1]).read())
     assert names[0].endswith(".tokens.npy") and names[1].endswith(".json")
     assert set(fields) == {"meta_len", "ctx_len", "completion_len", "piece_id", "source", "window", "first_bar"}
+
+
+def test_tar_members_are_standard_ustar_and_npy(tmp_path):
+    """The hand-assembled tar and .npy bytes are what tarfile and np.save produce/accept."""
+    import io
+    import tarfile
+
+    from rwkv_music.shards.webdataset import _npy_bytes
+
+    for n in (0, 1, 7, 1000):
+        a = np.arange(n, dtype=np.int32) - 3
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        assert _npy_bytes(a) == buf.getvalue()
+    samples = make_samples(3)
+    write_webdataset(tmp_path / "x.tar", samples)
+    assert (tmp_path / "x.tar").stat().st_size % (20 * 512) == 0
+    with tarfile.open(tmp_path / "x.tar") as t:
+        members = t.getmembers()
+        assert [m.name for m in members] == [f"{s.key}.{ext}" for s in samples for ext in ("tokens.npy", "json")]
+        assert all(m.isfile() and m.mode == 0o644 and m.mtime == 0 and m.uid == 0 for m in members)
+        arr = np.load(io.BytesIO(t.extractfile(members[0]).read()), allow_pickle=False)
+    assert arr.tolist() == np.asarray(samples[0].tokens).tolist()

@@ -1,0 +1,135 @@
+"""Pipeline throughput: the whole `musicprep build-shards` against a plain per-core tokenization loop.
+
+    python bench/pipeline.py                       # >= 800 files, reference loop, builds with 1 and 2 workers
+    python bench/pipeline.py --workers 1,2,4 --transpose 14
+
+Corpus: every usable file of the real test corpus plus its transpositions by -T..+T semitones (distinct pieces,
+so near-dedup keeps them), written once with symusic into a temporary directory.
+
+Reference (per core): one process, for each file: symusic parse + merge of the pitched tracks into the piano
+track (load_piano_score) + miditok REMI encode (encode_piano). Nothing else: no windows, no writing.
+
+Build: `musicprep build-shards` in a subprocess (scan, parse, filters, tokenize, window, dedup, split, Parquet and
+WebDataset writing, manifest), LocalCluster with N single-thread workers. Its rate is the REMI tokens the workers
+encoded divided by the build's own wall time (stats.json, including cluster start-up), and the ratio is that
+rate over N x the reference rate. Peak RSS per worker is the largest ru_maxrss a worker reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import symusic
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rwkv_music.pipeline.scan import find_midi  # noqa: E402
+from rwkv_music.pipeline.tokenizer import MidiRejected, build_tokenizer, encode_piano, load_piano_score  # noqa: E402
+
+
+def make_corpus(src: Path, dst: Path, transpose: int) -> int:
+    """Transposed copies of every parseable file; returns the number of files written."""
+    n = 0
+    for rel in find_midi(src):
+        try:
+            score = symusic.Score(str(src / rel))
+        except Exception:
+            continue
+        if not any(len(t.notes) for t in score.tracks if not t.is_drum):
+            continue
+        stem = rel.replace("/", "__").rsplit(".", 1)[0]
+        for k in range(-transpose, transpose + 1):
+            out = dst / f"{stem}__t{k:+03d}.mid"
+            score.shift_pitch(k).dump_midi(str(out))
+            n += 1
+    return n
+
+
+def reference_rate(corpus: Path) -> dict:
+    """Single-process loop: parse + merge + REMI encode every file; tokens/s."""
+    tok = build_tokenizer()
+    paths = [corpus / r for r in find_midi(corpus)]
+    datas = [p.read_bytes() for p in paths]  # file reading is not part of the reference
+    tokens = 0
+    t0 = time.perf_counter()
+    for data in datas:
+        with contextlib.suppress(MidiRejected):
+            tokens += len(encode_piano(load_piano_score(data, tok), tok))
+    dt = time.perf_counter() - t0
+    return {"files": len(paths), "tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": tokens / dt}
+
+
+def build_rate(corpus: Path, out: Path, workers: int) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "rwkv_music.pipeline.cli", "build-shards", str(corpus), "-o", str(out),
+           "--workers", str(workers), "--no-progress", "--dashboard-address", "", "--performance-report", "",
+           "--format", "both"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    outer = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"build failed:\n{proc.stderr}")
+    stats = json.loads((out / "stats.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    wall = stats["wall_seconds"]["total"]
+    return {"workers": workers, "wall_s": wall, "process_wall_s": round(outer, 2),
+            "tokens_encoded": stats["tokens_encoded"], "tokens_per_s": stats["tokens_encoded"] / wall,
+            "files_ok": manifest["counts"]["files_ok"], "samples": sum(manifest["counts"]["samples"].values()),
+            "worker_peak_rss_mb": stats["worker_peak_rss_mb"], "phases": stats["wall_seconds"],
+            "worker_seconds": stats["worker_seconds"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus" / "miditok-tests")
+    ap.add_argument("--transpose", type=int, default=14, help="copies at -T..+T semitones")
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ap.add_argument("--work-dir", type=Path, default=None, help="keep the corpus and builds here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    a = ap.parse_args()
+
+    work = a.work_dir or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    corpus = work / "corpus"
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    corpus.mkdir(parents=True)
+    n = make_corpus(a.corpus, corpus, a.transpose)
+    print(f"corpus: {n} files in {corpus} ({sum(p.stat().st_size for p in corpus.iterdir()) / 2**20:.1f} MiB)")
+    ref = reference_rate(corpus)
+    print(f"reference loop (1 process): {ref['tokens']} tokens in {ref['seconds']} s = "
+          f"{ref['tokens_per_s'] / 1e3:.0f}k tokens/s per core")
+    results = []
+    for w in (int(x) for x in a.workers.split(",")):
+        r = build_rate(corpus, work / f"out-{w}", w)
+        r["ratio"] = r["tokens_per_s"] / (w * ref["tokens_per_s"])
+        results.append(r)
+        print(f"build, {w} worker(s): {r['tokens_encoded']} tokens in {r['wall_s']} s = "
+              f"{r['tokens_per_s'] / 1e3:.0f}k tokens/s; ratio to {w} x reference = {r['ratio']:.2f}; "
+              f"peak RSS per worker {r['worker_peak_rss_mb']:.0f} MiB; phases {r['phases']}")
+    if len(results) > 1:
+        base = results[0]
+        for r in results[1:]:
+            print(f"scaling {base['workers']} -> {r['workers']} workers: "
+                  f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    info = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "python": platform.python_version(), "files": n, "reference": ref, "builds": results}
+    if a.json:
+        a.json.write_text(json.dumps(info, indent=2))
+    if not a.work_dir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
