@@ -56,10 +56,10 @@ def make_corpus(src: Path, dst: Path, transpose: int) -> int:
     return n
 
 
-def reference_rate(corpus: Path) -> dict:
-    """Single-process loop: parse + merge + REMI encode every file; tokens/s."""
+def reference_rate(corpus: Path, share: int = 0, of: int = 1) -> dict:
+    """Single-process loop: parse + merge + REMI encode every file (or every `of`-th from `share`); tokens/s."""
     tok = build_tokenizer()
-    paths = [corpus / r for r in find_midi(corpus)]
+    paths = [corpus / r for r in find_midi(corpus)][share::of]
     datas = [p.read_bytes() for p in paths]  # file reading is not part of the reference
     tokens = 0
     t0 = time.perf_counter()
@@ -68,6 +68,21 @@ def reference_rate(corpus: Path) -> dict:
             tokens += len(encode_piano(load_piano_score(data, tok), tok))
     dt = time.perf_counter() - t0
     return {"files": len(paths), "tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": tokens / dt}
+
+
+def _ref_share(args: tuple) -> dict:
+    return reference_rate(*args)
+
+
+def concurrent_reference_rate(corpus: Path, n: int) -> dict:
+    """`n` reference loops at once, each on 1/n of the files: what n cores of this machine give together."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        parts = pool.map(_ref_share, [(corpus, i, n) for i in range(n)])
+    tokens = sum(p["tokens"] for p in parts)
+    slowest = max(p["seconds"] for p in parts)
+    return {"loops": n, "tokens": tokens, "seconds": slowest, "tokens_per_s": tokens / slowest}
 
 
 def build_rate(corpus: Path, out: Path, workers: int) -> dict:
@@ -110,13 +125,23 @@ def main() -> None:
     ref = reference_rate(corpus)
     print(f"reference loop (1 process): {ref['tokens']} tokens in {ref['seconds']} s = "
           f"{ref['tokens_per_s'] / 1e3:.0f}k tokens/s per core")
+    concurrent = {}
+    for w in (int(x) for x in a.workers.split(",")):
+        if w > 1:
+            concurrent[w] = concurrent_reference_rate(corpus, w)
+            print(f"reference loop, {w} processes at once: {concurrent[w]['tokens_per_s'] / 1e3:.0f}k tokens/s "
+                  f"together ({concurrent[w]['tokens_per_s'] / (w * ref['tokens_per_s']):.2f} x {w} single loops)")
     results = []
     for w in (int(x) for x in a.workers.split(",")):
         r = build_rate(corpus, work / f"out-{w}", w)
         r["ratio"] = r["tokens_per_s"] / (w * ref["tokens_per_s"])
+        if w in concurrent:
+            r["ratio_to_concurrent_reference"] = r["tokens_per_s"] / concurrent[w]["tokens_per_s"]
         results.append(r)
+        extra = (f" (to {w} reference loops running at once: {r['ratio_to_concurrent_reference']:.2f})"
+                 if w in concurrent else "")
         print(f"build, {w} worker(s): {r['tokens_encoded']} tokens in {r['wall_s']} s = "
-              f"{r['tokens_per_s'] / 1e3:.0f}k tokens/s; ratio to {w} x reference = {r['ratio']:.2f}; "
+              f"{r['tokens_per_s'] / 1e3:.0f}k tokens/s; ratio to {w} x reference = {r['ratio']:.2f}{extra}; "
               f"peak RSS per worker {r['worker_peak_rss_mb']:.0f} MiB; phases {r['phases']}")
     if len(results) > 1:
         base = results[0]
@@ -124,7 +149,8 @@ def main() -> None:
             print(f"scaling {base['workers']} -> {r['workers']} workers: "
                   f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
     info = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "python": platform.python_version(), "files": n, "reference": ref, "builds": results}
+            "python": platform.python_version(), "files": n, "reference": ref,
+            "concurrent_reference": concurrent, "builds": results}
     if a.json:
         a.json.write_text(json.dumps(info, indent=2))
     if not a.work_dir:

@@ -113,6 +113,9 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
         report = rt.performance_report
         if report == "":
             report = str(out / PERFORMANCE_REPORT)
+        # Largest batches first, so that no long batch is left running alone at the end (the output does not
+        # depend on the order).
+        tasks.sort(key=lambda t: (-sum(f.size for f in t.batch.files), t.batch.index))
         run_tasks(tasks, rt, log, lambda r: results.__setitem__(r.index, r), on_failure, report)
     t_done = time.perf_counter()
 

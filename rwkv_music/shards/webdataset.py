@@ -7,6 +7,7 @@ assembled directly (not through `tarfile` and `np.save`, which cost more than th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -62,18 +63,23 @@ def sample_json(s: Sample) -> bytes:
     return json.dumps(fields, sort_keys=True).encode()
 
 
-def write_webdataset(path: str | os.PathLike, samples: Sequence[Sample]) -> None:
-    """Write `samples` atomically as a WebDataset tar, in order."""
+def write_webdataset(path: str | os.PathLike, samples: Sequence[Sample]) -> str:
+    """Write `samples` atomically as a WebDataset tar, in order; returns the file's sha256 (hex)."""
+    digest = hashlib.sha256()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         written = 0
         for s in samples:
             key = s.key
-            chunk = _member(f"{key}.{TOKENS_EXT}", _npy_bytes(s.tokens)) + _member(f"{key}.{JSON_EXT}", sample_json(s))
+            chunk = _member(f"{key}.{TOKENS_EXT}", _npy_bytes(s.tokens)) + \
+                    _member(f"{key}.{JSON_EXT}", sample_json(s))
             f.write(chunk)
+            digest.update(chunk)
             written += len(chunk)
         end = 2 * BLOCK
         end += -(written + end) % RECORD
         f.write(b"\x00" * end)
+        digest.update(b"\x00" * end)
+    return digest.hexdigest()
 
 
 def iter_webdataset_samples(path: str | os.PathLike) -> Iterator[dict]:

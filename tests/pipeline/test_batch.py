@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import symusic
 
@@ -141,3 +142,23 @@ def test_scan_rejects_non_utf8_file_names(tmp_path, corpus_dir):
     assert [f.rel for f in scan.unique] == ["ok.mid"]
     assert [r["reason"] for r in scan.rejects] == ["bad-filename"]
     json.dumps(scan.rejects)  # recordable in rejects.jsonl
+
+
+@pytest.mark.parametrize("max_seq_len", [2048, 300])
+def test_window_arrays_equal_the_window_token_lists(corpus_dir, max_seq_len):
+    """The fast per-piece slicing gives exactly each window's tokens (also when context bars were truncated)."""
+    from rwkv_music.pipeline.batch import window_arrays
+    from rwkv_music.pipeline.tokenizer import encode_piano, load_piano_score
+    from rwkv_music.pipeline.windows import Vocab, WindowStats, make_windows
+
+    tok = build_tokenizer()
+    vocab = Vocab(tok)
+    for rel in ("MIDIs_one_track/Maestro_1.mid", "MIDIs_one_track/6354774_Macabre Waltz.mid"):
+        ids = encode_piano(load_piano_score(corpus_dir / rel, tok), tok)
+        stats = WindowStats()
+        windows = make_windows(ids, vocab, WindowSpec(max_seq_len=max_seq_len), stats)
+        arrays = window_arrays(ids, windows, vocab)
+        assert len(arrays) == len(windows) > 0
+        for w, a in zip(windows, arrays, strict=True):
+            assert a.dtype == np.int32 and a.tolist() == list(w.tokens)
+    assert max_seq_len == 2048 or stats.truncated > 0
