@@ -36,22 +36,21 @@ def _npy_bytes(tokens) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + a.tobytes()
 
 
+# The fixed fields of every member's ustar header: mode 0644, uid/gid 0, mtime 0, regular file, "ustar\x0000".
+_MODE_IDS = b"0000644\x00" + b"0000000\x00" * 2
+_MTIME = b"00000000000\x00"
+_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(247)  # typeflag, linkname, magic+version, the rest empty
+_FIXED_SUM = sum(_MODE_IDS) + sum(_MTIME) + sum(_TAIL) + 8 * ord(" ")  # checksum field counts as spaces
+
+
 def _ustar_header(name: str, size: int) -> bytes:
+    """One 512-byte POSIX ustar header (as tarfile writes for these fields), checksum computed from parts."""
     raw = name.encode("utf-8")
     if len(raw) > 100:
         raise ValueError(f"tar member name longer than 100 bytes: {name}")
-    h = bytearray(BLOCK)
-    h[0:len(raw)] = raw
-    h[100:108] = b"0000644\x00"
-    h[108:116] = b"0000000\x00"
-    h[116:124] = b"0000000\x00"
-    h[124:136] = b"%011o\x00" % size
-    h[136:148] = b"00000000000\x00"
-    h[148:156] = b" " * 8
-    h[156:157] = b"0"
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\x00 " % sum(h)
-    return bytes(h)
+    size_field = b"%011o\x00" % size
+    chk = _FIXED_SUM + sum(raw) + sum(size_field)
+    return raw + bytes(100 - len(raw)) + _MODE_IDS + size_field + _MTIME + b"%06o\x00 " % chk + _TAIL
 
 
 def _member(name: str, data: bytes) -> bytes:
