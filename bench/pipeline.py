@@ -85,12 +85,12 @@ def concurrent_reference_rate(corpus: Path, n: int) -> dict:
     return {"loops": n, "tokens": tokens, "seconds": slowest, "tokens_per_s": tokens / slowest}
 
 
-def build_rate(corpus: Path, out: Path, workers: int) -> dict:
+def build_rate(corpus: Path, out: Path, workers: int, fmt: str = "both") -> dict:
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "rwkv_music.pipeline.cli", "build-shards", str(corpus), "-o", str(out),
            "--workers", str(workers), "--no-progress", "--dashboard-address", "", "--performance-report", "",
-           "--format", "both"]
+           "--format", fmt]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     outer = time.perf_counter() - t0
@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus" / "miditok-tests")
     ap.add_argument("--transpose", type=int, default=14, help="copies at -T..+T semitones")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ap.add_argument("--format", default="both", choices=["both", "parquet", "webdataset"], help="shard formats")
     ap.add_argument("--work-dir", type=Path, default=None, help="keep the corpus and builds here")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args()
@@ -133,7 +134,7 @@ def main() -> None:
                   f"together ({concurrent[w]['tokens_per_s'] / (w * ref['tokens_per_s']):.2f} x {w} single loops)")
     results = []
     for w in (int(x) for x in a.workers.split(",")):
-        r = build_rate(corpus, work / f"out-{w}", w)
+        r = build_rate(corpus, work / f"out-{w}", w, a.format)
         r["ratio"] = r["tokens_per_s"] / (w * ref["tokens_per_s"])
         if w in concurrent:
             r["ratio_to_concurrent_reference"] = r["tokens_per_s"] / concurrent[w]["tokens_per_s"]
@@ -149,7 +150,7 @@ def main() -> None:
             print(f"scaling {base['workers']} -> {r['workers']} workers: "
                   f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
     info = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "python": platform.python_version(), "files": n, "reference": ref,
+            "python": platform.python_version(), "files": n, "format": a.format, "reference": ref,
             "concurrent_reference": concurrent, "builds": results}
     if a.json:
         a.json.write_text(json.dumps(info, indent=2))

@@ -81,30 +81,47 @@ def _hash_file(path: Path, limit: int) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def scan_corpus(corpus: str | os.PathLike, rels: list[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> ScanResult:
-    """Hash every file; of byte-identical files the first in sorted path order is kept."""
+def _examine(root: Path, rel: str, max_bytes: int) -> tuple[int, str] | dict:
+    """(size, sha256) of one corpus entry, or its reject record."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:  # Parquet strings must be UTF-8; keep the rest of the batch safe
+        return {"path": os.fsencode(rel).decode("utf-8", "backslashreplace"), "reason": "bad-filename",
+                "message": "the file name is not valid UTF-8"}
+    path = root / rel
+    if path.is_dir():
+        return {"path": rel, "reason": "not-a-file", "message": "a directory named like a MIDI file"}
+    try:
+        return _hash_file(path, max_bytes)
+    except OSError as e:
+        return {"path": rel, "reason": "read-error", "message": f"{type(e).__name__}: {e}"}
+    except ValueError as e:
+        return {"path": rel, "reason": "too-large", "message": str(e)}
+
+
+def scan_corpus(corpus: str | os.PathLike, rels: list[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                threads: int = 8) -> ScanResult:
+    """Hash every file; of byte-identical files the first in sorted path order is kept.
+
+    Files are read by a few threads (hashing releases the GIL; on network file systems latency dominates);
+    the results are consumed in path order, so the outcome does not depend on the threads.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     root = Path(corpus)
     first_of: dict[str, str] = {}
     unique, duplicates, rejects = [], [], []
-    for rel in rels:
-        try:
-            rel.encode("utf-8")
-        except UnicodeEncodeError:  # Parquet strings must be UTF-8; keep the rest of the batch safe
-            rejects.append({"path": os.fsencode(rel).decode("utf-8", "backslashreplace"), "reason": "bad-filename",
-                            "message": "the file name is not valid UTF-8"})
+    def examined():  # in chunks, so that a million paths do not become a million pending futures
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for start in range(0, len(rels), 4096):
+                chunk = rels[start:start + 4096]
+                yield from zip(chunk, pool.map(lambda r: _examine(root, r, max_bytes), chunk), strict=True)
+
+    for rel, got in examined():
+        if isinstance(got, dict):
+            rejects.append(got)
             continue
-        path = root / rel
-        if path.is_dir():
-            rejects.append({"path": rel, "reason": "not-a-file", "message": "a directory named like a MIDI file"})
-            continue
-        try:
-            size, digest = _hash_file(path, max_bytes)
-        except OSError as e:
-            rejects.append({"path": rel, "reason": "read-error", "message": f"{type(e).__name__}: {e}"})
-            continue
-        except ValueError as e:
-            rejects.append({"path": rel, "reason": "too-large", "message": str(e)})
-            continue
+        size, digest = got
         if digest in first_of:
             duplicates.append({"source": rel, "same_as": first_of[digest]})
             continue
