@@ -56,17 +56,26 @@ def make_corpus(src: Path, dst: Path, transpose: int) -> int:
     return n
 
 
-def reference_rate(corpus: Path, share: int = 0, of: int = 1) -> dict:
-    """Single-process loop: parse + merge + REMI encode every file (or every `of`-th from `share`); tokens/s."""
+def reference_rate(corpus: Path, share: int = 0, of: int = 1, gc_paused: bool = False) -> dict:
+    """Single-process loop: parse + merge + REMI encode every file (or every `of`-th from `share`); tokens/s.
+
+    `gc_paused`: the same loop with Python's cyclic GC disabled, as the build's workers run (for context only;
+    the goal is stated against the plain loop).
+    """
+    import gc
+
     tok = build_tokenizer()
     paths = [corpus / r for r in find_midi(corpus)][share::of]
     datas = [p.read_bytes() for p in paths]  # file reading is not part of the reference
     tokens = 0
+    if gc_paused:
+        gc.disable()
     t0 = time.perf_counter()
     for data in datas:
         with contextlib.suppress(MidiRejected):
             tokens += len(encode_piano(load_piano_score(data, tok), tok))
     dt = time.perf_counter() - t0
+    gc.enable()
     return {"files": len(paths), "tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": tokens / dt}
 
 
@@ -126,6 +135,9 @@ def main() -> None:
     ref = reference_rate(corpus)
     print(f"reference loop (1 process): {ref['tokens']} tokens in {ref['seconds']} s = "
           f"{ref['tokens_per_s'] / 1e3:.0f}k tokens/s per core")
+    ref_nogc = reference_rate(corpus, gc_paused=True)
+    print(f"  (for context: the same loop with the cyclic GC paused, as in the workers: "
+          f"{ref_nogc['tokens_per_s'] / 1e3:.0f}k tokens/s)")
     concurrent = {}
     for w in (int(x) for x in a.workers.split(",")):
         if w > 1:
@@ -151,6 +163,7 @@ def main() -> None:
                   f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
     info = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "python": platform.python_version(), "files": n, "format": a.format, "reference": ref,
+            "reference_gc_paused": ref_nogc,
             "concurrent_reference": concurrent, "builds": results}
     if a.json:
         a.json.write_text(json.dumps(info, indent=2))
