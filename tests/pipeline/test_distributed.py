@@ -98,7 +98,7 @@ def dask_cluster(tmp_path):
     sched_file = tmp_path / "scheduler.json"
     procs = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                                "--scheduler-file", str(sched_file)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)]
+                              stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         deadline = time.monotonic() + 60
         while not sched_file.exists():
@@ -107,20 +107,17 @@ def dask_cluster(tmp_path):
         for name in ("w1", "w2"):
             procs.append(subprocess.Popen([str(DASK), "worker", "--scheduler-file", str(sched_file), "--nthreads",
                                            "1", "--no-dashboard", "--name", name, "--host", "127.0.0.1"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
         from distributed import Client
 
         with Client(scheduler_file=str(sched_file), timeout=60) as c:
             c.wait_for_workers(2, timeout=60)
         yield sched_file
-    finally:
+    finally:  # each process group holds a nanny and the worker it spawned: end them all, no graceful shutdown
         for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def test_existing_cluster_build_is_byte_identical(dask_cluster, corpus_dir, built_shards, built_shards_args,
