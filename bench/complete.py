@@ -76,6 +76,24 @@ def bench_prefill(model: RWKV7, T: int, repeats: int) -> float:
 
 
 @torch.no_grad()
+def profile_prefill(model: RWKV7, T: int, top: int) -> None:
+    """Print where one prefill's time goes (top ops by self device time, 3 prefills)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = model.device
+    idx = torch.randint(0, model.cfg.vocab_size, (1, T), device=device)
+    last = torch.tensor([T - 1], device=device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            model(idx, positions=last, return_state=True)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# profile: 3 prefills of {T} tokens, sorted by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+
+
+@torch.no_grad()
 def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False) -> float:
     device = model.device
     _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
@@ -224,6 +242,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch default].")
     ap.add_argument("--no-rwkv-pip", action="store_true", help="Skip the rwkv package.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON here.")
+    ap.add_argument("--profile-prefill", action="store_true", help="Print where the prefill's time goes.")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -245,6 +264,8 @@ def main() -> None:
         shape = f"{preset} L{model.cfg.n_layer} D{model.cfg.n_embd} V{args.vocab}"
         rows.append({"impl": "ours", "shape": shape, "what": f"prefill {args.prefill}", "batch": 1,
                      "ms": bench_prefill(model, args.prefill, repeats)})
+        if args.profile_prefill:
+            profile_prefill(model, args.prefill, 25)
         for B in args.batches:
             modes = [(False, False), (True, False)] if cuda else [(False, False)]
             if args.compile:

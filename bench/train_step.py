@@ -62,6 +62,21 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> tuple[flo
     return dt, peak
 
 
+def profile_steps(step, device: torch.device, steps: int, top: int, title: str) -> None:
+    """Print the `top` kernels/ops by self device time over `steps` steps (where a step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n[profile] {title}: {steps} steps, sorted by {key}", file=sys.stderr)
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70), file=sys.stderr,
+          flush=True)
+
+
 def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     torch.manual_seed(0)
     model = RWKV7(from_preset(args.preset, vocab, grad_checkpoint=args.grad_checkpoint)).to(device)
@@ -88,6 +103,8 @@ def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     dt, peak = time_steps(step, device, args.warmup, args.steps)
     flops = model_flops_per_step(model, B, T, int(mask.sum()))
     name = "ours/all" if frac is None else f"ours/completion {frac:.2f}"
+    if args.profile:
+        profile_steps(step, device, args.profile, args.profile_top, name)
     return {"case": name, "ms_per_step": dt * 1e3, "tokens_per_s": B * T / dt, "peak_gib": peak,
             "tflops": flops / dt / 1e12, "params": model.num_params()}
 
@@ -120,6 +137,8 @@ def bench_fla(args, device, vocab: int) -> dict | None:
         opt.zero_grad(set_to_none=True)
 
     dt, peak = time_steps(step, device, args.warmup, args.steps)
+    if args.profile:
+        profile_steps(step, device, args.profile, args.profile_top, "fla")
     n_params = sum(p.numel() for p in model.parameters())
     # same FLOP model as ours (same shape), logits on every position
     ref = RWKV7(from_preset(args.preset, vocab), init_weights=False)
@@ -145,6 +164,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["completion", "all", "fla"], action="append")
     ap.add_argument("--peak-tflops", type=float, default=None, help="Dense bf16 peak [from the GPU name].")
     ap.add_argument("--json", default=None, help="Also write the results here.")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="After timing, profile N more steps per case and print the top kernels (stderr).")
+    ap.add_argument("--profile-top", type=int, default=30, help="Rows of the profile table.")
     args = ap.parse_args()
 
     device = torch.device(args.device)

@@ -47,14 +47,35 @@ def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = N
 
 @contextlib.contextmanager
 def _report(path: str | None, log: Callable[[str], None]) -> Iterator[None]:
-    """Dask's HTML performance report (task stream, worker profiles) when asked for."""
+    """Dask's HTML performance report (task stream, worker profiles) when asked for.
+
+    The report is a by-product: when it cannot be made (bokeh missing, a scheduler without it), the build
+    still finishes and says why there is no report, instead of failing after all the work is done.
+    """
     if not path:
+        yield
+        return
+    try:
+        import bokeh  # noqa: F401  (the scheduler renders the report with it)
+    except ImportError:
+        log("Dask performance report skipped: bokeh is not installed (pip install bokeh)")
         yield
         return
     from distributed import performance_report
 
-    with performance_report(filename=str(path)):
+    report = performance_report(filename=str(path))
+    report.__enter__()
+    try:
         yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            report.__exit__(*sys.exc_info())
+        raise
+    try:
+        report.__exit__(None, None, None)
+    except Exception as e:
+        log(f"Dask performance report not written: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        return
     log(f"Dask performance report: {path}")
 
 

@@ -34,7 +34,7 @@ def test_crashing_and_hanging_files_are_rejected_alone(corpus_dir: Path, tmp_pat
     assert proc.returncode == 0, proc.stderr
     rejects = {r["path"]: r for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
     assert {p: r["reason"] for p, r in rejects.items()} == {"POP909_008.mid": "worker-crash",
-                                                            "POP909_191.mid": "timeout"}
+                                                            "POP909_191.mid": "timeout"}, (rejects, proc.stderr)
     assert "worker-crash" in proc.stderr and "POP909_008.mid" in proc.stderr
     sources = {r["source"] for r in iter_samples(out, "train")}
     assert sources == {f"{n}.mid" for n in FILES} - set(rejects)

@@ -128,3 +128,23 @@ def test_existing_cluster_build_is_byte_identical(dask_cluster, corpus_dir, buil
     assert proc.returncode == 0, proc.stderr
     assert "(2 worker(s))" in proc.stderr
     _same_shards(built_shards, out)
+
+
+def test_build_without_bokeh_finishes_without_the_report(corpus_dir, tmp_path):
+    """bokeh is what Dask draws the performance report with; a machine without it still gets its shards."""
+    shadow = tmp_path / "no-bokeh" / "bokeh"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('bokeh is hidden for this test')\n")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("POP909_008", "Maestro_3"):
+        (corpus / f"{name}.mid").write_bytes((corpus_dir / "MIDIs_one_track" / f"{name}.mid").read_bytes())
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(shadow.parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(_cmd(corpus, out, "--dashboard-address", "", "--workers", "1", "--val-fraction", "0"),
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "performance report skipped: bokeh is not installed" in proc.stderr
+    assert not (out / "performance-report.html").exists()
+    assert verify_shards(out) == [] and read_manifest(out)["counts"]["files_ok"] == 2
