@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from .guard import FileWatchdog, inject_fault, timeout_marker
 from .scan import Batch, CorpusFile
 from .split import assign_split, note_array, note_content_hash
 from .tokenizer import MidiRejected, encode_piano, load_piano_score, tokenizer_from_file, tokenizer_hash
-from .windows import Vocab, WindowSpec, WindowStats, index_bars, make_windows
+from .windows import Vocab, WindowSpan, WindowSpec, WindowStats, index_bars, window_spans
 
 BATCH_DIR = ".build/batches"
 STAGING_DIR = ".build/staging"
@@ -69,6 +70,9 @@ class BatchResult:
     timesig_changed: list[dict] = field(default_factory=list)  # {"source", "changed"}
     timings: dict = field(default_factory=dict)  # seconds per stage (not part of the output identity)
     peak_rss_mb: float = 0.0  # the worker process's peak resident memory after this batch
+    started: float = 0.0  # wall clock (time.time()) when the worker began and ended the batch, and its process:
+    ended: float = 0.0  # the build's stats show from them how long the workers waited (start-up, driver, tail)
+    pid: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -116,21 +120,13 @@ def longest_silence(notes: np.ndarray) -> int:
     return int(max(0, (notes[1:, 0] - ends[:-1]).max()))
 
 
-def window_arrays(ids: list[int], windows: list, vocab: Vocab) -> list[np.ndarray]:
-    """Each window's tokens as int32 arrays, sliced from one array of the piece's ids.
+def span_arrays(arr: np.ndarray, spans: list[WindowSpan]) -> list[np.ndarray]:
+    """Each window's tokens as an int32 array: its meta tokens followed by its slice of the piece's ids.
 
-    A window is its meta tokens followed by the piece's ids from the start of its first kept context bar
-    (windows.assemble); converting the piece once instead of every window's list saves the per-token
-    conversion of every overlapping window (about 6x the piece with the default stride).
+    Slicing one array of the piece (instead of building every overlapping window's token list, about 6x the
+    piece with the default stride) is most of what makes windowing cheap.
     """
-    arr = np.asarray(ids, dtype=np.int32)
-    starts = np.flatnonzero(np.isin(arr, np.fromiter(vocab.bar_ids, dtype=np.int32)))
-    out = []
-    for w in windows:
-        s = int(starts[w.first_bar]) if w.first_bar < len(starts) else len(ids)
-        out.append(np.concatenate((np.asarray(w.tokens[:w.meta_len], dtype=np.int32),
-                                   arr[s:s + len(w.tokens) - w.meta_len])))
-    return out
+    return [np.concatenate((np.asarray(s.meta, dtype=np.int32), arr[s.start:s.end])) for s in spans]
 
 
 def _check_filters(notes: np.ndarray, grid_per_quarter: int, filters: Filters) -> tuple[str, str] | None:
@@ -181,10 +177,12 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
     except Exception as e:  # miditok raises assorted errors on odd content
         return reject("tokenize-error", f"{type(e).__name__}: {e}")
     t3 = time.perf_counter()
-    if task.filters.min_bars and (n_bars := index_bars(ids, vocab).n_bars) < task.filters.min_bars:
-        return reject("too-few-bars", f"{n_bars} bar(s), at least {task.filters.min_bars} wanted")
+    arr = np.array(ids, dtype=np.int32)
+    bars = index_bars(ids, vocab, arr)
+    if task.filters.min_bars and bars.n_bars < task.filters.min_bars:
+        return reject("too-few-bars", f"{bars.n_bars} bar(s), at least {task.filters.min_bars} wanted")
     stats = WindowStats()
-    windows = make_windows(ids, vocab, task.spec, stats)
+    windows = window_spans(bars, task.spec, stats)
     t4 = time.perf_counter()
     for k, dt in (("read", t1 - t0), ("parse", t2 - t1), ("tokenize", t3 - t2), ("window", t4 - t3)):
         timings[k] = timings.get(k, 0.0) + dt
@@ -193,15 +191,15 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
     if stats.too_short:
         result.counts["too_short"] += 1
         need = task.spec.context_bars + task.spec.completion_bars
-        return reject("too-short", f"{index_bars(ids, vocab).n_bars} bar(s), a window needs {need}")
+        return reject("too-short", f"{bars.n_bars} bar(s), a window needs {need}")
     if not windows:
         return reject("no-windows", f"all {stats.dropped} window(s) exceed max-seq-len {task.spec.max_seq_len}")
     t5 = time.perf_counter()
-    content = note_content_hash(piano.score)
+    content = note_content_hash(piano.score, notes)
     split = assign_split(content, task.val_fraction, task.seed)
     samples = [Sample(tokens=tok_arr, meta_len=w.meta_len, ctx_len=w.ctx_len, completion_len=w.completion_len,
                       piece_id=f.sha256, source=f.rel, window=w.window, first_bar=w.first_bar)
-               for w, tok_arr in zip(windows, window_arrays(ids, windows, vocab), strict=True)]
+               for w, tok_arr in zip(windows, span_arrays(arr, windows), strict=True)]
     piece = {"source": f.rel, "piece_id": f.sha256, "content": content, "split": split,
              "samples": len(samples), "tokens": sum(len(s.tokens) for s in samples),
              "windows": len(windows) + stats.dropped, "windows_dropped": stats.dropped,
@@ -257,6 +255,7 @@ def process_batch(task: BatchTask) -> BatchResult:
 
 
 def _process_batch(task: BatchTask) -> BatchResult:
+    started = time.time()
     t_start = time.perf_counter()
     tok, vocab = _load_tokenizer(task.tokenizer_path, task.tokenizer_hash)
     result = BatchResult(task.batch.index, task.batch.digest())
@@ -297,6 +296,7 @@ def _process_batch(task: BatchTask) -> BatchResult:
     timings["total"] = time.perf_counter() - t_start
     result.timings = {k: round(v, 4) for k, v in timings.items()}
     result.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result.started, result.ended, result.pid = round(started, 4), round(time.time(), 4), os.getpid()
     write_json_atomic(batch_record_path(task.out, task.batch.index), result.to_json())
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 from ..shards.atomic import write_bytes_atomic, write_json_atomic
 from ..shards.manifest import MANIFEST, REJECTS, TOKENIZER
 from ..shards.schema import FORMAT_VERSION, SPLITS
-from .batch import STAGING_DIR, BatchResult, BatchTask, load_finished
+from .batch import BATCH_DIR, STAGING_DIR, BatchResult, BatchTask, load_finished
 from .config import BuildConfig, Runtime
 from .dedup import find_near_duplicates
 from .finalize import publish_batch
@@ -71,9 +72,21 @@ def _args_record(cfg: BuildConfig, rt: Runtime) -> dict:
     }
 
 
+def _start_cluster_early(out: Path, rt: Runtime) -> bool:
+    """Start the embedded cluster before the scan, in the background, for a build that will run batches.
+
+    A fresh OUT will; a resumed one may have nothing left to run, so its cluster is started after the scan,
+    only if needed, as is a connection to an external scheduler (nothing to start).
+    """
+    if rt.scheduler or rt.scheduler_file:
+        return False
+    records = out / BATCH_DIR
+    return not (records.is_dir() and any(records.iterdir()))
+
+
 def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = print) -> dict:
     """Run a whole build; returns the manifest. Raises BuildError/CorpusError before writing anything."""
-    t0 = time.perf_counter()
+    t0, t0_clock = time.perf_counter(), time.time()
     rels = find_midi(cfg.corpus)  # CorpusError: missing, not a dir, no MIDI
     try:
         tok = build_tokenizer(cfg.tokenizer_overrides)
@@ -83,40 +96,52 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
     out = Path(cfg.out)
     _prepare_out(out, cfg.fingerprint(thash), rt.overwrite)
     save_tokenizer(tok, out / TOKENIZER)
-    t_scan = time.perf_counter()
-    scan = scan_corpus(cfg.corpus, rels)
-    batches = make_batches(scan.unique, cfg.files_per_batch)
-    t_scan_done = t_run = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        early = None
+        if _start_cluster_early(out, rt):
+            from .driver import cluster_in_background
 
-    results: dict[int, BatchResult] = {}
-    tasks = []
-    for b in batches:
-        done = load_finished(out, b)
-        if done is not None:
-            results[b.index] = done
-        else:
-            tasks.append(BatchTask(b, str(Path(cfg.corpus).resolve()), str(out.resolve()),
-                                   str((out / TOKENIZER).resolve()), thash, cfg.spec, tuple(cfg.formats),
-                                   cfg.samples_per_shard, cfg.val_fraction, cfg.seed, cfg.filters,
-                                   cfg.near_dedup == "minhash", rt.file_timeout))
-    if len(results):
-        log(f"resuming: {len(results)} of {len(batches)} batch(es) already finished")
-    failures: list[dict] = []
+            most_batches = -(-len(rels) // cfg.files_per_batch)  # before duplicates are known
+            early = stack.enter_context(cluster_in_background(rt, min(rt.workers, most_batches)))
+        t_scan = time.perf_counter()
+        scan = scan_corpus(cfg.corpus, rels)
+        batches = make_batches(scan.unique, cfg.files_per_batch)
+        t_scan_done = t_run = time.perf_counter()
 
-    def on_failure(task: BatchTask, e: BaseException) -> None:
-        for f in task.batch.files:
-            failures.append({"path": f.rel, "reason": "batch-failed", "message": f"{type(e).__name__}: {e}"})
+        results: dict[int, BatchResult] = {}
+        ran: list[BatchResult] = []
+        tasks = []
+        for b in batches:
+            done = load_finished(out, b)
+            if done is not None:
+                results[b.index] = done
+            else:
+                tasks.append(BatchTask(b, str(Path(cfg.corpus).resolve()), str(out.resolve()),
+                                       str((out / TOKENIZER).resolve()), thash, cfg.spec, tuple(cfg.formats),
+                                       cfg.samples_per_shard, cfg.val_fraction, cfg.seed, cfg.filters,
+                                       cfg.near_dedup == "minhash", rt.file_timeout))
+        if len(results):
+            log(f"resuming: {len(results)} of {len(batches)} batch(es) already finished")
+        failures: list[dict] = []
 
-    if tasks:
-        from .driver import run_tasks
+        def on_result(r: BatchResult) -> None:
+            results[r.index] = r
+            ran.append(r)
 
-        report = rt.performance_report
-        if report == "":
-            report = str(out / PERFORMANCE_REPORT)
-        # Largest batches first, so that no long batch is left running alone at the end (the output does not
-        # depend on the order).
-        tasks.sort(key=lambda t: (-sum(f.size for f in t.batch.files), t.batch.index))
-        run_tasks(tasks, rt, log, lambda r: results.__setitem__(r.index, r), on_failure, report)
+        def on_failure(task: BatchTask, e: BaseException) -> None:
+            for f in task.batch.files:
+                failures.append({"path": f.rel, "reason": "batch-failed", "message": f"{type(e).__name__}: {e}"})
+
+        if tasks:
+            from .driver import run_tasks
+
+            report = rt.performance_report
+            if report == "":
+                report = str(out / PERFORMANCE_REPORT)
+            # Largest batches first, so that no long batch is left running alone at the end (the output does
+            # not depend on the order).
+            tasks.sort(key=lambda t: (-sum(f.size for f in t.batch.files), t.batch.index))
+            run_tasks(tasks, rt, log, on_result, on_failure, report, early)
     t_done = time.perf_counter()
 
     ordered = [results[i] for i in sorted(results)]
@@ -131,7 +156,7 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
     wall = {"prepare": t_scan - t0, "scan": t_scan_done - t_scan, "batches": t_done - t_run,
             "finish": time.perf_counter() - t_done}
     wall["total"] = time.perf_counter() - t0
-    write_json_atomic(out / STATS, _stats(wall, ordered, len(tasks)))
+    write_json_atomic(out / STATS, {**_stats(wall, ordered, len(tasks)), "workers": _worker_use(ran, t0_clock, wall)})
     return manifest
 
 
@@ -150,6 +175,21 @@ def _stats(wall: dict, results: list[BatchResult], ran: int) -> dict:
         "per_batch": [{"index": r.index, "files": r.counts["files"], **r.timings, "peak_rss_mb": r.peak_rss_mb}
                       for r in results],
     }
+
+
+def _worker_use(ran: list[BatchResult], t0_clock: float, wall: dict) -> dict:
+    """How the worker processes spent the build: when each began its first batch and ended its last (seconds
+    after the build started) and how long it was busy; the rest is start-up, waiting and the driver's work."""
+    per: dict[int, list[BatchResult]] = {}
+    for r in ran:
+        per.setdefault(r.pid, []).append(r)
+    rows = sorted(({"first_start_s": round(min(r.started for r in rs) - t0_clock, 3),
+                    "last_end_s": round(max(r.ended for r in rs) - t0_clock, 3),
+                    "busy_s": round(sum(r.ended - r.started for r in rs), 3), "batches": len(rs)}
+                   for rs in per.values()), key=lambda w: w["first_start_s"])
+    busy = sum(w["busy_s"] for w in rows)
+    return {"processes": len(rows), "busy_share": round(busy / (len(rows) * wall["total"]), 3) if rows else 0.0,
+            "per_process": rows}
 
 
 def _assemble_manifest(cfg: BuildConfig, rt: Runtime, tok, thash: str, scan, results: list[BatchResult],

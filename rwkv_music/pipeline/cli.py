@@ -84,6 +84,9 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
                      minhash_threshold: float, min_notes: int, min_bars: int, max_polyphony: int,
                      max_notes_per_beat: float, max_silence_beats: float, file_timeout: float, retries: int) -> None:
     """Tokenize CORPUS (all .mid/.midi below it) into bar-aligned windows and write shards to OUT."""
+    from .lean import skip_miditok_torch
+
+    skip_miditok_torch()  # this process only tokenizes (see lean.py); a no-op if miditok is already loaded
     from .build import BuildError, build_shards, summary_table
     from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Filters, Runtime
     from .scan import CorpusError

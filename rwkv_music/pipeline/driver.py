@@ -13,17 +13,57 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from .batch import BatchResult, BatchTask, process_batch
 from .config import Runtime
 from .scan import Batch
 
+WORKER_PRELOAD = "rwkv_music.pipeline.worker"
+
+
+def _cluster_config(rt: Runtime) -> dict:
+    # The scheduler runs in this process, so its settings are ours: the retry limit, and one task per worker
+    # thread at a time (no queued extra task), so that a dying worker takes down only the task that killed it.
+    return {"distributed.scheduler.allowed-failures": rt.retries, "distributed.scheduler.worker-saturation": 1.0}
+
+
+def _local_cluster(rt: Runtime, n_workers: int):
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                        dashboard_address=rt.dashboard_address or None, silence_logs=logging.CRITICAL,
+                        preload=[WORKER_PRELOAD])
+
 
 @contextlib.contextmanager
-def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = None) -> Iterator[object]:
-    """A connected distributed.Client; the embedded cluster (never more workers than tasks) is torn down on exit."""
+def cluster_in_background(rt: Runtime, n_workers: int) -> Iterator[Callable[[], object]]:
+    """Start the embedded LocalCluster in a thread now; yields a function that waits for it and returns it.
+
+    Its worker processes start, and import what a batch needs (worker.py), while the driver goes on scanning
+    and hashing the corpus. The cluster is closed on exit (after its start finished, should that still run).
+    """
     import dask
-    from distributed import Client, LocalCluster
+
+    with dask.config.set(_cluster_config(rt)), ThreadPoolExecutor(1, thread_name_prefix="cluster-start") as pool:
+        started = pool.submit(_local_cluster, rt, n_workers)
+        try:
+            yield started.result
+        finally:
+            if started.exception() is None:
+                started.result().close()
+
+
+@contextlib.contextmanager
+def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = None,
+                cluster: Callable[[], object] | None = None) -> Iterator[object]:
+    """A connected distributed.Client; the embedded cluster (never more workers than tasks) is torn down on exit.
+
+    `cluster`: a function returning an embedded cluster already started (cluster_in_background), which the
+    caller closes.
+    """
+    import dask
+    from distributed import Client
 
     if rt.scheduler or rt.scheduler_file:
         kwargs = {"address": rt.scheduler} if rt.scheduler else {"scheduler_file": rt.scheduler_file}
@@ -32,16 +72,16 @@ def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = N
             log(f"Dask scheduler {client.scheduler.address} ({n} worker(s)); dashboard: {client.dashboard_link}")
             yield client
         return
-    n_workers = max(1, min(rt.workers, n_tasks)) if n_tasks else rt.workers
-    # The scheduler runs in this process, so its settings are ours: the retry limit, and one task per worker
-    # thread at a time (no queued extra task), so that a dying worker takes down only the task that killed it.
-    with dask.config.set({"distributed.scheduler.allowed-failures": rt.retries,
-                          "distributed.scheduler.worker-saturation": 1.0}), \
-            LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                         dashboard_address=rt.dashboard_address or None, silence_logs=logging.CRITICAL) as cluster, \
-            Client(cluster) as client:
+    with contextlib.ExitStack() as stack:
+        if cluster is not None:
+            local = cluster()
+        else:
+            stack.enter_context(dask.config.set(_cluster_config(rt)))
+            local = stack.enter_context(_local_cluster(rt, max(1, min(rt.workers, n_tasks)) if n_tasks
+                                                        else rt.workers))
+        client = stack.enter_context(Client(local))
         link = client.dashboard_link if rt.dashboard_address else "(disabled)"
-        log(f"Dask LocalCluster: {n_workers} worker process(es); dashboard: {link}")
+        log(f"Dask LocalCluster: {len(local.workers)} worker process(es); dashboard: {link}")
         yield client
 
 
@@ -97,13 +137,15 @@ def _halves(task: BatchTask, files: tuple) -> list[BatchTask]:
 
 def run_tasks(tasks: list[BatchTask], rt: Runtime, log: Callable[[str], None],
               on_result: Callable[[BatchResult], None], on_failure: Callable[[BatchTask, BaseException], None],
-              performance_report: str | None = None) -> None:
-    """Submit every task; report each result (or failure) as it completes, in completion order."""
+              performance_report: str | None = None, cluster: Callable[[], object] | None = None) -> None:
+    """Submit every task; report each result (or failure) as it completes, in completion order.
+
+    `cluster`: an embedded cluster started ahead (see dask_client)."""
     from distributed import KilledWorker, as_completed
     from tqdm import tqdm
 
     total_files = sum(len(t.batch.files) for t in tasks)
-    with dask_client(rt, log, len(tasks)) as client, _report(performance_report, log), \
+    with dask_client(rt, log, len(tasks), cluster) as client, _report(performance_report, log), \
             tqdm(total=total_files, unit="file", file=sys.stderr, disable=not rt.progress, desc="build-shards") as bar:
         serial = iter(range(1 << 62))
 

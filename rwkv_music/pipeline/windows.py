@@ -2,16 +2,20 @@
 
 A window is `[meta][context bars][completion bars]`. `meta` is the TimeSig and Tempo tokens in force at the
 window's first bar, so a window cut from the middle of a piece still says its meter and speed. Training
-samples (`make_windows`) and generation prompts (`build_prompt`) are both built by `assemble`, so the model
-sees the same format in both.
+samples (`make_windows`, or `window_spans` for the pipeline's array slicing) and generation prompts
+(`build_prompt`) are all located by `_locate`, so the model sees the same format in both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import symusic
-from miditok import REMI
+import numpy as np
+
+if TYPE_CHECKING:  # only annotations: importing miditok here would load it (and torch) in every importer
+    import symusic
+    from miditok import REMI
 
 META_LEN = 2  # TimeSig, Tempo
 
@@ -49,6 +53,23 @@ class WindowStats:
 
 
 @dataclass(frozen=True)
+class WindowSpan:
+    """Where a window lies in its piece: the tokens are `meta` followed by `ids[start:end]`.
+
+    The pipeline slices samples straight from the piece's token array with it, instead of building each
+    overlapping window's token list (about 6x the piece with the default stride)."""
+
+    meta: tuple[int, int]  # TimeSig, Tempo ids in force at the first kept bar
+    start: int  # token index of the first kept context bar
+    end: int  # token index where the completion ends
+    ctx_len: int
+    completion_len: int
+    window: int
+    first_bar: int
+    meta_len: int = META_LEN
+
+
+@dataclass(frozen=True)
 class BarIndex:
     """Where each bar starts in the token stream, and the meta tokens in force there."""
 
@@ -65,6 +86,9 @@ class BarIndex:
         return self.starts[bar] if bar < self.n_bars else self.end
 
 
+_OTHER, _BAR, _TIMESIG, _TEMPO = 0, 1, 2, 3
+
+
 class Vocab:
     """Token-type lookups for one tokenizer (cheap to build, keep one per tokenizer)."""
 
@@ -73,6 +97,11 @@ class Vocab:
         self.timesig_ids = frozenset(i for t, i in tokenizer.vocab.items() if t.startswith("TimeSig_"))
         self.tempo_ids = frozenset(i for t, i in tokenizer.vocab.items() if t.startswith("Tempo_"))
         self.position_ids = frozenset(i for t, i in tokenizer.vocab.items() if t.startswith("Position_"))
+        # Token id -> BAR/TIMESIG/TEMPO/OTHER, so that index_bars finds the few tokens it needs with numpy.
+        # One spare OTHER entry at the end: out-of-range ids are clipped onto it.
+        self.kinds = np.full(max(tokenizer.vocab.values()) + 2, _OTHER, dtype=np.uint8)
+        for ids, kind in ((self.bar_ids, _BAR), (self.timesig_ids, _TIMESIG), (self.tempo_ids, _TEMPO)):
+            self.kinds[list(ids)] = kind
         self.position0 = tokenizer.vocab["Position_0"]
         self.bar = tokenizer.vocab["Bar_None"]
         self.default_timesig = tokenizer.vocab.get("TimeSig_4/4", min(self.timesig_ids))
@@ -80,22 +109,30 @@ class Vocab:
         self.default_tempo = min(tempos, key=lambda i: abs(tempos[i] - 120.0))
 
 
-def index_bars(ids: list[int], vocab: Vocab) -> BarIndex:
-    """Find bar starts and the TimeSig/Tempo in force at each (one linear pass)."""
+def index_bars(ids: list[int], vocab: Vocab, arr: np.ndarray | None = None) -> BarIndex:
+    """Find bar starts and the TimeSig/Tempo in force at each.
+
+    Only the Bar, TimeSig and Tempo tokens matter (a few percent of a stream), so they are located with numpy
+    and walked in order in Python. `arr`: the same ids as an integer array, when the caller has one.
+    """
+    if arr is None:
+        arr = np.asarray(ids, dtype=np.int64)
+    kinds = vocab.kinds.take(arr, mode="clip") if len(arr) else np.zeros(0, dtype=np.uint8)
+    at = np.flatnonzero(kinds)
     starts: list[int] = []
     meta: list[tuple[int, int]] = []
     timesig, tempo = None, None
     first_tempo = None
-    for i, t in enumerate(ids):
-        if t in vocab.bar_ids:
+    for i, kind, t in zip(at.tolist(), kinds[at].tolist(), arr[at].tolist(), strict=True):
+        if kind == _BAR:
             starts.append(i)
             meta.append((timesig, tempo))
-        elif t in vocab.timesig_ids:
+        elif kind == _TIMESIG:
             timesig = t
             if starts and starts[-1] == i - 1:
                 # REMI writes the bar's signature right after its Bar token: it is in force at the bar.
                 meta[-1] = (t, meta[-1][1])
-        elif t in vocab.tempo_ids:
+        else:
             tempo = t
             if first_tempo is None:
                 first_tempo = t
@@ -115,41 +152,55 @@ def _at_bar_start(ids: list[int], bar_at: int, tempo_at: int, vocab: Vocab) -> b
     return between == [vocab.position0]
 
 
-def assemble(ids: list[int], bars: BarIndex, first: int, ctx_end: int, end: int,
-             max_seq_len: int) -> Window | None:
-    """Meta + bars first..ctx_end-1 (context) + bars ctx_end..end-1 (completion), truncated to max_seq_len
-    by dropping whole leading context bars; None if meta + completion alone do not fit."""
+def _locate(bars: BarIndex, first: int, ctx_end: int, end: int, max_seq_len: int,
+            index: int = 0) -> WindowSpan | None:
+    """The span of bars first..end-1 (context up to ctx_end), leading context bars dropped until it fits."""
     c0, c1 = bars.at(ctx_end), bars.at(end)
     if META_LEN + (c1 - c0) > max_seq_len:
         return None
     while first < ctx_end and META_LEN + (c1 - bars.at(first)) > max_seq_len:
         first += 1
-    meta = list(bars.meta[min(first, bars.n_bars - 1)])
     ctx_start = bars.at(first)
-    tokens = meta + ids[ctx_start:c1]
-    return Window(tokens=tokens, meta_len=META_LEN, ctx_len=META_LEN + (c0 - ctx_start),
-                  completion_len=c1 - c0, window=0, first_bar=first)
+    return WindowSpan(meta=bars.meta[min(first, bars.n_bars - 1)], start=ctx_start, end=c1,
+                      ctx_len=META_LEN + (c0 - ctx_start), completion_len=c1 - c0, window=index, first_bar=first)
 
 
-def make_windows(ids: list[int], vocab: Vocab, spec: WindowSpec, stats: WindowStats | None = None) -> list[Window]:
-    """All training windows of one piece, in order."""
+def _window(ids: list[int], span: WindowSpan) -> Window:
+    return Window(tokens=[*span.meta, *ids[span.start:span.end]], meta_len=META_LEN, ctx_len=span.ctx_len,
+                  completion_len=span.completion_len, window=span.window, first_bar=span.first_bar)
+
+
+def assemble(ids: list[int], bars: BarIndex, first: int, ctx_end: int, end: int,
+             max_seq_len: int) -> Window | None:
+    """Meta + bars first..ctx_end-1 (context) + bars ctx_end..end-1 (completion), truncated to max_seq_len
+    by dropping whole leading context bars; None if meta + completion alone do not fit."""
+    span = _locate(bars, first, ctx_end, end, max_seq_len)
+    return None if span is None else _window(ids, span)
+
+
+def window_spans(bars: BarIndex, spec: WindowSpec, stats: WindowStats | None = None) -> list[WindowSpan]:
+    """Where all training windows of one piece lie, in order (see make_windows)."""
     stats = stats if stats is not None else WindowStats()
-    bars = index_bars(ids, vocab)
     need = spec.context_bars + spec.completion_bars
     if bars.n_bars < need:
         stats.too_short += 1
         return []
-    out: list[Window] = []
+    out: list[WindowSpan] = []
     for start in range(0, bars.n_bars - need + 1, spec.stride_bars):
         ctx_end = start + spec.context_bars
-        w = assemble(ids, bars, start, ctx_end, ctx_end + spec.completion_bars, spec.max_seq_len)
-        if w is None:
+        span = _locate(bars, start, ctx_end, ctx_end + spec.completion_bars, spec.max_seq_len, len(out))
+        if span is None:
             stats.dropped += 1
             continue
-        if w.first_bar != start:
+        if span.first_bar != start:
             stats.truncated += 1
-        out.append(Window(w.tokens, w.meta_len, w.ctx_len, w.completion_len, len(out), w.first_bar))
+        out.append(span)
     return out
+
+
+def make_windows(ids: list[int], vocab: Vocab, spec: WindowSpec, stats: WindowStats | None = None) -> list[Window]:
+    """All training windows of one piece, in order."""
+    return [_window(ids, span) for span in window_spans(index_bars(ids, vocab), spec, stats)]
 
 
 def build_prompt(ids: list[int], vocab: Vocab, context_bars: int | None, max_seq_len: int) -> Window:

@@ -145,20 +145,25 @@ def test_scan_rejects_non_utf8_file_names(tmp_path, corpus_dir):
 
 
 @pytest.mark.parametrize("max_seq_len", [2048, 300])
-def test_window_arrays_equal_the_window_token_lists(corpus_dir, max_seq_len):
-    """The fast per-piece slicing gives exactly each window's tokens (also when context bars were truncated)."""
-    from rwkv_music.pipeline.batch import window_arrays
+def test_span_arrays_equal_the_window_token_lists(corpus_dir, max_seq_len):
+    """The pipeline's array slicing gives exactly each window's tokens (also when context bars were truncated)."""
+    from rwkv_music.pipeline.batch import span_arrays
     from rwkv_music.pipeline.tokenizer import encode_piano, load_piano_score
-    from rwkv_music.pipeline.windows import Vocab, WindowStats, make_windows
+    from rwkv_music.pipeline.windows import Vocab, WindowStats, index_bars, make_windows, window_spans
 
     tok = build_tokenizer()
     vocab = Vocab(tok)
     for rel in ("MIDIs_one_track/Maestro_1.mid", "MIDIs_one_track/6354774_Macabre Waltz.mid"):
         ids = encode_piano(load_piano_score(corpus_dir / rel, tok), tok)
-        stats = WindowStats()
-        windows = make_windows(ids, vocab, WindowSpec(max_seq_len=max_seq_len), stats)
-        arrays = window_arrays(ids, windows, vocab)
-        assert len(arrays) == len(windows) > 0
-        for w, a in zip(windows, arrays, strict=True):
+        spec = WindowSpec(max_seq_len=max_seq_len)
+        stats, span_stats = WindowStats(), WindowStats()
+        windows = make_windows(ids, vocab, spec, stats)
+        arr = np.array(ids, dtype=np.int32)
+        spans = window_spans(index_bars(ids, vocab, arr), spec, span_stats)
+        arrays = span_arrays(arr, spans)
+        assert len(arrays) == len(windows) > 0 and span_stats == stats
+        for w, s, a in zip(windows, spans, arrays, strict=True):
             assert a.dtype == np.int32 and a.tolist() == list(w.tokens)
+            assert (s.meta_len, s.ctx_len, s.completion_len, s.window, s.first_bar) == \
+                (w.meta_len, w.ctx_len, w.completion_len, w.window, w.first_bar)
     assert max_seq_len == 2048 or stats.truncated > 0

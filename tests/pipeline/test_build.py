@@ -136,6 +136,12 @@ def test_stats_and_batch_records(built_shards: Path):
     assert stats["batches"] == {"total": n_batches, "ran": n_batches, "reused": 0} and n_batches == 2
     assert {"read", "parse", "tokenize", "window", "write"} <= set(stats["worker_seconds"])
     assert sum(b["files"] for b in stats["per_batch"]) == 30
+    workers = stats["workers"]  # the fixture build's 2 worker processes (normally one batch each)
+    assert workers["processes"] in (1, 2) and 0 < workers["busy_share"] <= 1
+    assert sum(w["batches"] for w in workers["per_process"]) == n_batches
+    for w in workers["per_process"]:
+        assert 0 < w["first_start_s"] <= w["last_end_s"] <= stats["wall_seconds"]["total"]
+        assert 0 < w["busy_s"] <= w["last_end_s"] - w["first_start_s"] + 1e-3
 
 
 def test_overwrite_replaces_only_the_builds_own_files(tmp_path):
