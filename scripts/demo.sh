@@ -9,7 +9,9 @@ out="${DEMO_OUT:-$root/demo-out}"
 steps="${DEMO_STEPS:-300}"
 export PATH="$venv/bin:$PATH"
 corpus="$root/examples/demo-corpus"
-prompt="$corpus/POP909_008.mid"
+# The first 16 bars of "Mr. Blue Sky" from the demo corpus; the split puts that piece in val, so the model
+# continues music it was not trained on.
+prompt="$root/examples/demo-prompt.mid"
 
 echo "== 1/3 build shards from $corpus"
 musicprep build-shards "$corpus" -o "$out/shards" --workers 2 --max-seq-len 512 --samples-per-shard 512 \
@@ -17,7 +19,7 @@ musicprep build-shards "$corpus" -o "$out/shards" --workers 2 --max-seq-len 512 
 echo "== 2/3 train the tiny preset for $steps steps on the CPU"
 musictrain fit "$out/shards" -o "$out/run" --preset tiny --max-steps "$steps" --batch-size 8 \
     --eval-every 100 --save-every 100 --device cpu
-echo "== 3/3 complete the last 4 bars of $(basename "$prompt") with 2 new bars, 4 variations"
+echo "== 3/3 continue $(basename "$prompt") (its last 4 bars as context) with 2 new bars, 4 variations"
 musictrain complete "$out/run" "$prompt" -o "$out/completions" --bars 2 --context-bars 4 --num-samples 4 \
     --seed 0 --device cpu --plot
 
