@@ -17,7 +17,7 @@
 # Sized for one 10-minute device command: on one H100 the small preset ran about 4 steps/s (batch 16), shards
 # took 10 s and the kernel build 5 s, so the defaults end in about 8 minutes. On the device machine:
 #   EXTRA_CORPUS=<carried copy of the miditok test MIDIs> bash bench/e2e_proof.sh /tmp/proof "$OUT"
-# with .whl (miditok, symusic, dask, ... wheels) carried.
+# with .whl carried (made here by `bash bench/device_wheels.sh`: miditok, symusic, dask, bokeh, ... wheels).
 set -euo pipefail
 
 work="${1:?usage: bench/e2e_proof.sh WORK_DIR [RESULTS_DIR]}"
