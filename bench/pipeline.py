@@ -112,7 +112,7 @@ def build_rate(corpus: Path, out: Path, workers: int, fmt: str = "both") -> dict
             "tokens_encoded": stats["tokens_encoded"], "tokens_per_s": stats["tokens_encoded"] / wall,
             "files_ok": manifest["counts"]["files_ok"], "samples": sum(manifest["counts"]["samples"].values()),
             "worker_peak_rss_mb": stats["worker_peak_rss_mb"], "phases": stats["wall_seconds"],
-            "worker_seconds": stats["worker_seconds"]}
+            "worker_seconds": stats["worker_seconds"], "worker_use": stats.get("workers", {})}
 
 
 def main() -> None:
@@ -155,7 +155,14 @@ def main() -> None:
                  if w in concurrent else "")
         print(f"build, {w} worker(s): {r['tokens_encoded']} tokens in {r['wall_s']} s = "
               f"{r['tokens_per_s'] / 1e3:.0f}k tokens/s; ratio to {w} x reference = {r['ratio']:.2f}{extra}; "
-              f"peak RSS per worker {r['worker_peak_rss_mb']:.0f} MiB; phases {r['phases']}")
+              f"peak RSS per worker {r['worker_peak_rss_mb']:.0f} MiB; phases {r['phases']}; "
+              f"whole process {r['process_wall_s']} s")
+        use = r["worker_use"]
+        if use:
+            first = min(p["first_start_s"] for p in use["per_process"])
+            last = max(p["last_end_s"] for p in use["per_process"])
+            print(f"  workers busy {use['busy_share']:.1%} of processes x wall; first batch began at {first:.2f} s, "
+                  f"last ended at {last:.2f} s of {r['wall_s']:.2f} s; worker seconds {r['worker_seconds']}")
     if len(results) > 1:
         base = results[0]
         for r in results[1:]:
