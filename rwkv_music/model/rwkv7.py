@@ -23,6 +23,20 @@ from rwkv_music.model.wkv import wkv
 _MIX_EXPONENTS = {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}
 
 
+@torch.compiler.disable
+def _wkv_outside_compile(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                         state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`wkv` left out of torch.compile's graphs; y comes back as a contiguous [B, T, C].
+
+    Traced, the chunked WKV's loop over ceil(T / chunk) chunks is unrolled and guarded on the chunk count,
+    so batches of varying length recompiled until dynamo's recompile limit sent the model back to eager;
+    the CUDA kernel is an extension call that dynamo cannot trace anyway. Fixed strides for y (its
+    reshape copied anyway) keep T % chunk from causing another recompile.
+    """
+    y, s = wkv(r, w, k, v, a, b, state=state)
+    return y.flatten(2).contiguous(), s
+
+
 def _ortho_lora_(p: Tensor, scale: float) -> None:
     """RWKV-LM's ortho_init for LoRA up-projections: orthogonal, gain scaled for tall matrices."""
     rows, cols = p.shape
@@ -128,9 +142,9 @@ class TimeMix(nn.Module):
 
         dt = r.dtype
         heads = [t.to(dt).reshape(B, T, H, N) for t in (r, w, k, v, -kk, kk * a)]
-        y, state = wkv(*heads, state=state)
+        y, state = _wkv_outside_compile(*heads, state)
 
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        y = self.ln_x(y.view(B * T, C)).view(B, T, C)
         bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(dim=-1, keepdim=True)
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
         return self.output(y * g), v_first, x[:, -1], state

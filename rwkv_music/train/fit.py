@@ -13,7 +13,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,42 @@ from .optim import make_optimizer, make_scheduler
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change (the CLI prints it, exit code 1)."""
+
+
+# Messages of allocation failures that are not torch.OutOfMemoryError: the CPU allocator raises a plain
+# RuntimeError ("DefaultCPUAllocator: can't allocate memory ..."; "not enough memory" in other builds).
+_CPU_OOM_MARKERS = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory", "std::bad_alloc")
+
+OOM_ADVICE = ("lower --batch-size and raise --grad-accum to keep the global batch, add --grad-checkpoint, or train "
+              "a smaller model (--preset, --n-layer, --n-embd) or on shards built with a smaller --max-seq-len")
+
+
+def out_of_memory_kind(e: BaseException) -> str | None:
+    """"CUDA" or "CPU" if `e` is a failed allocation, else None (so the caller re-raises everything else)."""
+    if isinstance(e, TrainingError):
+        return None
+    if isinstance(e, torch.OutOfMemoryError):  # CUDA's (torch.cuda.OutOfMemoryError is the same class)
+        return "CUDA" if "CUDA" in str(e) else "device"
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _CPU_OOM_MARKERS)):
+        return "CPU"
+    return None
+
+
+@contextlib.contextmanager
+def oom_guard(message: Callable[[str], str]) -> Iterator[None]:
+    """Turn an allocation failure into a one-line TrainingError(message(kind)), kind "CUDA" or "CPU".
+
+    The failed step's frames are cleared first: the traceback would otherwise keep its activations alive
+    while the run shuts down (and, under a memory limit, make the shutdown fail too).
+    """
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        kind = out_of_memory_kind(e)
+        if kind is None:
+            raise
+        traceback.clear_frames(e.__traceback__)
+        raise TrainingError(message(kind)) from e
 
 
 @dataclass
@@ -170,6 +207,19 @@ def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log) -> nn.Mo
     return RWKV7(mcfg)
 
 
+def compile_for_training(model: nn.Module) -> nn.Module:
+    """torch.compile(model), with AOTAutograd's on-disk cache off.
+
+    Saving a lazily compiled backward to that cache crashed the process now and then (SIGSEGV while
+    pickling it, pytorch/pytorch#177442; torch 2.13 on CPU: 3 of 9 cold-cache compiles of the model).
+    Inductor's own cache of compiled kernels stays on, so a second start is still fast.
+    """
+    import torch._functorch.config as functorch_config
+
+    functorch_config.enable_autograd_cache = False
+    return torch.compile(model)
+
+
 def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, world: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -245,7 +295,7 @@ def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> 
     amp = device.type == "cuda"
     model: nn.Module = raw
     if cfg.compile:
-        model = torch.compile(model)
+        model = compile_for_training(model)
     if di.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -298,7 +348,9 @@ def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> 
         nonlocal last_val, last_val_step, best_val
         if val is None:
             return None
-        v, _ = evaluate(raw, val, eval_bs, device, amp, di, cfg.eval_batches, pad_id)
+        with oom_guard(lambda kind: f"{kind} out of memory evaluating at step {step} (eval batch {eval_bs}): "
+                                    f"lower --eval-batch-size{last_good()}"):
+            v, _ = evaluate(raw, val, eval_bs, device, amp, di, cfg.eval_batches, pad_id)
         last_val, last_val_step = v, step
         if best_val is None or v < best_val:
             best_val = v
@@ -312,7 +364,8 @@ def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> 
             st = ck.TrainerState(step=step, epoch=epoch, consumed=consumed, tokens_seen=tokens_seen,
                                  val_loss=last_val if last_val_step == step else None, best_val_loss=best_val,
                                  tokenizer_hash=tok_hash, rng=ck.rng_state(), config=cfg.to_dict())
-            path = ck.save_checkpoint(run_dir, raw, opt, sched, st, tok_path, cfg.keep_last)
+            with oom_guard(lambda kind: f"{kind} out of memory writing the checkpoint of step {step}{last_good()}"):
+                path = ck.save_checkpoint(run_dir, raw, opt, sched, st, tok_path, cfg.keep_last)
         if di.enabled:
             dist.barrier()
         return path
@@ -330,6 +383,17 @@ def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> 
     t_log, tok_log = time.perf_counter(), 0
     ws = float(di.world_size)
 
+    def last_good() -> str:
+        good = last_ckpt or ck.latest_checkpoint(run_dir)
+        return f"; the last good checkpoint is {good}" if good else "; no checkpoint was written"
+
+    micro: list[dict] = []  # the step's micro-batches
+
+    def step_oom(kind: str) -> str:
+        T = max((b["input_ids"].shape[1] for b in micro), default=0)
+        shape = f"batch {cfg.batch_size} x {T} tokens" + (f", grad-accum {K}" if K > 1 else "")
+        return f"{kind} out of memory at step {step + 1} ({shape}): {OOM_ADVICE}{last_good()}"
+
     def done() -> bool:
         if cfg.max_tokens is not None:
             return tokens_seen >= cfg.max_tokens
@@ -338,36 +402,29 @@ def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> 
     try:
         while not done():
             micro = []
-            for _ in range(K):
-                epoch, consumed, b = next(it)
-                micro.append(b)
-            counts = torch.tensor([sum(b["n_targets"] for b in micro), sum(b["n_tokens"] for b in micro)],
-                                  dtype=torch.float64, device=device)
-            all_sum(counts, di)
-            n_global, tok_global = counts.tolist()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            try:
+            with oom_guard(step_oom):
+                for _ in range(K):
+                    epoch, consumed, b = next(it)
+                    micro.append(b)
+                counts = torch.tensor([sum(b["n_targets"] for b in micro), sum(b["n_tokens"] for b in micro)],
+                                      dtype=torch.float64, device=device)
+                all_sum(counts, di)
+                n_global, tok_global = counts.tolist()
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 for j, b in enumerate(micro):
                     sync = contextlib.nullcontext() if not di.enabled or j == K - 1 else model.no_sync()
                     with sync:
                         s, _ = completion_loss_sum(model, b, device, amp)
                         (s * (ws / n_global)).backward()
                     loss_sum += s.detach().double()
-            except torch.cuda.OutOfMemoryError as e:
-                T = max(b["input_ids"].shape[1] for b in micro)
-                raise TrainingError(
-                    f"CUDA out of memory at step {step + 1} (batch {cfg.batch_size} x {T} tokens): lower "
-                    f"--batch-size and raise --grad-accum to keep the global batch, or add --grad-checkpoint"
-                ) from e
-            all_sum(loss_sum, di)
-            loss_val = loss_sum.item() / n_global
-            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            if not math.isfinite(loss_val) or not torch.isfinite(gnorm):
-                where = f"; the last good checkpoint is {last_ckpt or ck.latest_checkpoint(run_dir)}"
-                raise TrainingError(f"loss is {loss_val} (grad norm {gnorm.item()}) at step {step + 1}; stopping "
-                                    f"without saving{where}. Lower --lr or raise --warmup-steps.")
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
+                all_sum(loss_sum, di)
+                loss_val = loss_sum.item() / n_global
+                gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+                if not math.isfinite(loss_val) or not torch.isfinite(gnorm):
+                    raise TrainingError(f"loss is {loss_val} (grad norm {gnorm.item()}) at step {step + 1}; stopping "
+                                        f"without saving{last_good()}. Lower --lr or raise --warmup-steps.")
+                lr = opt.param_groups[0]["lr"]
+                opt.step()  # allocates AdamW's moments on the first step
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
