@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fit_testutil import SMALL_BUILD_ARGS, TINY, fit_env, metrics, musictrain, musictrain_here
+from fit_testutil import TINY, fit_env, metrics, musictrain, musictrain_here
 from safetensors.torch import load_file, save_file
 
 from rwkv_music.model import RWKV7, RWKV7Config, load, save_rwkv_lm
@@ -25,20 +25,8 @@ from rwkv_music.train.fit import evaluate
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training/evaluation on one thread (the 2-core CI machine is shared with subprocesses)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def small_shards(corpus_dir: Path, build_cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real build of the test corpus with short windows (so CPU training is quick)."""
-    out = tmp_path_factory.mktemp("train-shards") / "out"
-    build_cli(corpus_dir, out, *SMALL_BUILD_ARGS)
-    return out
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest's `one_thread`)."""
 
 
 @pytest.fixture(scope="module")

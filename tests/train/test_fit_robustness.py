@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fit_testutil import SMALL_BUILD_ARGS, TINY, fit_env, metrics, musictrain
+from fit_testutil import TINY, fit_env, metrics, musictrain
 from safetensors import safe_open
 
 from rwkv_music.model import RWKV7, RWKV7Config, load
@@ -27,18 +27,8 @@ from rwkv_music.train.fit import TrainingError, evaluate, oom_guard, out_of_memo
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def small_shards(corpus_dir: Path, build_cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("robust-shards") / "out"
-    build_cli(corpus_dir, out, *SMALL_BUILD_ARGS)
-    return out
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest's `one_thread`)."""
 
 
 # ---------------------------------------------------------------------------------------------- out of memory
