@@ -100,11 +100,15 @@ def save_checkpoint(run_dir: str | os.PathLike, model: torch.nn.Module, optimize
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, tmp, extra_meta={"step": state.step, "val_loss": state.val_loss,
-                                        "tokenizer_hash": state.tokenizer_hash})
-    shutil.copyfile(tokenizer_json, tmp / TOKENIZER)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER)
-    (tmp / STATE).write_text(json.dumps(state.to_dict(), indent=1))
+    try:
+        save_model(model, tmp, extra_meta={"step": state.step, "val_loss": state.val_loss,
+                                            "tokenizer_hash": state.tokenizer_hash})
+        shutil.copyfile(tokenizer_json, tmp / TOKENIZER)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER)
+        (tmp / STATE).write_text(json.dumps(state.to_dict(), indent=1))
+    except BaseException:  # a full disk or an interrupt: leave no half-written copy (it can be hundreds of MB)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving a step (e.g. final save right after a periodic one)
         old = ckpts / f".{name}.old"
         if old.exists():

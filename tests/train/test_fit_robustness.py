@@ -175,3 +175,35 @@ def test_compiled_model_stops_recompiling_once_the_length_is_dynamic():
         assert len(graphs) == settled
     finally:
         torch.compiler.reset()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint writes
+
+
+def test_failed_checkpoint_write_leaves_the_last_good_one(tmp_path: Path):
+    """A checkpoint whose write fails half-way leaves no partial directory, and latest.json keeps pointing at
+    the previous, loadable checkpoint."""
+    from rwkv_music.model import from_preset
+    from rwkv_music.train.checkpoints import TrainerState, save_checkpoint
+    from rwkv_music.train.config import TrainConfig
+    from rwkv_music.train.optim import make_optimizer, make_scheduler
+
+    model = RWKV7(from_preset("tiny", 64))
+    cfg = TrainConfig(lr=1e-3, warmup_steps=1)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, total_steps=10)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    run = tmp_path / "run"
+    state = TrainerState(step=1, epoch=0, consumed=1, tokens_seen=10, val_loss=None, best_val_loss=None,
+                         tokenizer_hash="0" * 64)
+    good = save_checkpoint(run, model, opt, sched, state, tok, keep_last=3)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    state.step = 2  # the tokenizer file is gone by the time of the next save: the write fails after the weights
+    with pytest.raises(FileNotFoundError):
+        save_checkpoint(run, model, opt, sched, state, tmp_path / "missing.json", keep_last=3)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.json", good.name]
+    assert latest_checkpoint(run) == good
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert torch.equal(load(good).emb.weight, model.emb.weight)
