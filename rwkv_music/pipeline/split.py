@@ -29,11 +29,10 @@ def note_array(score: symusic.Score) -> np.ndarray:
     return a[np.lexsort((a[:, 1], a[:, 2], a[:, 0]))]
 
 
-def note_content_hash(score: symusic.Score, notes: np.ndarray | None = None) -> str:
-    """sha256 of `note_array`: equal for re-encoded copies of the same notes (other tpq, tempo, track layout).
-
-    `notes`: `note_array(score)` when the caller already has it."""
-    a = np.ascontiguousarray(note_array(score) if notes is None else notes, dtype=np.int64)
+def note_content_hash(notes: np.ndarray) -> str:
+    """sha256 of a piece's `note_array`: equal for re-encoded copies of the same notes (other tpq, tempo, track
+    layout)."""
+    a = np.ascontiguousarray(notes, dtype=np.int64)
     return hashlib.sha256(b"notes-v1\n" + a.tobytes()).hexdigest()
 
 

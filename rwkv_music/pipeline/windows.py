@@ -109,14 +109,13 @@ class Vocab:
         self.default_tempo = min(tempos, key=lambda i: abs(tempos[i] - 120.0))
 
 
-def index_bars(ids: list[int], vocab: Vocab, arr: np.ndarray | None = None) -> BarIndex:
+def index_bars(ids: list[int], vocab: Vocab) -> BarIndex:
     """Find bar starts and the TimeSig/Tempo in force at each.
 
     Only the Bar, TimeSig and Tempo tokens matter (a few percent of a stream), so they are located with numpy
-    and walked in order in Python. `arr`: the same ids as an integer array, when the caller has one.
+    and walked in order in Python.
     """
-    if arr is None:
-        arr = np.asarray(ids, dtype=np.int64)
+    arr = np.asarray(ids, dtype=np.int64)
     kinds = vocab.kinds.take(arr, mode="clip") if len(arr) else np.zeros(0, dtype=np.uint8)
     at = np.flatnonzero(kinds)
     starts: list[int] = []

@@ -159,7 +159,7 @@ def test_span_arrays_equal_the_window_token_lists(corpus_dir, max_seq_len):
         stats, span_stats = WindowStats(), WindowStats()
         windows = make_windows(ids, vocab, spec, stats)
         arr = np.array(ids, dtype=np.int32)
-        spans = window_spans(index_bars(ids, vocab, arr), spec, span_stats)
+        spans = window_spans(index_bars(ids, vocab), spec, span_stats)
         arrays = span_arrays(arr, spans)
         assert len(arrays) == len(windows) > 0 and span_stats == stats
         for w, s, a in zip(windows, spans, arrays, strict=True):
