@@ -26,7 +26,7 @@ from ..shards.schema import SPLITS, Sample, shard_name
 from ..shards.webdataset import write_webdataset
 from .config import Filters
 from .dedup import minhash_signature
-from .guard import FileWatchdog, inject_fault, timeout_marker
+from .guard import FileWatchdog, inject_fault, mark_started, timeout_marker
 from .scan import Batch, CorpusFile
 from .split import assign_split, note_array, note_content_hash
 from .tokenizer import MidiRejected, encode_piano, load_piano_score, tokenizer_from_file, tokenizer_hash
@@ -57,6 +57,7 @@ class BatchTask:
     file_timeout: float | None = None  # seconds per file before the worker gives up on it (guard.py)
     crashed: tuple[str, ...] = ()  # files found to kill the worker: rejected as "worker-crash" without processing
     probe: bool = False  # only process the files (to find a crashing one); write nothing
+    attempt: str = ""  # the driver's name for this submission: marks it started (guard.mark_started)
 
 
 @dataclass
@@ -246,7 +247,8 @@ def process_batch(task: BatchTask) -> BatchResult:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _process_batch(task)
+        with mark_started(task.out, task.attempt):
+            return _process_batch(task)
     finally:
         gc.collect(0)  # with collection paused nothing was promoted: the batch's objects are all in generation 0
         if was_enabled:

@@ -3,7 +3,8 @@
 A batch whose worker keeps dying (segfault, OOM kill, timeout watchdog) raises KilledWorker once Dask's retry
 limit is spent. The driver then re-runs halves of the batch as "probe" tasks (no output) until each culprit file
 is alone, and finally re-runs the whole batch with the culprits rejected as `worker-crash`, so the batch's
-output is what it would be had those files simply been unreadable.
+output is what it would be had those files simply been unreadable. Dask fails the tasks merely queued on a dying
+worker too; those never started there (no started-marker, guard.mark_started) and are just submitted again.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from .batch import BatchResult, BatchTask, process_batch
 from .config import Runtime
+from .guard import STARTED_DIR, started_marker
 from .scan import Batch
 
 WORKER_PRELOAD = "rwkv_music.pipeline.worker"
+# Resubmissions of a task that a dying worker failed before it started; a bound, so that a cluster whose every
+# worker keeps dying still ends (the task is then searched like one that did start).
+MAX_REQUEUES = 20
 
 
 def _cluster_config(rt: Runtime) -> dict:
@@ -135,6 +141,20 @@ def _halves(task: BatchTask, files: tuple) -> list[BatchTask]:
             for part in (files[:mid], files[mid:])]
 
 
+def _started_on(task: BatchTask, err: BaseException) -> bool:
+    """Whether `task` had started on the worker whose death failed it (KilledWorker names that worker)."""
+    pid = getattr(getattr(err, "last_worker", None), "pid", None)
+    if pid is None:
+        return True  # no way to tell: treat it as a possible culprit, as Dask does
+    return started_marker(task.out, task.attempt, pid).exists()
+
+
+def _clear_markers(task: BatchTask) -> None:
+    """Remove the markers a failed attempt left (one per worker it started on and that died under it)."""
+    for p in (Path(task.out) / STARTED_DIR).glob(f"{task.attempt}.*"):
+        p.unlink(missing_ok=True)
+
+
 def run_tasks(tasks: list[BatchTask], rt: Runtime, log: Callable[[str], None],
               on_result: Callable[[BatchResult], None], on_failure: Callable[[BatchTask, BaseException], None],
               performance_report: str | None = None, cluster: Callable[[], object] | None = None) -> None:
@@ -149,14 +169,15 @@ def run_tasks(tasks: list[BatchTask], rt: Runtime, log: Callable[[str], None],
             tqdm(total=total_files, unit="file", file=sys.stderr, disable=not rt.progress, desc="build-shards") as bar:
         serial = iter(range(1 << 62))
 
-        def submit(task: BatchTask, kind: str, hunt: _Hunt | None = None):
+        def submit(task: BatchTask, kind: str, hunt: _Hunt | None = None, requeues: int = 0):
             tag = "probe" if task.probe else "batch"
             key = f"musicprep-{tag}-{task.batch.index:06d}-{task.batch.digest()[:12]}-{next(serial)}"
+            task = dataclasses.replace(task, attempt=key)
             fut = client.submit(process_batch, task, key=key, pure=False, retries=0)
-            owner[fut.key] = (kind, task, hunt)
+            owner[fut.key] = (kind, task, hunt, requeues)
             ac.add(fut)
 
-        owner: dict[str, tuple[str, BatchTask, _Hunt | None]] = {}
+        owner: dict[str, tuple[str, BatchTask, _Hunt | None, int]] = {}
         ac = as_completed()
         for t in tasks:
             submit(t, "batch")
@@ -181,16 +202,20 @@ def run_tasks(tasks: list[BatchTask], rt: Runtime, log: Callable[[str], None],
             submit(dataclasses.replace(hunt.task, crashed=crashed), "rerun", hunt)
 
         for fut in ac:
-            kind, task, hunt = owner.pop(fut.key)
+            kind, task, hunt, requeues = owner.pop(fut.key)
             try:
                 res = fut.result()
                 err = None
-            except KilledWorker as e:
-                res, err = None, e
             except Exception as e:
                 res, err = None, e
             finally:
                 fut.release()
+            if isinstance(err, KilledWorker):
+                started = _started_on(task, err)
+                _clear_markers(task)
+                if not started and requeues < MAX_REQUEUES:
+                    submit(task, kind, hunt, requeues + 1)
+                    continue
             if kind == "probe":
                 hunt.pending -= 1
                 if isinstance(err, KilledWorker):

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TIMEOUT_DIR = ".build/timeouts"
+STARTED_DIR = ".build/started"
 TIMEOUT_EXIT_CODE = 75
 
 # Fault-injection hook, for tests of crash isolation only: RWKV_MUSIC_FAULT_INJECT="crash:NAME[,hang:NAME...]"
@@ -27,6 +28,30 @@ FAULT_ENV = "RWKV_MUSIC_FAULT_INJECT"
 
 def timeout_marker(out: str | os.PathLike, sha256: str) -> Path:
     return Path(out) / TIMEOUT_DIR / f"{sha256}.json"
+
+
+def started_marker(out: str | os.PathLike, key: str, pid: int) -> Path:
+    return Path(out) / STARTED_DIR / f"{key}.{pid}"
+
+
+@contextlib.contextmanager
+def mark_started(out: str | os.PathLike, key: str) -> Iterator[None]:
+    """Keep OUT/.build/started/KEY.PID while task KEY runs in this process.
+
+    Dask fails every task assigned to a worker that dies, the one it was running and any waiting in its queue
+    alike. The marker tells the driver which of them had started there; a task that never started is innocent
+    and is simply submitted again, instead of being searched (and its files rejected) as a crasher.
+    """
+    if not key:
+        yield
+        return
+    path = started_marker(out, key, os.getpid())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def inject_fault(rel: str) -> None:
