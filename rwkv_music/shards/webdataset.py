@@ -13,6 +13,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
+from json.encoder import encode_basestring_ascii as _json_str
 
 import numpy as np
 
@@ -27,13 +28,17 @@ BLOCK = 512
 RECORD = 20 * BLOCK  # tar archives end padded to a whole record, as tarfile writes them
 
 
-def _npy_bytes(tokens) -> bytes:
-    """The .npy (format 1.0) bytes of a 1-D little-endian int32 array, exactly as np.save writes them."""
-    a = np.ascontiguousarray(tokens, dtype="<i4")
-    header = f"{{'descr': '<i4', 'fortran_order': False, 'shape': ({len(a)},), }}"
+def _npy_header(n: int) -> bytes:
+    """The .npy (format 1.0) header of a 1-D little-endian int32 array of length n, exactly as np.save writes it."""
+    header = f"{{'descr': '<i4', 'fortran_order': False, 'shape': ({n},), }}"
     pad = -(10 + len(header) + 1) % 64  # magic(6) + version(2) + length(2); header ends with "\n"
     header = (header + " " * pad + "\n").encode("latin1")
-    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + a.tobytes()
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+def _npy_bytes(tokens) -> bytes:
+    a = np.ascontiguousarray(tokens, dtype="<i4")
+    return _npy_header(len(a)) + a.tobytes()
 
 
 # The fixed fields of every member's ustar header: mode 0644, uid/gid 0, mtime 0, regular file, "ustar\x0000".
@@ -41,44 +46,52 @@ _MODE_IDS = b"0000644\x00" + b"0000000\x00" * 2
 _MTIME = b"00000000000\x00"
 _TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(247)  # typeflag, linkname, magic+version, the rest empty
 _FIXED_SUM = sum(_MODE_IDS) + sum(_MTIME) + sum(_TAIL) + 8 * ord(" ")  # checksum field counts as spaces
+_PADDING = [bytes(k) for k in range(BLOCK)]
 
 
-def _ustar_header(name: str, size: int) -> bytes:
+def _ustar_header(name: bytes, size: int) -> bytes:
     """One 512-byte POSIX ustar header (as tarfile writes for these fields), checksum computed from parts."""
-    raw = name.encode("utf-8")
-    if len(raw) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    if len(name) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name.decode(errors='replace')}")
     size_field = b"%011o\x00" % size
-    chk = _FIXED_SUM + sum(raw) + sum(size_field)
-    return raw + bytes(100 - len(raw)) + _MODE_IDS + size_field + _MTIME + b"%06o\x00 " % chk + _TAIL
-
-
-def _member(name: str, data: bytes) -> bytes:
-    return _ustar_header(name, len(data)) + data + b"\x00" * (-len(data) % BLOCK)
+    chk = _FIXED_SUM + sum(name) + sum(size_field)
+    return b"".join((name.ljust(100, b"\x00"), _MODE_IDS, size_field, _MTIME, b"%06o\x00 " % chk, _TAIL))
 
 
 def sample_json(s: Sample) -> bytes:
-    fields = {f: getattr(s, f) for f in (*INT_FIELDS, *STR_FIELDS)}
-    return json.dumps(fields, sort_keys=True).encode()
+    """The sample's other fields as JSON: the bytes of json.dumps(fields, sort_keys=True), without its overhead."""
+    return (f'{{"completion_len": {int(s.completion_len)}, "ctx_len": {int(s.ctx_len)}, '
+            f'"first_bar": {int(s.first_bar)}, "meta_len": {int(s.meta_len)}, '
+            f'"piece_id": {_json_str(s.piece_id)}, "source": {_json_str(s.source)}, '
+            f'"window": {int(s.window)}}}').encode()
+
+
+def _sample_parts(s: Sample) -> list:
+    """The two tar members of one sample, as pieces for bytes.join (the tokens as a view, not copied)."""
+    key = s.key.encode()
+    a = np.ascontiguousarray(s.tokens, dtype="<i4")
+    npy_head = _npy_header(len(a))
+    npy_size = len(npy_head) + a.nbytes
+    meta = sample_json(s)
+    return [_ustar_header(key + b".tokens.npy", npy_size), npy_head, a.data, _PADDING[-npy_size % BLOCK],
+            _ustar_header(key + b".json", len(meta)), meta, _PADDING[-len(meta) % BLOCK]]
 
 
 def write_webdataset(path: str | os.PathLike, samples: Sequence[Sample]) -> str:
-    """Write `samples` atomically as a WebDataset tar, in order; returns the file's sha256 (hex)."""
-    digest = hashlib.sha256()
+    """Write `samples` atomically as a WebDataset tar, in order; returns the file's sha256 (hex).
+
+    The archive is assembled in memory (a shard is a few MB) and written and hashed in one piece.
+    """
+    parts: list = []
+    for s in samples:
+        parts += _sample_parts(s)
+    body = b"".join(parts)
+    end = 2 * BLOCK
+    end += -(len(body) + end) % RECORD
+    data = body + bytes(end)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        written = 0
-        for s in samples:
-            key = s.key
-            chunk = _member(f"{key}.{TOKENS_EXT}", _npy_bytes(s.tokens)) + \
-                    _member(f"{key}.{JSON_EXT}", sample_json(s))
-            f.write(chunk)
-            digest.update(chunk)
-            written += len(chunk)
-        end = 2 * BLOCK
-        end += -(written + end) % RECORD
-        f.write(b"\x00" * end)
-        digest.update(b"\x00" * end)
-    return digest.hexdigest()
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def iter_webdataset_samples(path: str | os.PathLike) -> Iterator[dict]:

@@ -125,3 +125,21 @@ def test_tar_members_are_standard_ustar_and_npy(tmp_path):
         assert all(m.isfile() and m.mode == 0o644 and m.mtime == 0 and m.uid == 0 for m in members)
         arr = np.load(io.BytesIO(t.extractfile(members[0]).read()), allow_pickle=False)
     assert arr.tolist() == np.asarray(samples[0].tokens).tolist()
+
+
+def test_sample_json_is_json_dumps_for_any_source_name(tmp_path):
+    """The hand-formatted member JSON equals json.dumps(sort_keys=True), also for names that need escaping."""
+    import tarfile
+
+    from rwkv_music.shards.schema import Sample
+
+    names = ['plain.mid', 'quote"and\\backslash.mid', "tab\tnew\nline.mid", "Dvořák/Humoresque ♪.mid",
+             "surrogate-\udcff.mid"]
+    samples = [Sample(np.arange(5, dtype=np.int32), 1, 3, 2, f"{i:064x}", n, i, 7 * i) for i, n in enumerate(names)]
+    write_webdataset(tmp_path / "x.tar", samples)
+    with tarfile.open(tmp_path / "x.tar") as t:
+        got = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".json")]
+    want = [json.dumps({f: getattr(s, f) for f in ("meta_len", "ctx_len", "completion_len", "piece_id", "source",
+                                                     "window", "first_bar")}, sort_keys=True).encode()
+            for s in samples]
+    assert got == want
