@@ -2,6 +2,7 @@
 
     python bench/pipeline.py                       # >= 800 files, reference loop, builds with 1 and 2 workers
     python bench/pipeline.py --workers 1,2,4 --transpose 14
+    python bench/pipeline.py --rounds 3            # on a noisy shared VM: median of three rounds
 
 Corpus: every usable file of the real test corpus plus its transpositions by -T..+T semitones (distinct pieces,
 so near-dedup keeps them), written once with symusic into a temporary directory.
@@ -14,9 +15,9 @@ WebDataset writing, manifest), LocalCluster with N single-thread workers. Its ra
 encoded divided by the build's own wall time (stats.json, including cluster start-up), and the ratio is that
 rate over N x the reference rate. Peak RSS per worker is the largest ru_maxrss a worker reported.
 
-The reference loop runs again after the builds: on a shared VM the machine's speed drifts by tens of percent
-within minutes, so each ratio is also given against both measurements, and the headline ratio is taken against
-the faster of the two (the conservative choice).
+The reference loop runs again after each round of builds: on a shared VM the machine's speed drifts by tens of
+percent within minutes, so each build's ratio is taken against the faster of the reference measurements just
+before and just after it (the conservative choice), and with `--rounds R` the median over the rounds is given.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,15 +121,30 @@ def build_rate(corpus: Path, out: Path, workers: int, fmt: str = "both") -> dict
             "worker_seconds": stats["worker_seconds"], "worker_use": stats.get("workers", {})}
 
 
+def _print_build(r: dict) -> None:
+    print(f"build, {r['workers']} worker(s): {r['tokens_encoded']} tokens in {r['wall_s']} s = "
+          f"{r['tokens_per_s'] / 1e3:.0f}k tokens/s; peak RSS per worker {r['worker_peak_rss_mb']:.0f} MiB; "
+          f"phases {r['phases']}; whole process {r['process_wall_s']} s")
+    use = r["worker_use"]
+    if use:
+        first = min(p["first_start_s"] for p in use["per_process"])
+        last = max(p["last_end_s"] for p in use["per_process"])
+        print(f"  workers busy {use['busy_share']:.1%} of processes x wall; first batch began at {first:.2f} s, "
+              f"last ended at {last:.2f} s of {r['wall_s']:.2f} s; worker seconds {r['worker_seconds']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus" / "miditok-tests")
     ap.add_argument("--transpose", type=int, default=14, help="copies at -T..+T semitones")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--format", default="both", choices=["both", "parquet", "webdataset"], help="shard formats")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the builds (each round followed by a reference loop); ratios' median reported")
     ap.add_argument("--work-dir", type=Path, default=None, help="keep the corpus and builds here")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args()
+    counts = [int(x) for x in a.workers.split(",")]
 
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     corpus = work / "corpus"
@@ -136,57 +153,46 @@ def main() -> None:
     corpus.mkdir(parents=True)
     n = make_corpus(a.corpus, corpus, a.transpose)
     print(f"corpus: {n} files in {corpus} ({sum(p.stat().st_size for p in corpus.iterdir()) / 2**20:.1f} MiB)")
-    ref = reference_rate(corpus)
-    print(f"reference loop (1 process): {ref['tokens']} tokens in {ref['seconds']} s = "
-          f"{ref['tokens_per_s'] / 1e3:.0f}k tokens/s per core")
+    refs = [reference_rate(corpus)]
+    print(f"reference loop (1 process): {refs[0]['tokens']} tokens in {refs[0]['seconds']} s = "
+          f"{refs[0]['tokens_per_s'] / 1e3:.0f}k tokens/s per core")
     ref_nogc = reference_rate(corpus, gc_paused=True)
     print(f"  (for context: the same loop with the cyclic GC paused, as in the workers: "
           f"{ref_nogc['tokens_per_s'] / 1e3:.0f}k tokens/s)")
     concurrent = {}
-    for w in (int(x) for x in a.workers.split(",")):
+    for w in counts:
         if w > 1:
             concurrent[w] = concurrent_reference_rate(corpus, w)
             print(f"reference loop, {w} processes at once: {concurrent[w]['tokens_per_s'] / 1e3:.0f}k tokens/s "
-                  f"together ({concurrent[w]['tokens_per_s'] / (w * ref['tokens_per_s']):.2f} x {w} single loops)")
-    results = []
-    for w in (int(x) for x in a.workers.split(",")):
-        r = build_rate(corpus, work / f"out-{w}", w, a.format)
-        r["ratio"] = r["tokens_per_s"] / (w * ref["tokens_per_s"])
-        if w in concurrent:
-            r["ratio_to_concurrent_reference"] = r["tokens_per_s"] / concurrent[w]["tokens_per_s"]
-        results.append(r)
-        extra = (f" (to {w} reference loops running at once: {r['ratio_to_concurrent_reference']:.2f})"
-                 if w in concurrent else "")
-        print(f"build, {w} worker(s): {r['tokens_encoded']} tokens in {r['wall_s']} s = "
-              f"{r['tokens_per_s'] / 1e3:.0f}k tokens/s; ratio to {w} x reference = {r['ratio']:.2f}{extra}; "
-              f"peak RSS per worker {r['worker_peak_rss_mb']:.0f} MiB; phases {r['phases']}; "
-              f"whole process {r['process_wall_s']} s")
-        use = r["worker_use"]
-        if use:
-            first = min(p["first_start_s"] for p in use["per_process"])
-            last = max(p["last_end_s"] for p in use["per_process"])
-            print(f"  workers busy {use['busy_share']:.1%} of processes x wall; first batch began at {first:.2f} s, "
-                  f"last ended at {last:.2f} s of {r['wall_s']:.2f} s; worker seconds {r['worker_seconds']}")
-    ref_after = reference_rate(corpus)
-    ref_best = max(ref["tokens_per_s"], ref_after["tokens_per_s"])
-    print(f"reference loop again, after the builds: {ref_after['tokens_per_s'] / 1e3:.0f}k tokens/s per core "
-          f"(before: {ref['tokens_per_s'] / 1e3:.0f}k)")
-    for r in results:
-        w = r["workers"]
-        r["ratio_to_reference_after"] = r["tokens_per_s"] / (w * ref_after["tokens_per_s"])
-        r["ratio_conservative"] = r["tokens_per_s"] / (w * ref_best)
-        print(f"build, {w} worker(s): ratio to {w} x reference = {r['ratio_conservative']:.2f} against the faster "
-              f"reference measurement ({r['ratio']:.2f} before, {r['ratio_to_reference_after']:.2f} after)")
-    if len(results) > 1:
-        base = results[0]
-        for r in results[1:]:
-            print(f"scaling {base['workers']} -> {r['workers']} workers: "
-                  f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+                  f"together ({concurrent[w]['tokens_per_s'] / (w * refs[0]['tokens_per_s']):.2f} x {w} single "
+                  "loops)")
+    rounds = []
+    for k in range(a.rounds):
+        builds = []
+        for w in counts:
+            r = build_rate(corpus, work / f"out-{w}", w, a.format)
+            _print_build(r)
+            builds.append(r)
+        refs.append(reference_rate(corpus))
+        before, after = refs[k]["tokens_per_s"], refs[k + 1]["tokens_per_s"]
+        print(f"reference loop again: {after / 1e3:.0f}k tokens/s per core (before this round: {before / 1e3:.0f}k)")
+        for r in builds:
+            w = r["workers"]
+            r["ratio_before"], r["ratio_after"] = r["tokens_per_s"] / (w * before), r["tokens_per_s"] / (w * after)
+            r["ratio"] = min(r["ratio_before"], r["ratio_after"])
+            print(f"round {k + 1}, {w} worker(s): ratio to {w} x reference = {r['ratio']:.2f} against the faster "
+                  f"reference ({r['ratio_before']:.2f} before, {r['ratio_after']:.2f} after)")
+        rounds.append(builds)
+    for i, w in enumerate(counts):
+        ratios = sorted(b[i]["ratio"] for b in rounds)
+        print(f"{w} worker(s): median ratio {statistics.median(ratios):.2f} over {len(ratios)} round(s) "
+              f"({', '.join(f'{x:.2f}' for x in ratios)})")
+    for i in range(1, len(counts)):
+        scale = statistics.median(b[i]["tokens_per_s"] / b[0]["tokens_per_s"] for b in rounds)
+        print(f"scaling {counts[0]} -> {counts[i]} workers: {scale:.2f}x (median over rounds)")
     info = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "python": platform.python_version(), "files": n, "format": a.format, "reference": ref,
-            "reference_after": ref_after,
-            "reference_gc_paused": ref_nogc,
-            "concurrent_reference": concurrent, "builds": results}
+            "python": platform.python_version(), "files": n, "format": a.format, "references": refs,
+            "reference_gc_paused": ref_nogc, "concurrent_reference": concurrent, "rounds": rounds}
     if a.json:
         a.json.write_text(json.dumps(info, indent=2))
     if not a.work_dir:
