@@ -87,11 +87,13 @@ def write_webdataset(path: str | os.PathLike, samples: Sequence[Sample]) -> str:
         parts += _sample_parts(s)
     body = b"".join(parts)
     end = 2 * BLOCK
-    end += -(len(body) + end) % RECORD
-    data = body + bytes(end)
+    end = bytes(end + -(len(body) + end) % RECORD)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-    return hashlib.sha256(data).hexdigest()
+        f.write(body)
+        f.write(end)
+    digest = hashlib.sha256(body)
+    digest.update(end)
+    return digest.hexdigest()
 
 
 def iter_webdataset_samples(path: str | os.PathLike) -> Iterator[dict]:
