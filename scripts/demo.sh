@@ -17,6 +17,9 @@ echo "== 1/3 build shards from $corpus"
 musicprep build-shards "$corpus" -o "$out/shards" --workers 2 --max-seq-len 512 --samples-per-shard 512 \
     --val-fraction 0.25 --overwrite
 echo "== 2/3 train the tiny preset for $steps steps on the CPU"
+# A repeated demo starts its run and completions afresh (fit refuses to train into an existing run without
+# --resume; the shards above are reused when nothing changed).
+rm -rf "$out/run" "$out/completions"
 musictrain fit "$out/shards" -o "$out/run" --preset tiny --max-steps "$steps" --batch-size 8 \
     --eval-every 100 --save-every 100 --device cpu
 echo "== 3/3 continue $(basename "$prompt") (its last 4 bars as context) with 2 new bars, 4 variations"
