@@ -218,6 +218,8 @@ def run_tasks(tasks: list[BatchTask], rt: Runtime, log: Callable[[str], None],
                 started = _started_on(task, err)
                 _clear_markers(task)
                 if not started and requeues < MAX_REQUEUES:
+                    what = "probe of batch" if task.probe else "batch"
+                    log(f"{what} {task.batch.index}: its worker died before it started; submitted again")
                     submit(task, kind, hunt, requeues + 1)
                     continue
             if kind == "probe":
