@@ -36,11 +36,6 @@ def _npy_header(n: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
 
 
-def _npy_bytes(tokens) -> bytes:
-    a = np.ascontiguousarray(tokens, dtype="<i4")
-    return _npy_header(len(a)) + a.tobytes()
-
-
 # The fixed fields of every member's ustar header: mode 0644, uid/gid 0, mtime 0, regular file, "ustar\x0000".
 _MODE_IDS = b"0000644\x00" + b"0000000\x00" * 2
 _MTIME = b"00000000000\x00"

@@ -109,13 +109,13 @@ def test_tar_members_are_standard_ustar_and_npy(tmp_path):
     import io
     import tarfile
 
-    from rwkv_music.shards.webdataset import _npy_bytes
+    from rwkv_music.shards.webdataset import _npy_header
 
-    for n in (0, 1, 7, 1000):
+    for n in (0, 1, 7, 1000, 123456):
         a = np.arange(n, dtype=np.int32) - 3
         buf = io.BytesIO()
         np.save(buf, a, allow_pickle=False)
-        assert _npy_bytes(a) == buf.getvalue()
+        assert _npy_header(n) + a.tobytes() == buf.getvalue()
     samples = make_samples(3)
     write_webdataset(tmp_path / "x.tar", samples)
     assert (tmp_path / "x.tar").stat().st_size % (20 * 512) == 0
@@ -131,7 +131,7 @@ def test_sample_json_is_json_dumps_for_any_source_name(tmp_path):
     """The hand-formatted member JSON equals json.dumps(sort_keys=True), also for names that need escaping."""
     import tarfile
 
-    from rwkv_music.shards.schema import Sample
+    from rwkv_music.shards.schema import INT_FIELDS, STR_FIELDS, Sample
 
     names = ['plain.mid', 'quote"and\\backslash.mid', "tab\tnew\nline.mid", "Dvořák/Humoresque ♪.mid",
              "surrogate-\udcff.mid"]
@@ -139,7 +139,6 @@ def test_sample_json_is_json_dumps_for_any_source_name(tmp_path):
     write_webdataset(tmp_path / "x.tar", samples)
     with tarfile.open(tmp_path / "x.tar") as t:
         got = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".json")]
-    want = [json.dumps({f: getattr(s, f) for f in ("meta_len", "ctx_len", "completion_len", "piece_id", "source",
-                                                     "window", "first_bar")}, sort_keys=True).encode()
+    want = [json.dumps({f: getattr(s, f) for f in (*INT_FIELDS, *STR_FIELDS)}, sort_keys=True).encode()
             for s in samples]
     assert got == want
