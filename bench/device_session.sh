@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One device-machine command that runs the GPU checks and measurements still owed, each step under its own
+# time limit, so that one slow or failing step costs only its own slot; logs and JSON go to RESULTS.
+#
+#   bash bench/device_session.sh RESULTS [STEP ...]
+#
+# Steps (default: wheels build gputests trainstep complete; pick others by name, in the order given):
+#   wheels      install the carried .whl/ wheels into /tmp/site (see bench/device_wheels.sh); sets PYTHONPATH
+#   build       build the CUDA WKV extension once (later steps then start with it compiled)
+#   gputests    pytest tests/gpu tests/model/test_model_gpu.py (the float64 checks of the kernel)
+#   trainstep   bench/train_step.py, ours with completion logits, with a profile of 3 steps
+#   compile     bench/train_step.py --compile, ours with completion logits
+#   complete    bench/complete.py --check --profile-prefill (ours only)
+#   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
+#   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
+# Limits per step (seconds) come from LIMIT_<STEP>, e.g. LIMIT_TRAINSTEP=200. RESULTS/summary.txt lists each
+# step with its exit status and seconds (124: it ran out of time); RESULTS/<step>.log holds its output.
+set -uo pipefail
+
+results="${1:?usage: bench/device_session.sh RESULTS [STEP ...]}"
+shift
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(wheels build gputests trainstep complete)
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root" || exit 2
+mkdir -p "$results"
+results="$(cd "$results" && pwd)"
+PY="${PY:-python3}"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+
+declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=180
+                  [proof]=420 [ddp]=420)
+declare -A command=(
+    [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
+    [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
+    [gputests]="$PY -m pytest -q -rs tests/gpu tests/model/test_model_gpu.py"
+    [trainstep]="$PY bench/train_step.py --only completion --no-fla --profile 3 --json $results/train_step.json"
+    [compile]="$PY bench/train_step.py --only completion --no-fla --compile --json $results/train_step_compile.json"
+    [complete]="$PY bench/complete.py --check --no-rwkv-pip --profile-prefill --json $results/complete.json"
+    [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
+    [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
+)
+
+{
+    date -u +"%Y-%m-%d %H:%M:%S UTC"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())' 2>&1
+} > "$results/summary.txt"
+
+for step in "${steps[@]}"; do
+    if [ -z "${command[$step]:-}" ]; then
+        echo "unknown step '$step' (known: ${!command[*]})" | tee -a "$results/summary.txt" >&2
+        continue
+    fi
+    var="LIMIT_${step^^}"
+    secs="${!var:-${limit[$step]}}"
+    echo "== $step (limit ${secs}s)" >&2
+    start=$(date +%s)
+    timeout --kill-after=10 "$secs" bash -c "${command[$step]}" > "$results/$step.log" 2>&1
+    rc=$?
+    echo "$step rc=$rc $(( $(date +%s) - start ))s" | tee -a "$results/summary.txt" >&2
+    if [ "$step" = wheels ] && [ $rc -eq 0 ]; then
+        export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+done
+tail -n 3 "$results"/*.log > "$results/tails.txt" 2>/dev/null || true
