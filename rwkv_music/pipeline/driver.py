@@ -29,11 +29,11 @@ MAX_REQUEUES = 20
 
 
 def _cluster_config(rt: Runtime) -> dict:
-    # The scheduler runs in this process, so its settings are ours: the retry limit, and one task per worker
-    # thread at a time (no queued extra task), so that a dying worker takes down fewer tasks than the one that
-    # killed it. The workers' statistical profiler samples the running task's stack every 10 ms by default,
-    # taking the GIL from tokenization each time; every 100 ms still fills the performance report's profile
-    # tab for a build of minutes.
+    # The scheduler runs in this process, so its settings are ours: the retry limit, and queueing tasks at the
+    # scheduler rather than on the workers, so that fewer innocent tasks wait on a worker that dies (Dask
+    # applies it only to large groups of tasks: run_tasks resubmits the rest). The workers' statistical
+    # profiler samples the running task's stack every 10 ms by default, taking the GIL from tokenization each
+    # time; every 100 ms still fills the performance report's profile tab for a build of minutes.
     return {"distributed.scheduler.allowed-failures": rt.retries, "distributed.scheduler.worker-saturation": 1.0,
             "distributed.worker.profile.interval": "100ms"}
 
