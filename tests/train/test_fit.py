@@ -23,10 +23,7 @@ from rwkv_music.shards.dataset import open_split
 from rwkv_music.train.checkpoints import load_for_inference, resolve_checkpoint
 from rwkv_music.train.fit import evaluate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here on one thread (conftest's `one_thread`)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,7 @@ from rwkv_music.shards.dataset import open_split
 from rwkv_music.train.checkpoints import latest_checkpoint, read_trainer_state, resolve_checkpoint
 from rwkv_music.train.fit import TrainingError, evaluate, oom_guard, out_of_memory_kind
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here on one thread (conftest's `one_thread`)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one thread (conftest.py)
 
 
 # ---------------------------------------------------------------------------------------------- out of memory
