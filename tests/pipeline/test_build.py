@@ -141,7 +141,9 @@ def test_stats_and_batch_records(built_shards: Path):
     assert sum(w["batches"] for w in workers["per_process"]) == n_batches
     for w in workers["per_process"]:
         assert 0 < w["first_start_s"] <= w["last_end_s"] <= stats["wall_seconds"]["total"]
-        assert 0 < w["busy_s"] <= w["last_end_s"] - w["first_start_s"] + 1e-3
+        # busy_s, first_start_s and last_end_s are each rounded to the millisecond on their own, so the busy
+        # time and the span between first start and last end can disagree by up to 1.5 ms
+        assert 0 < w["busy_s"] <= w["last_end_s"] - w["first_start_s"] + 2e-3
 
 
 def test_overwrite_replaces_only_the_builds_own_files(tmp_path):
