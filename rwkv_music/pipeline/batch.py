@@ -178,7 +178,8 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
     except Exception as e:  # miditok raises assorted errors on odd content
         return reject("tokenize-error", f"{type(e).__name__}: {e}")
     t3 = time.perf_counter()
-    bars = index_bars(ids, vocab)
+    arr = np.array(ids, dtype=np.int32)  # the piece's tokens, converted once: bar index and window slices
+    bars = index_bars(arr, vocab)
     if task.filters.min_bars and bars.n_bars < task.filters.min_bars:
         return reject("too-few-bars", f"{bars.n_bars} bar(s), at least {task.filters.min_bars} wanted")
     stats = WindowStats()
@@ -199,7 +200,7 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
     split = assign_split(content, task.val_fraction, task.seed)
     samples = [Sample(tokens=tok_arr, meta_len=w.meta_len, ctx_len=w.ctx_len, completion_len=w.completion_len,
                       piece_id=f.sha256, source=f.rel, window=w.window, first_bar=w.first_bar)
-               for w, tok_arr in zip(windows, span_arrays(np.array(ids, dtype=np.int32), windows), strict=True)]
+               for w, tok_arr in zip(windows, span_arrays(arr, windows), strict=True)]
     piece = {"source": f.rel, "piece_id": f.sha256, "content": content, "split": split,
              "samples": len(samples), "tokens": sum(len(s.tokens) for s in samples),
              "windows": len(windows) + stats.dropped, "windows_dropped": stats.dropped,

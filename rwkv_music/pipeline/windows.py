@@ -109,7 +109,7 @@ class Vocab:
         self.default_tempo = min(tempos, key=lambda i: abs(tempos[i] - 120.0))
 
 
-def index_bars(ids: list[int], vocab: Vocab) -> BarIndex:
+def index_bars(ids: list[int] | np.ndarray, vocab: Vocab) -> BarIndex:
     """Find bar starts and the TimeSig/Tempo in force at each.
 
     Only the Bar, TimeSig and Tempo tokens matter (a few percent of a stream), so they are located with numpy
