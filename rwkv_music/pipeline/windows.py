@@ -145,7 +145,7 @@ def index_bars(ids: list[int] | np.ndarray, vocab: Vocab) -> BarIndex:
     return BarIndex(starts, len(ids), resolved)
 
 
-def _at_bar_start(ids: list[int], bar_at: int, tempo_at: int, vocab: Vocab) -> bool:
+def _at_bar_start(ids: list[int] | np.ndarray, bar_at: int, tempo_at: int, vocab: Vocab) -> bool:
     between = ids[bar_at + 1:tempo_at]
     between = [t for t in between if t not in vocab.timesig_ids]
     return between == [vocab.position0]
