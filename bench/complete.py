@@ -33,10 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rwkv_music.model import RWKV7, RWKV7Config, from_preset, save_rwkv_lm  # noqa: E402
-from rwkv_music.pipeline.tokenizer import build_tokenizer, encode_piano, load_piano_score  # noqa: E402
-from rwkv_music.pipeline.windows import Vocab, build_prompt  # noqa: E402
+from rwkv_music.remi.grammar import BatchedGrammar, RemiGrammar  # noqa: E402
+from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score  # noqa: E402
+from rwkv_music.remi.windows import Vocab, build_prompt  # noqa: E402
 from rwkv_music.train.complete import _Decoder, _run_graph, prefill  # noqa: E402
-from rwkv_music.train.grammar import BatchedGrammar, RemiGrammar  # noqa: E402
 from rwkv_music.train.sampling import SamplingConfig, draw_uniforms  # noqa: E402
 
 DEMO_PROMPT = REPO / "examples" / "demo-corpus" / "POP909_010.mid"

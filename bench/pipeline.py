@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rwkv_music.pipeline.scan import find_midi  # noqa: E402
-from rwkv_music.pipeline.tokenizer import MidiRejected, build_tokenizer, encode_piano, load_piano_score  # noqa: E402
+from rwkv_music.remi.tokenizer import MidiRejected, build_tokenizer, encode_piano, load_piano_score  # noqa: E402
 
 
 def make_corpus(src: Path, dst: Path, transpose: int) -> int:

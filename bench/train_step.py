@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_music.model import RWKV7, from_preset
-from rwkv_music.pipeline.tokenizer import build_tokenizer
+from rwkv_music.remi.tokenizer import build_tokenizer
 from rwkv_music.train.config import TrainConfig
 from rwkv_music.train.optim import make_optimizer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus" / "miditok-tests"
+CORPUS = REPO / "tests" / "data" / "miditok-tests"  # miditok's test MIDI files (MIT, see its LICENSE)
 
 # The fixture build: both formats, several shards per split, 2 Dask workers, default bars (4 + 2, stride 1,
 # max 2048 tokens). val-fraction 0.2 so the 28 usable pieces give a non-empty validation split.

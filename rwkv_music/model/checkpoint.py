@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from rwkv_music.atomic import atomic_path, write_text_atomic
 from rwkv_music.model.config import RWKV7Config
 from rwkv_music.model.rwkv7 import RWKV7
 
@@ -28,27 +28,14 @@ CONFIG_NAME = "config.json"
 _LAYER0_UNUSED = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path) on a temp file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save(model: RWKV7, path: str | os.PathLike, extra_meta: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to the directory ``path`` (created if needed). Returns the directory."""
     out = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     doc = {"format": "rwkv-music/rwkv7", "config": model.cfg.to_dict(), "meta": extra_meta or {}}
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2, sort_keys=True)))
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp))
+    write_text_atomic(out / CONFIG_NAME, json.dumps(doc, indent=2, sort_keys=True))
     return out
 
 
@@ -135,7 +122,8 @@ def save_rwkv_lm(model: RWKV7, path: str | os.PathLike, dtype: torch.dtype | Non
     sd["blocks.0.att.v2"] = torch.zeros(D, C)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    _atomic_write(out, lambda tmp: torch.save(sd, tmp))
+    with atomic_path(out) as tmp:
+        torch.save(sd, tmp)
     return out
 
 

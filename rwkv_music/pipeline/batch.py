@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 from miditok import REMI
 
-from ..shards.atomic import sha256_file, write_json_atomic
+from rwkv_music.atomic import sha256_file, write_json_atomic
+from rwkv_music.remi.tokenizer import MidiRejected, encode_piano, load_piano_score, tokenizer_from_file, tokenizer_hash
+from rwkv_music.remi.windows import Vocab, WindowSpan, WindowSpec, WindowStats, index_bars, window_spans
+
 from ..shards.parquet import write_parquet
 from ..shards.schema import SPLITS, Sample, shard_name
 from ..shards.webdataset import write_webdataset
@@ -29,8 +32,6 @@ from .dedup import minhash_signature
 from .guard import FileWatchdog, inject_fault, mark_started, timeout_marker
 from .scan import Batch, CorpusFile
 from .split import assign_split, note_array, note_content_hash
-from .tokenizer import MidiRejected, encode_piano, load_piano_score, tokenizer_from_file, tokenizer_hash
-from .windows import Vocab, WindowSpan, WindowSpec, WindowStats, index_bars, window_spans
 
 BATCH_DIR = ".build/batches"
 STAGING_DIR = ".build/staging"

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from ..shards.atomic import write_bytes_atomic, write_json_atomic
+from rwkv_music.atomic import write_bytes_atomic, write_json_atomic
+from rwkv_music.remi.tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
+
 from ..shards.manifest import MANIFEST, REJECTS, TOKENIZER
 from ..shards.schema import FORMAT_VERSION, SPLITS
 from .batch import BATCH_DIR, STAGING_DIR, BatchResult, BatchTask, load_finished
@@ -18,7 +20,6 @@ from .config import BuildConfig, Runtime
 from .dedup import find_near_duplicates
 from .finalize import publish_batch
 from .scan import CorpusError, find_midi, make_batches, scan_corpus
-from .tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
 
 BUILD_CONFIG = ".build/config.json"
 STATS = "stats.json"

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
+from rwkv_music.remi.windows import WindowSpec
+
 from ..shards.schema import FORMATS
-from .windows import WindowSpec
 
 
 class UsageFailure(click.ClickException):
@@ -87,10 +88,11 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
     from .lean import skip_miditok_torch
 
     skip_miditok_torch()  # this process only tokenizes (see lean.py); a no-op if miditok is already loaded
+    from rwkv_music.remi.tokenizer import load_tokenizer_overrides
+
     from .build import BuildError, build_shards, summary_table
     from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Filters, Runtime
     from .scan import CorpusError
-    from .tokenizer import load_tokenizer_overrides
 
     try:
         overrides = load_tokenizer_overrides(tokenizer_config) if tokenizer_config else None

@@ -6,8 +6,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rwkv_music.remi.windows import WindowSpec
+
 from ..shards.schema import FORMAT_VERSION, FORMATS
-from .windows import WindowSpec
 
 # Files per Dask task. Fixed (never derived from --workers) so batch contents, shard names and shard
 # bytes are the same whatever the cluster looks like.

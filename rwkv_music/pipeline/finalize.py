@@ -12,7 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..shards.atomic import write_json_atomic
+from rwkv_music.atomic import write_json_atomic
+
 from ..shards.manifest import iter_shard
 from ..shards.schema import SPLITS, Sample
 from .batch import STAGING_DIR, BatchResult, write_split_shards

@@ -7,11 +7,12 @@ import random
 import re
 from pathlib import Path
 
-from ..shards.atomic import atomic_path, write_json_atomic
+from rwkv_music.atomic import atomic_path, write_json_atomic
+from rwkv_music.remi.tokenizer import tokenizer_from_file
+from rwkv_music.remi.windows import Vocab, decode_window
+
 from ..shards.manifest import TOKENIZER, available_format, iter_shard, read_manifest, shard_entries
 from ..shards.parquet import read_parquet_rows
-from .tokenizer import tokenizer_from_file
-from .windows import Vocab, decode_window
 
 
 def pick_samples(out: str | os.PathLike, n: int, split: str, seed: int) -> list[dict]:

@@ -6,7 +6,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomic import sha256_file
+from rwkv_music.atomic import sha256_file
+
 from .parquet import iter_parquet_samples
 from .schema import FORMAT_VERSION, FORMATS, SPLITS
 from .webdataset import iter_webdataset_samples

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
+from rwkv_music.atomic import atomic_path
+
 from .schema import ARROW_SCHEMA, FORMAT_VERSION, INT_FIELDS, META_FORMAT_VERSION, META_TOKENIZER_HASH, Sample
 
 ROW_GROUP_SIZE = 2048

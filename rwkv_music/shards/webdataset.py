@@ -17,7 +17,8 @@ from json.encoder import encode_basestring_ascii as _json_str
 
 import numpy as np
 
-from .atomic import atomic_path
+from rwkv_music.atomic import atomic_path
+
 from .schema import INT_FIELDS, STR_FIELDS, Sample
 
 TOKENS_EXT = "tokens.npy"

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rwkv_music.shards.atomic import write_json_atomic
+from rwkv_music.atomic import write_json_atomic
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -189,7 +189,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     """
     from rwkv_music.model import load as load_model
     from rwkv_music.model import read_meta
-    from rwkv_music.pipeline.tokenizer import tokenizer_from_file, tokenizer_hash
+    from rwkv_music.remi.tokenizer import tokenizer_from_file, tokenizer_hash
 
     ckpt = resolve_checkpoint(path)
     model = load_model(ckpt, map_location=device).eval()

@@ -19,9 +19,9 @@ import torch
 from miditok import REMI
 from torch import Tensor
 
-from rwkv_music.pipeline.tokenizer import MidiRejected, PianoScore, encode_piano, load_piano_score
-from rwkv_music.pipeline.windows import Vocab, Window, build_prompt, decode_window
-from rwkv_music.train.grammar import BAR, PITCH, BatchedGrammar, GrammarError, GrammarState, RemiGrammar
+from rwkv_music.remi.grammar import BAR, PITCH, BatchedGrammar, GrammarError, GrammarState, RemiGrammar
+from rwkv_music.remi.tokenizer import MidiRejected, PianoScore, encode_piano, load_piano_score
+from rwkv_music.remi.windows import Vocab, Window, build_prompt, decode_window
 from rwkv_music.train.sampling import SamplingConfig, draw_uniforms, sample
 
 DEFAULT_TOKENS_PER_BAR = 384  # budget per requested bar; dense piano bars in the test corpus stay well below

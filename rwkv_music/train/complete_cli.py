@@ -58,13 +58,14 @@ def complete(checkpoint: Path, prompt: Path, out: Path, bars: int, context_bars:
     from rwkv_music.train.complete import CompleteConfig, CompletionError
     from rwkv_music.train.complete import complete as run_complete
     from rwkv_music.train.complete_output import format_table, write_completion
+    from rwkv_music.train.device import DeviceUnavailable, pick_device
     from rwkv_music.train.sampling import SamplingConfig
 
     ctx = _context_bars(context_bars)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UsageFailure("--device cuda: no CUDA device is available")
+    try:
+        device = str(pick_device(device))
+    except DeviceUnavailable as e:
+        raise UsageFailure(str(e)) from None
     if not prompt.is_file():
         raise UsageFailure(f"prompt not found: {prompt}")
     if out.exists() and not out.is_dir():

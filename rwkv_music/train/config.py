@@ -129,7 +129,7 @@ def resolve(file: str | os.PathLike | None, overrides: dict[str, Any], base: dic
 
 def save_config(cfg: TrainConfig, run_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """RUN/config.json: the resolved TrainConfig (+ derived values such as the model config), atomically."""
-    from rwkv_music.shards.atomic import write_json_atomic
+    from rwkv_music.atomic import write_json_atomic
 
     path = Path(run_dir) / "config.json"
     write_json_atomic(path, {"train": cfg.to_dict(), **(extra or {})})

@@ -53,14 +53,15 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
     from rwkv_music.shards import ManifestError
     from rwkv_music.train.checkpoints import load_for_inference
     from rwkv_music.train.cli import UsageFailure
-    from rwkv_music.train.evaluate import EvalConfig, resolve_device, run_eval
+    from rwkv_music.train.device import pick_device
+    from rwkv_music.train.evaluate import EvalConfig, run_eval
 
     cfg = EvalConfig(split=split, num_windows=num_windows, max_tf_windows=None if all_tf_windows else max_tf_windows,
                      batch_tokens=batch_tokens, piano_rolls=piano_rolls, seed=seed, device=device,
                      shard_format=shard_format, tokens_per_bar=tokens_per_bar, temperature=temperature,
                      top_p=top_p, top_k=top_k)
     try:
-        dev = resolve_device(device)
+        dev = pick_device(device)
     except RuntimeError as e:
         raise UsageFailure(str(e)) from e
     try:

@@ -18,7 +18,6 @@ import html
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,9 +27,11 @@ import numpy as np
 import symusic
 import torch
 
-from rwkv_music.pipeline.windows import Vocab, decode_window
+from rwkv_music.atomic import atomic_path, write_text_atomic
+from rwkv_music.remi.windows import Vocab, decode_window
 from rwkv_music.shards import available_format, iter_samples, read_manifest
 from rwkv_music.train import metrics as M
+from rwkv_music.train.device import pick_device
 
 SYSTEMS = ("model", "repeat", "random")  # generated, repeat-last-bars baseline, random-window baseline
 SYSTEM_LABELS = {"model": "model", "repeat": "repeat last bars", "random": "random window", "truth": "ground truth",
@@ -78,14 +79,6 @@ class EvalSample:
 # tokens], meta_lens, bars per prompt, *, device, seed) -> the continuation tokens per prompt, or the Exception
 # of a prompt that failed.
 CompleteFn = Callable[..., list]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -299,8 +292,8 @@ def complete_windows(model, tokenizer, prompts: Sequence[list[int]], meta_lens: 
     default sampling; one sample per window, window k seeded with seed + k. A window that fails yields its
     exception instead of tokens.
     """
+    from rwkv_music.remi.grammar import RemiGrammar
     from rwkv_music.train.complete import DEFAULT_TOKENS_PER_BAR, CompleteConfig, check_vocab, generate
-    from rwkv_music.train.grammar import RemiGrammar
 
     cfg = CompleteConfig()
     check_vocab(model, tokenizer)
@@ -437,27 +430,9 @@ def summarize_generative(windows: list[dict]) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _json_clean(x):
@@ -620,7 +595,7 @@ def run_eval(model: torch.nn.Module, tokenizer, shards: str | os.PathLike, out_d
              tokenizer_hash: str | None = None) -> EvalResult:
     """The whole evaluation of one loaded model; writes report.json, report.html and PNGs into out_dir."""
     shards, out = Path(shards), Path(out_dir)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     model = model.to(device)
     manifest = read_manifest(shards)
     shard_hash = manifest.get("tokenizer", {}).get("hash")
@@ -683,7 +658,7 @@ def run_eval(model: torch.nn.Module, tokenizer, shards: str | os.PathLike, out_d
             files.append(out / name)
         report["plots"].update(metric_distributions="metric_distributions.png", piano_rolls=rolls)
     clean = _json_clean(report)
-    _atomic_write_text(out / "report.json", json.dumps(clean, indent=2))
-    _atomic_write_text(out / "report.html", render_html(clean))
+    write_text_atomic(out / "report.json", json.dumps(clean, indent=2))
+    write_text_atomic(out / "report.html", render_html(clean))
     files += [out / "report.json", out / "report.html"]
     return EvalResult(clean, out, files)

@@ -28,6 +28,7 @@ from rwkv_music.shards.dataset import DataSpec, ShardSet, iter_eval_batches, mak
 
 from . import checkpoints as ck
 from .config import DATA_FIELDS, TrainConfig, load_run_config, save_config
+from .device import DeviceUnavailable, pick_device
 from .logging import RunLogger, truncate_metrics
 from .optim import make_optimizer, make_scheduler
 
@@ -96,22 +97,14 @@ class FitResult:
     checkpoint: Path | None
 
 
-def pick_device(pref: str, local_rank: int) -> torch.device:
-    if pref == "cpu":
-        return torch.device("cpu")
-    if pref.startswith("cuda") or pref == "auto":
-        if torch.cuda.is_available():
-            return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
-        if pref != "auto":
-            raise TrainingError("--device cuda requested but CUDA is not available")
-    return torch.device("cpu")
-
-
 def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     """DDP from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(device_pref, info.local_rank)
+    try:
+        device = pick_device(device_pref, info.local_rank)
+    except DeviceUnavailable as e:
+        raise TrainingError(str(e)) from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():
@@ -244,7 +237,7 @@ def fit(cfg: TrainConfig, resume: bool = False) -> FitResult:
 
 
 def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> FitResult:
-    from rwkv_music.pipeline.tokenizer import tokenizer_from_file, tokenizer_hash
+    from rwkv_music.remi.tokenizer import tokenizer_from_file, tokenizer_hash
     from rwkv_music.shards import TOKENIZER
 
     def log(msg: str) -> None:

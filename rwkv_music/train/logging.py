@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rwkv_music.shards.atomic import atomic_path, write_bytes_atomic
+from rwkv_music.atomic import atomic_path, write_bytes_atomic
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"

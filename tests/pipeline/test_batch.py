@@ -12,8 +12,8 @@ import symusic
 
 from rwkv_music.pipeline.batch import BatchTask, batch_record_path, load_finished, process_batch
 from rwkv_music.pipeline.scan import CorpusError, find_midi, make_batches, scan_corpus
-from rwkv_music.pipeline.tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
-from rwkv_music.pipeline.windows import WindowSpec
+from rwkv_music.remi.tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
+from rwkv_music.remi.windows import WindowSpec
 from rwkv_music.shards import iter_parquet_samples, iter_webdataset_samples, parquet_tokenizer_hash
 
 
@@ -148,8 +148,8 @@ def test_scan_rejects_non_utf8_file_names(tmp_path, corpus_dir):
 def test_span_arrays_equal_the_window_token_lists(corpus_dir, max_seq_len):
     """The pipeline's array slicing gives exactly each window's tokens (also when context bars were truncated)."""
     from rwkv_music.pipeline.batch import span_arrays
-    from rwkv_music.pipeline.tokenizer import encode_piano, load_piano_score
-    from rwkv_music.pipeline.windows import Vocab, WindowStats, index_bars, make_windows, window_spans
+    from rwkv_music.remi.tokenizer import encode_piano, load_piano_score
+    from rwkv_music.remi.windows import Vocab, WindowStats, index_bars, make_windows, window_spans
 
     tok = build_tokenizer()
     vocab = Vocab(tok)

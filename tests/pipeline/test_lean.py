@@ -7,13 +7,13 @@ import subprocess
 import sys
 
 from rwkv_music.pipeline.lean import skip_miditok_torch
-from rwkv_music.pipeline.tokenizer import build_tokenizer, encode_piano, load_piano_score, tokenizer_hash
+from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score, tokenizer_hash
 
 PROBE = """
 import json, sys
 from rwkv_music.pipeline.lean import skip_miditok_torch
 skipped = skip_miditok_torch()
-from rwkv_music.pipeline.tokenizer import build_tokenizer, encode_piano, load_piano_score, tokenizer_hash
+from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score, tokenizer_hash
 tok = build_tokenizer()
 ids = encode_piano(load_piano_score(sys.argv[1], tok), tok)
 print(json.dumps({"skipped": skipped, "torch": "torch" in sys.modules, "hash": tokenizer_hash(tok), "ids": ids}))

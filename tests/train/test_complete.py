@@ -15,18 +15,18 @@ from click.testing import CliRunner
 
 from rwkv_music.model import RWKV7, RWKV7Config
 from rwkv_music.model import save as save_model
-from rwkv_music.pipeline.tokenizer import (
+from rwkv_music.remi.grammar import PITCH, RemiGrammar
+from rwkv_music.remi.tokenizer import (
     build_tokenizer,
     encode_piano,
     load_piano_score,
     save_tokenizer,
     tokenizer_hash,
 )
-from rwkv_music.pipeline.windows import Vocab, WindowSpec, build_prompt, make_windows
+from rwkv_music.remi.windows import Vocab, WindowSpec, build_prompt, make_windows
 from rwkv_music.train.checkpoints import load_for_inference
 from rwkv_music.train.complete import CompleteConfig, CompletionError, complete, prefill
 from rwkv_music.train.complete_output import format_table, write_completion
-from rwkv_music.train.grammar import PITCH, RemiGrammar
 from rwkv_music.train.sampling import SamplingConfig
 
 TRAIN_FILES = ["MIDIs_one_track/POP909_008.mid", "MIDIs_one_track/POP909_010.mid", "MIDIs_one_track/Maestro_1.mid"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from fit_testutil import TINY, fit_env, musictrain
 
-from rwkv_music.pipeline.windows import Vocab
+from rwkv_music.remi.windows import Vocab
 from rwkv_music.shards import iter_samples
 from rwkv_music.train import metrics as M
 from rwkv_music.train.checkpoints import load_for_inference

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import symusic
 
-from rwkv_music.pipeline.tokenizer import build_tokenizer, encode_piano, load_piano_score
-from rwkv_music.pipeline.windows import Vocab, WindowSpec, decode_window, make_windows
+from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score
+from rwkv_music.remi.windows import Vocab, WindowSpec, decode_window, make_windows
 from rwkv_music.train import metrics as M
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ from fractions import Fraction
 
 import pytest
 
-from rwkv_music.pipeline.tokenizer import build_tokenizer, encode_piano, load_piano_score
-from rwkv_music.pipeline.windows import Vocab, WindowSpec, decode_window, make_windows
+from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score
+from rwkv_music.remi.windows import Vocab, WindowSpec, decode_window, make_windows
 
 # 4/4 pop, multitrack merge, and a waltz that switches between 3/4 and 4/4 bar after bar.
 PIECES = ["MIDIs_one_track/Maestro_1.mid", "MIDIs_multitrack/Funkytown.mid",

@@ -7,8 +7,8 @@ import functools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rwkv_music.pipeline.tokenizer import build_tokenizer
-from rwkv_music.pipeline.windows import META_LEN, Vocab, WindowSpec, WindowStats, build_prompt, make_windows
+from rwkv_music.remi.tokenizer import build_tokenizer
+from rwkv_music.remi.windows import META_LEN, Vocab, WindowSpec, WindowStats, build_prompt, make_windows
 
 
 @functools.lru_cache(maxsize=1)

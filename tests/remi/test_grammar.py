@@ -9,11 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_music.pipeline.tokenizer import MidiRejected, build_tokenizer, encode_piano, load_piano_score
-from rwkv_music.pipeline.windows import Vocab, WindowSpec, build_prompt, decode_window, make_windows
-from rwkv_music.shards import iter_samples, read_manifest
-from rwkv_music.shards.manifest import TOKENIZER
-from rwkv_music.train.grammar import (
+from rwkv_music.remi.grammar import (
     BAR,
     PAD,
     PITCH,
@@ -23,6 +19,10 @@ from rwkv_music.train.grammar import (
     GrammarState,
     RemiGrammar,
 )
+from rwkv_music.remi.tokenizer import MidiRejected, build_tokenizer, encode_piano, load_piano_score
+from rwkv_music.remi.windows import Vocab, WindowSpec, build_prompt, decode_window, make_windows
+from rwkv_music.shards import iter_samples, read_manifest
+from rwkv_music.shards.manifest import TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def _onsets(g: RemiGrammar, tokens: list[int], meta_len: int) -> list[int]:
 
 def test_every_real_training_window_is_accepted(built_shards: Path):
     """All samples of a real `musicprep build-shards` run of the test corpus, both splits."""
-    from rwkv_music.pipeline.tokenizer import tokenizer_from_file
+    from rwkv_music.remi.tokenizer import tokenizer_from_file
 
     tok = tokenizer_from_file(built_shards / TOKENIZER)
     g = RemiGrammar(tok)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import symusic
 from miditok import REMI, TokenizerConfig
+
+from rwkv_music.atomic import atomic_path
 
 # Meters seen in real corpora (2/2, 3/8, 6/8, 9/8, 12/8, 5/4, 7/8, ...). miditok drops signatures outside
 # this range and then counts bars wrongly, so anything else is mapped to an equivalent one (and counted).
@@ -112,16 +113,8 @@ def tokenizer_from_file(path: str | os.PathLike) -> REMI:
 
 def save_tokenizer(tokenizer: REMI, path: str | os.PathLike) -> None:
     """Write the tokenizer JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".json") as tmp:
         tokenizer.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def tokenizer_hash(tokenizer: REMI) -> str:
