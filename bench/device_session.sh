@@ -9,7 +9,10 @@
 #   build       build the CUDA WKV extension once (later steps then start with it compiled)
 #   gputests    pytest tests/gpu tests/model/test_model_gpu.py (the float64 checks of the kernel)
 #   trainstep   bench/train_step.py, ours with completion logits, with a profile of 3 steps
-#   compile     bench/train_step.py --compile, ours with completion logits
+#   compile     bench/train_step.py --compile, ours with completion logits (B16 T2048, then B8 T4096)
+#   anchors     RWKV-LM's fused x070 trainer at the same shapes (carry a copy of ../shared/anchors as .anchors/)
+#   realfit     `musictrain fit` on real packed windows (carry a parquet build as .shards-music21/): base and
+#               small presets with --batch-tokens and --compile, and the small preset padded as before
 #   complete    bench/complete.py --check --profile-prefill (ours only)
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
@@ -29,13 +32,15 @@ PY="${PY:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=180
-                  [proof]=420 [ddp]=420)
+                  [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
     [gputests]="$PY -m pytest -q -rs tests/gpu tests/model/test_model_gpu.py"
     [trainstep]="$PY bench/train_step.py --only completion --no-fla --profile 3 --json $results/train_step.json"
-    [compile]="$PY bench/train_step.py --only completion --no-fla --compile --json $results/train_step_compile.json"
+    [compile]="$PY bench/train_step.py --only completion --no-fla --compile --json $results/train_step_compile.json && $PY bench/train_step.py --only completion --no-fla --compile --batch 8 --seq 4096 --json $results/train_step_compile_4k.json"
+    [anchors]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py model"
+    [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
     [complete]="$PY bench/complete.py --check --no-rwkv-pip --profile-prefill --json $results/complete.json"
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"

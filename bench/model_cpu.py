@@ -38,7 +38,9 @@ def _peak_mib() -> float:
 
 def _model(preset: str, vocab: int, grad_checkpoint: bool = False) -> RWKV7:
     torch.manual_seed(0)
-    return RWKV7(from_preset(preset, vocab, grad_checkpoint=grad_checkpoint))
+    model = RWKV7(from_preset(preset, vocab))
+    model.grad_checkpoint = grad_checkpoint
+    return model
 
 
 def run_train(preset: str, vocab: int, B: int, T: int, reps: int) -> dict:

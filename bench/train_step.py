@@ -79,7 +79,8 @@ def profile_steps(step, device: torch.device, steps: int, top: int, title: str) 
 
 def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     torch.manual_seed(0)
-    model = RWKV7(from_preset(args.preset, vocab, grad_checkpoint=args.grad_checkpoint)).to(device)
+    model = RWKV7(from_preset(args.preset, vocab)).to(device)
+    model.grad_checkpoint = args.grad_checkpoint
     cfg = TrainConfig(lr=1e-4, warmup_steps=0)
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
     fwd = torch.compile(model) if args.compile else model

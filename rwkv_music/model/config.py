@@ -31,7 +31,6 @@ class RWKV7Config:
     d_aaa_lora: int | None = None  # rank of a1/a2
     d_mv_lora: int | None = None  # rank of v1/v2 (value residual)
     d_gate_lora: int | None = None  # rank of g1/g2
-    grad_checkpoint: bool = False  # recompute each block in backward (saves activation memory)
 
     def __post_init__(self) -> None:
         if self.vocab_size < 1 or self.n_layer < 1:

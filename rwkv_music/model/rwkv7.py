@@ -18,23 +18,33 @@ from torch.utils.checkpoint import checkpoint
 
 from rwkv_music.model.config import RWKV7Config
 from rwkv_music.model.state import RWKV7State
-from rwkv_music.model.wkv import wkv
+from rwkv_music.model.wkv import WkvBackend, default_backend, resolve_backend, wkv
 
 _MIX_EXPONENTS = {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}
 
 
 @torch.compiler.disable
-def _wkv_outside_compile(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-                         state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """`wkv` left out of torch.compile's graphs; y comes back as a contiguous [B, T, C].
+def _wkv_torch_outside_compile(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                               state: Tensor | None, starts: Tensor | None,
+                               backend: WkvBackend) -> tuple[Tensor, Tensor]:
+    """The chunked PyTorch WKV, left out of torch.compile's graphs.
 
-    Traced, the chunked WKV's loop over ceil(T / chunk) chunks is unrolled and guarded on the chunk count,
-    so batches of varying length recompiled until dynamo's recompile limit sent the model back to eager;
-    the CUDA kernel is an extension call that dynamo cannot trace anyway. Fixed strides for y (its
-    reshape copied anyway) keep T % chunk from causing another recompile.
+    Traced, its loop over ceil(T / chunk) chunks is unrolled and guarded on the chunk count, so batches of
+    varying length recompiled until dynamo's recompile limit sent the model back to eager. Fixed strides
+    for y (its reshape copied anyway) keep T % chunk from causing another recompile.
     """
-    y, s = wkv(r, w, k, v, a, b, state=state)
+    y, s = wkv(r, w, k, v, a, b, state=state, starts=starts, backend=backend)
     return y.flatten(2).contiguous(), s
+
+
+def _wkv_heads(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None,
+               starts: Tensor | None, backend: WkvBackend) -> tuple[Tensor, Tensor]:
+    """WKV on [B, T, H, N] heads, y back as [B, T, C]. The CUDA backend is a torch custom op, which
+    torch.compile keeps inside its graph (no break between the gates before and the norm after)."""
+    if backend.name == "cuda":
+        y, s = wkv(r, w, k, v, a, b, state=state, starts=starts, backend=backend)
+        return y.flatten(2), s
+    return _wkv_torch_outside_compile(r, w, k, v, a, b, state, starts, backend)
 
 
 def _ortho_lora_(p: Tensor, scale: float) -> None:
@@ -44,10 +54,14 @@ def _ortho_lora_(p: Tensor, scale: float) -> None:
     nn.init.orthogonal_(p, gain=gain * scale)
 
 
-def _shift(x: Tensor, x_prev: Tensor | None) -> Tensor:
-    """Token shift: the previous token's vector at every position (x_prev or zeros before the first)."""
+def _shift(x: Tensor, x_prev: Tensor | None, starts: Tensor | None = None) -> Tensor:
+    """Token shift: the previous token's vector at every position (x_prev or zeros before the first, and
+    zeros where a packed sequence starts)."""
     first = torch.zeros_like(x[:, :1]) if x_prev is None else x_prev[:, None].to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    shifted = torch.cat([first, x[:, :-1]], dim=1)
+    if starts is not None:
+        shifted = shifted.masked_fill(starts[..., None], 0.0)
+    return shifted
 
 
 class TimeMix(nn.Module):
@@ -116,12 +130,13 @@ class TimeMix(nn.Module):
         self.ln_x.bias.zero_()
 
     def forward(
-        self, x: Tensor, v_first: Tensor | None, x_prev: Tensor | None, state: Tensor | None
+        self, x: Tensor, v_first: Tensor | None, x_prev: Tensor | None, state: Tensor | None,
+        starts: Tensor | None, backend: WkvBackend,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x: [B, T, C] (ln1 output). Returns (out, v_first, last x for token shift, WKV state)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = _shift(x, x_prev) - x
+        xx = _shift(x, x_prev, starts) - x
         xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
         xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
@@ -142,7 +157,7 @@ class TimeMix(nn.Module):
 
         dt = r.dtype
         heads = [t.to(dt).reshape(B, T, H, N) for t in (r, w, k, v, -kk, kk * a)]
-        y, state = _wkv_outside_compile(*heads, state)
+        y, state = _wkv_heads(*heads, state, starts, backend)
 
         y = self.ln_x(y.view(B * T, C)).view(B, T, C)
         bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(dim=-1, keepdim=True)
@@ -170,8 +185,8 @@ class ChannelMix(nn.Module):
         nn.init.orthogonal_(self.key.weight, gain=1.0)
         self.value.weight.zero_()
 
-    def forward(self, x: Tensor, x_prev: Tensor | None) -> tuple[Tensor, Tensor]:
-        xx = _shift(x, x_prev) - x
+    def forward(self, x: Tensor, x_prev: Tensor | None, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        xx = _shift(x, x_prev, starts) - x
         k = torch.relu(self.key(x + xx * self.x_k)) ** 2
         return self.value(k), x[:, -1]
 
@@ -196,12 +211,14 @@ class Block(nn.Module):
         att_x: Tensor | None,
         wkv_state: Tensor | None,
         ffn_x: Tensor | None,
+        starts: Tensor | None,
+        backend: WkvBackend,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         if self.layer_id == 0:
             x = self.ln0(x)
-        dx, v_first, att_x, wkv_state = self.att(self.ln1(x), v_first, att_x, wkv_state)
+        dx, v_first, att_x, wkv_state = self.att(self.ln1(x), v_first, att_x, wkv_state, starts, backend)
         x = x + dx
-        dx, ffn_x = self.ffn(self.ln2(x), ffn_x)
+        dx, ffn_x = self.ffn(self.ln2(x), ffn_x, starts)
         return x + dx, v_first, att_x, wkv_state, ffn_x
 
 
@@ -216,7 +233,11 @@ class RWKV7(nn.Module):
       ``model(idx, state, ..., return_state=True)`` -> (logits, RWKV7State)
       ``model.step(tokens, state)``                 -> (logits [B, V], RWKV7State)   RNN mode
     ``state=None`` means the zero state. The LM head runs only on selected positions, so training with
-    a completion mask never materialises [B, T, V].
+    a completion mask never materialises [B, T, V]. ``starts`` (bool [B, T]) packs several sequences into
+    one row: at each marked position token shift and WKV state restart from zero.
+
+    Runtime switches (not part of the saved config): ``grad_checkpoint`` recomputes each block in backward;
+    ``wkv_backend`` (auto | torch | cuda) picks the WKV implementation, resolved once per device.
     """
 
     def __init__(self, cfg: RWKV7Config, init_weights: bool = True) -> None:
@@ -227,6 +248,9 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.grad_checkpoint = False
+        self.wkv_backend = default_backend()
+        self._backends: dict[tuple[str, torch.device], WkvBackend] = {}
         if init_weights:
             self.reset_parameters()
 
@@ -252,23 +276,32 @@ class RWKV7(nn.Module):
     def device(self) -> torch.device:
         return self.emb.weight.device
 
-    def zero_state(self, batch_size: int, device: torch.device | str | None = None) -> RWKV7State:
-        return RWKV7State.zeros(self.cfg, batch_size, device=device or self.device)
+    def backend(self, device: torch.device) -> WkvBackend:
+        """The WKV implementation for `device`, resolved on first use (one warning if CUDA falls back)."""
+        key = (self.wkv_backend, device)
+        if key not in self._backends:
+            self._backends[key] = resolve_backend(self.wkv_backend, device)
+        return self._backends[key]
 
     def hidden(
-        self, idx: Tensor, state: RWKV7State | None = None, return_state: bool = False
+        self, idx: Tensor, state: RWKV7State | None = None, return_state: bool = False,
+        starts: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, RWKV7State]:
         """Final hidden states after ln_out, [B, T, C] (apply ``model.head`` for logits)."""
+        if starts is not None and starts.shape != idx.shape:
+            raise ValueError(f"starts shape {tuple(starts.shape)} != idx shape {tuple(idx.shape)}")
+        backend = self.backend(idx.device)
         x = self.emb(idx)
         v_first: Tensor | None = None
         att_xs, wkvs, ffn_xs = [], [], []
-        use_ckpt = self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled()
+        use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             layer_state = (None, None, None) if state is None else (state.att_x[i], state.wkv[i], state.ffn_x[i])
             if use_ckpt:
-                x, v_first, att_x, s, ffn_x = checkpoint(block, x, v_first, *layer_state, use_reentrant=False)
+                x, v_first, att_x, s, ffn_x = checkpoint(block, x, v_first, *layer_state, starts, backend,
+                                                         use_reentrant=False)
             else:
-                x, v_first, att_x, s, ffn_x = block(x, v_first, *layer_state)
+                x, v_first, att_x, s, ffn_x = block(x, v_first, *layer_state, starts, backend)
             att_xs.append(att_x)
             wkvs.append(s)
             ffn_xs.append(ffn_x)
@@ -298,12 +331,13 @@ class RWKV7(nn.Module):
         state: RWKV7State | None = None,
         positions: Tensor | None = None,
         return_state: bool = False,
+        starts: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, RWKV7State]:
         """Parallel mode. Returns logits (see the class docstring), or (logits, state) if return_state."""
         if return_state:
-            h, new_state = self.hidden(idx, state, return_state=True)
+            h, new_state = self.hidden(idx, state, return_state=True, starts=starts)
             return self.head(self.select(h, positions)), new_state
-        h = self.hidden(idx, state)
+        h = self.hidden(idx, state, starts=starts)
         return self.head(self.select(h, positions))
 
     def step(self, tokens: Tensor, state: RWKV7State | None) -> tuple[Tensor, RWKV7State]:

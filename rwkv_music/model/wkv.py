@@ -5,21 +5,26 @@ Per head, with state S [N, N] (rows: value index i, columns: key index j) and t 
     S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,     y_t = S_t r_t
     d_t = exp(-exp(-0.5) * sigmoid(w_t))                          (w is the raw decay logit)
 
+Packed rows: ``starts`` (bool [B, T]) marks steps where a new sequence begins; there the state is reset to
+zero before the update, so several windows share one row with no padding between them and no leakage.
+
 Implementations
   - `wkv_reference`: per-step loop in float64; the ground truth for tests.
   - `wkv_chunked`:   pure PyTorch with autograd, chunks of L steps solved with matmuls and one unit
                      lower-triangular solve per chunk (a WY-style form); any T; CPU and GPU fallback.
-  - CUDA:            `rwkv_music.model.wkv_cuda` (separate module), used by `wkv` when the tensors are on
-                     a GPU and the extension loads. ``RWKV_MUSIC_WKV=torch|cuda|auto`` overrides the choice.
+  - CUDA:            `rwkv_music.model.wkv_cuda` (separate module), registered as torch custom ops so that
+                     torch.compile keeps the whole block in one graph.
+`resolve_backend` picks one per device once (the model caches it); ``RWKV_MUSIC_WKV=torch|cuda|auto`` is
+the default choice of a new model.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +53,8 @@ def _state_dtype(x: Tensor) -> torch.dtype:
 
 
 def wkv_reference(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None,
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Naive per-step recurrence in float64 (slow; for tests). Shapes as in `wkv`; returns float64."""
     B, T, H, N = r.shape
@@ -57,6 +63,8 @@ def wkv_reference(
     S = r.new_zeros(B, H, N, N) if state is None else state.to(torch.float64)
     ys = []
     for t in range(T):
+        if starts is not None:
+            S = S * (~starts[:, t]).to(S.dtype)[:, None, None, None]
         S = (
             S * decay[:, t, :, None, :]
             + (S @ a[:, t, :, :, None]) @ b[:, t, :, None, :]
@@ -99,6 +107,7 @@ def wkv_chunked(
     state: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     recompute: bool = True,
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked WKV in PyTorch (differentiable by autograd). Shapes and semantics as in `wkv`.
 
@@ -107,12 +116,13 @@ def wkv_chunked(
     """
     tensors = (r, w, k, v, a, b) + (() if state is None else (state,))
     if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return checkpoint(_wkv_chunked, r, w, k, v, a, b, state, chunk_size, use_reentrant=False)
-    return _wkv_chunked(r, w, k, v, a, b, state, chunk_size)
+        return checkpoint(_wkv_chunked, r, w, k, v, a, b, state, chunk_size, starts, use_reentrant=False)
+    return _wkv_chunked(r, w, k, v, a, b, state, chunk_size, starts)
 
 
 def _wkv_chunked(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None, chunk_size: int
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None, chunk_size: int,
+    starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The chunked algorithm.
 
@@ -123,13 +133,16 @@ def _wkv_chunked(
         S_L = S0 diag(exp(g_L)) + U^T B^ + V^T K^     (B^ = b * exp(g_L - g), K^ likewise)
     Everything not involving S0 is computed for all chunks at once; only S0 -> S_L runs chunk by chunk.
     Exponents are centred on half the chunk's total decay so that fp32 stays far from overflow.
+    Resets (`starts`) only mask: A_xy[t, s] keeps pairs of one segment, S0 reaches the steps before the
+    chunk's first reset, and S_L keeps S0 and the steps of the chunk's last segment only.
     """
     with _no_autocast(r):
-        return _wkv_chunked_fp32(r, w, k, v, a, b, state, chunk_size)
+        return _wkv_chunked_fp32(r, w, k, v, a, b, state, chunk_size, starts)
 
 
 def _wkv_chunked_fp32(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None, chunk_size: int
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None, chunk_size: int,
+    starts: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     B, T, H, N = r.shape
     out_dtype = r.dtype
@@ -159,17 +172,31 @@ def _wkv_chunked_fp32(
     A_ak = torch.tril(a_c @ k_c.mT, diagonal=-1)
     A_rb = torch.tril(r_c @ b_c.mT)
     A_rk = torch.tril(r_c @ k_c.mT)
+    from_s0 = to_end = None
+    if starts is not None:  # segment masks: same[t, s] iff no reset in s+1..t; [B, 1, nc, L, ...] over heads
+        st = starts.to(torch.int32)
+        if pad:
+            st = F.pad(st, (0, pad))
+        seg = st.reshape(B, 1, nc, L).cumsum(dim=-1)  # segment number of each step within its chunk
+        same = (seg[..., :, None] == seg[..., None, :]).to(cdt)
+        A_ab, A_ak, A_rb, A_rk = (m * same for m in (A_ab, A_ak, A_rb, A_rk))
+        from_s0 = (seg == 0).to(cdt)[..., None]  # steps that still see the state entering the chunk
+        to_end = (seg == seg[..., -1:]).to(cdt)[..., None]  # steps of the chunk's last segment
 
     eye = torch.eye(L, dtype=cdt, device=r.device)
-    rhs = torch.cat([a * torch.exp(g_prev), A_ak @ v], dim=-1)
+    x_s0 = a * torch.exp(g_prev) if from_s0 is None else a * torch.exp(g_prev) * from_s0
+    rhs = torch.cat([x_s0, A_ak @ v], dim=-1)
     sol = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
     P, U = sol.split([N, N], dim=-1)  # u_t = S0 P_t + U_t (as rows: U_rows = P S0^T + U)
 
-    Q = r * torch.exp(g) + A_rb @ P  # y = Q S0^T + Z
+    r_s0 = r * torch.exp(g) if from_s0 is None else r * torch.exp(g) * from_s0
+    Q = r_s0 + A_rb @ P  # y = Q S0^T + Z
     Z = A_rb @ U + A_rk @ v
-    to_end = torch.exp(g_last - g)
-    KB = torch.cat([b * to_end, k * to_end], dim=-2)  # [B, H, nc, 2L, N]
+    decay_to_end = torch.exp(g_last - g) if to_end is None else torch.exp(g_last - g) * to_end
+    KB = torch.cat([b * decay_to_end, k * decay_to_end], dim=-2)  # [B, H, nc, 2L, N]
     d_last = torch.exp(g_last)
+    if from_s0 is not None:  # S0 survives the chunk only if no reset happens in it
+        d_last = d_last * from_s0[..., -1:, :]
 
     S = r.new_zeros(B, H, N, N) if state is None else state.to(cdt)
     entering = []
@@ -183,72 +210,80 @@ def _wkv_chunked_fp32(
     return y.to(out_dtype), S
 
 
-def _impl_choice() -> str:
+BACKENDS = ("auto", "torch", "cuda")
+
+
+def default_backend() -> str:
+    """The choice a new model starts with: ``RWKV_MUSIC_WKV`` or auto."""
     choice = os.environ.get("RWKV_MUSIC_WKV", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "torch", "cuda"):
+    if choice not in BACKENDS:
         raise ValueError(f"RWKV_MUSIC_WKV must be auto, torch or cuda, got {choice!r}")
     return choice
 
 
-@functools.lru_cache(maxsize=1)
-def _cuda_module() -> object | None:
-    """The CUDA implementation module if it imports and reports itself available; warns once otherwise."""
-    try:
-        from rwkv_music.model import wkv_cuda  # type: ignore[attr-defined]
-    except Exception as e:  # missing module or broken build: fall back, never crash
-        warnings.warn(f"CUDA WKV unavailable ({type(e).__name__}: {e}); using the chunked PyTorch WKV",
-                      stacklevel=3)
-        return None
-    try:
-        ok = bool(wkv_cuda.is_available())
-    except Exception as e:
-        warnings.warn(f"CUDA WKV is_available() failed ({e}); using the chunked PyTorch WKV", stacklevel=3)
-        return None
-    if not ok:
-        warnings.warn("CUDA WKV extension not available; using the chunked PyTorch WKV", stacklevel=3)
-        return None
-    return wkv_cuda
+@dataclass(frozen=True)
+class WkvBackend:
+    """The WKV implementation for one device: over a sequence (differentiable) and one token (inference)."""
+
+    name: str
+    seq: WkvFn
+    step: WkvFn
 
 
-def _cuda_for(x: Tensor) -> object | None:
-    choice = _impl_choice()
-    if not x.is_cuda or choice == "torch":
-        return None
-    mod = _cuda_module()
-    if mod is None and choice == "cuda":
-        raise RuntimeError("RWKV_MUSIC_WKV=cuda but the CUDA WKV extension is not available")
-    return mod
+def _torch_seq(r, w, k, v, a, b, state=None, starts=None):
+    return wkv_chunked(r, w, k, v, a, b, state, starts=starts)
+
+
+TORCH_BACKEND = WkvBackend("torch", _torch_seq, wkv_step_torch)
+
+
+def resolve_backend(choice: str, device: torch.device) -> WkvBackend:
+    """``torch`` always works; ``cuda`` needs the extension (raises if it does not load); ``auto`` takes CUDA
+    on a GPU when the extension loads, else torch with one warning saying why."""
+    if choice not in BACKENDS:
+        raise ValueError(f"WKV backend must be one of {BACKENDS}, got {choice!r}")
+    if choice == "torch" or (device.type != "cuda" and choice == "auto"):
+        return TORCH_BACKEND
+    if device.type != "cuda":
+        raise RuntimeError(f"WKV backend cuda asked for on {device}")
+    try:
+        from rwkv_music.model import wkv_cuda
+    except Exception as e:  # missing or broken build: fall back (auto) or say why (cuda)
+        reason = f"{type(e).__name__}: {e}"
+    else:
+        if wkv_cuda.is_available():
+            return WkvBackend("cuda", wkv_cuda.wkv_cuda, wkv_cuda.wkv_cuda_step_fn)
+        reason = wkv_cuda.load_error() or "extension not available"
+    if choice == "cuda":
+        raise RuntimeError(f"WKV backend cuda asked for but the CUDA extension is not available ({reason})")
+    warnings.warn(f"CUDA WKV unavailable ({reason}); using the chunked PyTorch WKV", stacklevel=2)
+    return TORCH_BACKEND
 
 
 def wkv(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None,
+    starts: Tensor | None = None, backend: WkvBackend | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RWKV-7 WKV over a sequence.
 
     r, w, k, v, a, b: [B, T, H, N] (fp32 or bf16; w is the raw decay logit); state: [B, H, N, N] fp32 or
-    None (zeros). Returns (y [B, T, H, N] in r.dtype, final state [B, H, N, N] fp32). Differentiable
-    w.r.t. all inputs and the initial state. Dispatches to the CUDA kernel on GPU when available.
+    None (zeros); starts: bool [B, T] or None (state reset to zero before each marked step). Returns
+    (y [B, T, H, N] in r.dtype, final state [B, H, N, N] fp32). Differentiable w.r.t. all inputs and the
+    initial state. `backend` defaults to `resolve_backend(default_backend(), r.device)`.
     """
-    if r.shape[1] == 1:  # one token: the RNN step is cheaper than any chunked form
-        y, s = wkv_step(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], state)
+    if backend is None:
+        backend = resolve_backend(default_backend(), r.device)
+    if r.shape[1] == 1 and starts is None:  # one token: the RNN step is cheaper than any chunked form
+        y, s = wkv_step(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], state, backend)
         return y[:, None], s
-    mod = _cuda_for(r)
-    if mod is not None:
-        return mod.wkv_cuda(r, w, k, v, a, b, state)  # type: ignore[attr-defined]
-    return wkv_chunked(r, w, k, v, a, b, state)
+    return backend.seq(r, w, k, v, a, b, state, starts=starts)
 
 
 def wkv_step(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None,
+    backend: WkvBackend | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token (RNN mode): inputs [B, H, N], state [B, H, N, N] fp32. Same math as `wkv`."""
-    mod = _cuda_for(r)
-    if mod is not None:
-        step = getattr(mod, "wkv_cuda_step", None)
-        tensors = (r, w, k, v, a, b) + (() if state is None else (state,))
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if step is not None and not needs_grad:  # the fast step kernel has no backward
-            return step(r, w, k, v, a, b, state)
-        y, s = mod.wkv_cuda(*(x[:, None] for x in (r, w, k, v, a, b)), state)  # type: ignore[attr-defined]
-        return y[:, 0], s
-    return wkv_step_torch(r, w, k, v, a, b, state)
+    if backend is None:
+        backend = resolve_backend(default_backend(), r.device)
+    return backend.step(r, w, k, v, a, b, state)

@@ -3,15 +3,20 @@
 API (see `rwkv_music.model.wkv` for the math and the shapes):
     is_available() -> bool                          CUDA present and the extension builds/loads (cached)
     load_error() -> str | None                      why it is not available, in one line
-    wkv_cuda(r, w, k, v, a, b, state=None)          -> (y, final_state), differentiable in all seven inputs
-    wkv_cuda_step(r, w, k, v, a, b, state, out=None) -> (y, new_state), one token, no autograd
+    wkv_cuda(r, w, k, v, a, b, state=None, starts=None) -> (y, final_state), differentiable in all seven
+    wkv_cuda_step(r, w, k, v, a, b, state, out=None)     -> (y, new_state), one token, no autograd
+
+The sequence kernels are torch custom ops (``torch.ops.rwkv_music.wkv7_fwd`` / ``wkv7_bwd``) with a fake
+(shape-only) implementation and a registered backward, so torch.compile traces the model through them
+without a graph break and fuses the element-wise work on either side.
 
 The extension (sources in `model/cuda/`) is compiled with `torch.utils.cpp_extension.load` for the
 current device's architecture into a cache directory keyed by torch version, CUDA version and
-architecture (``$RWKV_MUSIC_BUILD_DIR`` or ``$XDG_CACHE_HOME/rwkv_music``, default ``~/.cache``).
-Kernels compute in fp32 with an fp32 state; bf16 and fp32 inputs are read as they are, other dtypes
-are cast to fp32.  Training stores fp32 checkpoints of the state every 16 steps
-(B*H*ceil(T/16)*16 KiB) and two fp32 tensors the size of the inputs.
+architecture (``$RWKV_MUSIC_BUILD_DIR`` or ``$XDG_CACHE_HOME/rwkv_music``, default ``~/.cache``). Only the
+launch configurations `default_config` uses are compiled; ``RWKV_MUSIC_WKV_ALL_CONFIGS=1`` builds every one
+(for `bench/wkv.py --configs` sweeps). Kernels compute in fp32 with an fp32 state; bf16 and fp32 inputs are
+read as they are, other dtypes are cast to fp32. Training stores fp32 checkpoints of the state every 16
+steps (B*H*ceil(T/16)*16 KiB) and two fp32 tensors the size of the inputs.
 """
 
 from __future__ import annotations
@@ -32,25 +37,20 @@ _SOURCES = ("wkv7_op.cpp", "wkv7_kernels.cu")
 _LOCK = threading.Lock()
 _ERRORS: dict[tuple[int, int], str] = {}
 
-# Launch configurations, indices into the switches in wkv7_kernels.cu (U = steps unrolled; D = row/column
-# sums left as per-thread partials in shared memory and added once per chunk):
-#   rows (forward, backward pass 1), (rows/block, rows/thread, threads/row, U, D):
-#     0: 16,1,4,16,D  1: 32,2,4,4,D  2: 64,4,4,2,D  3: 16,1,8,16,D  4: 16,1,4,2  5: 32,2,4,2  6: 64,4,4,2
-#     7: 32,2,4,16,D
-#   columns (backward pass 2), (cols/block, cols/thread, threads/col, U, D):
-#     0: 16,1,4,1  1: 32,1,4,1  2: 16,1,8,1  3: 32,1,2,1  4: 16,1,4,2,D  5: 16,1,4,4,D  6: 32,1,2,2,D
-#     7: 16,1,4,8,D
+# Launch configurations are indices into the switch statements of wkv7_kernels.cu, where each is described
+# (rows or columns per block and thread, steps unrolled, deferred sums). DEFAULT_CONFIGS are always built.
+DEFAULT_CONFIGS = {"fwd": (0, 1, 2), "bwd1": (0, 1, 2), "bwd2": (4, 6)}
 N_CONFIGS = 8
 Config = tuple[int, int, int]  # (forward, backward pass 1, backward pass 2)
 
 
-def _build_dir(cap: tuple[int, int]) -> Path:
+def _build_dir(cap: tuple[int, int], suffix: str = "") -> Path:
     root = os.environ.get("RWKV_MUSIC_BUILD_DIR")
     if root is None:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rwkv_music")
     cuda = (torch.version.cuda or "none").replace(".", "")
     tv = torch.__version__.split("+")[0].replace(".", "_")
-    d = Path(root) / f"wkv7_torch{tv}_cu{cuda}_sm{cap[0]}{cap[1]}"
+    d = Path(root) / f"wkv7_torch{tv}_cu{cuda}_sm{cap[0]}{cap[1]}{suffix}"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -65,6 +65,10 @@ def nvcc_path() -> str | None:
     return shutil.which("nvcc")
 
 
+def _all_configs() -> bool:
+    return os.environ.get("RWKV_MUSIC_WKV_ALL_CONFIGS", "") == "1"
+
+
 def _compile(cap: tuple[int, int]) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -72,16 +76,20 @@ def _compile(cap: tuple[int, int]) -> ModuleType:
         raise RuntimeError("nvcc not found (set CUDA_HOME or put the CUDA toolkit's bin on PATH)")
     arch = f"{cap[0]}{cap[1]}"
     flags = ["-O3", "-std=c++17", "--use_fast_math", "-Xptxas=-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    suffix = ""
+    if _all_configs():
+        flags.append("-DWKV7_ALL_CONFIGS")
+        suffix = "_all"
     old = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{cap[0]}.{cap[1]}"  # torch adds its arch flags from this
     try:
         return cpp_extension.load(
-            name=f"rwkv_music_wkv7_sm{arch}",
+            name=f"rwkv_music_wkv7_sm{arch}{suffix}",
             sources=[str(_SRC_DIR / s) for s in _SOURCES],
             extra_include_paths=[str(_SRC_DIR)],
             extra_cflags=["-O3", "-std=c++17"],
             extra_cuda_cflags=flags,
-            build_directory=str(_build_dir(cap)),
+            build_directory=str(_build_dir(cap, suffix)),
             verbose=os.environ.get("RWKV_MUSIC_BUILD_VERBOSE", "") == "1",
         )
     finally:
@@ -125,11 +133,18 @@ def load_error() -> str | None:
     return _ERRORS.get(torch.cuda.get_device_capability())
 
 
+@torch.compiler.assume_constant_result
+def _sm_count(index: int) -> int:
+    """Multiprocessors of GPU `index` (a constant to torch.compile, so choosing a config breaks no graph)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def default_config(batch: int, heads: int, device: torch.device | None = None) -> Config:
     """(forward, backward pass 1, backward pass 2) configs for B*H heads, picked from per-kernel H100 profiles
     (bench/NOTES-wkv.md): few heads want small blocks (more warps per head), many heads want more state per
     thread (fewer shared-memory loads per flop)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    sms = _sm_count(index)
     n = batch * heads
     if 2 * n <= sms:
         return 0, 0, 4
@@ -148,31 +163,69 @@ def _check(r: Tensor) -> None:
         raise ValueError(f"wkv_cuda expects [B, T, H, {HEAD_SIZE}] inputs, got {tuple(r.shape)}")
 
 
-class _WKV7(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, cfg):  # type: ignore[override]
-        fcfg, b1cfg, b2cfg = cfg
-        dtypes = tuple(x.dtype for x in (r, w, k, v, a, b))
-        r_, w_, k_, v_, a_, b_ = _prep(r, w, k, v, a, b)
-        s0_ = None if s0 is None else s0.float().contiguous()
-        y, sT, sa, ck = _ext(r.device).forward(r_, w_, k_, v_, a_, b_, s0_, True, fcfg)
-        ctx.save_for_backward(r_, w_, k_, v_, a_, b_, sT, sa, ck)
-        ctx.dtypes = dtypes
-        ctx.bcfg = (b1cfg, b2cfg)
-        ctx.has_s0 = s0 is not None
-        ctx.set_materialize_grads(False)
-        return y.to(r.dtype), sT
+def _save_shapes(r: Tensor) -> tuple[list[int], list[int]]:
+    B, T, H, N = r.shape
+    nc = -(-T // 16)  # the kernels' checkpoint interval (wkv7::chunk_len)
+    return [B, T, H, N], [B, H, nc, N, N]
 
-    @staticmethod
-    def backward(ctx, dy, dsT):  # type: ignore[override]
-        r_, w_, k_, v_, a_, b_, sT, sa, ck = ctx.saved_tensors
-        dy = torch.zeros_like(r_) if dy is None else dy.to(r_.dtype).contiguous()
-        dsT = None if dsT is None else dsT.float().contiguous()
-        grads = _ext(r_.device).backward(r_, w_, k_, v_, a_, b_, sT, sa, ck, dy, dsT, *ctx.bcfg)
-        needs = ctx.needs_input_grad[:6]
-        out = [g.to(dt) if need else None for g, dt, need in zip(grads[:6], ctx.dtypes, needs, strict=True)]
-        ds0 = grads[6] if ctx.has_s0 and ctx.needs_input_grad[6] else None
-        return (*out, ds0, None)
+
+@torch.library.custom_op("rwkv_music::wkv7_fwd", mutates_args=())
+def _wkv7_fwd(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None,
+              starts: Tensor | None, save: bool, cfg: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, final state, sa, state checkpoints); the last two are empty unless `save` (training)."""
+    return tuple(_ext(r.device).forward(r, w, k, v, a, b, s0, starts, save, _cfg_field(cfg)))
+
+
+@_wkv7_fwd.register_fake
+def _(r, w, k, v, a, b, s0, starts, save, cfg):
+    B, _, H, N = r.shape
+    sa_shape, ck_shape = _save_shapes(r)
+    sa = r.new_empty(sa_shape if save else [0], dtype=torch.float32)
+    ck = r.new_empty(ck_shape if save else [0], dtype=torch.float32)
+    return torch.empty_like(r), r.new_empty([B, H, N, N], dtype=torch.float32), sa, ck
+
+
+@torch.library.custom_op("rwkv_music::wkv7_bwd", mutates_args=())
+def _wkv7_bwd(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, sT: Tensor, sa: Tensor,
+              ck: Tensor, dy: Tensor, dsT: Tensor | None, s0: Tensor | None, starts: Tensor | None,
+              cfg1: int, cfg2: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of r, w, k, v, a, b (input dtype) and of the initial state (fp32)."""
+    return tuple(_ext(r.device).backward(r, w, k, v, a, b, sT, sa, ck, dy, dsT, s0, starts, cfg1, cfg2))
+
+
+@_wkv7_bwd.register_fake
+def _(r, w, k, v, a, b, sT, sa, ck, dy, dsT, s0, starts, cfg1, cfg2):
+    return (*(torch.empty_like(r) for _ in range(6)), torch.empty_like(sT))
+
+
+def _fwd_setup(ctx, inputs, output) -> None:
+    r, w, k, v, a, b, s0, starts, _save, cfg = inputs
+    _, sT, sa, ck = output
+    ctx.save_for_backward(r, w, k, v, a, b, sT, sa, ck, s0, starts)
+    ctx.bcfg = _backward_configs(cfg)
+
+
+def _fwd_backward(ctx, dy, dsT, _dsa, _dck):
+    r, w, k, v, a, b, sT, sa, ck, s0, starts = ctx.saved_tensors
+    dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
+    dsT = None if dsT is None else dsT.float().contiguous()
+    grads = _wkv7_bwd(r, w, k, v, a, b, sT, sa, ck, dy, dsT, s0, starts, *ctx.bcfg)
+    ds0 = grads[6] if s0 is not None else None
+    return (*grads[:6], ds0, None, None, None)
+
+
+_wkv7_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+# The forward config is an op argument; the two backward configs travel with it, packed into one integer
+# (fwd + 16 * bwd1 + 256 * bwd2), so that a custom op signature needs no tuple.
+
+
+def _pack(cfg: Config) -> int:
+    return cfg[0] + 16 * cfg[1] + 256 * cfg[2]
+
+
+def _backward_configs(packed: int) -> tuple[int, int]:
+    return (packed // 16) % 16, packed // 256
 
 
 def wkv_cuda(
@@ -183,21 +236,28 @@ def wkv_cuda(
     a: Tensor,
     b: Tensor,
     state: Tensor | None = None,
+    starts: Tensor | None = None,
     cfg: Config | None = None,
 ) -> tuple[Tensor, Tensor]:
     """WKV over a sequence on CUDA. r, w, k, v, a, b: [B, T, H, 64] (w = raw decay logit); state [B, H, 64, 64]
-    fp32 or None. Returns (y in r.dtype, final state fp32); differentiable w.r.t. all inputs and the state.
-    `cfg` (forward, pass 1, pass 2 launch configs) is for benchmarks; the default depends on B*H."""
+    fp32 or None; starts bool [B, T] or None (state reset before marked steps). Returns (y in r.dtype, final
+    state fp32); differentiable w.r.t. all inputs and the state. `cfg` (forward, pass 1, pass 2 launch
+    configs) is for benchmarks; the default depends on B*H."""
     _check(r)
     if cfg is None:
         cfg = default_config(r.shape[0], r.shape[2], r.device)
-    tensors = (r, w, k, v, a, b) + (() if state is None else (state,))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _WKV7.apply(r, w, k, v, a, b, state, cfg)
+    out_dtype = r.dtype
     r_, w_, k_, v_, a_, b_ = _prep(r, w, k, v, a, b)
     s0 = None if state is None else state.float().contiguous()
-    y, sT, _, _ = _ext(r.device).forward(r_, w_, k_, v_, a_, b_, s0, False, cfg[0])
-    return y.to(r.dtype), sT
+    st = None if starts is None else starts.to(torch.bool).contiguous()
+    tensors = (r, w, k, v, a, b) + (() if state is None else (state,))
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    y, sT, _, _ = _wkv7_fwd(r_, w_, k_, v_, a_, b_, s0, st, save, _pack(cfg))
+    return y.to(out_dtype), sT
+
+
+def _cfg_field(packed: int) -> int:
+    return packed % 16
 
 
 def wkv_cuda_step(
@@ -221,3 +281,32 @@ def wkv_cuda_step(
         raise ValueError("out must be a contiguous float32 tensor")
     y, s = _ext(r.device).step(r_, w_, k_, v_, a_, b_, s0, out)
     return y.to(r.dtype), s
+
+
+@torch.library.custom_op("rwkv_music::wkv7_step", mutates_args=())
+def _wkv7_step(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+               s0: Tensor | None) -> tuple[Tensor, Tensor]:
+    return tuple(_ext(r.device).step(r, w, k, v, a, b, s0, None))
+
+
+@_wkv7_step.register_fake
+def _(r, w, k, v, a, b, s0):
+    B, H, N = r.shape
+    return torch.empty_like(r), r.new_empty([B, H, N, N], dtype=torch.float32)
+
+
+def wkv_cuda_step_fn(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                     state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The backend's one-token step (a custom op, so a compiled decode step keeps it in its graph): the fast
+    step kernel, or the sequence op at T = 1 when a gradient is needed (the step kernel has no backward)."""
+    tensors = (r, w, k, v, a, b) + (() if state is None else (state,))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        y, s = wkv_cuda(*(x[:, None] for x in (r, w, k, v, a, b)), state)
+        return y[:, 0], s
+    if r.dim() != 3 or r.shape[-1] != HEAD_SIZE:
+        raise ValueError(f"wkv step expects [B, H, {HEAD_SIZE}] inputs, got {tuple(r.shape)}")
+    out_dtype = r.dtype
+    r_, w_, k_, v_, a_, b_ = _prep(r, w, k, v, a, b)
+    s0 = None if state is None else state.float().contiguous()
+    y, s = _wkv7_step(r_, w_, k_, v_, a_, b_, s0)
+    return y.to(out_dtype), s

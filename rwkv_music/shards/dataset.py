@@ -17,14 +17,23 @@ of *slots*), never on timing:
 
 ``streams`` > 1 lets one process stand in for ``streams`` DDP ranks (its batch concatenates one sub-batch
 from each), so ``world_size * streams`` fixes the data a global step sees.
+
+Packed batches (``batch_tokens``): instead of ``batch_size`` padded windows, a batch is ``batch_tokens //
+pack_len`` rows of ``pack_len`` positions, each row holding several whole windows back to back with a
+``starts`` flag at each window's first position (the model restarts its state there). Windows are placed
+best-fit from a length-indexed buffer, so almost no position is padding. The number of batches per epoch
+is estimated from the manifest's token count (with a margin, so that it is known before any shard is
+read); a slot that runs short wraps around to the start of its (reshuffled) samples.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +44,9 @@ from .manifest import ManifestError, iter_shard, read_manifest, shard_entries
 from .parquet import parquet_tokenizer_hash
 
 SHARD_SPLIT_MAX_WASTE = 0.05
+# Packed epochs promise this share of a slot's estimated tokens, so slots with longer-than-average windows
+# (or some packing waste) still fill their batches without wrapping around most of the time.
+PACK_EPOCH_FILL = 0.9
 
 
 class DataError(ValueError):
@@ -87,10 +99,15 @@ class DataSpec:
     shuffle_buffer: int = 2048
     bucket_pool: int = 8  # batches per length-sorting pool (1: no bucketing)
     pad_id: int = 0
+    batch_tokens: int | None = None  # packed batches of this many positions (None: batch_size windows)
+    pack_len: int = 2048  # positions per packed row
 
     def __post_init__(self):
         if self.batch_size < 1 or self.streams < 1 or self.batch_size % self.streams:
             raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of streams {self.streams}")
+        if self.batch_tokens is not None and (self.pack_len < 16 or self.batch_tokens < self.pack_len * self.streams):
+            raise ValueError(f"batch_tokens {self.batch_tokens} must hold at least one row of pack_len "
+                                 f"{self.pack_len} (>= 16) per stream ({self.streams})")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
 
@@ -103,7 +120,14 @@ class DataSpec:
         return self.world_size * self.streams * self.roles
 
     @property
+    def packed(self) -> bool:
+        return self.batch_tokens is not None
+
+    @property
     def sub_batch(self) -> int:
+        """Windows (unpacked) or rows (packed) per stream and batch."""
+        if self.batch_tokens is not None:
+            return self.batch_tokens // self.pack_len // self.streams
         return self.batch_size // self.streams
 
     def slot(self, stream: int, role: int) -> int:
@@ -137,7 +161,8 @@ def collate(samples: list[dict], pad_id: int = 0) -> dict:
         n_completion += comp
     mask_t = torch.from_numpy(mask)
     targets = torch.from_numpy(tgt)[mask_t]
-    assert targets.numel() == n_completion == int(mask.sum()), "completion mask and targets disagree"
+    if not targets.numel() == n_completion == int(mask.sum()):
+        raise ValueError(f"completion mask ({int(mask.sum())}) and targets ({n_completion}) disagree")
     return {
         "input_ids": torch.from_numpy(inp),
         "mask": mask_t,
@@ -145,6 +170,92 @@ def collate(samples: list[dict], pad_id: int = 0) -> dict:
         "n_tokens": int(sum(lengths)) - B,  # real (unpadded) input tokens
         "n_targets": n_completion,
     }
+
+
+def _check_sample(s: dict) -> tuple[np.ndarray, int, int]:
+    tok = np.asarray(s["tokens"], dtype=np.int64)
+    L, ctx, comp = len(tok), int(s["ctx_len"]), int(s["completion_len"])
+    if ctx < 1 or comp < 1 or ctx + comp != L:
+        raise ValueError(f"bad sample (len {L}, ctx_len {ctx}, completion_len {comp}): need ctx >= 1, "
+                         "completion >= 1, ctx + completion = len")
+    return tok, ctx, comp
+
+
+def collate_packed(rows: list[list[dict]], pack_len: int, pad_id: int = 0) -> dict:
+    """Rows of whole windows, back to back, into [len(rows), pack_len]; the same keys as `collate` plus
+    ``starts`` (True at each window's first input position). Targets are in mask order (row-major), so
+    the loss per window is exactly the unpacked one."""
+    if not rows:
+        raise ValueError("empty batch")
+    R = len(rows)
+    inp = np.full((R, pack_len), pad_id, dtype=np.int64)
+    tgt = np.full((R, pack_len), pad_id, dtype=np.int64)
+    mask = np.zeros((R, pack_len), dtype=bool)
+    starts = np.zeros((R, pack_len), dtype=bool)
+    n_tokens = n_completion = 0
+    for i, row in enumerate(rows):
+        off = 0
+        for s in row:
+            tok, ctx, comp = _check_sample(s)
+            n = len(tok) - 1
+            if off + n > pack_len:
+                raise ValueError(f"row {i} holds {off + n} positions, more than pack_len {pack_len}")
+            inp[i, off : off + n] = tok[:-1]
+            tgt[i, off : off + n] = tok[1:]
+            mask[i, off + ctx - 1 : off + n] = True
+            starts[i, off] = True
+            off += n
+            n_tokens += n
+            n_completion += comp
+    mask_t = torch.from_numpy(mask)
+    targets = torch.from_numpy(tgt)[mask_t]
+    if targets.numel() != n_completion:
+        raise ValueError(f"completion mask ({targets.numel()}) and targets ({n_completion}) disagree")
+    return {"input_ids": torch.from_numpy(inp), "mask": mask_t, "targets": targets,
+            "starts": torch.from_numpy(starts), "n_tokens": n_tokens, "n_targets": n_completion,
+            "n_windows": sum(len(r) for r in rows)}
+
+
+class _RowPacker:
+    """Best-fit packing of windows into rows: each row takes the longest buffered window that still fits,
+    until none does. The buffer is indexed by length, so a placement costs a bisect, not a scan."""
+
+    def __init__(self, pack_len: int) -> None:
+        self.pack_len = pack_len
+        self.by_len: dict[int, list[dict]] = {}
+        self.lengths: list[int] = []  # sorted distinct lengths present
+        self.count = 0
+
+    def add(self, s: dict) -> None:
+        n = len(s["tokens"]) - 1
+        if n > self.pack_len:
+            raise DataError(f"a window of {n + 1} tokens does not fit a packed row of {self.pack_len} positions: "
+                            "raise --pack-len to the build's --max-seq-len")
+        if n not in self.by_len:
+            self.by_len[n] = []
+            bisect.insort(self.lengths, n)
+        self.by_len[n].append(s)
+        self.count += 1
+
+    def _take(self, room: int) -> dict | None:
+        j = bisect.bisect_right(self.lengths, room) - 1
+        if j < 0:
+            return None
+        n = self.lengths[j]
+        bucket = self.by_len[n]
+        s = bucket.pop(0)
+        if not bucket:
+            del self.by_len[n]
+            self.lengths.pop(j)
+        self.count -= 1
+        return s
+
+    def row(self) -> list[dict]:
+        room, out = self.pack_len, []
+        while (s := self._take(room)) is not None:
+            out.append(s)
+            room -= len(s["tokens"]) - 1
+        return out
 
 
 class ShardStream(IterableDataset):
@@ -155,12 +266,16 @@ class ShardStream(IterableDataset):
     and ``index`` (the worker role and its batch number) so the consumer can check the order.
     """
 
-    def __init__(self, root: str | os.PathLike, shards: list[ShardRef], fmt: str, spec: DataSpec):
+    def __init__(self, root: str | os.PathLike, shards: list[ShardRef], fmt: str, spec: DataSpec,
+                 mean_len: float | None = None):
         super().__init__()
+        if spec.packed and not mean_len:
+            raise DataError("packed batches need the split's mean window length (from the manifest)")
         self.root = Path(root)
         self.shards = shards
         self.fmt = fmt
         self.spec = spec
+        self.mean_len = mean_len
         self.epoch = 0
         self.consumed = 0
 
@@ -170,7 +285,11 @@ class ShardStream(IterableDataset):
 
     def batches_per_role(self, epoch: int) -> int:
         """M: full sub-batches of the smallest slot (the same on every rank)."""
-        return min(p.nsamples for p in self.plans(epoch)) // self.spec.sub_batch
+        smallest = min(p.nsamples for p in self.plans(epoch))
+        if self.spec.packed:
+            positions = smallest * (self.mean_len - 1) * PACK_EPOCH_FILL
+            return math.floor(positions / (self.spec.sub_batch * self.spec.pack_len))
+        return smallest // self.spec.sub_batch
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
         return self.spec.roles * self.batches_per_role(self.epoch if epoch is None else epoch)
@@ -201,8 +320,8 @@ class ShardStream(IterableDataset):
         M = self.batches_per_role(self.epoch)
         start = self._role_start(role)
         plans = self.plans(self.epoch)
-        streams = [self._slot_batches(plans[self.spec.slot(s, role)], self.spec.slot(s, role))
-                   for s in range(self.spec.streams)]
+        make = self._slot_packed if self.spec.packed else self._slot_batches
+        streams = [make(plans[self.spec.slot(s, role)], self.spec.slot(s, role)) for s in range(self.spec.streams)]
         for index in range(M):
             try:
                 parts = [next(it) for it in streams]
@@ -211,9 +330,47 @@ class ShardStream(IterableDataset):
                                 "manifest says (a shard was changed after the build?)") from None
             if index < start:
                 continue
-            batch = collate([x for p in parts for x in p], self.spec.pad_id)
+            if self.spec.packed:
+                batch = collate_packed([row for p in parts for row in p], self.spec.pack_len, self.spec.pad_id)
+            else:
+                batch = collate([x for p in parts for x in p], self.spec.pad_id)
             batch["role"], batch["index"], batch["epoch"] = role, index, self.epoch
             yield batch
+
+    def _slot_packed(self, plan: SlotPlan, slot: int) -> Iterator[list[list[dict]]]:
+        """Sub-batches of packed rows, forever (the caller takes M): shuffle buffer, then best-fit rows from
+        a buffer of several batches' windows. A slot that runs out starts again with a new shuffle."""
+        b = self.spec.sub_batch
+        target = max(64, 4 * b * self.spec.pack_len // max(1, int(self.mean_len or 1)))  # windows buffered
+        packer = _RowPacker(self.spec.pack_len)
+        rows: list[list[dict]] = []
+        for lap in range(1 << 30):
+            rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/pack{lap}")
+            buf: list[dict] = []
+            seen = 0
+            for s in self._slot_samples(plan):
+                seen += 1
+                if len(buf) < self.spec.shuffle_buffer:
+                    buf.append(s)
+                    continue
+                j = rng.randrange(len(buf))
+                buf[j], s = s, buf[j]
+                packer.add(s)
+                while packer.count >= target:
+                    rows.append(packer.row())
+                    if len(rows) == b:
+                        yield rows
+                        rows = []
+            if seen == 0:
+                return
+            rng.shuffle(buf)
+            for s in buf:
+                packer.add(s)
+                while packer.count >= target:
+                    rows.append(packer.row())
+                    if len(rows) == b:
+                        yield rows
+                        rows = []
 
     def _slot_samples(self, plan: SlotPlan) -> Iterator[dict]:
         i = 0
@@ -274,6 +431,7 @@ class ShardSet:
     fmt: str
     shards: list[ShardRef]
     tokenizer_hash: str
+    mean_len: float | None = None  # tokens per window, from the manifest's counts
 
     @property
     def nsamples(self) -> int:
@@ -316,11 +474,14 @@ def open_split(root: str | os.PathLike, split: str, fmt: str = "parquet",
         raise DataError(f"{root} was tokenized with tokenizer {mhash[:12]} but the checkpoint uses "
                         f"{expect_hash[:12]}: rebuild the shards with the checkpoint's tokenizer.json")
     refs = [ShardRef(e["path"], int(e["nsamples"])) for e in entries]
-    return ShardSet(root, split, fmt, refs, mhash)
+    counts = manifest.get("counts", {})
+    n, toks = counts.get("samples", {}).get(split), counts.get("tokens", {}).get(split)
+    mean_len = toks / n if n and toks else None
+    return ShardSet(root, split, fmt, refs, mhash, mean_len)
 
 
 def make_stream(shard_set: ShardSet, spec: DataSpec) -> ShardStream:
-    return ShardStream(shard_set.root, shard_set.shards, shard_set.fmt, spec)
+    return ShardStream(shard_set.root, shard_set.shards, shard_set.fmt, spec, shard_set.mean_len)
 
 
 def iter_eval_batches(shard_set: ShardSet, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -345,7 +506,3 @@ def iter_eval_batches(shard_set: ShardSet, batch_size: int, rank: int = 0, world
             raise DataError(f"cannot read shard {path}: {type(e).__name__}: {e}") from e
     if pending:
         yield collate(pending, pad_id)
-
-
-def with_rank(spec: DataSpec, rank: int, world_size: int) -> DataSpec:
-    return replace(spec, rank=rank, world_size=world_size)

@@ -74,6 +74,9 @@ def _opt(*names: str, **kw: Any):
 @_opt("--max-steps", type=int, help="Optimiser steps to train [one epoch].")
 @_opt("--max-tokens", type=int, help="Stop after this many (global, unpadded) input tokens.")
 @_opt("--batch-size", type=int, help="Samples per process per micro-step [16].")
+@_opt("--batch-tokens", type=int, help="Pack windows back to back into rows of --pack-len positions, this many "
+      "positions per process per micro-step (no padding; replaces --batch-size) [off].")
+@_opt("--pack-len", type=int, help="Positions per packed row; at least the build's longest window [2048].")
 @_opt("--grad-accum", type=int, help="Micro-steps per optimiser step [1].")
 @_opt("--lr", type=float, help="Peak learning rate [6e-4].")
 @_opt("--lr-final", type=float, help="Final learning rate of the cosine decay [6e-5].")

@@ -18,7 +18,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 # Fields whose change would alter the data order, so a resumed run must keep them.
-DATA_FIELDS = ("seed", "batch_size", "streams", "num_workers", "shuffle_buffer", "bucket_pool", "format")
+DATA_FIELDS = ("seed", "batch_size", "batch_tokens", "pack_len", "streams", "num_workers", "shuffle_buffer",
+               "bucket_pool", "format")
 
 
 @dataclass
@@ -38,6 +39,8 @@ class TrainConfig:
     max_tokens: int | None = None  # stop once this many (unpadded, global) input tokens were seen
     # batch and optimiser (RWKV-LM's x070 recipe)
     batch_size: int = 16  # samples per process per micro-step
+    batch_tokens: int | None = None  # packed batches: positions per process per micro-step (None: padded)
+    pack_len: int = 2048  # positions per packed row
     grad_accum: int = 1
     lr: float = 6e-4
     lr_final: float = 6e-5
@@ -97,10 +100,7 @@ class TrainConfig:
 
     def model_overrides(self) -> dict[str, Any]:
         keys = ("n_layer", "n_embd", "head_size", "dim_ffn")
-        out: dict[str, Any] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        if self.grad_checkpoint:
-            out["grad_checkpoint"] = True
-        return out
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

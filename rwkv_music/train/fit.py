@@ -24,7 +24,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_music.shards.dataset import DataSpec, ShardSet, iter_eval_batches, make_stream, open_split
+from rwkv_music.shards.dataset import (
+    PACK_EPOCH_FILL,
+    DataSpec,
+    ShardSet,
+    iter_eval_batches,
+    make_stream,
+    open_split,
+)
 
 from . import checkpoints as ck
 from .config import DATA_FIELDS, TrainConfig, load_run_config, save_config
@@ -123,8 +130,11 @@ def completion_loss_sum(model: nn.Module, batch: dict, device: torch.device, amp
     inp = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["mask"].to(device, non_blocking=True)
     targets = batch["targets"].to(device, non_blocking=True)
+    starts = batch.get("starts")  # packed rows: windows back to back, state reset at each start
+    if starts is not None:
+        starts = starts.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(inp, positions=mask)
+        logits = model(inp, positions=mask, starts=starts)
     if logits.shape[0] != targets.shape[0]:
         raise AssertionError(f"{logits.shape[0]} selected positions but {targets.shape[0]} targets")
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.shape[0])
@@ -192,7 +202,6 @@ def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log) -> nn.Mo
             if model.cfg.vocab_size != vocab_size:
                 raise TrainingError(f"--init-from {ckpt} has vocabulary {model.cfg.vocab_size}, tokenizer {vocab_size}")
             log(f"init from {ckpt}")
-        model.cfg.grad_checkpoint = cfg.grad_checkpoint
         return model
     mcfg = from_preset(cfg.preset, vocab_size, **cfg.model_overrides())
     from rwkv_music.model import RWKV7
@@ -221,7 +230,9 @@ def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, wor
 
         m = read_manifest(train.root)
         toks, n = m["counts"]["tokens"]["train"], m["counts"]["samples"]["train"]
-        per_step = max(1.0, (toks / max(n, 1) - 1) * cfg.batch_size * cfg.grad_accum * world)
+        per_batch = (cfg.batch_tokens * PACK_EPOCH_FILL if cfg.batch_tokens
+                     else (toks / max(n, 1) - 1) * cfg.batch_size)
+        per_step = max(1.0, per_batch * cfg.grad_accum * world)
         return max(1, math.ceil(cfg.max_tokens / per_step))
     return max(1, steps_per_epoch)
 
@@ -280,10 +291,10 @@ def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> 
         from rwkv_music.model import load
 
         raw = load(ckpt)
-        raw.cfg.grad_checkpoint = cfg.grad_checkpoint
         log(f"resuming from {ckpt} (step {state.step})")
     else:
         raw = _build_model(cfg, len(tokenizer), tok_hash, log)
+    raw.grad_checkpoint = cfg.grad_checkpoint
     raw.to(device)
     amp = device.type == "cuda"
     model: nn.Module = raw
@@ -298,7 +309,8 @@ def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> 
     pad_id = int(tokenizer.pad_token_id or 0)
     spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=di.world_size, rank=di.rank,
                     streams=cfg.streams, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                    bucket_pool=cfg.bucket_pool, pad_id=pad_id)
+                    bucket_pool=cfg.bucket_pool, pad_id=pad_id, batch_tokens=cfg.batch_tokens,
+                    pack_len=cfg.pack_len)
     stream = make_stream(train, spec)
     steps_per_epoch = stream.batches_per_epoch(0) // cfg.grad_accum
     if steps_per_epoch == 0:

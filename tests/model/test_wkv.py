@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from model_testutil import rel_err, wkv_inputs
 
-from rwkv_music.model.wkv import wkv, wkv_chunked, wkv_reference, wkv_step, wkv_step_torch
+from rwkv_music.model.wkv import resolve_backend, wkv, wkv_chunked, wkv_reference, wkv_step, wkv_step_torch
 
 
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 100])
@@ -87,6 +89,73 @@ def test_env_var_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RWKV_MUSIC_WKV", "triton")
     with pytest.raises(ValueError, match="RWKV_MUSIC_WKV"):
         wkv(*x)
+
+
+def test_cuda_backend_on_cpu_is_refused_and_auto_falls_back() -> None:
+    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+    with pytest.raises(RuntimeError, match="cuda"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+def _random_starts(B: int, T: int, seed: int) -> torch.Tensor:
+    """Resets at random steps, some at chunk boundaries, some adjacent, one row without any."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(B, T, generator=g) < 0.08
+    starts[0, 0] = True
+    if T > 17:
+        starts[0, 16] = starts[0, 17] = True
+    starts[-1] = False
+    return starts
+
+
+def _segments_separately(x: list[torch.Tensor], s0: torch.Tensor | None, starts: torch.Tensor):
+    """The meaning of `starts`: each segment run on its own from a zero state (the first from s0)."""
+    B, T = starts.shape
+    ys, finals = torch.zeros_like(x[0]), []
+    for bi in range(B):
+        cuts = [0, *[t for t in range(1, T) if starts[bi, t]], T]
+        state = None if s0 is None or starts[bi, 0] else s0[bi : bi + 1]
+        for lo, hi in itertools.pairwise(cuts):
+            y, state = wkv_reference(*(z[bi : bi + 1, lo:hi] for z in x), state)
+            ys[bi, lo:hi] = y[0]
+            state_end = state
+            state = None
+        finals.append(state_end)
+    return ys, torch.cat(finals)
+
+
+@pytest.mark.parametrize("T", [1, 16, 37, 100])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_resets_equal_separate_sequences(T: int, with_state: bool) -> None:
+    x = wkv_inputs(3, T, 2, 16, torch.float64, seed=40 + T)
+    s0 = torch.randn(3, 2, 16, 16, dtype=torch.float64) if with_state else None
+    starts = _random_starts(3, T, seed=T)
+    y_sep, s_sep = _segments_separately(x, s0, starts)
+    y_ref, s_ref = wkv_reference(*x, s0, starts=starts)
+    assert rel_err(y_ref, y_sep) < 1e-12 and rel_err(s_ref, s_sep) < 1e-12
+    for chunk in (16, 32):
+        y, s = wkv_chunked(*x, s0, chunk_size=chunk, starts=starts)
+        assert rel_err(y, y_sep) < 1e-9 and rel_err(s, s_sep) < 1e-9
+
+
+def test_reset_gradients_match_reference() -> None:
+    x = [t.requires_grad_() for t in wkv_inputs(2, 45, 2, 16, torch.float64, seed=9)]
+    s0 = torch.randn(2, 2, 16, 16, dtype=torch.float64, requires_grad=True)
+    starts = _random_starts(2, 45, seed=3)
+    inputs = [*x, s0]
+    gy = torch.randn(2, 45, 2, 16, dtype=torch.float64)
+    gs = torch.randn(2, 2, 16, 16, dtype=torch.float64)
+
+    def grads(fn):
+        y, s = fn(*inputs)
+        return torch.autograd.grad((y * gy).sum() + (s * gs).sum(), inputs)
+
+    ref = grads(lambda *a: wkv_reference(*a, starts=starts))
+    got = grads(lambda *a: wkv_chunked(*a, chunk_size=16, starts=starts))
+    for g_ref, g in zip(ref, got, strict=True):
+        assert rel_err(g, g_ref) < 1e-8
+    # a reset at step 0 of row 0 cuts the initial state off: no gradient flows to it
+    assert got[-1][0].abs().max() == 0
 
 
 def test_autocast_does_not_lower_wkv_precision() -> None:

@@ -193,3 +193,37 @@ def test_truncated_shard_fails_while_streaming_with_the_path(built_shards: Path,
     s = make_stream(open_split(bad, "train", "webdataset"), DataSpec(batch_size=4, shuffle_buffer=8))
     with pytest.raises(DataError, match=r"cannot read shard .*\.tar"):
         _epoch(s, 0)
+
+
+def test_packed_epoch_rows_windows_and_resume(train_set):
+    spec = DataSpec(batch_size=1, batch_tokens=2 * 2048, pack_len=2048, seed=3, shuffle_buffer=64)
+    s = make_stream(train_set, spec)
+    epoch = _epoch(s, 0)
+    assert len(epoch) == s.batches_per_epoch(0) > 0
+    available = Counter(np.asarray(x["tokens"][:-1], dtype=np.int64).tobytes()
+                        for x in iter_samples(train_set.root, "train"))
+    used: Counter = Counter()
+    fill = []
+    for b in epoch:
+        assert b["input_ids"].shape == b["mask"].shape == b["starts"].shape == (2, 2048)
+        assert int(b["mask"].sum()) == b["targets"].numel() == b["n_targets"]
+        # every row starts with a window; the mask never covers a window's first position
+        assert b["starts"][:, 0].all() and not (b["mask"] & b["starts"]).any()
+        fill.append(b["n_tokens"] / b["input_ids"].numel())
+        used.update(_window_bytes(b))
+    assert not used - available  # whole windows, each used at most as often as it exists
+    assert sum(fill) / len(fill) > 0.95  # best-fit packing: almost no padding
+    assert [_rows(b) for b in _epoch(s, 0, 3)] == [_rows(b) for b in epoch[3:]]
+    with pytest.raises(ValueError, match="batch_tokens"):
+        DataSpec(batch_size=1, batch_tokens=100, pack_len=512)
+
+
+def _window_bytes(batch: dict) -> list[bytes]:
+    """Each window's input tokens (its first position to the next start or to the end of its targets)."""
+    out = []
+    for r in range(batch["input_ids"].shape[0]):
+        st = torch.nonzero(batch["starts"][r]).flatten().tolist()
+        last = int(torch.nonzero(batch["mask"][r]).flatten().max()) + 1
+        for lo, hi in zip(st, [*st[1:], last], strict=True):
+            out.append(batch["input_ids"][r, lo:hi].numpy().astype(np.int64).tobytes())
+    return out

@@ -12,6 +12,7 @@ struct Args {
   int B = 0, T = 0, H = 0;
   const void *r = nullptr, *w = nullptr, *k = nullptr, *v = nullptr, *a = nullptr, *b = nullptr;
   const float* s0 = nullptr;  // initial state or nullptr (zeros)
+  const unsigned char* starts = nullptr;  // [B, T] bool or nullptr: state reset to zero before marked steps
   void* y = nullptr;
   float* sT = nullptr;        // final state (written by forward, read by backward)
   float* sa = nullptr;        // [B, T, H, 64] fp32: S_{t-1} a_t (saved by forward when training)
@@ -25,6 +26,8 @@ struct Args {
 };
 
 int chunk_len();
+// Whether every launch configuration was compiled (-DWKV7_ALL_CONFIGS), or only the defaults.
+bool all_configs();
 cudaError_t forward(DType dt, int cfg, bool save, const Args& a, cudaStream_t st);
 // cfg1: row config of backward pass 1, cfg2: column config of pass 2 (tables in wkv7_kernels.cu).
 cudaError_t backward(DType dt, int cfg1, int cfg2, const Args& a, cudaStream_t st);

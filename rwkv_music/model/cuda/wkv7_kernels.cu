@@ -17,6 +17,14 @@
 // Inputs are staged chunk by chunk (L steps) into shared memory as fp32, the next chunk's global loads
 // in flight while the current one is computed.  Steps past T are padded with d = 1 and zeros, which
 // leave S and dS unchanged.
+// Packed rows: `starts` marks steps where the state restarts from zero (several sequences in one row).
+// fwd zeroes S before such a step (the checkpoint of a chunk is taken before its first step, so it holds
+// the state before the reset), bwd1 zeroes dS after it, and bwd2, whose backward steps cannot invert a
+// reset, replays the chunk from its checkpoint up to the step before the reset (columns stay independent
+// given the saved sa, so the replay is exact and local to the block).
+//
+// Only the launch configurations `default_config` picks are compiled; -DWKV7_ALL_CONFIGS adds the rest
+// for benchmark sweeps.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -161,6 +169,15 @@ __device__ __forceinline__ void write_chunk(F* __restrict__ base, long stride_t,
   }
 }
 
+// Reset flags of steps t0 .. t0+L-1 into shared memory (0 past T or without starts).
+__device__ __forceinline__ void stage_starts(int* dst, const unsigned char* __restrict__ starts, int b, int T,
+                                             int t0) {
+  if (threadIdx.x < L) {
+    const int t = t0 + threadIdx.x;
+    dst[threadIdx.x] = (starts != nullptr && t < T) ? (int)starts[(long)b * T + t] : 0;
+  }
+}
+
 template <int P>
 __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
@@ -176,8 +193,8 @@ template <typename F, int RB, int R, int P, int U, bool DEFER, bool SAVE>
 __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
-    const float* __restrict__ s0, F* __restrict__ y_, float* __restrict__ sT, float* __restrict__ sa_out,
-    float* __restrict__ ckpt) {
+    const float* __restrict__ s0, const unsigned char* __restrict__ starts, F* __restrict__ y_,
+    float* __restrict__ sT, float* __restrict__ sa_out, float* __restrict__ ckpt) {
   constexpr int NG = RB / R, NT = NG * P, C = N / P, M = C / 4;
   static_assert(NT % 32 == 0 && C % 4 == 0 && P <= 16, "bad fwd config");
   const int p = threadIdx.x % P, g = threadIdx.x / P;
@@ -189,6 +206,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
 
   __shared__ __align__(16) float s_r[L][N], s_w[L][N], s_k[L][N], s_a[L][N], s_b[L][N], s_v[L][RB];
   __shared__ __align__(16) float o_y[DEFER ? P : 1][L][RB], o_sa[L][RB];
+  __shared__ int s_st[L];
 
   float S[R][C];
 #pragma unroll
@@ -226,6 +244,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
     cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
     cv.template store<Tf::Plain>(&s_v[0][0], t0, T);
+    stage_starts(s_st, starts, b, T, t0);
     if (c + 1 < NC) load_all(t0 + L);
     if constexpr (SAVE) {
       if (c > 0) {  // checkpoint c = state after c*L steps
@@ -242,6 +261,12 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
 
 #pragma unroll U
     for (int s = 0; s < L; ++s) {
+      if (s_st[s]) {
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+          for (int jj = 0; jj < C; ++jj) S[rr][jj] = 0.f;
+      }
       float av[C];
 #pragma unroll
       for (int m = 0; m < M; ++m) {
@@ -320,8 +345,8 @@ template <typename F, int RB, int R, int P, int U, bool DEFER>
 __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
-    const float* __restrict__ dsT, F* __restrict__ dv_, float* __restrict__ dsa_out,
-    float* __restrict__ ds0) {
+    const float* __restrict__ dsT, const unsigned char* __restrict__ starts, F* __restrict__ dv_,
+    float* __restrict__ dsa_out, float* __restrict__ ds0) {
   constexpr int NG = RB / R, NT = NG * P, C = N / P, M = C / 4;
   static_assert(NT % 32 == 0 && C % 4 == 0 && P <= 16, "bad bwd1 config");
   const int p = threadIdx.x % P, g = threadIdx.x / P;
@@ -333,6 +358,7 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
 
   __shared__ __align__(16) float s_r[L][N], s_w[L][N], s_k[L][N], s_a[L][N], s_b[L][N], s_dy[L][RB];
   __shared__ __align__(16) float o_dv[DEFER ? P : 1][L][RB], o_dsa[L][RB];
+  __shared__ int s_st[L];
 
   float dS[R][C];
 #pragma unroll
@@ -370,6 +396,7 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
     ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
     cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
     cdy.template store<Tf::Plain>(&s_dy[0][0], t0, T);
+    stage_starts(s_st, starts, b, T, t0);
     if (c > 0) load_all(t0 - L);
     __syncthreads();
 
@@ -423,6 +450,12 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
             x = fmaf(x, wv[q], dsat[rr] * av[q]);
           }
       }
+      if (s_st[s]) {  // the state entering this step was reset: nothing flows further back
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+          for (int jj = 0; jj < C; ++jj) dS[rr][jj] = 0.f;
+      }
       if (p == 0) {
 #pragma unroll
         for (int rr = 0; rr < R; ++rr) {
@@ -455,8 +488,9 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
     const float* __restrict__ sa_, const float* __restrict__ dsa_, const float* __restrict__ ckpt,
-    const float* __restrict__ sT, const float* __restrict__ dsT, F* __restrict__ dr_, F* __restrict__ dw_,
-    F* __restrict__ dk_, F* __restrict__ da_, F* __restrict__ db_) {
+    const float* __restrict__ sT, const float* __restrict__ dsT, const float* __restrict__ s0,
+    const unsigned char* __restrict__ starts, F* __restrict__ dr_, F* __restrict__ dw_, F* __restrict__ dk_,
+    F* __restrict__ da_, F* __restrict__ db_) {
   constexpr int NT = CB / CC * RG, RR = N / RG, M = RR / 4;
   static_assert(NT % 32 == 0 && RR % 4 == 0 && RG <= 16, "bad bwd2 config");
   constexpr int NP = DEFER ? RG : 1;                        // partial tiles per output
@@ -471,6 +505,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
   __shared__ __align__(16) float s_dy[L][N], s_v[L][N], s_sa[L][N], s_dsa[L][N];
   __shared__ __align__(16) float s_r[L][CB], s_k[L][CB], s_b[L][CB], s_a[L][CB], s_sg[L][CB];
   __shared__ __align__(16) float o_part[5][NP * PS];  // dr, dk, db, da, d(decay)
+  __shared__ int s_st[L];
 
   float S[RR][CC], dS[RR][CC], Snext[RR][CC];
   auto load_state = [&](const float* src, float (&X)[RR][CC]) {
@@ -514,6 +549,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
     ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
     cw.template store<Tf::Sigmoid>(&s_sg[0][0], t0, T);
+    stage_starts(s_st, starts, b, T, t0);
     if (c + 1 < NC) {  // exact state after (c+1)*L steps, loaded during the previous chunk
 #pragma unroll
       for (int i = 0; i < RR; ++i)
@@ -528,6 +564,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
 
 #pragma unroll U
     for (int s = L - 1; s >= 0; --s) {
+      const bool reset = s_st[s] != 0;
       float pdr[CC], pdk[CC], pdb[CC], pdd[CC], pda[CC];
       float rj[CC], kwj[CC], bwj[CC], aj[CC], wj[CC], wij[CC];
 #pragma unroll
@@ -556,13 +593,40 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
             float& d_ = dS[4 * m + q][cc];
             d_ = fmaf(dyv[q], rj[cc], d_);
             pdr[cc] = fmaf(s_, dyv[q], pdr[cc]);
-            s_ = fmaf(s_, wij[cc], -fmaf(vv[q], kwj[cc], sav[q] * bwj[cc]));  // S_{t-1}
+            s_ = reset ? 0.f : fmaf(s_, wij[cc], -fmaf(vv[q], kwj[cc], sav[q] * bwj[cc]));  // S_{t-1}
             pdk[cc] = fmaf(d_, vv[q], pdk[cc]);
             pdb[cc] = fmaf(d_, sav[q], pdb[cc]);
             pdd[cc] = fmaf(d_, s_, pdd[cc]);
             pda[cc] = fmaf(s_, dsav[q], pda[cc]);
-            d_ = fmaf(d_, wj[cc], dsav[q] * aj[cc]);
+            d_ = reset ? 0.f : fmaf(d_, wj[cc], dsav[q] * aj[cc]);
           }
+      }
+      if (reset && s > 0) {  // S before the reset: replay steps t0 .. t0+s-1 from the state entering the chunk
+        if (c > 0) {
+#pragma unroll
+          for (int i = 0; i < RR; ++i)
+#pragma unroll
+            for (int cc = 0; cc < CC; ++cc) S[i][cc] = Snext[i][cc];
+        } else {
+          load_state(s0 == nullptr ? nullptr : s0 + head * N * N, S);
+        }
+#pragma unroll 1
+        for (int s2 = 0; s2 < s; ++s2) {
+          const bool zero = s_st[s2] != 0;
+#pragma unroll
+          for (int cc = 0; cc < CC; ++cc) {
+            const int j = cp * CC + cc;
+            const float w2 = __expf(-DECAY_SCALE * s_sg[s2][j]), b2 = s_b[s2][j], k2 = s_k[s2][j];
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                const int row = 4 * rg + 4 * RG * m + q;
+                float& x = S[4 * m + q][cc];
+                x = fmaf(zero ? 0.f : x, w2, fmaf(s_sa[s2][row], b2, s_v[s2][row] * k2));
+              }
+          }
+        }
       }
       if constexpr (DEFER) {
 #pragma unroll
@@ -670,16 +734,18 @@ cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
   F* y = static_cast<F*>(a.y);
 #define WKV7_FWD(RB, R, P, U, D)                                                                          \
   fwd_kernel<F, RB, R, P, U, D, SAVE><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                          \
-      a.T, a.H, r, w, k, v, aa, bb, a.s0, y, a.sT, a.sa, a.ckpt)
+      a.T, a.H, r, w, k, v, aa, bb, a.s0, a.starts, y, a.sT, a.sa, a.ckpt)
   switch (cfg) {
     case 0: WKV7_FWD(16, 1, 4, 16, true); break;
     case 1: WKV7_FWD(32, 2, 4, 4, true); break;
     case 2: WKV7_FWD(64, 4, 4, 2, true); break;
+#ifdef WKV7_ALL_CONFIGS
     case 3: WKV7_FWD(16, 1, 8, 16, true); break;
     case 4: WKV7_FWD(16, 1, 4, 2, false); break;
     case 5: WKV7_FWD(32, 2, 4, 2, false); break;
     case 6: WKV7_FWD(64, 4, 4, 2, false); break;
     case 7: WKV7_FWD(32, 2, 4, 16, true); break;
+#endif
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_FWD
@@ -697,16 +763,18 @@ cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
   const F* dy = static_cast<const F*>(a.dy);
 #define WKV7_BWD1(RB, R, P, U, D)                                                                         \
   bwd1_kernel<F, RB, R, P, U, D><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                               \
-      a.T, a.H, r, w, k, aa, bb, dy, a.dsT, static_cast<F*>(a.dv), a.dsa, a.ds0)
+      a.T, a.H, r, w, k, aa, bb, dy, a.dsT, a.starts, static_cast<F*>(a.dv), a.dsa, a.ds0)
   switch (cfg1) {
     case 0: WKV7_BWD1(16, 1, 4, 16, true); break;
     case 1: WKV7_BWD1(32, 2, 4, 4, true); break;
     case 2: WKV7_BWD1(64, 4, 4, 2, true); break;
+#ifdef WKV7_ALL_CONFIGS
     case 3: WKV7_BWD1(16, 1, 8, 16, true); break;
     case 4: WKV7_BWD1(16, 1, 4, 2, false); break;
     case 5: WKV7_BWD1(32, 2, 4, 2, false); break;
     case 6: WKV7_BWD1(64, 4, 4, 2, false); break;
     case 7: WKV7_BWD1(32, 2, 4, 16, true); break;
+#endif
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_BWD1
@@ -714,17 +782,20 @@ cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
   if (e != cudaSuccess) return e;
 #define WKV7_BWD2(CB, CC, RG, U, D)                                                                       \
   bwd2_kernel<F, CB, CC, RG, U, D><<<dim3(N / CB, a.H, a.B), CB / CC * RG, 0, st>>>(                           \
-      a.T, a.H, r, w, k, v, aa, bb, dy, a.sa, a.dsa, a.ckpt, a.sT, a.dsT, static_cast<F*>(a.dr),              \
-      static_cast<F*>(a.dw), static_cast<F*>(a.dk), static_cast<F*>(a.da), static_cast<F*>(a.db))
+      a.T, a.H, r, w, k, v, aa, bb, dy, a.sa, a.dsa, a.ckpt, a.sT, a.dsT, a.s0, a.starts,                      \
+      static_cast<F*>(a.dr), static_cast<F*>(a.dw), static_cast<F*>(a.dk), static_cast<F*>(a.da),                \
+      static_cast<F*>(a.db))
   switch (cfg2) {
+    case 4: WKV7_BWD2(16, 1, 4, 2, true); break;
+    case 6: WKV7_BWD2(32, 1, 2, 2, true); break;
+#ifdef WKV7_ALL_CONFIGS
     case 0: WKV7_BWD2(16, 1, 4, 1, false); break;
     case 1: WKV7_BWD2(32, 1, 4, 1, false); break;
     case 2: WKV7_BWD2(16, 1, 8, 1, false); break;
     case 3: WKV7_BWD2(32, 1, 2, 1, false); break;
-    case 4: WKV7_BWD2(16, 1, 4, 2, true); break;
     case 5: WKV7_BWD2(16, 1, 4, 4, true); break;
-    case 6: WKV7_BWD2(32, 1, 2, 2, true); break;
     case 7: WKV7_BWD2(16, 1, 4, 8, true); break;
+#endif
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_BWD2
@@ -734,6 +805,14 @@ cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
 }  // namespace
 
 int chunk_len() { return L; }
+
+bool all_configs() {
+#ifdef WKV7_ALL_CONFIGS
+  return true;
+#else
+  return false;
+#endif
+}
 
 cudaError_t forward(DType dt, int cfg, bool save, const Args& a, cudaStream_t st) {
   if (dt == DType::BF16)

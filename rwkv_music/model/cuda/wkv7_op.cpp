@@ -33,11 +33,20 @@ const float* opt_state(const std::optional<at::Tensor>& s, int64_t B, int64_t H,
   return s->data_ptr<float>();
 }
 
+const unsigned char* opt_starts(const std::optional<at::Tensor>& st, int64_t B, int64_t T) {
+  if (!st.has_value() || !st->defined()) return nullptr;
+  TORCH_CHECK(st->is_cuda() && st->is_contiguous() && st->scalar_type() == at::kBool,
+              "wkv7: starts must be a contiguous bool CUDA tensor");
+  TORCH_CHECK(st->dim() == 2 && st->size(0) == B && st->size(1) == T, "wkv7: starts must have shape [B, T]");
+  return reinterpret_cast<const unsigned char*>(st->data_ptr<bool>());
+}
+
 void check(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "wkv7 kernel launch failed: ", cudaGetErrorString(e)); }
 
 // Returns [y, sT, sa, ckpt]; sa and ckpt are empty unless save.
 std::vector<at::Tensor> forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v, at::Tensor a, at::Tensor b,
-                                std::optional<at::Tensor> s0, bool save, int64_t cfg) {
+                                std::optional<at::Tensor> s0, std::optional<at::Tensor> starts, bool save,
+                                int64_t cfg) {
   TORCH_CHECK(r.dim() == 4 && r.size(3) == HEAD, "wkv7: r must be [B, T, H, 64]");
   check_seq(r, r, "r");
   check_seq(w, r, "w");
@@ -59,6 +68,7 @@ std::vector<at::Tensor> forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Te
   args.r = r.data_ptr(), args.w = w.data_ptr(), args.k = k.data_ptr();
   args.v = v.data_ptr(), args.a = a.data_ptr(), args.b = b.data_ptr();
   args.s0 = opt_state(s0, B, H, "state");
+  args.starts = opt_starts(starts, B, T);
   args.y = y.data_ptr();
   args.sT = sT.data_ptr<float>();
   args.sa = save ? sa.data_ptr<float>() : nullptr;
@@ -70,7 +80,8 @@ std::vector<at::Tensor> forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Te
 // Returns [dr, dw, dk, dv, da, db, ds0].
 std::vector<at::Tensor> backward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v, at::Tensor a, at::Tensor b,
                                  at::Tensor sT, at::Tensor sa, at::Tensor ck, at::Tensor dy,
-                                 std::optional<at::Tensor> dsT, int64_t cfg1, int64_t cfg2) {
+                                 std::optional<at::Tensor> dsT, std::optional<at::Tensor> s0,
+                                 std::optional<at::Tensor> starts, int64_t cfg1, int64_t cfg2) {
   check_seq(r, r, "r");
   check_seq(w, r, "w");
   check_seq(k, r, "k");
@@ -98,6 +109,8 @@ std::vector<at::Tensor> backward(at::Tensor r, at::Tensor w, at::Tensor k, at::T
   args.ckpt = ck.data_ptr<float>();
   args.dy = dy.data_ptr();
   args.dsT = opt_state(dsT, B, H, "final state gradient");
+  args.s0 = opt_state(s0, B, H, "initial state");
+  args.starts = opt_starts(starts, B, T);
   args.dsa = dsa.data_ptr<float>();
   args.ds0 = ds0.data_ptr<float>();
   args.dr = dr.data_ptr(), args.dw = dw.data_ptr(), args.dk = dk.data_ptr();
@@ -145,4 +158,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "WKV7 backward");
   m.def("step", &step, "WKV7 single-token step");
   m.def("chunk_len", &wkv7::chunk_len, "checkpoint interval in steps");
+  m.def("all_configs", &wkv7::all_configs, "whether every launch configuration was compiled");
 }

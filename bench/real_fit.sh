@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `musictrain fit` throughput on real windows (short, uneven: a music21 build has mean ~137 tokens), the
+# number a user sees: unpadded input tokens per second from metrics.jsonl, after the first logged interval
+# (which holds the compile). Each case runs a fixed number of steps without evaluation or checkpoints.
+#
+#   bash bench/real_fit.sh SHARDS WORK RESULTS
+set -uo pipefail
+shards="${1:?usage: bench/real_fit.sh SHARDS WORK RESULTS}"
+work="${2:?}"
+results="${3:?}"
+PY="${PY:-python3}"
+mkdir -p "$results"
+rm -rf "$work"
+common=(--eval-every 100000 --save-every 100000 --eval-batches 1 --log-every 10 --no-progress --no-tensorboard)
+run() {  # name, then fit options
+    local name="$1"; shift
+    timeout --kill-after=10 150 "$PY" -m rwkv_music.train.cli fit "$shards" -o "$work/$name" "${common[@]}" "$@" \
+        > "$results/realfit-$name.log" 2>&1
+    echo "$name rc=$?"
+    "$PY" - "$work/$name/metrics.jsonl" "$name" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"tokens_per_s"' in l]
+steady = rows[1:] or rows
+tps = sorted(r["tokens_per_s"] for r in steady)
+print(json.dumps({"case": sys.argv[2], "intervals": len(steady), "median_tokens_per_s": tps[len(tps) // 2],
+                  "last_loss": rows[-1]["loss"], "steps": rows[-1]["step"]}))
+PYEOF
+}
+run base-packed --preset base --batch-tokens 32768 --compile --max-steps 60
+run small-packed --preset small --batch-tokens 65536 --compile --max-steps 80
+run small-packed-eager --preset small --batch-tokens 65536 --max-steps 40
+run small-padded --preset small --batch-size 16 --max-steps 200
