@@ -41,7 +41,7 @@ declare -A command=(
     [compile]="$PY bench/train_step.py --only completion --no-fla --compile && $PY bench/train_step.py --only completion --no-fla --compile --batch 8 --seq 4096"
     [anchors]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py model"
     [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
-    [complete]="$PY bench/complete.py --check --no-rwkv-pip --profile-prefill --json $results/complete.json"
+    [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --compile --profile-prefill --steps 300"
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
 )

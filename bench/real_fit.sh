@@ -14,7 +14,7 @@ rm -rf "$work"
 common=(--eval-every 100000 --save-every 100000 --eval-batches 1 --log-every 10 --no-progress --no-tensorboard)
 run() {  # name, then fit options
     local name="$1"; shift
-    timeout --kill-after=10 150 "$PY" -m rwkv_music.train.cli fit "$shards" -o "$work/$name" "${common[@]}" "$@" \
+    timeout --kill-after=10 ${CASE_LIMIT:-110} "$PY" -m rwkv_music.train.cli fit "$shards" -o "$work/$name" "${common[@]}" "$@" \
         > "$results/realfit-$name.log" 2>&1
     echo "$name rc=$?"
     "$PY" - "$work/$name/metrics.jsonl" "$name" <<'PYEOF'
@@ -26,7 +26,6 @@ print(json.dumps({"case": sys.argv[2], "intervals": len(steady), "median_tokens_
                   "last_loss": rows[-1]["loss"], "steps": rows[-1]["step"]}))
 PYEOF
 }
-run base-packed --preset base --batch-tokens 32768 --compile --max-steps 60
-run small-packed --preset small --batch-tokens 65536 --compile --max-steps 80
-run small-packed-eager --preset small --batch-tokens 65536 --max-steps 40
-run small-padded --preset small --batch-size 16 --max-steps 200
+run base-packed --preset base --batch-tokens 32768 --compile --max-steps 50
+run small-packed --preset small --batch-tokens 65536 --compile --max-steps 60
+run small-padded --preset small --batch-size 16 --max-steps 150

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_music.model import RWKV7, from_preset
+from rwkv_music.model.compile import compile_for_training
 from rwkv_music.remi.tokenizer import build_tokenizer
 from rwkv_music.train.config import TrainConfig
 from rwkv_music.train.optim import make_optimizer
@@ -83,7 +84,7 @@ def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     model.grad_checkpoint = args.grad_checkpoint
     cfg = TrainConfig(lr=1e-4, warmup_steps=0)
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
-    fwd = torch.compile(model) if args.compile else model
+    fwd = compile_for_training(model) if args.compile else model
     B, T = args.batch, args.seq
     idx = torch.randint(0, vocab, (B, T), device=device)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)

@@ -276,6 +276,7 @@ class RWKV7(nn.Module):
     def device(self) -> torch.device:
         return self.emb.weight.device
 
+    @torch.compiler.disable
     def backend(self, device: torch.device) -> WkvBackend:
         """The WKV implementation for `device`, resolved on first use (one warning if CUDA falls back)."""
         key = (self.wkv_backend, device)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from rwkv_music.model.compile import compile_for_training
 from rwkv_music.shards.dataset import (
     PACK_EPOCH_FILL,
     DataSpec,
@@ -207,19 +208,6 @@ def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log) -> nn.Mo
     from rwkv_music.model import RWKV7
 
     return RWKV7(mcfg)
-
-
-def compile_for_training(model: nn.Module) -> nn.Module:
-    """torch.compile(model), with AOTAutograd's on-disk cache off.
-
-    Saving a lazily compiled backward to that cache crashed the process now and then (SIGSEGV while
-    pickling it, pytorch/pytorch#177442; torch 2.13 on CPU: 3 of 9 cold-cache compiles of the model).
-    Inductor's own cache of compiled kernels stays on, so a second start is still fast.
-    """
-    import torch._functorch.config as functorch_config
-
-    functorch_config.enable_autograd_cache = False
-    return torch.compile(model)
 
 
 def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, world: int) -> int:

@@ -202,8 +202,8 @@ def test_decay_extremes_stay_finite_and_exact(wkv_cuda, w_raw) -> None:
     torch.autograd.backward([y, sT], [dy, dsT])
     for a, b in [(y, y_ref), (sT, sT_ref), *((x.grad, r.grad) for x, r in zip(ins, ref_in, strict=True))]:
         assert torch.isfinite(a).all()
-        if b.norm() > 0:
-            assert _rel(a, b) < TOL_F32
+        if b.norm() > 0:  # fp32 inputs: far inside the 2e-3 asked of bf16 (fast-math exp at d = 0.545)
+            assert _rel(a, b) < 1e-3
 
 
 def test_compiled_model_with_kernel_matches_eager(wkv_cuda) -> None:
@@ -229,7 +229,9 @@ def test_compiled_model_with_kernel_matches_eager(wkv_cuda) -> None:
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
     loss_e, g_e = run(model)
-    compiled = torch.compile(model)
+    from rwkv_music.model.compile import compile_for_training
+
+    compiled = compile_for_training(model)
     loss_c, g_c = run(compiled)
     loss_c2, _ = run(compiled)  # a second call reuses the graph
     assert abs(loss_c - loss_e) < 1e-2 * abs(loss_e) and loss_c2 == pytest.approx(loss_c, rel=1e-6)

@@ -1,0 +1,26 @@
+"""torch.compile for training this model, with the two compiler settings it needs.
+
+- AOTAutograd's on-disk cache off: saving a lazily compiled backward to it crashed the process now and
+  then (SIGSEGV while pickling it, pytorch/pytorch#177442; torch 2.13 on CPU: 3 of 9 cold-cache compiles).
+  Inductor's own cache of compiled kernels stays on, so a second start is still fast.
+- Inductor's mix-order reductions off: fusing the parameter-gradient reductions over (B, T) with the row
+  reductions of the norms returned [C] where the [1, 1, C] mixing parameters need [1, 1, C] (torch 2.11 on
+  an H200: "CompiledFunctionBackward returned an invalid gradient ... got [768]"), and the same code path
+  is known to compute silently wrong gradients (pytorch/pytorch#193061, regression in 2.10).
+Both are process-wide torch settings: they apply to every model compiled afterwards in the process.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def compile_for_training(model: nn.Module, **kwargs) -> nn.Module:
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    functorch_config.enable_autograd_cache = False
+    if hasattr(inductor_config, "triton") and hasattr(inductor_config.triton, "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False
+    return torch.compile(model, **kwargs)
