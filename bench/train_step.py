@@ -9,6 +9,9 @@ cross-entropy, backward, gradient clipping at 1.0, fused AdamW (RWKV-LM's groups
                    last ones, as in training windows): what the trainer runs
   ours/all         the LM head on every position (the same work as a plain LM)
   fla              fla.models.RWKV7ForCausalLM with labels (its fused CE), skipped if `fla` is not installed
+  rwkv-lm          with --rwkvlm DIR (a copy of ../shared/anchors): RWKV-LM's own fused x070 trainer at the
+                   same shape, timed by the anchors' rwkvlm_bench.py in a subprocess (bf16 weights, its
+                   fused CUDA kernels, logits on every position)
 tokens/s counts every input token (B x T) per step. MFU = model FLOPs / step time / --peak-tflops, with
 model FLOPs = 6 x (non-embedding matmul parameters) x tokens + 6 x n_embd x vocab x (positions given logits)
 + the WKV state recurrence (about 18 x head_size x n_embd per token per layer, forward + backward).
@@ -149,6 +152,30 @@ def bench_fla(args, device, vocab: int) -> dict | None:
             "tflops": flops / dt / 1e12, "params": n_params}
 
 
+def bench_rwkvlm(args, vocab: int) -> dict | None:
+    """RWKV-LM's trainer via the anchors' own script (it builds its kernels first; JSON lines on stdout)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(args.rwkvlm)
+    env = {**os.environ, "RWKV_JIT_ON": "1", "RWKV_KERNEL": "@rwkv3", "BENCH_V": str(vocab),
+           "BENCH_BT": f"{args.batch}x{args.seq}"}
+    proc = subprocess.run([sys.executable, str(root / "rwkvlm_bench.py"), "model"], cwd=root / "rwkv-lm" / "train_temp",
+                          env=env, capture_output=True, text=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{") and "rwkvlm_model" in line]
+    if proc.returncode != 0 or not rows:
+        print(f"[bench] RWKV-LM failed (rc {proc.returncode}): {proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    r = rows[-1]
+    ref = RWKV7(from_preset(args.preset, vocab), init_weights=False)
+    dt = r["ms_per_step"] / 1e3
+    return {"case": "rwkv-lm fused trainer", "ms_per_step": r["ms_per_step"], "tokens_per_s": r["tokens_per_s"],
+            "peak_gib": r["peak_gib"], "tflops": model_flops_per_step(ref, args.batch, args.seq,
+                                                                      args.batch * args.seq) / dt / 1e12,
+            "params": r["params_M"] * 1e6}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="base")
@@ -163,7 +190,9 @@ def main() -> None:
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
     ap.add_argument("--no-fla", action="store_true")
-    ap.add_argument("--only", choices=["completion", "all", "fla"], action="append")
+    ap.add_argument("--only", choices=["completion", "all", "fla", "rwkvlm"], action="append")
+    ap.add_argument("--rwkvlm", default=None, metavar="DIR",
+                    help="Also time RWKV-LM's trainer: DIR holds rwkvlm_bench.py and rwkv-lm/ (../shared/anchors).")
     ap.add_argument("--peak-tflops", type=float, default=None, help="Dense bf16 peak [from the GPU name].")
     ap.add_argument("--json", default=None, help="Also write the results here.")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -189,6 +218,13 @@ def main() -> None:
             torch.cuda.empty_cache()
     if "fla" in only and not args.no_fla:
         r = bench_fla(args, device, vocab)
+        if r:
+            rows.append(r)
+            print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
+    if args.rwkvlm and ("rwkvlm" in only or not args.only):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        r = bench_rwkvlm(args, vocab)
         if r:
             rows.append(r)
             print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
