@@ -38,7 +38,7 @@ declare -A command=(
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
     [gputests]="$PY -m pytest -q -rs tests/gpu tests/model/test_model_gpu.py"
     [trainstep]="$PY bench/train_step.py --only completion --no-fla --profile 3"
-    [compile]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile && $PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --batch 8 --seq 4096"
+    [compile]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile; $PY bench/train_step.py --only completion --no-fla --compile --bf16-weights; $PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --batch 8 --seq 4096"
     [anchors]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py model"
     [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
     [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --compile --profile-prefill --steps 300"

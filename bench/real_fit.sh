@@ -26,6 +26,12 @@ print(json.dumps({"case": sys.argv[2], "intervals": len(steady), "median_tokens_
                   "last_loss": rows[-1]["loss"], "steps": rows[-1]["step"]}))
 PYEOF
 }
-run base-packed --preset base --batch-tokens 32768 --compile --max-steps 50
-run small-packed --preset small --batch-tokens 65536 --compile --max-steps 60
-run small-padded --preset small --batch-size 16 --max-steps 150
+declare -A cases=(
+    [base-packed]="--preset base --batch-tokens 32768 --compile --max-steps 50"
+    [small-packed]="--preset small --batch-tokens 65536 --compile --max-steps 60"
+    [small-padded]="--preset small --batch-size 16 --max-steps 150"
+)
+for name in ${REALFIT_CASES:-base-packed small-packed small-padded}; do
+    # shellcheck disable=SC2086
+    run "$name" ${cases[$name]}
+done

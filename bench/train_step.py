@@ -84,6 +84,8 @@ def profile_steps(step, device: torch.device, steps: int, top: int, title: str) 
 def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     torch.manual_seed(0)
     model = RWKV7(from_preset(args.preset, vocab)).to(device)
+    if args.bf16_weights:  # as RWKV-LM trains: bf16 parameters and optimizer state, no autocast
+        model = model.bfloat16()
     model.grad_checkpoint = args.grad_checkpoint
     cfg = TrainConfig(lr=1e-4, warmup_steps=0)
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
@@ -94,7 +96,7 @@ def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     if frac is not None:
         mask[:, : T - max(1, round(frac * T))] = False
     targets = torch.randint(0, vocab, (int(mask.sum()),), device=device)
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" and not args.bf16_weights
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -108,6 +110,8 @@ def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     dt, peak = time_steps(step, device, args.warmup, args.steps)
     flops = model_flops_per_step(model, B, T, int(mask.sum()))
     name = "ours/all" if frac is None else f"ours/completion {frac:.2f}"
+    name += " compiled" if args.compile else ""
+    name += " bf16 weights" if args.bf16_weights else ""
     if args.profile:
         profile_steps(step, device, args.profile, args.profile_top, name)
     return {"case": name, "ms_per_step": dt * 1e3, "tokens_per_s": B * T / dt, "peak_gib": peak,
@@ -189,6 +193,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="Ours with bf16 parameters and no autocast (RWKV-LM's way) instead of fp32 master weights.")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--only", choices=["completion", "all", "fla", "rwkvlm"], action="append")
     ap.add_argument("--rwkvlm", default=None, metavar="DIR",
