@@ -162,7 +162,7 @@ def bench_rwkvlm(args, vocab: int) -> dict | None:
     import subprocess
     from pathlib import Path
 
-    root = Path(args.rwkvlm)
+    root = Path(args.rwkvlm).resolve()
     env = {**os.environ, "RWKV_JIT_ON": "1", "RWKV_KERNEL": "@rwkv3", "BENCH_V": str(vocab),
            "BENCH_BT": f"{args.batch}x{args.seq}"}
     proc = subprocess.run([sys.executable, str(root / "rwkvlm_bench.py"), "model"], cwd=root / "rwkv-lm" / "train_temp",

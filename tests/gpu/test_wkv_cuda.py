@@ -202,8 +202,10 @@ def test_decay_extremes_stay_finite_and_exact(wkv_cuda, w_raw) -> None:
     torch.autograd.backward([y, sT], [dy, dsT])
     for a, b in [(y, y_ref), (sT, sT_ref), *((x.grad, r.grad) for x, r in zip(ins, ref_in, strict=True))]:
         assert torch.isfinite(a).all()
-        if b.norm() > 0:  # fp32 inputs: far inside the 2e-3 asked of bf16 (fast-math exp at d = 0.545)
-            assert _rel(a, b) < 1e-3
+        # fp32 inputs: far inside the 2e-3 asked of bf16 (fast-math exp at d = 0.545). At sigmoid(30) the
+        # decay gradient is ~1e-13 in float64 and exactly 0 in fp32: an absolute floor covers that.
+        err = (a.double() - b.double()).norm().item()
+        assert err <= 1e-3 * b.double().norm().item() + 1e-9
 
 
 def test_compiled_model_with_kernel_matches_eager(wkv_cuda) -> None:
