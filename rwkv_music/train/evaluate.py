@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import html
 import json
 import math
@@ -31,11 +32,33 @@ from rwkv_music.atomic import atomic_path, write_text_atomic
 from rwkv_music.remi.windows import Vocab, decode_window
 from rwkv_music.shards import available_format, iter_samples, read_manifest
 from rwkv_music.train import metrics as M
+from rwkv_music.train.cli_util import clear_own_files, progress_bar
 from rwkv_music.train.device import pick_device
+from rwkv_music.train.eval_choice import IMPOSTORS, forced_choice
 
 SYSTEMS = ("model", "repeat", "random")  # generated, repeat-last-bars baseline, random-window baseline
+# Every file run_eval writes (what `eval --overwrite` clears from an earlier run).
+REPORT_FILES = ("report.json", "report.html", "loss_per_type.png", "metric_distributions.png", "pianoroll_*.png")
 SYSTEM_LABELS = {"model": "model", "repeat": "repeat last bars", "random": "random window", "truth": "ground truth",
                  "context": "context"}
+
+
+PIECE_PARTS = ("all", "dev", "test")
+TEST_FRACTION = 0.5  # share of pieces in the test part; the rest is dev
+
+
+def piece_part(piece_id: str) -> str:
+    """'dev' or 'test': a fixed function of the piece's identity (the sha256 of its file, `piece_id`).
+
+    Sampling settings can be tuned on the dev part of a split and reported on the test part; every window of a
+    piece lands in the same part, and the parts never change with the seed, the build or the window count."""
+    h = hashlib.sha256(b"rwkv-music eval part\0" + piece_id.encode()).digest()
+    return "test" if int.from_bytes(h[:8], "big") / 2**64 < TEST_FRACTION else "dev"
+
+
+def select_pieces(samples: Sequence[EvalSample], part: str) -> list[EvalSample]:
+    """The windows of the pieces in `part` ('all' keeps everything)."""
+    return list(samples) if part == "all" else [s for s in samples if piece_part(s.piece_id) == part]
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,12 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     shard_format: str = "parquet"  # preferred; the other one is used if the build has only that
+    choice_windows: int = 1000  # windows of the forced-choice test (0: off)
+    pieces: str = "all"  # all | dev | test: the part of the split's pieces evaluated (see piece_part)
+
+    def __post_init__(self):
+        if self.pieces not in PIECE_PARTS:
+            raise ValueError(f"pieces must be one of {', '.join(PIECE_PARTS)}, not {self.pieces!r}")
 
 
 @dataclass
@@ -76,8 +105,8 @@ class EvalSample:
 
 
 # A completion function with the signature of `complete_windows`: (model, tokenizer, prompts [meta + context
-# tokens], meta_lens, bars per prompt, *, device, seed) -> the continuation tokens per prompt, or the Exception
-# of a prompt that failed.
+# tokens], meta_lens, bars per prompt, *, device, seed[, progress]) -> the continuation tokens per prompt, or the
+# Exception of a prompt that failed; `progress(1)`, when passed, is called after each prompt.
 CompleteFn = Callable[..., list]
 
 
@@ -143,7 +172,8 @@ def token_types(tokenizer) -> list[str]:
 
 @torch.no_grad()
 def teacher_forced(model: torch.nn.Module, samples: Sequence[EvalSample], types: list[str], device: torch.device,
-                   batch_tokens: int = 32768, pad_id: int = 0) -> dict:
+                   batch_tokens: int = 32768, pad_id: int = 0,
+                   progress: Callable[[int], None] | None = None) -> dict:
     """Loss/perplexity/top-k accuracy of predicting each completion token from everything before it.
 
     Returns overall numbers, per-type numbers (type of the *target* token) and the target counts per token
@@ -190,6 +220,8 @@ def teacher_forced(model: torch.nn.Module, samples: Sequence[EvalSample], types:
         np.add.at(top5, tt, hit5)
         np.add.at(count, tt, 1)
         np.add.at(id_counts, target.cpu().numpy(), 1)
+        if progress is not None:
+            progress(len(batch))
     total = int(count.sum())
     per_type = {}
     for j, name in enumerate(type_names):
@@ -285,7 +317,8 @@ def midi_roundtrip_ok(score: symusic.Score) -> bool:
 
 def complete_windows(model, tokenizer, prompts: Sequence[list[int]], meta_lens: Sequence[int],
                      bars: Sequence[int], *, device: torch.device, seed: int,
-                     tokens_per_bar: int | None = None, sampling=None) -> list:
+                     tokens_per_bar: int | None = None, sampling=None,
+                     progress: Callable[[int], None] | None = None) -> list:
     """Continue each window prompt (meta + context tokens, exactly as in training) by its number of bars.
 
     Uses `complete`'s decoder, grammar, token budget and (unless `sampling`, a SamplingConfig, is given)
@@ -310,12 +343,15 @@ def complete_windows(model, tokenizer, prompts: Sequence[list[int]], meta_lens: 
             outs.append(cont[0])
         except Exception as e:  # one bad window is a counted failure, not a failed evaluation
             outs.append(e)
+        if progress is not None:
+            progress(1)
     return outs
 
 
 def generative(model, tokenizer, samples: Sequence[EvalSample], chosen: Sequence[int], device: torch.device,
                seed: int, complete_fn: CompleteFn | None = None,
-               random_pool: Sequence[EvalSample] | None = None) -> dict:
+               random_pool: Sequence[EvalSample] | None = None,
+               progress: Callable[[int], None] | None = None) -> dict:
     """Complete the chosen windows and compare model, repeat and random completions with the truth.
 
     The random-window baseline draws, for each window, a window of another piece from `random_pool`
@@ -328,7 +364,9 @@ def generative(model, tokenizer, samples: Sequence[EvalSample], chosen: Sequence
     bars = [count_bars(samples[i].tokens[samples[i].ctx_len:], vocab) for i in chosen]
     fn = complete_fn or complete_windows
     t0 = time.perf_counter()
-    outputs = fn(model, tokenizer, prompts, [samples[i].meta_len for i in chosen], bars, device=device, seed=seed)
+    kw = {"progress": progress} if progress is not None else {}
+    outputs = fn(model, tokenizer, prompts, [samples[i].meta_len for i in chosen], bars, device=device, seed=seed,
+                 **kw)
     gen_seconds = time.perf_counter() - t0
     windows = []
     for k, i in enumerate(chosen):
@@ -545,7 +583,9 @@ def render_html(report: dict) -> str:
          "<h1>Evaluation report</h1>",
          f"<p>checkpoint <code>{html.escape(report['checkpoint'])}</code>, shards "
          f"<code>{html.escape(report['shards'])}</code>, split <b>{html.escape(report['split'])}</b>, device "
-         f"{html.escape(report['device'])}</p>",
+         f"{html.escape(report['device'])}, pieces <b>{html.escape(report['pieces']['part'])}</b> "
+         f"({report['pieces']['pieces']} of {report['pieces']['split_pieces']} pieces, {report['pieces']['windows']} "
+         "windows)</p>",
          "<h2>Teacher-forced (completion tokens)</h2><table><tr><th></th><th>tokens</th><th>loss (nats)</th>"
          "<th>perplexity</th><th>top-1</th><th>top-5</th></tr>",
          f"<tr><th>all</th><td>{tf['tokens']}</td><td>{_fmt(tf['loss'])}</td><td>{_fmt(tf['perplexity'], 2)}</td>"
@@ -558,6 +598,22 @@ def render_html(report: dict) -> str:
              f"<b>{_fmt(uni['entropy_train'])}</b> nats ({uni['train_tokens']} tokens); its cross-entropy on the "
              f"evaluated tokens {_fmt(uni['cross_entropy_eval'])} nats.</p>")
     h.append("<img src='loss_per_type.png'>")
+    fc = report.get("forced_choice")
+    if fc:
+        c = fc["comparisons"]
+        h.append(f"<h2>Forced choice ({fc['windows']} windows)</h2><p>Mean log-likelihood per token of the true "
+                 "completion against an impostor after the same prefix: the share of windows where the truth is "
+                 "more likely (windows whose impostor equals the truth are left out).</p><table><tr><th>impostor"
+                 "</th><th>windows</th><th>truth first</th><th>share</th><th>goal</th><th>identical</th>"
+                 "<th>mean margin (nats/token)</th></tr>")
+        for name in IMPOSTORS:
+            v = c[name]
+            h.append(f"<tr><th>{SYSTEM_LABELS[name]}</th><td>{v['n']}</td><td>{v['truth_first']}</td>"
+                     f"<td>{_fmt(v['share'])}</td><td>{_fmt(v['goal'], 2)}</td><td>{v['identical']}</td>"
+                     f"<td>{_fmt(v['mean_margin_nats'])}</td></tr>")
+        v = c["all"]
+        h.append(f"<tr><th>both</th><td>{v['n']}</td><td>{v['truth_first']}</td><td>{_fmt(v['share'])}</td>"
+                 "<td>–</td><td>–</td><td>–</td></tr></table>")
     if gen:
         h.append(f"<h2>Generative ({gen['n_windows']} windows)</h2><p>valid MIDI: {_fmt(gen['valid_midi_rate'])}"
                  f", right number of bars: {_fmt(gen['bars_ok_rate'])}</p>")
@@ -592,8 +648,11 @@ class EvalResult:
 
 def run_eval(model: torch.nn.Module, tokenizer, shards: str | os.PathLike, out_dir: str | os.PathLike,
              cfg: EvalConfig, checkpoint_label: str = "", complete_fn: CompleteFn | None = None,
-             tokenizer_hash: str | None = None) -> EvalResult:
-    """The whole evaluation of one loaded model; writes report.json, report.html and PNGs into out_dir."""
+             tokenizer_hash: str | None = None, overwrite: bool = False, progress: bool = False) -> EvalResult:
+    """The whole evaluation of one loaded model; writes report.json, report.html and PNGs into out_dir.
+
+    `overwrite`: once the inputs are known to be good, delete the report files (REPORT_FILES) an earlier run
+    left in out_dir, so none is mixed with the new ones. `progress`: tqdm bars on stderr per part."""
     shards, out = Path(shards), Path(out_dir)
     device = pick_device(cfg.device)
     model = model.to(device)
@@ -602,22 +661,31 @@ def run_eval(model: torch.nn.Module, tokenizer, shards: str | os.PathLike, out_d
     if tokenizer_hash is not None and shard_hash is not None and tokenizer_hash != shard_hash:
         raise ValueError(f"the checkpoint's tokenizer (hash {tokenizer_hash[:12]}) is not the one the shards were "
                          f"built with ({shard_hash[:12]}): token ids would not match")
-    samples = load_split(shards, cfg.split, cfg.shard_format)
-    if not samples:
+    all_samples = load_split(shards, cfg.split, cfg.shard_format)
+    if not all_samples:
         raise ValueError(f"split {cfg.split!r} of {shards} has no windows")
+    samples = select_pieces(all_samples, cfg.pieces)
+    if not samples:
+        raise ValueError(f"split {cfg.split!r} of {shards} has no windows in the {cfg.pieces!r} part of its pieces")
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_own_files(out, REPORT_FILES)
     t0 = time.perf_counter()
     tf_idx = (list(range(len(samples))) if cfg.max_tf_windows is None or cfg.max_tf_windows >= len(samples)
               else sorted(spread_windows(samples, cfg.max_tf_windows, cfg.seed)))
     types = token_types(tokenizer)
-    tf = teacher_forced(model, [samples[i] for i in tf_idx], types, device, cfg.batch_tokens,
-                        pad_id=int(tokenizer.pad_token_id or 0))
+    with progress_bar(progress, len(tf_idx), "teacher-forced", "window") as bar:
+        tf = teacher_forced(model, [samples[i] for i in tf_idx], types, device, cfg.batch_tokens,
+                            pad_id=int(tokenizer.pad_token_id or 0), progress=bar.update)
     tf_seconds = time.perf_counter() - t0
     uni = unigram_baseline(shards, cfg.shard_format, len(tokenizer), tf.pop("_id_counts"), cfg.unigram_max_windows)
     report: dict = {
         "checkpoint": checkpoint_label,
         "shards": str(shards),
         "split": cfg.split,
+        "pieces": {"part": cfg.pieces, "test_fraction": TEST_FRACTION, "pieces": len({s.piece_id for s in samples}),
+                   "windows": len(samples), "split_pieces": len({s.piece_id for s in all_samples}),
+                   "split_windows": len(all_samples)},
         "device": str(device),
         "config": asdict(cfg),
         "teacher_forced": tf,
@@ -628,19 +696,31 @@ def run_eval(model: torch.nn.Module, tokenizer, shards: str | os.PathLike, out_d
     }
     files = [out / "loss_per_type.png"]
     plot_loss_per_type(tf, uni, out / "loss_per_type.png")
+    vocab = Vocab(tokenizer)
+    # Only windows that kept at least one context bar have a context to continue or repeat (long bars can push
+    # the whole context out of a window at max_seq_len).
+    with_context = [i for i, s in enumerate(samples) if count_bars(s.tokens[s.meta_len:s.ctx_len], vocab)]
+    pool, pool_split = samples, cfg.split
+    if len({s.piece_id for s in samples}) < 2:  # one piece: other pieces come from the training split
+        pool, pool_split = samples + reservoir(shards, "train", cfg.shard_format, 4096, cfg.seed), "train"
+    if cfg.choice_windows > 0:
+        t0 = time.perf_counter()
+        picked = sorted(with_context[j] for j in spread_windows([samples[i] for i in with_context],
+                                                                cfg.choice_windows, cfg.seed))
+        with progress_bar(progress, None, "forced choice", "sequence") as bar:
+            fc = forced_choice(model, samples, picked, pool, vocab, device, cfg.seed, cfg.batch_tokens,
+                               pad_id=int(tokenizer.pad_token_id or 0), progress=bar.update)
+        fc["random_window_split"] = pool_split
+        fc["windows_without_context"] = len(samples) - len(with_context)
+        report["forced_choice"] = fc
+        report["timing_s"]["forced_choice"] = time.perf_counter() - t0
     if cfg.num_windows > 0:
-        # Only windows that kept at least one context bar can be continued (long bars can push the whole
-        # context out of a window at max_seq_len).
-        vocab = Vocab(tokenizer)
-        with_context = [i for i, s in enumerate(samples) if count_bars(s.tokens[s.meta_len:s.ctx_len], vocab)]
         chosen = [with_context[j] for j in spread_windows([samples[i] for i in with_context], cfg.num_windows,
                                                           cfg.seed)]
-        pool, pool_split = samples, cfg.split
-        if len({s.piece_id for s in samples}) < 2:  # one piece: other pieces come from the training split
-            pool, pool_split = samples + reservoir(shards, "train", cfg.shard_format, 4096, cfg.seed), "train"
         fn = complete_fn or functools.partial(complete_windows, tokens_per_bar=cfg.tokens_per_bar,
                                               sampling=sampling_config(cfg))
-        g = generative(model, tokenizer, samples, chosen, device, cfg.seed, fn, pool)
+        with progress_bar(progress, len(chosen), "generating", "window") as bar:
+            g = generative(model, tokenizer, samples, chosen, device, cfg.seed, fn, pool, progress=bar.update)
         windows = g["windows"]
         report["generative"] = summarize_generative(windows)
         report["generative"]["random_window_split"] = pool_split
