@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import symusic
 
+from rwkv_music.atomic import default_file_mode
+from rwkv_music.train.cli_util import clear_own_files
 from rwkv_music.train.complete import Completion, Sample
 
 PROMPT_COLOUR = "#4c72b0"
@@ -45,8 +48,12 @@ def format_table(completion: Completion) -> str:
     return "\n".join(rows)
 
 
-def write_completion(completion: Completion, out: str | os.PathLike, plot: bool = False) -> list[Path]:
-    """Write OUT/sample-K.mid, OUT/sample-K-continuation.mid (and OUT/sample-K.png). Returns the paths."""
+def write_completion(completion: Completion, out: str | os.PathLike, plot: bool = False,
+                     clear: Sequence[str] = ()) -> list[Path]:
+    """Write OUT/sample-K.mid, OUT/sample-K-continuation.mid (and OUT/sample-K.png). Returns the paths.
+
+    Files of OUT matching a `clear` pattern are deleted once the new files are staged, just before they move in,
+    so no file of an earlier run is left beside them. Files get the umask's mode, like any `open()`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -61,8 +68,11 @@ def write_completion(completion: Completion, out: str | os.PathLike, plot: bool 
                 plot_piano_roll(s, stage / f"sample-{k}.png")
                 names.append(f"sample-{k}.png")
         out.mkdir(exist_ok=True)
+        clear_own_files(out, clear)
+        mode = default_file_mode()
         paths = []
         for name in names:
+            os.chmod(stage / name, mode)  # whatever the writer did, the mode a plain open() gives
             os.replace(stage / name, out / name)
             paths.append(out / name)
         return paths
