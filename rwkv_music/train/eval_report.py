@@ -8,18 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rwkv_music.atomic import atomic_path
 from rwkv_music.train import metrics as M
 from rwkv_music.train.eval_choice import IMPOSTORS
 from rwkv_music.train.eval_generate import SYSTEM_LABELS, SYSTEMS
+from rwkv_music.train.pianoroll import draw_roll, layer, save_figure
 
 # Every file run_eval writes (what `eval --overwrite` clears from an earlier run).
 REPORT_FILES = ("report.json", "report.html", "loss_per_type.png", "metric_distributions.png", "pianoroll_*.png")
-
-
-def _savefig(fig, path: Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def json_clean(x):
@@ -52,7 +47,7 @@ def plot_loss_per_type(tf: dict, unigram: dict, path: Path) -> None:
     ax.set_title("teacher-forced loss on completion tokens, by target type")
     ax.legend(fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -82,38 +77,36 @@ def plot_metric_distributions(windows: list[dict], path: Path) -> None:
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def _draw_roll(ax, seg: M.NoteArray, offset: int, color: str) -> None:
-    for t, d, p in zip(seg.onset.tolist(), seg.duration.tolist(), seg.pitch.tolist(), strict=True):
-        ax.broken_barh([((t + offset) / seg.tpq, max(d, 1) / seg.tpq)], (p - 0.4, 0.8), color=color)
+def piano_roll_figure(rec: dict):
+    """Context (grey) followed by the true completion (top) and the model's (bottom), on a bar axis."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state
+
+    segs = rec["_segments"]
+    ctx, truth = segs["context"], segs["truth"]
+    bars = np.concatenate([ctx.bars, truth.bars[1:] + ctx.end])  # the window's bars, then the completion's
+    fig = Figure(figsize=(10, 5))
+    axes = fig.subplots(2, 1, sharex=True, sharey=True)
+    for ax, name, color in ((axes[0], "truth", "#228833"), (axes[1], "model", "#4477aa")):
+        layers = [layer(ctx, "#999999", "context")]
+        seg = segs.get(name)
+        if seg is not None:
+            layers.append(layer(seg, color, SYSTEM_LABELS[name], offset=ctx.end))
+        draw_roll(ax, layers, bars, marks=[ctx.end])
+        if seg is None:
+            ax.text((ctx.n_bars + len(bars) - 1) / 2, 0.5, "(no valid output)", transform=ax.get_xaxis_transform(),
+                    ha="center", va="center")
+        ax.set_ylabel(f"{SYSTEM_LABELS[name]}\npitch")
+    axes[1].set_xlabel("bars from the window's first bar (dashed: the completion starts)")
+    axes[0].set_title(f"{rec['source']} window {rec['window']}", fontsize=9)
+    return fig
 
 
 def plot_piano_roll(rec: dict, path: Path) -> None:
-    """Context (grey) followed by the true completion (top) and the model's (bottom), in quarter notes."""
-    import matplotlib.pyplot as plt
-
-    segs = rec["_segments"]
-    ctx = segs["context"]
-    fig, axes = plt.subplots(2, 1, figsize=(10, 5), sharex=True, sharey=True)
-    for ax, name, color in ((axes[0], "truth", "#228833"), (axes[1], "model", "#4477aa")):
-        _draw_roll(ax, ctx, 0, "#999999")
-        seg = segs.get(name)
-        if seg is not None:
-            _draw_roll(ax, seg, ctx.end, color)
-        else:
-            ax.text(ctx.end / ctx.tpq, 60, "  (no valid output)", va="center")
-        grid = ctx.bars.tolist() + [b + ctx.end for b in segs["truth"].bars.tolist()]
-        for b in grid:
-            ax.axvline(b / ctx.tpq, color="#dddddd", lw=0.5, zorder=0)
-        ax.axvline(ctx.end / ctx.tpq, color="k", lw=1)
-        ax.set_ylabel(f"{SYSTEM_LABELS[name]}\npitch")
-    axes[1].set_xlabel("quarter notes from the window's first bar (line: completion starts)")
-    axes[0].set_title(f"{rec['source']} window {rec['window']}", fontsize=9)
-    _savefig(fig, path)
-    plt.close(fig)
+    save_figure(piano_roll_figure(rec), path)
 
 
 def _fmt(x, nd=3) -> str:

@@ -311,3 +311,17 @@ def test_every_option_has_a_help_line(command: str):
     real = cmd._load() if hasattr(cmd, "_load") else cmd
     options = [p for p in real.params if isinstance(p, click.Option)]
     assert options and all(p.help for p in options), [p.name for p in options if not p.help]
+
+
+def test_piano_roll_spans_the_window_and_the_new_bars(loaded, prompt: Path):
+    """The roll's x axis is in bars: the prompt window's bars then the continuation's, the last drawn to its end."""
+    from rwkv_music.train.complete_output import piano_roll_figure
+
+    model, tok = loaded
+    g = RemiGrammar(tok)
+    res = complete(model, tok, prompt, CompleteConfig(bars=2, context_bars=3, num_samples=1, seed=0))
+    n_ctx = sum(1 for t in res.window.tokens if g.cls[t] == g.cls[g.bar_id])
+    ax = piano_roll_figure(res.samples[0]).axes[0]
+    assert ax.get_xlim() == (0.0, float(n_ctx + 2))
+    dashed = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert dashed == [n_ctx]  # the continuation starts on the bar line after the window

@@ -318,3 +318,21 @@ def test_overwrite_clears_only_the_reports_files(trained_run: Path, small_shards
                                                              device="cpu"), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", *(f.name for f in res.files)])
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_piano_roll_spans_context_and_completion_bars(small_shards: Path, trained_run: Path):
+    """The report's roll shares `complete`'s drawing: x in bars, the window's then the completion's."""
+    from rwkv_music.train.eval_report import piano_roll_figure
+
+    _, tok, _ = load_for_inference(trained_run, "cpu")
+    vocab = Vocab(tok)
+    s = next(s for s in load_split(small_shards, "val", "parquet") if count_bars(s.tokens[s.meta_len:s.ctx_len], vocab))
+    nb = count_bars(s.tokens[s.ctx_len:], vocab)
+    d = decode_segments(s.tokens[: s.ctx_len], s.meta_len, s.tokens[s.ctx_len:], nb, tok, vocab)
+    rec = {"source": s.source, "window": s.window,
+           "_segments": {"context": d.context, "truth": d.completion, "model": None}}
+    fig = piano_roll_figure(rec)
+    for ax in fig.axes:
+        assert ax.get_xlim() == (0.0, float(d.context.n_bars + nb))
+        assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [d.context.n_bars]
+    assert [t.get_text() for t in fig.axes[1].texts] == ["(no valid output)"]  # the model row had no output
