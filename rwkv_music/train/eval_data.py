@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rwkv_music.remi.windows import Vocab
+from rwkv_music.remi.windows import CLASS_NAMES, Vocab, token_classes
 from rwkv_music.shards import available_format, iter_samples, read_manifest
 
 PIECE_PARTS = ("all", "dev", "test")
@@ -97,8 +97,5 @@ def count_bars(tokens: Sequence[int], vocab: Vocab) -> int:
 
 
 def token_types(tokenizer) -> list[str]:
-    """The type of every token id: the part of its name before the first underscore (Bar, Pitch, ...)."""
-    names = [""] * len(tokenizer)
-    for name, i in tokenizer.vocab.items():
-        names[i] = name.split("_", 1)[0]
-    return names
+    """The type of every token id (Bar, Pitch, ...): the remi layer's token class names."""
+    return [CLASS_NAMES[int(c)] for c in token_classes(tokenizer.vocab)]
