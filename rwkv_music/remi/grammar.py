@@ -27,14 +27,24 @@ import numpy as np
 import torch
 from miditok import REMI
 
-# Token classes.
-OTHER, BAR, TIMESIG, POSITION, TEMPO, PITCH, VELOCITY, DURATION, REST, PEDAL, PEDALOFF, PAD = range(12)
-N_CLASSES = 12
-_PREFIX = {
-    "Bar": BAR, "TimeSig": TIMESIG, "Position": POSITION, "Tempo": TEMPO, "Pitch": PITCH,
-    "Velocity": VELOCITY, "Duration": DURATION, "Rest": REST, "Pedal": PEDAL, "PedalOff": PEDALOFF, "PAD": PAD,
-}
-CLASS_NAMES = {v: k for k, v in _PREFIX.items()} | {OTHER: "Other"}
+# Token classes: defined once, in windows.py (re-exported here, where most users look for them).
+from rwkv_music.remi.windows import (  # noqa: F401
+    BAR,
+    CLASS_NAMES,
+    DURATION,
+    N_CLASSES,
+    OTHER,
+    PAD,
+    PEDAL,
+    PEDALOFF,
+    PITCH,
+    POSITION,
+    REST,
+    TEMPO,
+    TIMESIG,
+    VELOCITY,
+    token_classes,
+)
 
 # Machine states: the class of the previous token, plus three states for the window's meta tokens and one for
 # a finished sample (which may only emit PAD).
@@ -104,15 +114,16 @@ class RemiGrammar:
         self.vocab_size = V
         self.tpq = int(tokenizer.time_division)
         self.pos_per_beat = int(tokenizer.config.max_num_pos_per_beat)
-        cls = np.full(V, OTHER, np.int64)
+        cls = token_classes(vocab)
+        if len(cls) != V:
+            raise ValueError("the grammar needs a vocabulary with ids 0..len-1")
         pos_idx = np.full(V, -1, np.int64)
         dur_beats: dict[int, Fraction] = {}
         rest_beats: dict[int, Fraction] = {}
         ts_of: dict[int, tuple[int, int]] = {}
         for token, i in vocab.items():
-            kind, _, value = token.partition("_")
-            c = _PREFIX.get(kind, OTHER)
-            cls[i] = c
+            value = token.partition("_")[2]
+            c = cls[i]
             if c == POSITION:
                 pos_idx[i] = int(value)
             elif c == DURATION:

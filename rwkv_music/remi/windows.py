@@ -86,17 +86,39 @@ class BarIndex:
         return self.starts[bar] if bar < self.n_bars else self.end
 
 
-_OTHER, _BAR, _TIMESIG, _TEMPO = 0, 1, 2, 3
+# Token classes: the one classification of token ids (the grammar, the windows and the evaluation use it).
+OTHER, BAR, TIMESIG, POSITION, TEMPO, PITCH, VELOCITY, DURATION, REST, PEDAL, PEDALOFF, PAD = range(12)
+N_CLASSES = 12
+CLASS_OF_PREFIX = {
+    "Bar": BAR, "TimeSig": TIMESIG, "Position": POSITION, "Tempo": TEMPO, "Pitch": PITCH,
+    "Velocity": VELOCITY, "Duration": DURATION, "Rest": REST, "Pedal": PEDAL, "PedalOff": PEDALOFF, "PAD": PAD,
+}
+CLASS_NAMES = {v: k for k, v in CLASS_OF_PREFIX.items()} | {OTHER: "Other"}
+
+
+def token_class(name: str) -> int:
+    """The class of a token by its name: the part before the first underscore (``Pitch_60`` -> PITCH)."""
+    return CLASS_OF_PREFIX.get(name.partition("_")[0], OTHER)
+
+
+def token_classes(vocab: dict[str, int]) -> np.ndarray:
+    """The class of every token id of a vocabulary (ids without a token are OTHER)."""
+    cls = np.full(max(vocab.values()) + 1 if vocab else 0, OTHER, np.int64)
+    for name, i in vocab.items():
+        cls[i] = token_class(name)
+    return cls
+
+
+_OTHER, _BAR, _TIMESIG, _TEMPO = 0, 1, 2, 3  # index_bars' kinds: only the tokens it looks at
 
 
 class Vocab:
     """Token-type lookups for one tokenizer (cheap to build, keep one per tokenizer)."""
 
     def __init__(self, tokenizer: REMI):
-        self.bar_ids = frozenset(i for t, i in tokenizer.vocab.items() if t.startswith("Bar_"))
-        self.timesig_ids = frozenset(i for t, i in tokenizer.vocab.items() if t.startswith("TimeSig_"))
-        self.tempo_ids = frozenset(i for t, i in tokenizer.vocab.items() if t.startswith("Tempo_"))
-        self.position_ids = frozenset(i for t, i in tokenizer.vocab.items() if t.startswith("Position_"))
+        self.cls = token_classes(tokenizer.vocab)
+        self.bar_ids, self.timesig_ids, self.tempo_ids, self.position_ids = (
+            frozenset(np.flatnonzero(self.cls == c).tolist()) for c in (BAR, TIMESIG, TEMPO, POSITION))
         # Token id -> BAR/TIMESIG/TEMPO/OTHER, so that index_bars finds the few tokens it needs with numpy.
         # One spare OTHER entry at the end: out-of-range ids are clipped onto it.
         self.kinds = np.full(max(tokenizer.vocab.values()) + 2, _OTHER, dtype=np.uint8)

@@ -11,6 +11,7 @@ captured once as a CUDA graph and replayed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from rwkv_music.remi.grammar import BAR, PITCH, BatchedGrammar, GrammarError, Gr
 from rwkv_music.remi.tokenizer import MidiRejected, PianoScore, encode_piano, load_piano_score
 from rwkv_music.remi.windows import Vocab, Window, build_prompt, decode_window
 from rwkv_music.train.sampling import SamplingConfig, draw_uniforms, sample
+
+# A progress callback of `generate`: (decode steps run, bars finished per sample).
+Progress = Callable[[int, list[int]], None]
 
 DEFAULT_TOKENS_PER_BAR = 384  # budget per requested bar; dense piano bars in the test corpus stay well below
 
@@ -155,9 +159,12 @@ class _Decoder:
 def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: GrammarState, *, bars: int,
              num_samples: int, max_new_tokens: int, sampling: SamplingConfig, seed: int,
              cuda_graph: bool = False, compile_step: bool = False,
-             check_every: int | None = None) -> list[list[int]]:
+             check_every: int | None = None, progress: Progress | None = None) -> list[list[int]]:
     """Continuations of one prompt window, sample k drawn from seed + k. Returns token ids per sample
-    (without the Bar that ended it). The model runs in its own dtype; sampling is always float32."""
+    (without the Bar that ended it). The model runs in its own dtype; sampling is always float32.
+
+    `progress(tokens, bars)`, if given, hears at every completion check (every step on CPU, every 16 on CUDA)
+    the decode steps run and the bars each sample has finished."""
     device = model.device
     B = num_samples
     logits, state = prefill(model, window_tokens, device)
@@ -167,12 +174,14 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
                    grammar.pad_id, compile_step)
     every = check_every or (16 if device.type == "cuda" else 1)
     if cuda_graph and device.type == "cuda":
-        _run_graph(dec, max_new_tokens, every)
+        _run_graph(dec, max_new_tokens, every, progress)
     else:
         for t in range(max_new_tokens):
             dec.step()
-            if (t + 1) % every == 0 and bool(bg.done.all()):
-                break
+            if (t + 1) % every == 0:
+                _report(dec, t + 1, progress)
+                if bool(bg.done.all()):
+                    break
     if not bool(bg.done.all()):  # cannot happen: the grammar closes every sample within the budget
         raise RuntimeError("a sample did not finish within its token budget")
     out = dec.out.cpu().tolist()
@@ -189,7 +198,13 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
     return result
 
 
-def _run_graph(dec: _Decoder, max_new_tokens: int, every: int) -> None:
+def _report(dec: _Decoder, steps: int, progress: Progress | None) -> None:
+    if progress is not None:
+        # The Bar that ends a sample is counted by the grammar but not part of it.
+        progress(steps, dec.g.bars.clamp(max=dec.g.target).tolist())
+
+
+def _run_graph(dec: _Decoder, max_new_tokens: int, every: int, progress: Progress | None = None) -> None:
     """Capture `dec.step` once (after warm-up steps on a side stream) and replay it."""
     # Warm-up runs real steps (they count), so kernels and allocator pools exist before capture.
     warm = min(3, max_new_tokens)
@@ -210,6 +225,7 @@ def _run_graph(dec: _Decoder, max_new_tokens: int, every: int) -> None:
         for _ in range(n):
             graph.replay()
         done += n
+        _report(dec, done, progress)
         if bool(dec.g.done.all()):
             break
 
@@ -218,7 +234,8 @@ def _run_graph(dec: _Decoder, max_new_tokens: int, every: int) -> None:
 # The API
 
 
-def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = None) -> Completion:
+def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = None,
+             progress: Progress | None = None) -> Completion:
     """Continue `prompt` (MIDI path, bytes, symusic.Score, PianoScore, or a token id list) by `config.bars` bars.
 
     Returns the token ids and Scores of every sample. CompletionError for unusable prompts.
@@ -239,7 +256,7 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
     model.eval()
     conts = generate(model, grammar, window.tokens, start, bars=config.bars, num_samples=config.num_samples,
                      max_new_tokens=config.budget, sampling=config.sampling, seed=config.seed,
-                     cuda_graph=config.cuda_graph, compile_step=config.compile_step)
+                     cuda_graph=config.cuda_graph, compile_step=config.compile_step, progress=progress)
     meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
     samples = []
     for k, cont in enumerate(conts):

@@ -21,11 +21,18 @@ def _context_bars(value: str) -> int | None:
     return n
 
 
-@click.command("complete")
+OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all --overwrite clears
+
+
+@click.command("complete", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("prompt", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
-              help="Output directory (sample-K.mid, sample-K-continuation.mid, sample-K.png).")
+              help="Output directory (sample-K.mid, sample-K-continuation.mid, sample-K.png); must be empty or "
+                   "new unless --overwrite.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into a non-empty OUT: its sample-* files (an earlier run's) are deleted first, "
+                   "other files are left alone.")
 @click.option("--bars", type=click.IntRange(min=1), default=2, show_default=True, help="Bars to add.")
 @click.option("--context-bars", default="4", show_default=True,
               help="How many of the prompt's last bars condition the model, or 'all'.")
@@ -33,12 +40,15 @@ def _context_bars(value: str) -> int | None:
               help="Variations, generated as one batch.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.85, show_default=True,
               help="Softmax temperature (0 = greedy).")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True,
+              help="Nucleus sampling: draw from the most likely tokens that make up this probability mass.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Draw from the K most likely tokens only (0 = off).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sample K uses seed + K.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Token budget per sample [384 per bar]; samples are closed off to fit.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs (auto: CUDA if available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Weights and activations dtype (the WKV state stays float32).")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
@@ -47,14 +57,17 @@ def _context_bars(value: str) -> int | None:
               help="torch.compile the decode step (CUDA: ~1.3 ms/step instead of ~2.2 for L12 D768, after a "
                    "compile of tens of seconds; worth it for long or repeated generation).")
 @click.option("--plot", is_flag=True, help="Also write a piano-roll PNG per sample.")
-def complete(checkpoint: Path, prompt: Path, out: Path, bars: int, context_bars: str, num_samples: int,
-             temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int | None, device: str,
-             dtype: str, cuda_graph: bool, compile_step: bool, plot: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none anyway when stderr is not a "
+              "terminal).")
+def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: int, context_bars: str,
+             num_samples: int, temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int | None,
+             device: str, dtype: str, cuda_graph: bool, compile_step: bool, plot: bool, quiet: bool) -> None:
     """Continue PROMPT (a MIDI file) by --bars bars with the model in CHECKPOINT (a run directory: its best
     checkpoint, else the latest; or one checkpoint directory)."""
     import torch
 
     from rwkv_music.train.checkpoints import load_for_inference
+    from rwkv_music.train.cli_util import check_out_dir, progress_bar, progress_enabled
     from rwkv_music.train.complete import CompleteConfig, CompletionError
     from rwkv_music.train.complete import complete as run_complete
     from rwkv_music.train.complete_output import format_table, write_completion
@@ -68,8 +81,10 @@ def complete(checkpoint: Path, prompt: Path, out: Path, bars: int, context_bars:
         raise UsageFailure(str(e)) from None
     if not prompt.is_file():
         raise UsageFailure(f"prompt not found: {prompt}")
-    if out.exists() and not out.is_dir():
-        raise UsageFailure(f"{out} exists and is not a directory")
+    try:
+        check_out_dir(out, overwrite)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from None
     try:
         model, tokenizer, info = load_for_inference(checkpoint, device)
     except (FileNotFoundError, ValueError) as e:
@@ -79,11 +94,17 @@ def complete(checkpoint: Path, prompt: Path, out: Path, bars: int, context_bars:
                             max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step)
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
-    try:
-        completion = run_complete(model, tokenizer, prompt, config)
-    except (CompletionError, ValueError) as e:
-        raise UsageFailure(_one_line(f"{prompt}: {e}")) from None
-    write_completion(completion, out, plot=plot)
+    with progress_bar(progress_enabled(quiet), bars * num_samples, "generating", "bar") as bar:
+        def on_step(tokens: int, done: list[int]) -> None:
+            bar.update(sum(done) - bar.n)
+            bar.set_postfix_str(f"tokens {tokens}/{config.budget}, bars per sample {'/'.join(map(str, done))}",
+                                refresh=False)
+
+        try:
+            completion = run_complete(model, tokenizer, prompt, config, progress=on_step)
+        except (CompletionError, ValueError) as e:
+            raise UsageFailure(_one_line(f"{prompt}: {e}")) from None
+    write_completion(completion, out, plot=plot, clear=OWN_FILES if overwrite else ())
     click.echo(f"checkpoint {info['checkpoint']} (step {info.get('step')}), prompt {prompt}: "
                f"{len(completion.window.tokens)} prompt tokens, {bars} new bar(s) per sample -> {out}")
     click.echo(format_table(completion))

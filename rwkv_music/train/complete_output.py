@@ -9,11 +9,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import symusic
 
+from rwkv_music.atomic import default_file_mode
+from rwkv_music.train.cli_util import clear_own_files
 from rwkv_music.train.complete import Completion, Sample
+from rwkv_music.train.metrics import bar_grid
+from rwkv_music.train.pianoroll import RollLayer, draw_roll
 
 PROMPT_COLOUR = "#4c72b0"
 CONTINUATION_COLOUR = "#dd8452"
@@ -45,8 +51,12 @@ def format_table(completion: Completion) -> str:
     return "\n".join(rows)
 
 
-def write_completion(completion: Completion, out: str | os.PathLike, plot: bool = False) -> list[Path]:
-    """Write OUT/sample-K.mid, OUT/sample-K-continuation.mid (and OUT/sample-K.png). Returns the paths."""
+def write_completion(completion: Completion, out: str | os.PathLike, plot: bool = False,
+                     clear: Sequence[str] = ()) -> list[Path]:
+    """Write OUT/sample-K.mid, OUT/sample-K-continuation.mid (and OUT/sample-K.png). Returns the paths.
+
+    Files of OUT matching a `clear` pattern are deleted once the new files are staged, just before they move in,
+    so no file of an earlier run is left beside them. Files get the umask's mode, like any `open()`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -61,8 +71,11 @@ def write_completion(completion: Completion, out: str | os.PathLike, plot: bool 
                 plot_piano_roll(s, stage / f"sample-{k}.png")
                 names.append(f"sample-{k}.png")
         out.mkdir(exist_ok=True)
+        clear_own_files(out, clear)
+        mode = default_file_mode()
         paths = []
         for name in names:
+            os.chmod(stage / name, mode)  # whatever the writer did, the mode a plain open() gives
             os.replace(stage / name, out / name)
             paths.append(out / name)
         return paths
@@ -71,42 +84,36 @@ def write_completion(completion: Completion, out: str | os.PathLike, plot: bool 
 
 
 def plot_piano_roll(s: Sample, path: str | os.PathLike) -> None:
-    """The model's view: the prompt window's bars and the continuation, in two colours, with bar lines."""
+    """Write `piano_roll_figure(s)` as a PNG."""
+    piano_roll_figure(s).savefig(str(path))
+
+
+def piano_roll_figure(s: Sample):
+    """The model's view: the prompt window's bars and the continuation, in two colours, on a bar axis."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     from matplotlib.patches import Patch
 
     score: symusic.Score = s.window_score
-    tpq = score.tpq
+    sigs = [(t.time, t.numerator, t.denominator) for t in score.time_signatures] or [(0, 4, 4)]
+    # The window's own bars end where the continuation starts; then come the continuation's s.bars bars.
+    ctx_grid, _ = bar_grid(score.tpq, sigs, until=s.window_continuation_tick)
+    n_ctx = int(np.searchsorted(ctx_grid, s.window_continuation_tick))
+    bars, _ = bar_grid(score.tpq, sigs, n_bars=n_ctx + s.bars)
+    layers = []
+    for tr in score.tracks:
+        a = tr.notes.numpy()
+        colour, label = ((CONTINUATION_COLOUR, "continuation") if tr.name == "continuation"
+                         else (PROMPT_COLOUR, "prompt (context bars)"))
+        layers.append(RollLayer(a["time"].astype(np.int64), a["duration"].astype(np.int64),
+                                a["pitch"].astype(np.int64), colour, label))
     fig = Figure(figsize=(12, 4.5), dpi=100)
     ax = fig.subplots()
-    pitches = []
-    end = s.window_continuation_tick
-    for tr in score.tracks:
-        colour = CONTINUATION_COLOUR if tr.name == "continuation" else PROMPT_COLOUR
-        notes = list(tr.notes)
-        if not notes:
-            continue
-        ax.barh([n.pitch for n in notes], [n.duration / tpq for n in notes], left=[n.time / tpq for n in notes],
-                height=0.8, color=colour, edgecolor="black", linewidth=0.3)
-        pitches += [n.pitch for n in notes]
-        end = max(end, max(n.end for n in notes))
-    # Bar lines from the time signatures in force.
-    sigs = sorted(score.time_signatures, key=lambda t: t.time) or [symusic.TimeSignature(0, 4, 4)]
-    tick, i = 0, 0
-    while tick <= end:
-        while i + 1 < len(sigs) and sigs[i + 1].time <= tick:
-            i += 1
-        ax.axvline(tick / tpq, color="0.85", linewidth=0.6, zorder=0)
-        tick += max(1, tpq * 4 * sigs[i].numerator // sigs[i].denominator)
-    ax.axvline(s.window_continuation_tick / tpq, color="black", linewidth=1.2, linestyle="--")
-    if pitches:
-        ax.set_ylim(min(pitches) - 2, max(pitches) + 2)
-    ax.set_xlim(0, max(end, 1) / tpq)
-    ax.set_xlabel("quarter notes from the start of the prompt window")
+    draw_roll(ax, layers, bars, marks=[s.window_continuation_tick], empty_text="(no notes)")
+    ax.set_xlabel("bars from the start of the prompt window (dashed: the continuation starts)")
     ax.set_ylabel("MIDI pitch")
     ax.set_title(f"sample {s.index} (seed {s.seed}): {s.bars} new bar(s)", loc="left")
     ax.legend(handles=[Patch(color=PROMPT_COLOUR, label="prompt (context bars)"),
                        Patch(color=CONTINUATION_COLOUR, label="continuation")], loc="lower right",
               bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(str(path))
+    return fig

@@ -22,8 +22,16 @@ def _f(x, nd: int = 3) -> str:
 @click.option("--max-tf-windows", default=2000, show_default=True, type=click.IntRange(min=1),
               help="Windows scored teacher-forced (spread over the pieces of the split).")
 @click.option("--all-tf-windows", is_flag=True, help="Score every window of the split teacher-forced.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", default=0, show_default=True, type=int, help="Window choice and sampling seed.")
+@click.option("--choice-windows", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Windows of the forced-choice test: truth against the repeated last bars and a random "
+                   "window of another piece (0: off).")
+@click.option("--pieces", default="all", show_default=True, type=click.Choice(["all", "dev", "test"]),
+              help="Evaluate all pieces of the split, or only its dev or test half (fixed by each piece's "
+                   "identity): tune sampling on dev, report on test.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the model runs (auto: CUDA if available).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the window choice, the forced-choice impostors and sampling.")
 @click.option("--piano-rolls", default=4, show_default=True, type=click.IntRange(min=0),
               help="Piano-roll plots of completions next to the truth.")
 @click.option("--tokens-per-bar", default=None, type=click.IntRange(min=8),
@@ -38,28 +46,40 @@ def _f(x, nd: int = 3) -> str:
 @click.option("--format", "shard_format", default="parquet", show_default=True,
               type=click.Choice(["parquet", "webdataset"]), help="Preferred shard format.")
 @click.option("-o", "--out", "out", default=Path("eval-report"), show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Report directory.")
+              type=click.Path(path_type=Path), help="Report directory; must be empty or new unless --overwrite.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into a non-empty OUT: the report files there (report.*, the plots) are deleted "
+                   "first, other files are left alone.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (there are none anyway when stderr is not "
+              "a terminal).")
 def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_tf_windows: int,
-             all_tf_windows: bool, device: str, seed: int, piano_rolls: int, tokens_per_bar: int | None,
+             all_tf_windows: bool, choice_windows: int, pieces: str, device: str, seed: int, piano_rolls: int,
+             tokens_per_bar: int | None,
              temperature: float | None, top_p: float | None, top_k: int | None, batch_tokens: int,
-             shard_format: str, out: Path) -> None:
+             shard_format: str, out: Path, overwrite: bool, quiet: bool) -> None:
     """Evaluate CHECKPOINT (a run or checkpoint directory) on SHARDS (a `musicprep build-shards` output).
 
     Teacher-forced loss, perplexity and top-1/top-5 accuracy on completion tokens per token type, against a
-    unigram baseline; then N windows completed with `complete`'s sampling and compared with the true
-    completion, the context, a repeat-the-last-bars baseline and a random window of another piece. Writes
-    OUT/report.json, OUT/report.html and its plots.
+    unigram baseline; a forced-choice test (is the true completion more likely than the context's last bars
+    repeated, or than another piece's completion?); then N windows completed with `complete`'s sampling and
+    compared with the true completion, the context, a repeat-the-last-bars baseline and a random window of
+    another piece. Writes OUT/report.json, OUT/report.html and its plots.
     """
     from rwkv_music.shards import ManifestError
     from rwkv_music.train.checkpoints import load_for_inference
     from rwkv_music.train.cli import UsageFailure
+    from rwkv_music.train.cli_util import check_out_dir, progress_enabled
     from rwkv_music.train.device import pick_device
     from rwkv_music.train.evaluate import EvalConfig, run_eval
 
+    try:
+        check_out_dir(out, overwrite)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from None
     cfg = EvalConfig(split=split, num_windows=num_windows, max_tf_windows=None if all_tf_windows else max_tf_windows,
                      batch_tokens=batch_tokens, piano_rolls=piano_rolls, seed=seed, device=device,
                      shard_format=shard_format, tokens_per_bar=tokens_per_bar, temperature=temperature,
-                     top_p=top_p, top_k=top_k)
+                     top_p=top_p, top_k=top_k, choice_windows=choice_windows, pieces=pieces)
     try:
         dev = pick_device(device)
     except RuntimeError as e:
@@ -70,16 +90,24 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
         raise UsageFailure(f"cannot load the checkpoint: {e}") from e
     try:
         res = run_eval(model, tokenizer, shards, out, cfg, checkpoint_label=str(info["checkpoint"]),
-                       tokenizer_hash=info.get("tokenizer_hash"))
+                       tokenizer_hash=info.get("tokenizer_hash"), overwrite=overwrite,
+                       progress=progress_enabled(quiet))
     except (ManifestError, FileNotFoundError) as e:
         raise UsageFailure(f"cannot read the shards: {e}") from e
     except ValueError as e:
         raise UsageFailure(str(e)) from e
     r = res.report
     tf, uni = r["teacher_forced"], r["unigram"]
-    click.echo(f"teacher-forced on {tf['windows']} {split} windows ({tf['tokens']} completion tokens): loss "
+    part = "" if pieces == "all" else f" ({pieces} pieces)"
+    click.echo(f"teacher-forced on {tf['windows']} {split}{part} windows ({tf['tokens']} completion tokens): loss "
                f"{_f(tf['loss'])} nats (unigram entropy {_f(uni['entropy_train'])}), perplexity "
                f"{_f(tf['perplexity'], 2)}, top-1 {_f(tf['top1'])}, top-5 {_f(tf['top5'])}")
+    fc = r.get("forced_choice")
+    if fc:
+        c = fc["comparisons"]
+        parts = [f"{name} {c[name]['truth_first']}/{c[name]['n']} = {_f(c[name]['share'])} (goal {c[name]['goal']:.2f})"
+                 for name in ("repeat", "random")]
+        click.echo(f"forced choice on {fc['windows']} windows, truth ranked first against: " + ", ".join(parts))
     g = r.get("generative")
     if g:
         s = g["systems"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import symusic
 import torch
@@ -176,8 +177,12 @@ def test_cli_writes_samples_and_table(run_dir: Path, prompt: Path, tmp_path: Pat
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "rwkv_music.train.cli", "complete", str(run_dir), str(prompt),
                            "-o", str(out), "--bars", "2", "--context-bars", "all", "--num-samples", "3",
-                           "--seed", "5", "--device", "cpu", "--plot"], capture_output=True, text=True, timeout=300)
+                           "--seed", "5", "--device", "cpu", "--plot"], capture_output=True, text=True, timeout=300,
+                          umask=0o022)
     assert proc.returncode == 0, proc.stderr
+    assert "generating" not in proc.stderr  # no progress bar when stderr is not a terminal
+    for f in out.iterdir():  # the umask's mode, as for any file opened for writing (not the staging 0600)
+        assert f.stat().st_mode & 0o777 == 0o644, f
     rows = [line.split() for line in proc.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [r[:2] for r in rows] == [["0", "5"], ["1", "6"], ["2", "7"]]
     assert all(r[4] == "2" for r in rows)  # bars column
@@ -240,3 +245,83 @@ def test_table_lists_every_sample(loaded, prompt: Path):
     res = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=2, seed=0))
     lines = format_table(res).splitlines()
     assert len(lines) == 3 and lines[0].split()[:5] == ["sample", "seed", "tokens", "notes", "bars"]
+
+
+def test_cli_refuses_a_non_empty_out_unless_overwrite(run_dir: Path, prompt: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("sample-3.mid", "sample-0.png", "sample-1-continuation.mid"):
+        (out / name).write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    res = _invoke(str(run_dir), str(prompt), "-o", str(out), "--bars", "1", "--num-samples", "1")
+    assert res.exit_code == 2 and "--overwrite" in res.output, res.output
+    assert len([x for x in res.output.splitlines() if x.strip()]) == 1
+    assert sorted(p.name for p in out.iterdir()) == before
+    res = _invoke(str(run_dir), str(prompt), "-o", str(out), "--bars", "1", "--num-samples", "1", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sample-0-continuation.mid", "sample-0.mid"]
+    assert (out / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    res = _invoke(str(run_dir), str(prompt), "-o", str(tmp_path / "file"))
+    assert res.exit_code == 2 and "not a directory" in res.output
+
+
+def test_progress_bar_on_a_terminal_only(run_dir: Path, prompt: Path, tmp_path: Path):
+    """With stderr a terminal (a pty) generation shows a bar of bars and tokens; --quiet turns it off."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    def run(*extra: str) -> str:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+        proc = subprocess.Popen([sys.executable, "-m", "rwkv_music.train.cli", "complete", str(run_dir), str(prompt),
+                                 "-o", str(tmp_path / f"out{len(extra)}"), "--bars", "2", "--num-samples", "2",
+                                 "--device", "cpu", *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=slave)
+        os.close(slave)
+        chunks = []
+        try:
+            while True:  # read while it runs, so a full terminal buffer never blocks it
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child has exited and the terminal is drained
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+        finally:
+            os.close(master)
+        assert proc.wait(timeout=300) == 0
+        return b"".join(chunks).decode(errors="replace")
+
+    shown = run()
+    assert "generating" in shown and "bars per sample" in shown and "tokens" in shown
+    assert "generating" not in run("--quiet")
+
+
+@pytest.mark.parametrize("command", ["complete", "eval"])
+def test_every_option_has_a_help_line(command: str):
+    from rwkv_music.train.cli import main
+
+    cmd = main.commands[command]
+    real = cmd._load() if hasattr(cmd, "_load") else cmd
+    options = [p for p in real.params if isinstance(p, click.Option)]
+    assert options and all(p.help for p in options), [p.name for p in options if not p.help]
+
+
+def test_piano_roll_spans_the_window_and_the_new_bars(loaded, prompt: Path):
+    """The roll's x axis is in bars: the prompt window's bars then the continuation's, the last drawn to its end."""
+    from rwkv_music.train.complete_output import piano_roll_figure
+
+    model, tok = loaded
+    g = RemiGrammar(tok)
+    res = complete(model, tok, prompt, CompleteConfig(bars=2, context_bars=3, num_samples=1, seed=0))
+    n_ctx = sum(1 for t in res.window.tokens if g.cls[t] == g.cls[g.bar_id])
+    ax = piano_roll_figure(res.samples[0]).axes[0]
+    assert ax.get_xlim() == (0.0, float(n_ctx + 2))
+    dashed = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert dashed == [n_ctx]  # the continuation starts on the bar line after the window

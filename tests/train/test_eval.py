@@ -17,29 +17,33 @@ from rwkv_music.remi.windows import Vocab
 from rwkv_music.shards import iter_samples
 from rwkv_music.train import metrics as M
 from rwkv_music.train.checkpoints import load_for_inference
+from rwkv_music.train.eval_choice import forced_choice, repeat_tokens
 from rwkv_music.train.evaluate import (
     EvalConfig,
     count_bars,
     decode_segments,
     load_split,
+    piece_part,
     run_eval,
     teacher_forced,
     token_types,
 )
 
 N_WINDOWS = 3
+CHOICE = 40  # forced-choice windows
 # Short windows (2 context bars + 1 completion bar, at most 96 tokens) so CPU training and eval stay quick.
 BUILD_ARGS = ("--format", "parquet", "--max-seq-len", "96", "--context-bars", "2", "--completion-bars", "1",
               "--samples-per-shard", "1024", "--workers", "2", "--val-fraction", "0.2", "--seed", "0")
 
 
 def eval_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
-    """`musictrain eval ...` as a real subprocess (through the group once `eval` is registered on it)."""
+    """`musictrain eval ...` as a real subprocess (through the group once `eval` is registered on it), under
+    umask 022."""
     from rwkv_music.train.cli import main
 
     entry = ["-m", "rwkv_music.train.cli", "eval"] if "eval" in main.commands else ["-m", "rwkv_music.train.eval_cli"]
     cmd = [sys.executable, *entry, *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fit_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fit_env(), umask=0o022)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -65,7 +69,8 @@ def trained_run(small_shards: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def report_dir(trained_run: Path, small_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("eval") / "report"
     proc = eval_cli(trained_run, small_shards, "--num-windows", N_WINDOWS, "--max-tf-windows", 48, "--device", "cpu",
-                    "--piano-rolls", 2, "--tokens-per-bar", 48, "--temperature", 1.0, "-o", out)
+                    "--piano-rolls", 2, "--tokens-per-bar", 48, "--temperature", 1.0, "--choice-windows", CHOICE,
+                    "-o", out)
     return out, proc.stdout
 
 
@@ -91,6 +96,8 @@ def test_report_files(report_dir, report):
         assert name in html
     assert str(out / "report.html") in stdout and "unigram entropy" in stdout
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+    for f in out.iterdir():  # written under umask 022: readable by everyone, like any open()
+        assert f.stat().st_mode & 0o777 == 0o644, f
 
 
 def test_teacher_forced_numbers(report):
@@ -200,3 +207,132 @@ def test_cli_usage_errors(small_shards: Path, trained_run: Path, tmp_path: Path)
     proc = eval_cli(trained_run, tmp_path, "-o", tmp_path / "r2", check=False)  # not a shard build
     assert proc.returncode == 2 and "shards" in proc.stderr
     assert not (tmp_path / "r2").exists()
+
+
+def test_forced_choice_report(report_dir, report):
+    fc = report["forced_choice"]
+    assert fc["windows"] == len(fc["per_window"]) == CHOICE
+    for name in ("repeat", "random"):
+        c = fc["comparisons"][name]
+        assert c["n"] + c["identical"] + c["missing"] == CHOICE
+        assert c["n"] > 0 and 0 <= c["truth_first"] <= c["n"] and 0 <= c["share"] <= 1
+        assert c["share"] == pytest.approx(c["truth_first"] / c["n"])
+        # The counts are those of the per-window log-likelihoods.
+        wins = [w for w in fc["per_window"] if name in w["loglik"] and not w["identical"][name]]
+        assert c["truth_first"] == sum(w["loglik"]["truth"] > w["loglik"][name] for w in wins)
+    assert fc["comparisons"]["repeat"]["goal"] == 0.7 and fc["comparisons"]["random"]["goal"] == 0.95
+    both = fc["comparisons"]["all"]
+    assert both["truth_first"] <= min(fc["comparisons"][n]["truth_first"] for n in ("repeat", "random"))
+    for w in fc["per_window"]:
+        assert w["random_from"]["piece_id"] != w["piece_id"]
+        assert all(v < 0 for v in w["loglik"].values())  # log-likelihoods of real tokens
+    assert len({(w["piece_id"], w["window"]) for w in fc["per_window"]}) == CHOICE
+    assert "Forced choice" in (report_dir[0] / "report.html").read_text()
+    assert "forced choice on 40 windows" in report_dir[1]
+
+
+def test_forced_choice_scores_are_teacher_forced_and_seeded(trained_run: Path, small_shards: Path):
+    """The truth's mean log-likelihood is minus the teacher-forced loss of its window; the same seed gives the
+    same impostors and scores, batched or not."""
+    model, tok, _ = load_for_inference(trained_run, "cpu")
+    vocab = Vocab(tok)
+    samples = load_split(small_shards, "val", "parquet")
+    chosen = [i for i, s in enumerate(samples) if count_bars(s.tokens[s.meta_len:s.ctx_len], vocab)][:6]
+    dev = torch.device("cpu")
+    a = forced_choice(model, samples, chosen, samples, vocab, dev, seed=3)
+    b = forced_choice(model, samples, chosen, samples, vocab, dev, seed=3, batch_tokens=100)  # one per batch
+    assert [w["random_from"] for w in a["per_window"]] == [w["random_from"] for w in b["per_window"]]
+    for wa, wb in zip(a["per_window"], b["per_window"], strict=True):
+        for name in wa["loglik"]:
+            assert wa["loglik"][name] == pytest.approx(wb["loglik"][name], rel=1e-4)
+    for i, w in zip(chosen, a["per_window"], strict=True):
+        tf = teacher_forced(model, [samples[i]], token_types(tok), dev)
+        assert w["loglik"]["truth"] == pytest.approx(-tf["loss"], rel=1e-4)
+
+
+def test_repeat_impostor_is_the_repeat_baseline_in_tokens(small_shards: Path, trained_run: Path):
+    """Decoded, the repeat impostor's tokens are the notes the generative part's repeat baseline makes."""
+    _, tok, _ = load_for_inference(trained_run, "cpu")
+    vocab = Vocab(tok)
+    checked = 0
+    for s in load_split(small_shards, "val", "parquet"):
+        nb = count_bars(s.tokens[s.ctx_len:], vocab)
+        rep = repeat_tokens(s, nb, vocab)
+        if rep is None:
+            assert count_bars(s.tokens[s.meta_len:s.ctx_len], vocab) == 0
+            continue
+        assert count_bars(rep, vocab) == nb
+        d = decode_segments(s.tokens[: s.ctx_len], s.meta_len, rep, nb, tok, vocab)
+        ref = M.repeat_last_bars(d.context, nb)
+        assert d.completion.onset.tolist() == ref.onset.tolist() and d.completion.pitch.tolist() == ref.pitch.tolist()
+        checked += 1
+        if checked == 20:
+            break
+    assert checked == 20
+
+
+def test_pieces_dev_and_test_partition_the_split(trained_run: Path, small_shards: Path, tmp_path: Path):
+    model, tok, _ = load_for_inference(trained_run, "cpu")
+    samples = load_split(small_shards, "val", "parquet")
+    pieces = {s.piece_id for s in samples}
+    parts = {p: piece_part(p) for p in pieces}
+    assert parts == {p: piece_part(p) for p in sorted(pieces, reverse=True)}  # a function of the piece alone
+    reports = {}
+    for part in ("dev", "test"):
+        if part not in parts.values():
+            continue
+        cfg = EvalConfig(num_windows=0, max_tf_windows=None, choice_windows=10, pieces=part, device="cpu")
+        reports[part] = run_eval(model, tok, small_shards, tmp_path / part, cfg).report
+        for w in reports[part]["forced_choice"]["per_window"]:
+            assert parts[w["piece_id"]] == part
+    assert reports  # at least one non-empty part
+    split = next(iter(reports.values()))["pieces"]
+    assert split["split_pieces"] == len(pieces) and split["split_windows"] == len(samples)
+    assert sum(r["pieces"]["pieces"] for r in reports.values()) == len(pieces)  # disjoint and covering
+    assert sum(r["pieces"]["windows"] for r in reports.values()) == len(samples)
+    assert sum(r["teacher_forced"]["windows"] for r in reports.values()) == len(samples)
+    for part in {"dev", "test"} - set(reports):  # an empty part is a clear error, not a crash
+        with pytest.raises(ValueError, match=part):
+            run_eval(model, tok, small_shards, tmp_path / part, EvalConfig(num_windows=0, pieces=part, device="cpu"))
+
+
+def test_cli_refuses_a_non_empty_report_dir(small_shards: Path, trained_run: Path, tmp_path: Path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "pianoroll_07.png").write_bytes(b"old")
+    proc = eval_cli(trained_run, small_shards, "-o", out, "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert len([x for x in proc.stderr.splitlines() if x.strip()]) == 1
+    assert [p.name for p in out.iterdir()] == ["pianoroll_07.png"]
+    proc = eval_cli(trained_run, small_shards, "-o", tmp_path / "f" / "x", "--num-windows", "-1", check=False)
+    assert proc.returncode == 2  # click's own usage errors exit 2 too
+
+
+def test_overwrite_clears_only_the_reports_files(trained_run: Path, small_shards: Path, tmp_path: Path):
+    model, tok, _ = load_for_inference(trained_run, "cpu")
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "pianoroll_07.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    res = run_eval(model, tok, small_shards, out, EvalConfig(num_windows=0, max_tf_windows=8, choice_windows=4,
+                                                             device="cpu"), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", *(f.name for f in res.files)])
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_piano_roll_spans_context_and_completion_bars(small_shards: Path, trained_run: Path):
+    """The report's roll shares `complete`'s drawing: x in bars, the window's then the completion's."""
+    from rwkv_music.train.eval_report import piano_roll_figure
+
+    _, tok, _ = load_for_inference(trained_run, "cpu")
+    vocab = Vocab(tok)
+    s = next(s for s in load_split(small_shards, "val", "parquet") if count_bars(s.tokens[s.meta_len:s.ctx_len], vocab))
+    nb = count_bars(s.tokens[s.ctx_len:], vocab)
+    d = decode_segments(s.tokens[: s.ctx_len], s.meta_len, s.tokens[s.ctx_len:], nb, tok, vocab)
+    rec = {"source": s.source, "window": s.window,
+           "_segments": {"context": d.context, "truth": d.completion, "model": None}}
+    fig = piano_roll_figure(rec)
+    for ax in fig.axes:
+        assert ax.get_xlim() == (0.0, float(d.context.n_bars + nb))
+        assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [d.context.n_bars]
+    assert [t.get_text() for t in fig.axes[1].texts] == ["(no valid output)"]  # the model row had no output
