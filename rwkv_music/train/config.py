@@ -96,11 +96,9 @@ class TrainConfig:
         return cls(**d)
 
     def model_overrides(self) -> dict[str, Any]:
+        """Shape fields for `from_preset` (grad_checkpoint is a trainer option: fit.set_grad_checkpoint)."""
         keys = ("n_layer", "n_embd", "head_size", "dim_ffn")
-        out: dict[str, Any] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        if self.grad_checkpoint:
-            out["grad_checkpoint"] = True
-        return out
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
