@@ -214,13 +214,20 @@ def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log: Callable
         return RWKV7(from_preset(cfg.preset, vocab_size, **cfg.model_overrides()))
     src = Path(cfg.init_from)
     if src.is_file():
-        model = load_rwkv_lm(src)
+        try:
+            model = load_rwkv_lm(src)
+        except Exception as e:  # not a checkpoint torch can read, or not an x070 one
+            raise BadFitInput(f"--init-from {src} is not a readable RWKV-LM x070 .pth: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
         old = model.cfg.vocab_size
         resize_vocab(model, vocab_size)
         log(f"init from RWKV-LM {src}: {model.cfg.n_layer} layers, n_embd {model.cfg.n_embd}; vocabulary "
             f"resized {old} -> {vocab_size} (embedding and head rows re-initialised)")
         return model
-    ckpt = ck.resolve_checkpoint(src)
+    try:
+        ckpt = ck.resolve_checkpoint(src)
+    except FileNotFoundError as e:
+        raise BadFitInput(f"--init-from {e}") from e
     h = read_meta(ckpt).get("tokenizer_hash")
     if h is not None and h != tok_hash:
         raise BadFitInput(f"--init-from {ckpt} was trained with tokenizer {h[:12]}, the shards use {tok_hash[:12]}")

@@ -153,6 +153,11 @@ def test_usage_errors_exit_2_and_runtime_failures_1(small_shards: Path, tmp_path
         assert len([line for line in res.output.splitlines() if line.startswith("Error:")]) == 1
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "big", *TINY, "--batch-size", "100000")
     assert res.exit_code == 2 and "lower --batch-size" in res.output, res.output
+    (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "garbage.pth").write_bytes(b"not a torch file")
+    for src, says in [(tmp_path / "not-a-run", "no checkpoint found"), (tmp_path / "garbage.pth", "not a readable")]:
+        res = musictrain_here("fit", small_shards, "-o", tmp_path / "init", *TINY, "--init-from", src)
+        assert res.exit_code == 2 and says in res.output and res.exception.__class__ is SystemExit, res.output
     # a runtime failure: the learning rate makes the loss explode (inf/NaN) -> 1
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "nan", *TINY, "--batch-size", "4", "--max-steps",
                           "30", "--lr", "1e30", "--warmup-steps", "0", "--eval-batches", "1")
