@@ -240,3 +240,16 @@ def test_version_and_every_fit_option_has_help_with_the_configs_default():
             if value not in (None, ""):  # out is required; a None default says what it means
                 shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
                 assert text.endswith(f"[default: {shown}]"), (names, text)
+
+
+def test_val_loss_is_shown_while_training(small_shards: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    args = ("--preset", "tiny", "--n-layer", "2", "--n-embd", "64", "--device", "cpu", "--batch-size", "4",
+            "--max-steps", "4", "--eval-every", "2", "--eval-batches", "1", "--log-every", "1")
+    res = musictrain_here("fit", small_shards, "-o", run, *args, "--progress")
+    assert res.exit_code == 0, res.output
+    vals = {r["step"]: r["val_loss"] for r in metrics(run) if "val_loss" in r}
+    assert sorted(vals) == [2, 4]
+    for step, v in vals.items():  # the line after each evaluation
+        assert f"[musictrain] step {step}/4: loss " in res.output and f"val loss {v:.4f}" in res.output
+    assert f"val={vals[4]:.4f}" in res.output  # the progress bar's postfix
