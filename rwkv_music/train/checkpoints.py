@@ -48,6 +48,7 @@ class TrainerState:
     val_loss: float | None
     best_val_loss: float | None
     tokenizer_hash: str
+    build_id: str | None = None  # fit.build_identity of the shards it trained on (None: written before it existed)
     rng: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the run's resolved TrainConfig, for self-containment
 
@@ -87,7 +88,7 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: TrainerState, tokenizer_json: str | os.PathLike,
+                    scheduler: Any, state: TrainerState, tokenizer_json: str | os.PathLike, *,
                     keep_last: int) -> Path:
     """Write step-N atomically, update latest.json / best.json, prune old ones. Returns the checkpoint dir."""
     from rwkv_music.model import save as save_model

@@ -50,71 +50,109 @@ def lazy(target: str, name: str, short_help: str) -> click.Command:
     return _LazyCommand(target, name, short_help)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rwkv-music")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="musictrain", message="%(prog)s %(version)s")
 def main() -> None:
     """Train an RWKV-7 model on music shards, complete MIDI files, evaluate (see docs/training.md)."""
 
 
-def _opt(*names: str, **kw: Any):
-    """An option whose absence means 'not given' (None), so the config file / saved run config applies."""
+def _default_text(field: str, unset: str | None) -> str:
+    """How `--help` shows TrainConfig's default of `field` (read from the dataclass, so it cannot drift)."""
+    from .config import TrainConfig
+
+    value = TrainConfig.__dataclass_fields__[field].default
+    if value is None:
+        if unset is None:
+            raise ValueError(f"TrainConfig.{field} defaults to None: say what that means (unset=...)")
+        return unset
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _opt(*names: str, help: str, field: str | None = None, unset: str | None = None, **kw: Any):
+    """An option of a TrainConfig field whose absence means 'not given' (None), so the config file or the saved
+    run config applies; its help ends with the field's default. `unset` says what a None default means."""
+    if field is None:
+        long = next(n for n in names if n.startswith("--"))
+        field = long[2:].split("/")[0].replace("-", "_")
     kw.setdefault("default", None)
     kw.setdefault("show_default", False)
-    return click.option(*names, **kw)
+    return click.option(*names, help=f"{help} [default: {_default_text(field, unset)}]", **kw)
 
 
 @main.command("fit")
 @click.argument("shards", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory.")
-@_opt("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-      help="TOML (or JSON) file of TrainConfig keys; options given here override it.")
-@_opt("--preset", type=click.Choice(["tiny", "small", "base", "large"]), help="Model size [tiny].")
-@_opt("--n-layer", type=int, help="Override the preset's layer count.")
-@_opt("--n-embd", type=int, help="Override the preset's width.")
-@_opt("--head-size", type=int, help="Override the head size [64].")
-@_opt("--max-steps", type=int, help="Optimiser steps to train [one epoch].")
-@_opt("--max-tokens", type=int, help="Stop after this many (global, unpadded) input tokens.")
-@_opt("--batch-size", type=int, help="Samples per process per micro-step [16].")
-@_opt("--batch-tokens", type=int, help="Pack windows back to back into rows of --pack-len positions, this many "
-      "positions per process per micro-step (no padding; replaces --batch-size) [off].")
-@_opt("--pack-len", type=int, help="Positions per packed row; at least the build's longest window [2048].")
-@_opt("--grad-accum", type=int, help="Micro-steps per optimiser step [1].")
-@_opt("--lr", type=float, help="Peak learning rate [6e-4].")
-@_opt("--lr-final", type=float, help="Final learning rate of the cosine decay [6e-5].")
-@_opt("--warmup-steps", type=int, help="Linear warm-up steps [100].")
-@_opt("--weight-decay", type=float, help="AdamW weight decay on 2-D weight matrices [0.1].")
-@_opt("--adam-eps", type=float, help="AdamW eps [1e-18, as RWKV-LM].")
-@_opt("--grad-clip", type=float, help="Gradient norm clip [1.0].")
-@_opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[auto]: CUDA if available.")
-@_opt("--seed", type=int, help="Seed of model init and data order [0].")
-@click.option("--resume", is_flag=True, help="Continue the run in OUT from its latest checkpoint.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML (or JSON) file of TrainConfig keys; options given here override it.")
+@_opt("--preset", type=click.Choice(["tiny", "small", "base", "large"]), help="Model size.")
+@_opt("--n-layer", type=int, help="Override the preset's layer count.", unset="the preset's")
+@_opt("--n-embd", type=int, help="Override the preset's width.", unset="the preset's")
+@_opt("--head-size", type=int, help="Override the preset's head size.", unset="the preset's")
+@_opt("--max-steps", type=int, help="Optimiser steps to train.", unset="one epoch")
+@_opt("--max-tokens", type=int, help="Stop after this many (global, unpadded) input tokens.", unset="no limit")
+@_opt("--batch-size", type=int, help="Samples per process per micro-step (padded batches).")
+@_opt("--batch-tokens", type=int, help="Packed batches: windows back to back in rows of --pack-len positions, this "
+      "many positions per process per micro-step (no padding; replaces --batch-size).", unset="off")
+@_opt("--pack-len", type=int, help="Positions per packed row; at least the build's longest window.")
+@_opt("--grad-accum", type=int, help="Micro-steps per optimiser step.")
+@_opt("--lr", type=float, help="Peak learning rate.")
+@_opt("--lr-final", type=float, help="Final learning rate of the cosine decay.")
+@_opt("--warmup-steps", type=int, help="Linear warm-up steps.")
+@_opt("--weight-decay", type=float, help="AdamW weight decay on 2-D weight matrices.")
+@_opt("--adam-eps", type=float, help="AdamW eps (RWKV-LM's value; 1e-8 is the conservative one).")
+@_opt("--grad-clip", type=float, help="Gradient norm clip.")
+@_opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: CUDA if available.")
+@_opt("--seed", type=int, help="Seed of model init and data order.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its latest checkpoint (its config.json "
+              "is the base; options given here override it).")
+@click.option("--accept-new-data", is_flag=True, help="With --resume: continue although SHARDS is another build "
+              "than the run trained on (the data order then is the new build's).")
 @_opt("--init-from", type=click.Path(exists=True, path_type=Path),
-      help="Start from an RWKV-LM x070 .pth (vocabulary resized) or a run / checkpoint directory.")
-@_opt("--eval-every", type=int, help="Evaluate on the val split every N steps [500].")
-@_opt("--eval-batches", type=int, help="Limit evaluation to N batches per process [all].")
-@_opt("--eval-batch-size", type=int, help="[batch size]")
-@_opt("--save-every", type=int, help="Checkpoint every N steps [1000] (and at the end).")
-@_opt("--keep-last", type=int, help="Checkpoints to keep besides the best [3].")
-@_opt("--log-every", type=int, help="Write metrics every N steps [10].")
-@_opt("--format", "format", type=click.Choice(["parquet", "webdataset"]), help="Shard format to read [parquet].")
-@_opt("--num-workers", type=int, help="DataLoader worker processes per GPU process [0].")
+      help="Start from an RWKV-LM x070 .pth (vocabulary resized) or a run / checkpoint directory.",
+      unset="a fresh model")
+@_opt("--eval-every", type=int, help="Evaluate on the val split every N steps.")
+@_opt("--eval-batches", type=int, help="Limit evaluation to N batches per process.", unset="all")
+@_opt("--eval-batch-size", type=int, help="Batch size of evaluation.", unset="--batch-size")
+@_opt("--save-every", type=int, help="Checkpoint every N steps (and at the end).")
+@_opt("--keep-last", type=int, help="Checkpoints to keep besides the best.")
+@_opt("--log-every", type=int, help="Write metrics every N steps.")
+@_opt("--format", "format", type=click.Choice(["parquet", "webdataset"]), help="Shard format to read.")
+@_opt("--num-workers", type=int, help="DataLoader worker processes per GPU process.")
 @_opt("--streams", type=int, help="Sample streams per process: 1 process with --streams K sees the data of K "
-      "DDP processes [1].")
-@_opt("--shuffle-buffer", type=int, help="Samples in each stream's shuffle buffer [2048].")
-@_opt("--bucket-pool", type=int, help="Batches per length-bucketing pool; 1 disables bucketing [8].")
+      "DDP processes.")
+@_opt("--shuffle-buffer", type=int, help="Samples in each stream's shuffle buffer.")
+@_opt("--bucket-pool", type=int, help="Batches per length-bucketing pool; 1 disables bucketing.")
 @_opt("--grad-checkpoint/--no-grad-checkpoint", help="Recompute blocks in backward (less memory).")
 @_opt("--compile/--no-compile", help="torch.compile the model.")
-@_opt("--progress/--no-progress", help="Progress bar [on].")
-@_opt("--tensorboard/--no-tensorboard", help="TensorBoard event files in OUT/tb [on].")
-def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, **opts: Any) -> None:
+@_opt("--progress/--no-progress", help="Progress bar on stderr.")
+@_opt("--tensorboard/--no-tensorboard", help="TensorBoard event files in OUT/tb.")
+def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, accept_new_data: bool,
+            **opts: Any) -> None:
     """Train on the shards in SHARDS (a `musicprep build-shards` output), writing the run to OUT.
 
     Run it under `torchrun --nproc-per-node K` for DDP over K GPUs (or K CPU processes with gloo).
+    The first Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits (130 / 143);
+    a second one stops at once. Exit codes: 2 bad input or arguments, 1 a training failure.
     """
     from rwkv_music.shards.dataset import DataError
 
     from .config import load_run_config, resolve
-    from .fit import TrainingError, fit
+    from .fit import BadFitInput, TrainingError, fit
+    from .stop import StopNow, exit_code, signal_name
 
+    if accept_new_data and not resume:
+        raise UsageFailure("--accept-new-data only applies with --resume")
     overrides = {k: v for k, v in opts.items() if v is not None}
     overrides["shards"], overrides["out"] = str(shards), str(out)
     if overrides.get("init_from") is not None:
@@ -126,13 +164,24 @@ def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, **o
         cfg = resolve(config_file, overrides, base)
     except (ValueError, TypeError) as e:
         raise UsageFailure(f"bad configuration: {e}") from e
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        res = fit(cfg, resume=resume)
-    except DataError as e:
+        res = fit(cfg, resume=resume, accept_new_data=accept_new_data)
+    except (DataError, BadFitInput) as e:
         raise UsageFailure(str(e)) from e
     except TrainingError as e:
         raise click.ClickException(str(e)) from e
-    if res.step and res.loss is not None and os.environ.get("RANK", "0") == "0":
+    except StopNow as e:
+        if main_rank:
+            click.echo(f"Error: {e}; the step in progress was not saved, the latest checkpoint in {out} stays: "
+                       f"continue with `musictrain fit {shards} -o {out} --resume`", err=True)
+        raise SystemExit(exit_code(e.signum)) from None
+    if res.stopped_by is not None:
+        if main_rank:
+            click.echo(f"stopped by {signal_name(res.stopped_by)} at step {res.step}; checkpoint {res.checkpoint}. "
+                       f"Continue with: musictrain fit {shards} -o {out} --resume", err=True)
+        raise SystemExit(exit_code(res.stopped_by))
+    if res.step and res.loss is not None and main_rank:
         val = f", val loss {res.val_loss:.4f}" if res.val_loss is not None else ""
         click.echo(f"step {res.step}: loss {res.loss:.4f}{val}; run in {res.run_dir}", err=True)
 

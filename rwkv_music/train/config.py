@@ -99,6 +99,7 @@ class TrainConfig:
         return cls(**d)
 
     def model_overrides(self) -> dict[str, Any]:
+        """Shape fields for `from_preset` (grad_checkpoint is a trainer option: fit.set_grad_checkpoint)."""
         keys = ("n_layer", "n_embd", "head_size", "dim_ffn")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 

@@ -1,5 +1,8 @@
 """The training loop of `musictrain fit`: one process, or one per GPU under torchrun (DDP).
 
+`Trainer` sets a run up, then `Trainer.run` loops: train_step, evaluate, save, over one `RunState` (step,
+epoch, consumed, tokens_seen, losses, last checkpoint) that checkpoints save and `--resume` restores.
+
 The loss is the mean cross-entropy over the completion tokens of the *global* batch (all ranks, all
 grad-accumulation micro-steps): each rank scales its summed loss by world_size / global_count, so DDP's
 gradient averaging yields exactly the gradient of one process holding the whole batch.
@@ -8,22 +11,24 @@ gradient averaging yields exactly the gradient of one process holding the whole 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
-import shutil
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from rwkv_music.atomic import write_bytes_atomic
 from rwkv_music.model.compile import compile_for_training
 from rwkv_music.shards.dataset import (
     PACK_EPOCH_FILL,
@@ -39,10 +44,15 @@ from .config import DATA_FIELDS, TrainConfig, load_run_config, save_config
 from .device import DeviceUnavailable, pick_device
 from .logging import RunLogger, truncate_metrics
 from .optim import make_optimizer, make_scheduler
+from .stop import StopRequest, graceful_stop
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change (the CLI prints it, exit code 1)."""
+
+
+class BadFitInput(TrainingError):
+    """The arguments or the input are wrong, found before training starts (the CLI prints it, exit code 2)."""
 
 
 # Messages of allocation failures that are not torch.OutOfMemoryError: the CPU allocator raises a plain
@@ -103,6 +113,7 @@ class FitResult:
     loss: float | None
     val_loss: float | None
     checkpoint: Path | None
+    stopped_by: int | None = None  # the signal that stopped the run early (stop.py), else None
 
 
 def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
@@ -112,7 +123,7 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     try:
         device = pick_device(device_pref, info.local_rank)
     except DeviceUnavailable as e:
-        raise TrainingError(str(e)) from None
+        raise BadFitInput(str(e)) from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():
@@ -123,6 +134,12 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
 def all_sum(t: torch.Tensor, di: DistInfo) -> torch.Tensor:
     if di.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_max(t: torch.Tensor, di: DistInfo) -> torch.Tensor:
+    if di.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
@@ -142,7 +159,7 @@ def completion_loss_sum(model: nn.Module, batch: dict, device: torch.device, amp
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val: ShardSet, batch_size: int, device: torch.device, amp: bool = False,
+def evaluate(model: nn.Module, val: ShardSet, batch_size: int, device: torch.device, *, amp: bool = False,
              di: DistInfo | None = None, max_batches: int | None = None, pad_id: int = 0) -> tuple[float, int]:
     """(mean loss over completion tokens, token count) of `model` on a split; ranks share the work."""
     di = di or DistInfo()
@@ -159,8 +176,16 @@ def evaluate(model: nn.Module, val: ShardSet, batch_size: int, device: torch.dev
     return (total[0].item() / n if n else float("nan")), n
 
 
-def _batches(stream, epoch: int, consumed: int, num_workers: int, pin: bool) -> Iterator[tuple[int, int, dict]]:
-    """Endless (epoch, consumed-after-this-batch, batch) from a position; checks the round-robin order."""
+class DataItem(NamedTuple):
+    """A batch and the data position after it: (epoch, batches of that epoch consumed by this rank)."""
+
+    epoch: int
+    consumed: int
+    batch: dict
+
+
+def _batches(stream, epoch: int, consumed: int, num_workers: int, pin: bool) -> Iterator[DataItem]:
+    """Endless batches from a position; checks the round-robin order of the DataLoader's workers."""
     from torch.utils.data import DataLoader
 
     W = max(1, num_workers)
@@ -174,40 +199,51 @@ def _batches(stream, epoch: int, consumed: int, num_workers: int, pin: bool) -> 
             loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin,
                                 **({"prefetch_factor": 4} if num_workers else {}))
             for b in loader:
-                assert (b["epoch"], b["role"], b["index"]) == (epoch, consumed % W, consumed // W), \
-                    "data order broken (worker round robin)"
+                got, want = (b["epoch"], b["role"], b["index"]), (epoch, consumed % W, consumed // W)
+                if got != want:  # a bug, not bad input: the promised data order would silently change
+                    raise TrainingError(f"data order broken (worker round robin): got batch (epoch, role, index) "
+                                        f"{got}, expected {want}")
                 consumed += 1
-                yield epoch, consumed, b
+                yield DataItem(epoch, consumed, b)
         epoch, consumed = epoch + 1, 0
 
 
-def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log) -> nn.Module:
-    from rwkv_music.model import from_preset, load, load_rwkv_lm, read_meta, resize_vocab
+def set_grad_checkpoint(model: nn.Module, on: bool) -> None:
+    """Recompute blocks in backward or not: a trainer option, set on the model after it is built or loaded (so
+    `--grad-checkpoint` applies to resumed and --init-from models too)."""
+    model.grad_checkpoint = on
+
+
+def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log: Callable[[str], None]) -> nn.Module:
+    from rwkv_music.model import RWKV7, from_preset, load, load_rwkv_lm, read_meta, resize_vocab
 
     torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        src = Path(cfg.init_from)
-        if src.is_file():
+    if not cfg.init_from:
+        return RWKV7(from_preset(cfg.preset, vocab_size, **cfg.model_overrides()))
+    src = Path(cfg.init_from)
+    if src.is_file():
+        try:
             model = load_rwkv_lm(src)
-            old = model.cfg.vocab_size
-            resize_vocab(model, vocab_size)
-            log(f"init from RWKV-LM {src}: {model.cfg.n_layer} layers, n_embd {model.cfg.n_embd}; vocabulary "
-                f"resized {old} -> {vocab_size} (embedding and head rows re-initialised)")
-        else:
-            ckpt = ck.resolve_checkpoint(src)
-            h = read_meta(ckpt).get("tokenizer_hash")
-            if h is not None and h != tok_hash:
-                raise TrainingError(f"--init-from {ckpt} was trained with tokenizer {h[:12]}, the shards use "
-                                    f"{tok_hash[:12]}")
-            model = load(ckpt)
-            if model.cfg.vocab_size != vocab_size:
-                raise TrainingError(f"--init-from {ckpt} has vocabulary {model.cfg.vocab_size}, tokenizer {vocab_size}")
-            log(f"init from {ckpt}")
+        except Exception as e:  # not a checkpoint torch can read, or not an x070 one
+            raise BadFitInput(f"--init-from {src} is not a readable RWKV-LM x070 .pth: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        old = model.cfg.vocab_size
+        resize_vocab(model, vocab_size)
+        log(f"init from RWKV-LM {src}: {model.cfg.n_layer} layers, n_embd {model.cfg.n_embd}; vocabulary "
+            f"resized {old} -> {vocab_size} (embedding and head rows re-initialised)")
         return model
-    mcfg = from_preset(cfg.preset, vocab_size, **cfg.model_overrides())
-    from rwkv_music.model import RWKV7
-
-    return RWKV7(mcfg)
+    try:
+        ckpt = ck.resolve_checkpoint(src)
+    except FileNotFoundError as e:
+        raise BadFitInput(f"--init-from {e}") from e
+    h = read_meta(ckpt).get("tokenizer_hash")
+    if h is not None and h != tok_hash:
+        raise BadFitInput(f"--init-from {ckpt} was trained with tokenizer {h[:12]}, the shards use {tok_hash[:12]}")
+    model = load(ckpt)
+    if model.cfg.vocab_size != vocab_size:
+        raise BadFitInput(f"--init-from {ckpt} has vocabulary {model.cfg.vocab_size}, tokenizer {vocab_size}")
+    log(f"init from {ckpt}")
+    return model
 
 
 def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, world: int) -> int:
@@ -225,237 +261,384 @@ def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, wor
     return max(1, steps_per_epoch)
 
 
-def fit(cfg: TrainConfig, resume: bool = False) -> FitResult:
-    """Train as configured; returns where it ended. Raises TrainingError (or DataError) with a clear message."""
-    di, device = init_distributed(cfg.device)
-    try:
-        return _fit(cfg, resume, di, device)
-    finally:
-        if di.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+def build_identity(shards: str | os.PathLike) -> str:
+    """sha256 of a build's tokenizer and shard list (paths, sample counts, content hashes) from its manifest.
+
+    Equal values mean the same samples in the same shards, so a resumed run sees the data order it was
+    promised; the manifest's other fields (timings, arguments that changed nothing) do not count.
+    """
+    from rwkv_music.shards import read_manifest
+
+    m = read_manifest(shards)
+    doc = {"tokenizer": m["tokenizer"]["hash"], "shards": m["shards"]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _fit(cfg: TrainConfig, resume: bool, di: DistInfo, device: torch.device) -> FitResult:
-    from rwkv_music.remi.tokenizer import tokenizer_from_file, tokenizer_hash
-    from rwkv_music.shards import TOKENIZER
+def fit(cfg: TrainConfig, resume: bool = False, *, accept_new_data: bool = False) -> FitResult:
+    """Train as configured; returns where it ended. Raises TrainingError (BadFitInput for bad input) or DataError
+    with a clear message; a second SIGINT/SIGTERM raises stop.StopNow.
 
-    def log(msg: str) -> None:
-        if di.is_main:
+    The first SIGINT/SIGTERM ends the run after the current step with a checkpoint (FitResult.stopped_by).
+    `accept_new_data` lets `resume` continue on shards of another build than the run's.
+    """
+    with graceful_stop() as stop:
+        di, device = init_distributed(cfg.device)
+        try:
+            trainer = Trainer(cfg, di, device, resume=resume, accept_new_data=accept_new_data, stop=stop)
+            return trainer.run()
+        finally:
+            if di.enabled and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+@dataclass
+class RunState:
+    """Where the run is. The loop advances it, checkpoints save it, `--resume` restores it."""
+
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0  # batches of `epoch` consumed by this rank
+    tokens_seen: int = 0  # global unpadded input tokens
+    loss: float | None = None  # of the last step
+    val_loss: float | None = None  # of the last evaluation ...
+    val_step: int = -1  # ... made at this step
+    best_val_loss: float | None = None
+    checkpoint: Path | None = None  # the last one this run wrote
+    stopped_by: int | None = None  # the signal that ends the run early
+
+
+@dataclass
+class StepStats:
+    """One optimiser step, as metrics.jsonl records it."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int  # global unpadded input tokens of the step
+
+
+@dataclass
+class RunInfo:
+    """What RUN/config.json records next to the TrainConfig: derived values a reader of the run wants."""
+
+    model: dict[str, Any]
+    num_params: int
+    world_size: int
+    total_steps: int
+    steps_per_epoch: int
+    tokenizer_hash: str
+    build_id: str  # build_identity(shards)
+    shards: dict[str, int]  # samples per split
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Throughput:
+    """Unpadded tokens per second of training since the last record; evaluation and saving excluded."""
+
+    def __init__(self) -> None:
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def take(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        self.t0, self.tokens = now, 0
+        return rate
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+
+class Trainer:
+    """Setup (__init__), one optimiser step (train_step), evaluate, save, and the loop (run) over one RunState."""
+
+    def __init__(self, cfg: TrainConfig, di: DistInfo, device: torch.device, *, resume: bool = False,
+                 accept_new_data: bool = False, stop: StopRequest | None = None):
+        from rwkv_music.remi.tokenizer import tokenizer_from_file, tokenizer_hash
+        from rwkv_music.shards import TOKENIZER
+
+        self.cfg, self.di, self.device = cfg, di, device
+        self.stop = stop or StopRequest()
+        self.run_dir = Path(cfg.out)
+        self.amp = device.type == "cuda"
+        ckpt = self._checkpoint_to_resume(resume)
+
+        # data
+        self.train = open_split(cfg.shards, "train", cfg.format)
+        try:
+            self.val: ShardSet | None = open_split(cfg.shards, "val", cfg.format, expect_hash=self.train.tokenizer_hash)
+        except Exception as e:  # no val split: train anyway, without evaluation
+            self.log(f"no validation data ({e}); training without evaluation")
+            self.val = None
+        self.tok_path = Path(cfg.shards) / TOKENIZER
+        tokenizer = tokenizer_from_file(self.tok_path)
+        self.tok_hash = tokenizer_hash(tokenizer)
+        if self.tok_hash != self.train.tokenizer_hash:
+            raise BadFitInput(f"{self.tok_path} hashes to {self.tok_hash[:12]} but the manifest says "
+                              f"{self.train.tokenizer_hash[:12]}")
+        self.build_id = build_identity(cfg.shards)
+        saved = ck.read_trainer_state(ckpt) if ckpt is not None else None
+        if saved is not None:
+            self._check_resumed_data(ckpt, saved, accept_new_data)
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+
+        # model
+        if saved is not None:
+            from rwkv_music.model import load
+
+            self.raw = load(ckpt)
+            self.log(f"resuming from {ckpt} (step {saved.step})")
+        else:
+            self.raw = _build_model(cfg, len(tokenizer), self.tok_hash, self.log)
+        set_grad_checkpoint(self.raw, cfg.grad_checkpoint)
+        self.raw.to(device)
+        self.model: nn.Module = compile_for_training(self.raw) if cfg.compile else self.raw
+        if di.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        # the data stream and the length of training
+        spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=di.world_size, rank=di.rank,
+                        streams=cfg.streams, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+                        bucket_pool=cfg.bucket_pool, pad_id=self.pad_id, batch_tokens=cfg.batch_tokens,
+                        pack_len=cfg.pack_len)
+        self.stream = make_stream(self.train, spec)
+        self.steps_per_epoch = self.stream.batches_per_epoch(0) // cfg.grad_accum
+        if self.steps_per_epoch == 0:
+            raise BadFitInput(f"{self.train.nsamples} training samples give no full step of {cfg.batch_size} x "
+                              f"{cfg.grad_accum} per process on {di.world_size} process(es): lower --batch-size")
+        self.total_steps = _estimate_steps(cfg, self.train, self.steps_per_epoch, di.world_size)
+
+        # optimiser and the run's state
+        self.opt = make_optimizer(self.raw, cfg, fused=device.type == "cuda")
+        self.sched = make_scheduler(self.opt, cfg, self.total_steps)
+        self.state = RunState()
+        if saved is not None:
+            blob = torch.load(ckpt / ck.OPTIMIZER, map_location=device, weights_only=False)
+            self.opt.load_state_dict(blob["optimizer"])
+            self.sched.load_state_dict(blob["scheduler"])
+            self.state = RunState(step=saved.step, epoch=saved.epoch, consumed=saved.consumed,
+                                  tokens_seen=saved.tokens_seen, best_val_loss=saved.best_val_loss)
+            ck.set_rng_state(saved.rng)
+        self.logger = self._open_run_dir(resumed=saved is not None) if di.is_main else None
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def log(self, msg: str) -> None:
+        if self.di.is_main:
             print(f"[musictrain] {msg}", file=sys.stderr, flush=True)
 
-    run_dir = Path(cfg.out)
-    ckpt = ck.latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        log(f"--resume: no checkpoint in {run_dir}; starting a new run")
-    if not resume and (run_dir / ck.CKPT_DIR / ck.LATEST).exists():
-        raise TrainingError(f"{run_dir} already holds a run; add --resume to continue it or choose another -o")
-    if ckpt is not None and (run_dir / "config.json").is_file():
-        saved = load_run_config(run_dir)["train"]
-        changed = [f for f in DATA_FIELDS if saved.get(f) != getattr(cfg, f)]
-        if changed:
-            raise TrainingError(f"--resume with changed {', '.join(changed)} would change the data order; "
-                                f"keep the run's values ({', '.join(f'{f}={saved.get(f)}' for f in changed)})")
-
-    train = open_split(cfg.shards, "train", cfg.format)
-    try:
-        val: ShardSet | None = open_split(cfg.shards, "val", cfg.format, expect_hash=train.tokenizer_hash)
-    except Exception as e:  # no val split: train anyway, without evaluation
-        log(f"no validation data ({e}); training without evaluation")
-        val = None
-    tok_path = Path(cfg.shards) / TOKENIZER
-    tokenizer = tokenizer_from_file(tok_path)
-    tok_hash = tokenizer_hash(tokenizer)
-    if tok_hash != train.tokenizer_hash:
-        raise TrainingError(f"{tok_path} hashes to {tok_hash[:12]} but the manifest says {train.tokenizer_hash[:12]}")
-    state: ck.TrainerState | None = None
-    if ckpt is not None:
-        state = ck.read_trainer_state(ckpt)
-        if state.tokenizer_hash != tok_hash:
-            raise TrainingError(f"checkpoint {ckpt} was trained with tokenizer {state.tokenizer_hash[:12]}, the "
-                                f"shards in {cfg.shards} use {tok_hash[:12]}")
-
-    # model
-    if state is not None:
-        from rwkv_music.model import load
-
-        raw = load(ckpt)
-        log(f"resuming from {ckpt} (step {state.step})")
-    else:
-        raw = _build_model(cfg, len(tokenizer), tok_hash, log)
-    raw.grad_checkpoint = cfg.grad_checkpoint
-    raw.to(device)
-    amp = device.type == "cuda"
-    model: nn.Module = raw
-    if cfg.compile:
-        model = compile_for_training(model)
-    if di.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # data
-    pad_id = int(tokenizer.pad_token_id or 0)
-    spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=di.world_size, rank=di.rank,
-                    streams=cfg.streams, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                    bucket_pool=cfg.bucket_pool, pad_id=pad_id, batch_tokens=cfg.batch_tokens,
-                    pack_len=cfg.pack_len)
-    stream = make_stream(train, spec)
-    steps_per_epoch = stream.batches_per_epoch(0) // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise TrainingError(f"{train.nsamples} training samples give no full step of {cfg.batch_size} x "
-                            f"{cfg.grad_accum} per process on {di.world_size} process(es): lower --batch-size")
-    total_steps = _estimate_steps(cfg, train, steps_per_epoch, di.world_size)
-
-    opt = make_optimizer(raw, cfg, fused=device.type == "cuda")
-    sched = make_scheduler(opt, cfg, total_steps)
-    step, epoch, consumed, tokens_seen = 0, 0, 0, 0
-    best_val: float | None = None
-    if state is not None:
-        blob = torch.load(ckpt / ck.OPTIMIZER, map_location=device, weights_only=False)
-        opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
-        step, epoch, consumed, tokens_seen = state.step, state.epoch, state.consumed, state.tokens_seen
-        best_val = state.best_val_loss
-        ck.set_rng_state(state.rng)
-
-    logger: RunLogger | None = None
-    if di.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            truncate_metrics(run_dir, step)
-        shutil.copyfile(tok_path, run_dir / "tokenizer.json")
-        save_config(cfg, run_dir, {
-            "model": raw.cfg.to_dict(), "num_params": raw.num_params(), "world_size": di.world_size,
-            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "tokenizer_hash": tok_hash,
-            "shards": {"train": train.nsamples, "val": val.nsamples if val else 0},
-        })
-        logger = RunLogger(run_dir, tensorboard=cfg.tensorboard)
-        log(f"{raw.num_params() / 1e6:.2f}M parameters, {train.nsamples} train samples, {steps_per_epoch} "
-            f"steps/epoch, training to step {total_steps} on {device} x {di.world_size}")
-
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
-    last_val: float | None = None
-    last_val_step = -1
-
-    def run_eval() -> float | None:
-        nonlocal last_val, last_val_step, best_val
-        if val is None:
+    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+        """The checkpoint `--resume` continues from; refuses a new run over an old one, or changed data options."""
+        cfg, run_dir = self.cfg, self.run_dir
+        if not resume:
+            if (run_dir / ck.CKPT_DIR / ck.LATEST).exists():
+                raise BadFitInput(f"{run_dir} already holds a run; add --resume to continue it or choose another -o")
             return None
-        with oom_guard(lambda kind: f"{kind} out of memory evaluating at step {step} (eval batch {eval_bs}): "
-                                    f"lower --eval-batch-size{last_good()}"):
-            v, _ = evaluate(raw, val, eval_bs, device, amp, di, cfg.eval_batches, pad_id)
-        last_val, last_val_step = v, step
-        if best_val is None or v < best_val:
-            best_val = v
-        return v
+        ckpt = ck.latest_checkpoint(run_dir)
+        if ckpt is None:
+            self.log(f"--resume: no checkpoint in {run_dir}; starting a new run")
+            return None
+        if (run_dir / "config.json").is_file():
+            saved = load_run_config(run_dir)["train"]
+            changed = [f for f in DATA_FIELDS if saved.get(f) != getattr(cfg, f)]
+            if changed:
+                raise BadFitInput(f"--resume with changed {', '.join(changed)} would change the data order; "
+                                  f"keep the run's values ({', '.join(f'{f}={saved.get(f)}' for f in changed)})")
+        return ckpt
 
-    def save() -> Path | None:
-        if step != last_val_step:
-            run_eval()
-        path = None
-        if di.is_main:
-            st = ck.TrainerState(step=step, epoch=epoch, consumed=consumed, tokens_seen=tokens_seen,
-                                 val_loss=last_val if last_val_step == step else None, best_val_loss=best_val,
-                                 tokenizer_hash=tok_hash, rng=ck.rng_state(), config=cfg.to_dict())
-            with oom_guard(lambda kind: f"{kind} out of memory writing the checkpoint of step {step}{last_good()}"):
-                path = ck.save_checkpoint(run_dir, raw, opt, sched, st, tok_path, cfg.keep_last)
-        if di.enabled:
-            dist.barrier()
-        return path
+    def _check_resumed_data(self, ckpt: Path, saved: ck.TrainerState, accept_new_data: bool) -> None:
+        if saved.tokenizer_hash != self.tok_hash:
+            raise BadFitInput(f"checkpoint {ckpt} was trained with tokenizer {saved.tokenizer_hash[:12]}, the "
+                              f"shards in {self.cfg.shards} use {self.tok_hash[:12]}")
+        if saved.build_id is None or saved.build_id == self.build_id:
+            return
+        if not accept_new_data:
+            raise BadFitInput(f"--resume: {self.cfg.shards} is another shard build than the run trained on (build "
+                              f"{self.build_id[:12]}, the run's {saved.build_id[:12]}), so the data order cannot be "
+                              "the promised one; resume on the run's shards, or add --accept-new-data")
+        self.log(f"--accept-new-data: continuing on build {self.build_id[:12]} (the run trained on "
+                 f"{saved.build_id[:12]}); from here the data order is the new build's")
 
-    pbar = None
-    if di.is_main and cfg.progress:
-        from tqdm import tqdm
+    def _open_run_dir(self, resumed: bool) -> RunLogger:
+        """Rank 0: config.json, the tokenizer copy, metrics cut back to the resumed step, and the logger."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            truncate_metrics(self.run_dir, self.state.step)
+        write_bytes_atomic(self.run_dir / "tokenizer.json", self.tok_path.read_bytes())
+        info = RunInfo(model=self.raw.cfg.to_dict(), num_params=self.raw.num_params(), world_size=self.di.world_size,
+                       total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                       tokenizer_hash=self.tok_hash, build_id=self.build_id,
+                       shards={"train": self.train.nsamples, "val": self.val.nsamples if self.val else 0})
+        save_config(self.cfg, self.run_dir, info.to_dict())
+        self.log(f"{info.num_params / 1e6:.2f}M parameters, {self.train.nsamples} train samples, "
+                 f"{self.steps_per_epoch} steps/epoch, training to step {self.total_steps} on {self.device} x "
+                 f"{self.di.world_size}")
+        return RunLogger(self.run_dir, tensorboard=self.cfg.tensorboard)
 
-        pbar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    # ------------------------------------------------------------------------------------------ the parts
 
-    it = _batches(stream, epoch, consumed, cfg.num_workers, pin=device.type == "cuda")
-    K = cfg.grad_accum
-    loss_val: float | None = None
-    last_ckpt: Path | None = None
-    t_log, tok_log = time.perf_counter(), 0
-    ws = float(di.world_size)
+    def done(self) -> bool:
+        if self.cfg.max_tokens is not None:
+            return self.state.tokens_seen >= self.cfg.max_tokens
+        return self.state.step >= self.total_steps
 
-    def last_good() -> str:
-        good = last_ckpt or ck.latest_checkpoint(run_dir)
+    def _last_good(self) -> str:
+        good = self.state.checkpoint or ck.latest_checkpoint(self.run_dir)
         return f"; the last good checkpoint is {good}" if good else "; no checkpoint was written"
 
-    micro: list[dict] = []  # the step's micro-batches
+    def train_step(self, batches: Iterator[DataItem]) -> StepStats:
+        """One optimiser step over the next grad_accum micro-batches; advances the state."""
+        cfg, di, st = self.cfg, self.di, self.state
+        micro: list[dict] = []
 
-    def step_oom(kind: str) -> str:
-        T = max((b["input_ids"].shape[1] for b in micro), default=0)
-        shape = f"batch {cfg.batch_size} x {T} tokens" + (f", grad-accum {K}" if K > 1 else "")
-        return f"{kind} out of memory at step {step + 1} ({shape}): {OOM_ADVICE}{last_good()}"
+        def oom_message(kind: str) -> str:
+            T = max((b["input_ids"].shape[1] for b in micro), default=0)
+            shape = f"batch {cfg.batch_size} x {T} tokens" + (f", grad-accum {cfg.grad_accum}"
+                                                               if cfg.grad_accum > 1 else "")
+            return f"{kind} out of memory at step {st.step + 1} ({shape}): {OOM_ADVICE}{self._last_good()}"
 
-    def done() -> bool:
-        if cfg.max_tokens is not None:
-            return tokens_seen >= cfg.max_tokens
-        return step >= total_steps
+        with oom_guard(oom_message):
+            for _ in range(cfg.grad_accum):
+                item = next(batches)
+                st.epoch, st.consumed = item.epoch, item.consumed
+                micro.append(item.batch)
+            counts = torch.tensor([sum(b["n_targets"] for b in micro), sum(b["n_tokens"] for b in micro)],
+                                  dtype=torch.float64, device=self.device)
+            all_sum(counts, di)
+            n_global, tok_global = counts.tolist()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            for j, b in enumerate(micro):
+                last = j == len(micro) - 1
+                with contextlib.nullcontext() if not di.enabled or last else self.model.no_sync():
+                    s, _ = completion_loss_sum(self.model, b, self.device, self.amp)
+                    (s * (di.world_size / n_global)).backward()
+                loss_sum += s.detach().double()
+            all_sum(loss_sum, di)
+            loss = loss_sum.item() / n_global
+            gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+            if not math.isfinite(loss) or not torch.isfinite(gnorm):
+                raise TrainingError(f"loss is {loss} (grad norm {gnorm.item()}) at step {st.step + 1}; stopping "
+                                    f"without saving{self._last_good()}. Lower --lr or raise --warmup-steps.")
+            lr = self.opt.param_groups[0]["lr"]
+            self.opt.step()  # allocates AdamW's moments on the first step
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        st.step += 1
+        st.tokens_seen += int(tok_global)
+        st.loss = loss
+        return StepStats(loss=loss, grad_norm=gnorm.item(), lr=lr, tokens=int(tok_global))
 
-    try:
-        while not done():
-            micro = []
-            with oom_guard(step_oom):
-                for _ in range(K):
-                    epoch, consumed, b = next(it)
-                    micro.append(b)
-                counts = torch.tensor([sum(b["n_targets"] for b in micro), sum(b["n_tokens"] for b in micro)],
-                                      dtype=torch.float64, device=device)
-                all_sum(counts, di)
-                n_global, tok_global = counts.tolist()
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for j, b in enumerate(micro):
-                    sync = contextlib.nullcontext() if not di.enabled or j == K - 1 else model.no_sync()
-                    with sync:
-                        s, _ = completion_loss_sum(model, b, device, amp)
-                        (s * (ws / n_global)).backward()
-                    loss_sum += s.detach().double()
-                all_sum(loss_sum, di)
-                loss_val = loss_sum.item() / n_global
-                gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-                if not math.isfinite(loss_val) or not torch.isfinite(gnorm):
-                    raise TrainingError(f"loss is {loss_val} (grad norm {gnorm.item()}) at step {step + 1}; stopping "
-                                        f"without saving{last_good()}. Lower --lr or raise --warmup-steps.")
-                lr = opt.param_groups[0]["lr"]
-                opt.step()  # allocates AdamW's moments on the first step
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += int(tok_global)
-            tok_log += int(tok_global)
+    def evaluate(self) -> float | None:
+        """Val loss of the current weights (None without a val split); updates last and best."""
+        if self.val is None:
+            return None
+        st, bs = self.state, self.cfg.eval_batch_size or self.cfg.batch_size
+        with oom_guard(lambda kind: f"{kind} out of memory evaluating at step {st.step} (eval batch {bs}): "
+                                    f"lower --eval-batch-size{self._last_good()}"):
+            v, _ = evaluate(self.raw, self.val, bs, self.device, amp=self.amp, di=self.di,
+                            max_batches=self.cfg.eval_batches, pad_id=self.pad_id)
+        st.val_loss, st.val_step = v, st.step
+        if st.best_val_loss is None or v < st.best_val_loss:
+            st.best_val_loss = v
+        return v
 
-            record: dict[str, Any] | None = None
-            if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or done():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                record = {"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tok_log / max(now - t_log, 1e-9),
-                          "tokens": tokens_seen, "epoch": epoch, "grad_norm": gnorm.item()}
-                t_log, tok_log = now, 0
-            if step % cfg.eval_every == 0 or done():
-                v = run_eval()
-                if record is not None and v is not None:
-                    record["val_loss"] = v
-                    record["val_ppl"] = math.exp(min(v, 50.0))
-                t_log = time.perf_counter()  # evaluation time is not training throughput
-            if record is not None and logger is not None:
-                logger.log(record)
-            if step % cfg.save_every == 0 or done():
-                last_ckpt = save()
-                if logger is not None:
-                    logger.plot()
-                t_log = time.perf_counter()
-            if pbar is not None:
-                pbar.update(1)
-                post = {"loss": f"{loss_val:.4f}"}
-                if record is not None:
-                    post["tok/s"] = f"{record['tokens_per_s']:.0f}"
-                pbar.set_postfix(post, refresh=False)
-    finally:
+    def save(self, with_eval: bool = True) -> Path | None:
+        """Checkpoint the current step (evaluated first unless it was, or with_eval is False); all ranks call it."""
+        st = self.state
+        if with_eval and st.step != st.val_step:
+            self.evaluate()
+        path = None
+        if self.di.is_main:
+            saved = ck.TrainerState(step=st.step, epoch=st.epoch, consumed=st.consumed, tokens_seen=st.tokens_seen,
+                                    val_loss=st.val_loss if st.val_step == st.step else None,
+                                    best_val_loss=st.best_val_loss, tokenizer_hash=self.tok_hash,
+                                    build_id=self.build_id, rng=ck.rng_state(), config=self.cfg.to_dict())
+            with oom_guard(lambda kind: f"{kind} out of memory writing the checkpoint of step {st.step}"
+                                        f"{self._last_good()}"):
+                path = ck.save_checkpoint(self.run_dir, self.raw, self.opt, self.sched, saved, self.tok_path,
+                                          keep_last=self.cfg.keep_last)
+        if self.di.enabled:
+            dist.barrier()
+        st.checkpoint = path
+        return path
+
+    def stop_signal(self) -> int | None:
+        """The signal any rank received (all ranks agree: all-reduced every step), or None to go on."""
+        flag = torch.tensor([self.stop.signum or 0], dtype=torch.int64, device=self.device)
+        signum = int(all_max(flag, self.di).item())
+        return signum or None
+
+    def _record(self, stats: StepStats, speed: Throughput) -> dict[str, Any]:
+        st = self.state
+        return {"step": st.step, "loss": stats.loss, "lr": stats.lr, "tokens_per_s": speed.take(self.device),
+                "tokens": st.tokens_seen, "epoch": st.epoch, "grad_norm": stats.grad_norm}
+
+    def _report_eval(self, record: dict[str, Any], pbar) -> None:
+        v = record["val_loss"]
+        line = (f"step {record['step']}/{self.total_steps}: loss {record['loss']:.4f}, val loss {v:.4f} "
+                f"(ppl {record['val_ppl']:.2f}), {record['tokens_per_s']:.0f} tok/s")
         if pbar is not None:
-            pbar.close()
-        if logger is not None:
-            logger.close()
-            with contextlib.suppress(Exception):
-                logger.plot()
-    return FitResult(run_dir, step, loss_val, last_val, last_ckpt)
+            pbar.write(f"[musictrain] {line}", file=sys.stderr)
+        else:
+            self.log(line)
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def run(self) -> FitResult:
+        cfg, st = self.cfg, self.state
+        batches = _batches(self.stream, st.epoch, st.consumed, cfg.num_workers, pin=self.device.type == "cuda")
+        speed = Throughput()
+        pbar = None
+        if self.di.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=self.total_steps, initial=st.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        try:
+            while not self.done():
+                stats = self.train_step(batches)
+                speed.add(stats.tokens)
+                evaluates = st.step % cfg.eval_every == 0 or self.done()
+                record = None
+                if st.step % cfg.log_every == 0 or evaluates:
+                    record = self._record(stats, speed)
+                if evaluates:
+                    v = self.evaluate()
+                    if v is not None:
+                        record.update(val_loss=v, val_ppl=math.exp(min(v, 50.0)))
+                        self._report_eval(record, pbar)
+                    speed.restart_clock()  # evaluation time is not training throughput
+                if record is not None and self.logger is not None:
+                    self.logger.log(record)
+                st.stopped_by = self.stop_signal()
+                if st.step % cfg.save_every == 0 or self.done() or st.stopped_by:
+                    self.save(with_eval=not st.stopped_by)  # a stop saves at once
+                    if self.logger is not None:
+                        self.logger.plot()
+                    speed.restart_clock()
+                if pbar is not None:
+                    pbar.update(1)
+                    post = {"loss": f"{stats.loss:.4f}"}
+                    if st.val_loss is not None:
+                        post["val"] = f"{st.val_loss:.4f}"
+                    if record is not None:
+                        post["tok/s"] = f"{record['tokens_per_s']:.0f}"
+                    pbar.set_postfix(post, refresh=False)
+                if st.stopped_by:
+                    break
+        finally:
+            if pbar is not None:
+                pbar.close()
+            if self.logger is not None:
+                self.logger.close()
+                with contextlib.suppress(Exception):
+                    self.logger.plot()
+        val = st.val_loss if st.val_step >= 0 else None
+        return FitResult(self.run_dir, st.step, st.loss, val, st.checkpoint, stopped_by=st.stopped_by)

@@ -49,3 +49,17 @@ def musictrain_here(*args: str | os.PathLike):
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_same_losses(whole: Path, resumed: Path, steps: int) -> None:
+    """An interrupted-and-resumed run logged exactly the records of an uninterrupted one (CPU: bitwise)."""
+    import pytest
+
+    a, b = metrics(whole), metrics(resumed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-9, abs=1e-12), x["step"]
+        assert ("val_loss" in x) == ("val_loss" in y)
+        if "val_loss" in x:
+            assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-9)
+        assert y["tokens"] == x["tokens"]
