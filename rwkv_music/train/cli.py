@@ -134,7 +134,9 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
 @_opt("--shuffle-buffer", type=int, help="Samples in each stream's shuffle buffer.")
 @_opt("--bucket-pool", type=int, help="Batches per length-bucketing pool; 1 disables bucketing.")
 @_opt("--grad-checkpoint/--no-grad-checkpoint", help="Recompute blocks in backward (less memory).")
-@_opt("--compile/--no-compile", help="torch.compile the model.")
+@_opt("--compile/--no-compile", help="torch.compile the model (fuses its element-wise work around the CUDA WKV "
+      "kernel: about 2.4x faster steps on an H200; the first step waits for the compile).",
+      unset="on with CUDA, off on the CPU")
 @_opt("--progress/--no-progress", help="Progress bar on stderr.")
 @_opt("--tensorboard/--no-tensorboard", help="TensorBoard event files in OUT/tb.")
 def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, accept_new_data: bool,

@@ -59,7 +59,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     grad_checkpoint: bool = False
-    compile: bool = False
+    compile: bool | None = None  # None: on with CUDA (the fast path), off on the CPU
     # evaluation, checkpoints, logging
     eval_every: int = 500
     eval_batches: int | None = None  # None: the whole val split

@@ -398,7 +398,8 @@ class Trainer:
             self.raw = _build_model(cfg, len(tokenizer), self.tok_hash, self.log)
         set_grad_checkpoint(self.raw, cfg.grad_checkpoint)
         self.raw.to(device)
-        self.model: nn.Module = compile_for_training(self.raw) if cfg.compile else self.raw
+        use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+        self.model: nn.Module = compile_for_training(self.raw) if use_compile else self.raw
         if di.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
