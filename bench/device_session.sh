@@ -11,6 +11,8 @@
 #   trainstep   bench/train_step.py, ours with completion logits, with a profile of 3 steps
 #   compile     bench/train_step.py --compile, ours with completion logits (B16 T2048, then B8 T4096)
 #   anchors     RWKV-LM's fused x070 trainer at the same shapes (carry a copy of ../shared/anchors as .anchors/)
+#   compare     ours compiled beside RWKV-LM's trainer at B16 T2048, one table
+#   issue16     bench/issue16_run.sh: the real-corpus training run and its evaluation (docs/results.md)
 #   realfit     `musictrain fit` on real packed windows (carry a parquet build as .shards-music21/): base and
 #               small presets with --batch-tokens and --compile, and the small preset padded as before
 #   complete    bench/complete.py --check --profile-prefill (ours only)
@@ -32,13 +34,15 @@ PY="${PY:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=180
-                  [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360)
+                  [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=400)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
     [gputests]="$PY -m pytest -q -rs tests/gpu tests/model/test_model_gpu.py"
     [trainstep]="$PY bench/train_step.py --only completion --no-fla --profile 3"
     [compile]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile; $PY bench/train_step.py --only completion --no-fla --compile --bf16-weights; $PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --batch 8 --seq 4096"
+    [compare]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile"
+    [issue16]="PY=$PY bash bench/issue16_run.sh .shards-music21 /tmp/issue16 $results"
     [anchors]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py model"
     [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
     [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --compile --profile-prefill --steps 300"
