@@ -34,6 +34,11 @@ class BuildError(Exception):
     """A problem with the inputs or OUT that stops the build before anything is written."""
 
 
+class NothingUsable(Exception):
+    """Every file was rejected (or skipped): the build has no sample. Raised after rejects.jsonl is written,
+    instead of publishing a manifest of an empty build that training would only fail on later."""
+
+
 def _prepare_out(out: Path, fingerprint: dict, overwrite: bool) -> None:
     """Refuse an OUT built with other settings (or not by us) unless `overwrite`; then clear our files there."""
     if out.exists() and not out.is_dir():
@@ -153,12 +158,23 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
     manifest = _assemble_manifest(cfg, rt, tok, thash, scan, ordered, failures, near, shards)
     rejects = sorted(scan.rejects + failures + [r for res in ordered for r in res.rejects], key=lambda r: r["path"])
     write_bytes_atomic(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
+    if not manifest["counts"]["files_ok"]:
+        raise NothingUsable(_nothing_usable_message(manifest["counts"], out / REJECTS))
     write_json_atomic(out / MANIFEST, manifest)
     wall = {"prepare": t_scan - t0, "scan": t_scan_done - t_scan, "batches": t_done - t_run,
             "finish": time.perf_counter() - t_done}
     wall["total"] = time.perf_counter() - t0
     write_json_atomic(out / STATS, {**_stats(wall, ordered, len(tasks)), "workers": _worker_use(ran, t0_clock, wall)})
     return manifest
+
+
+def _nothing_usable_message(counts: dict, rejects_path: Path) -> str:
+    by_reason = sorted(counts["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
+    reasons = ", ".join(f"{r} {n}" for r, n in by_reason) or "none"
+    skipped = counts["duplicates"] + counts["near_duplicates"]
+    extra = f", {skipped} duplicate(s) skipped" if skipped else ""
+    return (f"no usable MIDI file among {counts['files_seen']}: {counts['files_rejected']} rejected ({reasons})"
+            f"{extra}; see {rejects_path}")
 
 
 def _stats(wall: dict, results: list[BatchResult], ran: int) -> dict:
@@ -261,4 +277,4 @@ def summary_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BuildError", "CorpusError", "build_shards", "summary_table"]
+__all__ = ["BuildError", "CorpusError", "NothingUsable", "build_shards", "summary_table"]

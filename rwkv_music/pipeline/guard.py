@@ -8,13 +8,14 @@ the batch; the new attempt sees the marker and rejects the file as `timeout` wit
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from rwkv_music.atomic import write_json_atomic
 
 TIMEOUT_DIR = ".build/timeouts"
 STARTED_DIR = ".build/started"
@@ -92,9 +93,5 @@ class FileWatchdog:
             timer.cancel()
 
     def _expire(self, rel: str, sha256: str) -> None:
-        path = timeout_marker(self.out, sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": rel, "timeout_s": self.timeout}))
-        os.replace(tmp, path)
+        write_json_atomic(timeout_marker(self.out, sha256), {"path": rel, "timeout_s": self.timeout})
         os._exit(TIMEOUT_EXIT_CODE)
