@@ -25,7 +25,7 @@ from rwkv_music.remi.tokenizer import MidiRejected, encode_piano, load_piano_sco
 from rwkv_music.remi.windows import Vocab, WindowSpan, WindowSpec, WindowStats, index_bars, window_spans
 
 from ..shards.parquet import write_parquet
-from ..shards.schema import SPLITS, Sample, shard_name
+from ..shards.schema import SPLITS, SUFFIX, Sample, part_stem
 from ..shards.webdataset import write_webdataset
 from .config import Filters
 from .dedup import minhash_signature
@@ -56,6 +56,7 @@ class BatchTask:
     filters: Filters = field(default_factory=Filters)
     minhash: bool = False  # also compute each piece's MinHash signature
     file_timeout: float | None = None  # seconds per file before the worker gives up on it (guard.py)
+    token_dtype: str = "uint16"  # how shards store token ids (schema.token_dtype_for the vocabulary)
     crashed: tuple[str, ...] = ()  # files found to kill the worker: rejected as "worker-crash" without processing
     probe: bool = False  # only process the files (to find a crashing one); write nothing
     attempt: str = ""  # the driver's name for this submission: marks it started (guard.mark_started)
@@ -219,23 +220,32 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
     return _Piece(split, samples)
 
 
-def write_split_shards(out: str | Path, prefix: str, batch_index: int, split: str, samples: list[Sample],
-                       task_formats: tuple[str, ...], samples_per_shard: int, thash: str) -> list[dict]:
-    """Write `samples` as parts of `samples_per_shard` under OUT/prefix/split/; their manifest entries."""
+def write_shard(out: str | Path, stem: str, split: str, samples: list[Sample], formats: tuple[str, ...],
+                thash: str, token_dtype: str) -> list[dict]:
+    """Write `samples` as OUT/stem.<suffix> in every format; their manifest entries."""
     out = Path(out)
     entries = []
+    for fmt in formats:
+        rel = stem + SUFFIX[fmt]
+        path = out / rel
+        if fmt == "parquet":
+            write_parquet(path, samples, thash, token_dtype=token_dtype)
+            digest = sha256_file(path)
+        else:
+            digest = write_webdataset(path, samples, token_dtype)  # hashed as written, not read back
+        entries.append({"path": rel, "split": split, "format": fmt, "nsamples": len(samples),
+                        "bytes": path.stat().st_size, "sha256": digest})
+    return entries
+
+
+def write_split_shards(out: str | Path, prefix: str, batch_index: int, split: str, samples: list[Sample],
+                       formats: tuple[str, ...], samples_per_shard: int, thash: str, token_dtype: str) -> list[dict]:
+    """Write `samples` as parts of `samples_per_shard` under OUT/prefix/split/; their manifest entries."""
+    entries = []
     for part, start in enumerate(range(0, len(samples), samples_per_shard)):
-        chunk = samples[start:start + samples_per_shard]
-        for fmt in task_formats:
-            rel = f"{prefix}{split}/{shard_name(batch_index, part, fmt)}"
-            path = out / rel
-            if fmt == "parquet":
-                write_parquet(path, chunk, thash)
-                digest = sha256_file(path)
-            else:
-                digest = write_webdataset(path, chunk)  # hashed as written: the large format is not read back
-            entries.append({"path": rel, "split": split, "format": fmt, "nsamples": len(chunk),
-                            "bytes": path.stat().st_size, "sha256": digest})
+        stem = f"{prefix}{split}/{part_stem(batch_index, part)}"
+        entries += write_shard(out, stem, split, samples[start:start + samples_per_shard], formats, thash,
+                               token_dtype)
     return entries
 
 
@@ -294,7 +304,8 @@ def _process_batch(task: BatchTask) -> BatchResult:
         result.counts[f"samples_{split}"] = len(samples)
         result.counts[f"tokens_{split}"] = sum(len(s.tokens) for s in samples)
         result.shards += write_split_shards(task.out, f"{STAGING_DIR}/", task.batch.index, split, samples,
-                                            task.formats, task.samples_per_shard, task.tokenizer_hash)
+                                            task.formats, task.samples_per_shard, task.tokenizer_hash,
+                                            task.token_dtype)
     timings["write"] = time.perf_counter() - t_write
     timings["total"] = time.perf_counter() - t_start
     result.timings = {k: round(v, 4) for k, v in timings.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -14,11 +15,11 @@ from rwkv_music.atomic import write_bytes_atomic, write_json_atomic
 from rwkv_music.remi.tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
 
 from ..shards.manifest import MANIFEST, REJECTS, TOKENIZER
-from ..shards.schema import FORMAT_VERSION, SPLITS
+from ..shards.schema import FORMAT_VERSION, SPLITS, shard_stem, token_dtype_for
 from .batch import BATCH_DIR, STAGING_DIR, BatchResult, BatchTask, load_finished
 from .config import BuildConfig, Runtime
 from .dedup import find_near_duplicates
-from .finalize import publish_batch
+from .finalize import publish
 from .scan import CorpusError, find_midi, make_batches, scan_corpus
 
 BUILD_CONFIG = ".build/config.json"
@@ -99,6 +100,7 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
     except (ValueError, TypeError, KeyError) as e:
         raise BuildError(f"invalid tokenizer configuration: {e}") from e
     thash = tokenizer_hash(tok)
+    token_dtype = token_dtype_for(len(tok.vocab))
     out = Path(cfg.out)
     _prepare_out(out, cfg.fingerprint(thash), rt.overwrite)
     save_tokenizer(tok, out / TOKENIZER)
@@ -125,7 +127,7 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
                 tasks.append(BatchTask(b, str(Path(cfg.corpus).resolve()), str(out.resolve()),
                                        str((out / TOKENIZER).resolve()), thash, cfg.spec, tuple(cfg.formats),
                                        cfg.samples_per_shard, cfg.val_fraction, cfg.seed, cfg.filters,
-                                       cfg.near_dedup == "minhash", rt.file_timeout))
+                                       cfg.near_dedup == "minhash", rt.file_timeout, token_dtype))
         if len(results):
             log(f"resuming: {len(results)} of {len(batches)} batch(es) already finished")
         failures: list[dict] = []
@@ -153,9 +155,10 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
     ordered = [results[i] for i in sorted(results)]
     near = find_near_duplicates([p for r in ordered for p in r.pieces], cfg.near_dedup, cfg.minhash_threshold)
     dropped = set(near)
-    shards = [e for r in ordered
-              for e in publish_batch(out, r, dropped, tuple(cfg.formats), cfg.samples_per_shard, thash)]
+    shards = publish(out, ordered, dropped, tuple(cfg.formats), cfg.samples_per_shard, thash, token_dtype,
+                     threads=min(rt.workers, os.cpu_count() or 1))
     manifest = _assemble_manifest(cfg, rt, tok, thash, scan, ordered, failures, near, shards)
+    manifest["token_dtype"] = token_dtype
     rejects = sorted(scan.rejects + failures + [r for res in ordered for r in res.rejects], key=lambda r: r["path"])
     write_bytes_atomic(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
     if not manifest["counts"]["files_ok"]:
@@ -260,7 +263,7 @@ def summary_table(manifest: dict) -> str:
         ("windows dropped (too long)", c["windows_dropped"]), ("windows truncated", c["windows_truncated"]),
     ]
     for s in SPLITS:
-        n_shards = len({e["path"].rsplit(".", 1)[0] for e in manifest["shards"] if e["split"] == s})
+        n_shards = len({shard_stem(e["path"]) for e in manifest["shards"] if e["split"] == s})
         rows.append((f"{s}: samples / tokens / shards", f"{c['samples'][s]} / {c['tokens'][s]} / {n_shards}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]

@@ -94,7 +94,7 @@ def test_process_batch_writes_shards_and_records_rejects(small_corpus, tmp_path)
         for p in pq:
             assert p.startswith(f".build/staging/{split}/part-000000-")
             rows = list(iter_parquet_samples(tmp_path / "out" / p))
-            tar_rows = list(iter_webdataset_samples(tmp_path / "out" / p.replace(".parquet", ".tar")))
+            tar_rows = list(iter_webdataset_samples(tmp_path / "out" / p.replace(".parquet", ".tar.gz")))
             assert len(rows) == len(tar_rows) == by_path[p]["nsamples"]
             assert parquet_tokenizer_hash(tmp_path / "out" / p) == thash
     # one piece never straddles the splits

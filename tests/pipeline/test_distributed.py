@@ -105,7 +105,7 @@ def test_kill_9_then_rerun_completes_identically_and_dashboard_is_live(corpus_di
         proc.wait()
     assert not (out / "manifest.json").exists()
     for d in ("train", "val", ".build/staging/train", ".build/staging/val"):  # nothing half-written under a real name
-        for p in (out / d).glob("part-*") if (out / d).is_dir() else []:
+        for p in (out / d).glob("[!.]*") if (out / d).is_dir() else []:
             _readable(p)
 
     again = subprocess.run(_cmd(corpus_dir, out, *args, "--dashboard-address", ""), capture_output=True, text=True,
