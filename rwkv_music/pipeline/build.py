@@ -16,11 +16,11 @@ from rwkv_music.remi.tokenizer import build_tokenizer, save_tokenizer, tokenizer
 
 from ..shards.manifest import MANIFEST, REJECTS, TOKENIZER
 from ..shards.schema import FORMAT_VERSION, SPLITS, shard_stem, token_dtype_for
-from .batch import BATCH_DIR, STAGING_DIR, BatchResult, BatchTask, load_finished
+from .batch import BATCH_DIR, STAGING_DIR, BatchResult, BatchSettings, BatchTask, load_finished
 from .config import BuildConfig, Runtime
 from .dedup import find_near_duplicates
 from .finalize import publish
-from .scan import CorpusError, find_midi, make_batches, scan_corpus
+from .scan import CorpusError, Reject, find_midi, make_batches, scan_corpus
 
 BUILD_CONFIG = ".build/config.json"
 STATS = "stats.json"
@@ -118,27 +118,29 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
 
         results: dict[int, BatchResult] = {}
         ran: list[BatchResult] = []
+        settings = BatchSettings(corpus=str(Path(cfg.corpus).resolve()), out=str(out.resolve()),
+                                 tokenizer_path=str((out / TOKENIZER).resolve()), tokenizer_hash=thash, spec=cfg.spec,
+                                 formats=tuple(cfg.formats), samples_per_shard=cfg.samples_per_shard,
+                                 val_fraction=cfg.val_fraction, seed=cfg.seed, filters=cfg.filters,
+                                 minhash=cfg.near_dedup == "minhash", file_timeout=rt.file_timeout,
+                                 token_dtype=token_dtype)
         tasks = []
         for b in batches:
             done = load_finished(out, b)
             if done is not None:
                 results[b.index] = done
             else:
-                tasks.append(BatchTask(b, str(Path(cfg.corpus).resolve()), str(out.resolve()),
-                                       str((out / TOKENIZER).resolve()), thash, cfg.spec, tuple(cfg.formats),
-                                       cfg.samples_per_shard, cfg.val_fraction, cfg.seed, cfg.filters,
-                                       cfg.near_dedup == "minhash", rt.file_timeout, token_dtype))
+                tasks.append(BatchTask(batch=b, settings=settings))
         if len(results):
             log(f"resuming: {len(results)} of {len(batches)} batch(es) already finished")
-        failures: list[dict] = []
+        failures: list[Reject] = []
 
         def on_result(r: BatchResult) -> None:
             results[r.index] = r
             ran.append(r)
 
         def on_failure(task: BatchTask, e: BaseException) -> None:
-            for f in task.batch.files:
-                failures.append({"path": f.rel, "reason": "batch-failed", "message": f"{type(e).__name__}: {e}"})
+            failures.extend(Reject(f.rel, "batch-failed", f"{type(e).__name__}: {e}") for f in task.batch.files)
 
         if tasks:
             from .driver import run_tasks
@@ -159,8 +161,9 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
                      threads=min(rt.workers, os.cpu_count() or 1))
     manifest = _assemble_manifest(cfg, rt, tok, thash, scan, ordered, failures, near, shards)
     manifest["token_dtype"] = token_dtype
-    rejects = sorted(scan.rejects + failures + [r for res in ordered for r in res.rejects], key=lambda r: r["path"])
-    write_bytes_atomic(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
+    rejects = sorted(scan.rejects + failures + [r for res in ordered for r in res.rejects], key=lambda r: r.path)
+    write_bytes_atomic(out / REJECTS,
+                       "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rejects).encode())
     if not manifest["counts"]["files_ok"]:
         raise NothingUsable(_nothing_usable_message(manifest["counts"], out / REJECTS))
     write_json_atomic(out / MANIFEST, manifest)
@@ -190,9 +193,9 @@ def _stats(wall: dict, results: list[BatchResult], ran: int) -> dict:
         "wall_seconds": {k: round(v, 3) for k, v in wall.items()},
         "worker_seconds": {k: round(v, 3) for k, v in sorted(stages.items())},
         "batches": {"total": len(results), "ran": ran, "reused": len(results) - ran},
-        "tokens_encoded": sum(r.counts.get("tokens_encoded", 0) for r in results),
+        "tokens_encoded": sum(r.counts.tokens_encoded for r in results),
         "worker_peak_rss_mb": max((r.peak_rss_mb for r in results), default=0.0),
-        "per_batch": [{"index": r.index, "files": r.counts["files"], **r.timings, "peak_rss_mb": r.peak_rss_mb}
+        "per_batch": [{"index": r.index, "files": r.counts.files, **r.timings, "peak_rss_mb": r.peak_rss_mb}
                       for r in results],
     }
 
@@ -213,14 +216,14 @@ def _worker_use(ran: list[BatchResult], t0_clock: float, wall: dict) -> dict:
 
 
 def _assemble_manifest(cfg: BuildConfig, rt: Runtime, tok, thash: str, scan, results: list[BatchResult],
-                       failures: list[dict], near: dict[str, str], shards: list[dict]) -> dict:
+                       failures: list[Reject], near: dict[str, str], shards: list[dict]) -> dict:
     """Everything in batch order, so the manifest does not depend on completion order. Counts cover the kept
     pieces only (near-duplicates are dropped after the batches ran)."""
     kept = [p for r in results for p in r.pieces if p["source"] not in near]
     rejects = scan.rejects + failures + [x for r in results for x in r.rejects]
     by_reason: dict[str, int] = {}
     for x in rejects:
-        by_reason[x["reason"]] = by_reason.get(x["reason"], 0) + 1
+        by_reason[x.reason] = by_reason.get(x.reason, 0) + 1
     counts = {
         "files_seen": scan.seen,
         "files_ok": len(kept),
