@@ -25,26 +25,23 @@ from rwkv_music.remi.tokenizer import MidiRejected, encode_piano, load_piano_sco
 from rwkv_music.remi.windows import Vocab, WindowSpan, WindowSpec, WindowStats, index_bars, window_spans
 
 from ..shards.parquet import write_parquet
-from ..shards.schema import SPLITS, Sample, shard_name
+from ..shards.schema import SPLITS, SUFFIX, Sample, part_stem
 from ..shards.webdataset import write_webdataset
 from .config import Filters
 from .dedup import minhash_signature
-from .guard import FileWatchdog, inject_fault, mark_started, timeout_marker
-from .scan import Batch, CorpusFile
+from .guard import FileWatchdog, mark_started, timeout_marker
+from .scan import Batch, CorpusFile, Reject
 from .split import assign_split, note_array, note_content_hash
 
 BATCH_DIR = ".build/batches"
 STAGING_DIR = ".build/staging"
-COUNT_KEYS = ("files", "ok", "rejected", "too_short", "windows", "windows_dropped", "windows_truncated",
-              "samples_train", "samples_val", "tokens_train", "tokens_val", "tokens_encoded")
 
 
-@dataclass(frozen=True)
-class BatchTask:
-    """Everything a worker needs; plain data, cheap to pickle."""
+@dataclass(frozen=True, kw_only=True)
+class BatchSettings:
+    """What every batch of one build shares: paths, tokenizer, windows, shard layout, filters, limits."""
 
-    batch: Batch
-    corpus: str
+    corpus: str  # absolute paths: the workers may run elsewhere, with another working directory
     out: str
     tokenizer_path: str
     tokenizer_hash: str
@@ -56,19 +53,54 @@ class BatchTask:
     filters: Filters = field(default_factory=Filters)
     minhash: bool = False  # also compute each piece's MinHash signature
     file_timeout: float | None = None  # seconds per file before the worker gives up on it (guard.py)
+    token_dtype: str = "uint16"  # how shards store token ids (schema.token_dtype_for the vocabulary)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchTask:
+    """Everything a worker needs for one batch; plain data, cheap to pickle."""
+
+    batch: Batch
+    settings: BatchSettings
     crashed: tuple[str, ...] = ()  # files found to kill the worker: rejected as "worker-crash" without processing
     probe: bool = False  # only process the files (to find a crashing one); write nothing
     attempt: str = ""  # the driver's name for this submission: marks it started (guard.mark_started)
 
 
 @dataclass
+class BatchCounts:
+    """What one batch did, file by file (the `counts` of its record)."""
+
+    files: int = 0
+    ok: int = 0
+    rejected: int = 0
+    too_short: int = 0
+    windows: int = 0
+    windows_dropped: int = 0
+    windows_truncated: int = 0
+    samples_train: int = 0
+    samples_val: int = 0
+    tokens_train: int = 0
+    tokens_val: int = 0
+    tokens_encoded: int = 0
+
+    def set_split(self, split: str, samples: int, tokens: int) -> None:
+        if split == "train":
+            self.samples_train, self.tokens_train = samples, tokens
+        elif split == "val":
+            self.samples_val, self.tokens_val = samples, tokens
+        else:
+            raise ValueError(f"unknown split {split!r}")
+
+
+@dataclass
 class BatchResult:
     index: int
     digest: str  # Batch.digest() of the inputs
-    counts: dict = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
+    counts: BatchCounts = field(default_factory=BatchCounts)
     shards: list[dict] = field(default_factory=list)  # staged shards, manifest-style entries (paths relative to OUT)
     pieces: list[dict] = field(default_factory=list)  # per usable file: source, piece_id, content, split, counts
-    rejects: list[dict] = field(default_factory=list)  # {"path", "reason", "message"}
+    rejects: list[Reject] = field(default_factory=list)
     timesig_changed: list[dict] = field(default_factory=list)  # {"source", "changed"}
     timings: dict = field(default_factory=dict)  # seconds per stage (not part of the output identity)
     peak_rss_mb: float = 0.0  # the worker process's peak resident memory after this batch
@@ -81,7 +113,11 @@ class BatchResult:
 
     @classmethod
     def from_json(cls, d: dict) -> BatchResult:
-        return cls(**d)
+        return cls(**{**d, "counts": BatchCounts(**d["counts"]), "rejects": [Reject(**r) for r in d["rejects"]]})
+
+    def reject(self, path: str, reason: str, message: str) -> None:
+        self.rejects.append(Reject(path, reason, message))
+        self.counts.rejected += 1
 
 
 def batch_record_path(out: str | Path, index: int) -> Path:
@@ -148,18 +184,17 @@ def _check_filters(notes: np.ndarray, grid_per_quarter: int, filters: Filters) -
     return None
 
 
-def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, result: BatchResult,
+def _process_file(cfg: BatchSettings, f: CorpusFile, tok: REMI, vocab: Vocab, result: BatchResult,
                   timings: dict) -> _Piece | None:
     """One file to its samples, or a reject recorded in `result` (None)."""
     from .split import GRID_PER_QUARTER
 
     def reject(reason: str, message: str) -> None:
-        result.rejects.append({"path": f.rel, "reason": reason, "message": message})
-        result.counts["rejected"] += 1
+        result.reject(f.rel, reason, message)
 
     t0 = time.perf_counter()
     try:
-        data = (Path(task.corpus) / f.rel).read_bytes()
+        data = (Path(cfg.corpus) / f.rel).read_bytes()
     except OSError as e:
         return reject("read-error", str(e))
     if not data:
@@ -170,7 +205,7 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
     except MidiRejected as e:
         return reject(e.reason, e.message)
     notes = note_array(piano.score)
-    bad = _check_filters(notes, GRID_PER_QUARTER, task.filters)
+    bad = _check_filters(notes, GRID_PER_QUARTER, cfg.filters)
     if bad:
         return reject(*bad)
     t2 = time.perf_counter()
@@ -181,24 +216,24 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
     t3 = time.perf_counter()
     arr = np.array(ids, dtype=np.int32)  # the piece's tokens, converted once: bar index and window slices
     bars = index_bars(arr, vocab)
-    if task.filters.min_bars and bars.n_bars < task.filters.min_bars:
-        return reject("too-few-bars", f"{bars.n_bars} bar(s), at least {task.filters.min_bars} wanted")
+    if cfg.filters.min_bars and bars.n_bars < cfg.filters.min_bars:
+        return reject("too-few-bars", f"{bars.n_bars} bar(s), at least {cfg.filters.min_bars} wanted")
     stats = WindowStats()
-    windows = window_spans(bars, task.spec, stats)
+    windows = window_spans(bars, cfg.spec, stats)
     t4 = time.perf_counter()
     for k, dt in (("read", t1 - t0), ("parse", t2 - t1), ("tokenize", t3 - t2), ("window", t4 - t3)):
         timings[k] = timings.get(k, 0.0) + dt
     if piano.time_signatures_changed:
         result.timesig_changed.append({"source": f.rel, "changed": piano.time_signatures_changed})
     if stats.too_short:
-        result.counts["too_short"] += 1
-        need = task.spec.context_bars + task.spec.completion_bars
+        result.counts.too_short += 1
+        need = cfg.spec.context_bars + cfg.spec.completion_bars
         return reject("too-short", f"{bars.n_bars} bar(s), a window needs {need}")
     if not windows:
-        return reject("no-windows", f"all {stats.dropped} window(s) exceed max-seq-len {task.spec.max_seq_len}")
+        return reject("no-windows", f"all {stats.dropped} window(s) exceed max-seq-len {cfg.spec.max_seq_len}")
     t5 = time.perf_counter()
     content = note_content_hash(notes)
-    split = assign_split(content, task.val_fraction, task.seed)
+    split = assign_split(content, cfg.val_fraction, cfg.seed)
     samples = [Sample(tokens=tok_arr, meta_len=w.meta_len, ctx_len=w.ctx_len, completion_len=w.completion_len,
                       piece_id=f.sha256, source=f.rel, window=w.window, first_bar=w.first_bar)
                for w, tok_arr in zip(windows, span_arrays(arr, windows), strict=True)]
@@ -206,36 +241,45 @@ def _process_file(task: BatchTask, f: CorpusFile, tok: REMI, vocab: Vocab, resul
              "samples": len(samples), "tokens": sum(len(s.tokens) for s in samples),
              "windows": len(windows) + stats.dropped, "windows_dropped": stats.dropped,
              "windows_truncated": stats.truncated, "tokens_encoded": len(ids)}
-    if task.minhash:
+    if cfg.minhash:
         piece["minhash"] = minhash_signature(notes)
     result.pieces.append(piece)
     timings["dedup"] = timings.get("dedup", 0.0) + time.perf_counter() - t5
     c = result.counts
-    c["ok"] += 1
-    c["windows"] += piece["windows"]
-    c["windows_dropped"] += stats.dropped
-    c["windows_truncated"] += stats.truncated
-    c["tokens_encoded"] += len(ids)
+    c.ok += 1
+    c.windows += piece["windows"]
+    c.windows_dropped += stats.dropped
+    c.windows_truncated += stats.truncated
+    c.tokens_encoded += len(ids)
     return _Piece(split, samples)
 
 
-def write_split_shards(out: str | Path, prefix: str, batch_index: int, split: str, samples: list[Sample],
-                       task_formats: tuple[str, ...], samples_per_shard: int, thash: str) -> list[dict]:
-    """Write `samples` as parts of `samples_per_shard` under OUT/prefix/split/; their manifest entries."""
+def write_shard(out: str | Path, stem: str, split: str, samples: list[Sample], formats: tuple[str, ...],
+                thash: str, token_dtype: str) -> list[dict]:
+    """Write `samples` as OUT/stem.<suffix> in every format; their manifest entries."""
     out = Path(out)
     entries = []
+    for fmt in formats:
+        rel = stem + SUFFIX[fmt]
+        path = out / rel
+        if fmt == "parquet":
+            write_parquet(path, samples, thash, token_dtype=token_dtype)
+            digest = sha256_file(path)
+        else:
+            digest = write_webdataset(path, samples, token_dtype)  # hashed as written, not read back
+        entries.append({"path": rel, "split": split, "format": fmt, "nsamples": len(samples),
+                        "bytes": path.stat().st_size, "sha256": digest})
+    return entries
+
+
+def write_split_shards(out: str | Path, prefix: str, batch_index: int, split: str, samples: list[Sample],
+                       formats: tuple[str, ...], samples_per_shard: int, thash: str, token_dtype: str) -> list[dict]:
+    """Write `samples` as parts of `samples_per_shard` under OUT/prefix/split/; their manifest entries."""
+    entries = []
     for part, start in enumerate(range(0, len(samples), samples_per_shard)):
-        chunk = samples[start:start + samples_per_shard]
-        for fmt in task_formats:
-            rel = f"{prefix}{split}/{shard_name(batch_index, part, fmt)}"
-            path = out / rel
-            if fmt == "parquet":
-                write_parquet(path, chunk, thash)
-                digest = sha256_file(path)
-            else:
-                digest = write_webdataset(path, chunk)  # hashed as written: the large format is not read back
-            entries.append({"path": rel, "split": split, "format": fmt, "nsamples": len(chunk),
-                            "bytes": path.stat().st_size, "sha256": digest})
+        stem = f"{prefix}{split}/{part_stem(batch_index, part)}"
+        entries += write_shard(out, stem, split, samples[start:start + samples_per_shard], formats, thash,
+                               token_dtype)
     return entries
 
 
@@ -249,7 +293,7 @@ def process_batch(task: BatchTask) -> BatchResult:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        with mark_started(task.out, task.attempt):
+        with mark_started(task.settings.out, task.attempt):
             return _process_batch(task)
     finally:
         gc.collect(0)  # with collection paused nothing was promoted: the batch's objects are all in generation 0
@@ -260,30 +304,25 @@ def process_batch(task: BatchTask) -> BatchResult:
 def _process_batch(task: BatchTask) -> BatchResult:
     started = time.time()
     t_start = time.perf_counter()
-    tok, vocab = _load_tokenizer(task.tokenizer_path, task.tokenizer_hash)
+    cfg = task.settings
+    tok, vocab = _load_tokenizer(cfg.tokenizer_path, cfg.tokenizer_hash)
     result = BatchResult(task.batch.index, task.batch.digest())
     timings: dict = {}
     by_split: dict[str, list[Sample]] = {s: [] for s in SPLITS}
-    watchdog = FileWatchdog(task.out, task.file_timeout)
+    watchdog = FileWatchdog(cfg.out, cfg.file_timeout)
     for f in task.batch.files:
-        result.counts["files"] += 1
+        result.counts.files += 1
         if f.rel in task.crashed:
-            result.rejects.append({"path": f.rel, "reason": "worker-crash",
-                                   "message": "the worker process died on this file (after retries)"})
-            result.counts["rejected"] += 1
+            result.reject(f.rel, "worker-crash", "the worker process died on this file (after retries)")
             continue
-        if timeout_marker(task.out, f.sha256).is_file():
-            result.rejects.append({"path": f.rel, "reason": "timeout",
-                                   "message": f"processing took longer than {task.file_timeout} s"})
-            result.counts["rejected"] += 1
+        if timeout_marker(cfg.out, f.sha256).is_file():
+            result.reject(f.rel, "timeout", f"processing took longer than {cfg.file_timeout} s")
             continue
         try:
             with watchdog.watch(f.rel, f.sha256):
-                inject_fault(f.rel)
-                piece = _process_file(task, f, tok, vocab, result, timings)
+                piece = _process_file(cfg, f, tok, vocab, result, timings)
         except Exception as e:  # a bug or an unforeseen input must not take the other files down
-            result.rejects.append({"path": f.rel, "reason": "internal-error", "message": f"{type(e).__name__}: {e}"})
-            result.counts["rejected"] += 1
+            result.reject(f.rel, "internal-error", f"{type(e).__name__}: {e}")
             continue
         if piece is not None:
             by_split[piece.split].extend(piece.samples)
@@ -291,16 +330,15 @@ def _process_batch(task: BatchTask) -> BatchResult:
         return result
     t_write = time.perf_counter()
     for split, samples in by_split.items():
-        result.counts[f"samples_{split}"] = len(samples)
-        result.counts[f"tokens_{split}"] = sum(len(s.tokens) for s in samples)
-        result.shards += write_split_shards(task.out, f"{STAGING_DIR}/", task.batch.index, split, samples,
-                                            task.formats, task.samples_per_shard, task.tokenizer_hash)
+        result.counts.set_split(split, len(samples), sum(len(s.tokens) for s in samples))
+        result.shards += write_split_shards(cfg.out, f"{STAGING_DIR}/", task.batch.index, split, samples,
+                                            cfg.formats, cfg.samples_per_shard, cfg.tokenizer_hash, cfg.token_dtype)
     timings["write"] = time.perf_counter() - t_write
     timings["total"] = time.perf_counter() - t_start
     result.timings = {k: round(v, 4) for k, v in timings.items()}
     result.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result.started, result.ended, result.pid = round(started, 4), round(time.time(), 4), os.getpid()
-    write_json_atomic(batch_record_path(task.out, task.batch.index), result.to_json())
+    write_json_atomic(batch_record_path(cfg.out, task.batch.index), result.to_json())
     return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -14,12 +15,12 @@ from rwkv_music.atomic import write_bytes_atomic, write_json_atomic
 from rwkv_music.remi.tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
 
 from ..shards.manifest import MANIFEST, REJECTS, TOKENIZER
-from ..shards.schema import FORMAT_VERSION, SPLITS
-from .batch import BATCH_DIR, STAGING_DIR, BatchResult, BatchTask, load_finished
+from ..shards.schema import FORMAT_VERSION, SPLITS, shard_stem, token_dtype_for
+from .batch import BATCH_DIR, STAGING_DIR, BatchResult, BatchSettings, BatchTask, load_finished
 from .config import BuildConfig, Runtime
 from .dedup import find_near_duplicates
-from .finalize import publish_batch
-from .scan import CorpusError, find_midi, make_batches, scan_corpus
+from .finalize import publish
+from .scan import CorpusError, Reject, find_midi, make_batches, scan_corpus
 
 BUILD_CONFIG = ".build/config.json"
 STATS = "stats.json"
@@ -32,6 +33,11 @@ FILTER_REASONS = ("no-pitched-tracks", "no-notes", "too-few-notes", "too-few-bar
 
 class BuildError(Exception):
     """A problem with the inputs or OUT that stops the build before anything is written."""
+
+
+class NothingUsable(Exception):
+    """Every file was rejected (or skipped): the build has no sample. Raised after rejects.jsonl is written,
+    instead of publishing a manifest of an empty build that training would only fail on later."""
 
 
 def _prepare_out(out: Path, fingerprint: dict, overwrite: bool) -> None:
@@ -94,6 +100,7 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
     except (ValueError, TypeError, KeyError) as e:
         raise BuildError(f"invalid tokenizer configuration: {e}") from e
     thash = tokenizer_hash(tok)
+    token_dtype = token_dtype_for(len(tok.vocab))
     out = Path(cfg.out)
     _prepare_out(out, cfg.fingerprint(thash), rt.overwrite)
     save_tokenizer(tok, out / TOKENIZER)
@@ -111,27 +118,29 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
 
         results: dict[int, BatchResult] = {}
         ran: list[BatchResult] = []
+        settings = BatchSettings(corpus=str(Path(cfg.corpus).resolve()), out=str(out.resolve()),
+                                 tokenizer_path=str((out / TOKENIZER).resolve()), tokenizer_hash=thash, spec=cfg.spec,
+                                 formats=tuple(cfg.formats), samples_per_shard=cfg.samples_per_shard,
+                                 val_fraction=cfg.val_fraction, seed=cfg.seed, filters=cfg.filters,
+                                 minhash=cfg.near_dedup == "minhash", file_timeout=rt.file_timeout,
+                                 token_dtype=token_dtype)
         tasks = []
         for b in batches:
             done = load_finished(out, b)
             if done is not None:
                 results[b.index] = done
             else:
-                tasks.append(BatchTask(b, str(Path(cfg.corpus).resolve()), str(out.resolve()),
-                                       str((out / TOKENIZER).resolve()), thash, cfg.spec, tuple(cfg.formats),
-                                       cfg.samples_per_shard, cfg.val_fraction, cfg.seed, cfg.filters,
-                                       cfg.near_dedup == "minhash", rt.file_timeout))
+                tasks.append(BatchTask(batch=b, settings=settings))
         if len(results):
             log(f"resuming: {len(results)} of {len(batches)} batch(es) already finished")
-        failures: list[dict] = []
+        failures: list[Reject] = []
 
         def on_result(r: BatchResult) -> None:
             results[r.index] = r
             ran.append(r)
 
         def on_failure(task: BatchTask, e: BaseException) -> None:
-            for f in task.batch.files:
-                failures.append({"path": f.rel, "reason": "batch-failed", "message": f"{type(e).__name__}: {e}"})
+            failures.extend(Reject(f.rel, "batch-failed", f"{type(e).__name__}: {e}") for f in task.batch.files)
 
         if tasks:
             from .driver import run_tasks
@@ -148,17 +157,30 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
     ordered = [results[i] for i in sorted(results)]
     near = find_near_duplicates([p for r in ordered for p in r.pieces], cfg.near_dedup, cfg.minhash_threshold)
     dropped = set(near)
-    shards = [e for r in ordered
-              for e in publish_batch(out, r, dropped, tuple(cfg.formats), cfg.samples_per_shard, thash)]
+    shards = publish(out, ordered, dropped, tuple(cfg.formats), cfg.samples_per_shard, thash, token_dtype,
+                     threads=min(rt.workers, os.cpu_count() or 1))
     manifest = _assemble_manifest(cfg, rt, tok, thash, scan, ordered, failures, near, shards)
-    rejects = sorted(scan.rejects + failures + [r for res in ordered for r in res.rejects], key=lambda r: r["path"])
-    write_bytes_atomic(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
+    manifest["token_dtype"] = token_dtype
+    rejects = sorted(scan.rejects + failures + [r for res in ordered for r in res.rejects], key=lambda r: r.path)
+    write_bytes_atomic(out / REJECTS,
+                       "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rejects).encode())
+    if not manifest["counts"]["files_ok"]:
+        raise NothingUsable(_nothing_usable_message(manifest["counts"], out / REJECTS))
     write_json_atomic(out / MANIFEST, manifest)
     wall = {"prepare": t_scan - t0, "scan": t_scan_done - t_scan, "batches": t_done - t_run,
             "finish": time.perf_counter() - t_done}
     wall["total"] = time.perf_counter() - t0
     write_json_atomic(out / STATS, {**_stats(wall, ordered, len(tasks)), "workers": _worker_use(ran, t0_clock, wall)})
     return manifest
+
+
+def _nothing_usable_message(counts: dict, rejects_path: Path) -> str:
+    by_reason = sorted(counts["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
+    reasons = ", ".join(f"{r} {n}" for r, n in by_reason) or "none"
+    skipped = counts["duplicates"] + counts["near_duplicates"]
+    extra = f", {skipped} duplicate(s) skipped" if skipped else ""
+    return (f"no usable MIDI file among {counts['files_seen']}: {counts['files_rejected']} rejected ({reasons})"
+            f"{extra}; see {rejects_path}")
 
 
 def _stats(wall: dict, results: list[BatchResult], ran: int) -> dict:
@@ -171,9 +193,9 @@ def _stats(wall: dict, results: list[BatchResult], ran: int) -> dict:
         "wall_seconds": {k: round(v, 3) for k, v in wall.items()},
         "worker_seconds": {k: round(v, 3) for k, v in sorted(stages.items())},
         "batches": {"total": len(results), "ran": ran, "reused": len(results) - ran},
-        "tokens_encoded": sum(r.counts.get("tokens_encoded", 0) for r in results),
+        "tokens_encoded": sum(r.counts.tokens_encoded for r in results),
         "worker_peak_rss_mb": max((r.peak_rss_mb for r in results), default=0.0),
-        "per_batch": [{"index": r.index, "files": r.counts["files"], **r.timings, "peak_rss_mb": r.peak_rss_mb}
+        "per_batch": [{"index": r.index, "files": r.counts.files, **r.timings, "peak_rss_mb": r.peak_rss_mb}
                       for r in results],
     }
 
@@ -194,14 +216,14 @@ def _worker_use(ran: list[BatchResult], t0_clock: float, wall: dict) -> dict:
 
 
 def _assemble_manifest(cfg: BuildConfig, rt: Runtime, tok, thash: str, scan, results: list[BatchResult],
-                       failures: list[dict], near: dict[str, str], shards: list[dict]) -> dict:
+                       failures: list[Reject], near: dict[str, str], shards: list[dict]) -> dict:
     """Everything in batch order, so the manifest does not depend on completion order. Counts cover the kept
     pieces only (near-duplicates are dropped after the batches ran)."""
     kept = [p for r in results for p in r.pieces if p["source"] not in near]
     rejects = scan.rejects + failures + [x for r in results for x in r.rejects]
     by_reason: dict[str, int] = {}
     for x in rejects:
-        by_reason[x["reason"]] = by_reason.get(x["reason"], 0) + 1
+        by_reason[x.reason] = by_reason.get(x.reason, 0) + 1
     counts = {
         "files_seen": scan.seen,
         "files_ok": len(kept),
@@ -244,7 +266,7 @@ def summary_table(manifest: dict) -> str:
         ("windows dropped (too long)", c["windows_dropped"]), ("windows truncated", c["windows_truncated"]),
     ]
     for s in SPLITS:
-        n_shards = len({e["path"].rsplit(".", 1)[0] for e in manifest["shards"] if e["split"] == s})
+        n_shards = len({shard_stem(e["path"]) for e in manifest["shards"] if e["split"] == s})
         rows.append((f"{s}: samples / tokens / shards", f"{c['samples'][s]} / {c['tokens'][s]} / {n_shards}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
@@ -261,4 +283,4 @@ def summary_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BuildError", "CorpusError", "build_shards", "summary_table"]
+__all__ = ["BuildError", "CorpusError", "NothingUsable", "build_shards", "summary_table"]

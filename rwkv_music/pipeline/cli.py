@@ -20,11 +20,18 @@ class UsageFailure(click.ClickException):
     exit_code = 2
 
 
+class BuildFailure(click.ClickException):
+    """A one-line error with exit code 1: the build ran but produced nothing usable."""
+
+    exit_code = 1
+
+
 def _echo_err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rwkv-music", prog_name="musicprep", message="%(prog)s %(version)s")
 def main() -> None:
     """MIDI corpus -> Parquet/WebDataset training shards (see docs/pipeline.md)."""
 
@@ -40,18 +47,21 @@ def main() -> None:
               help="Bars between window starts.")
 @click.option("--max-seq-len", default=2048, show_default=True, type=int,
               help="Longest window in tokens.")
-@click.option("--format", "fmt", type=click.Choice(["both", *FORMATS]), default="both", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["both", *FORMATS]), default="both", show_default=True,
+              help="Shard format(s) to write.")
 @click.option("--samples-per-shard", default=4096, show_default=True, type=int,
               help="Most samples per shard file.")
 @click.option("--val-fraction", default=0.05, show_default=True, type=float,
               help="Share of pieces in the val split.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Mixed into the split hash: another seed puts other pieces in val.")
 @click.option("--workers", default=None, type=int, help="Dask worker processes [default: CPU count].")
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (no LocalCluster).")
 @click.option("--scheduler-file", default=None, type=click.Path(path_type=Path, dir_okay=False),
               help="Scheduler file of an existing Dask cluster (dask scheduler --scheduler-file).")
-@click.option("--dashboard-address", default=":8787", show_default=True,
-              help="Dashboard address of the embedded cluster ('' disables it).")
+@click.option("--dashboard-address", default="127.0.0.1:8787", show_default=True,
+              help="Dashboard address of the embedded cluster: this machine only by default; 0.0.0.0:8787 exposes it "
+                   "to the network ('' disables it).")
 @click.option("--tokenizer-config", type=click.Path(path_type=Path, dir_okay=False),
               help="JSON/TOML file of miditok TokenizerConfig overrides.")
 @click.option("--files-per-batch", default=None, type=int,
@@ -90,7 +100,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
     skip_miditok_torch()  # this process only tokenizes (see lean.py); a no-op if miditok is already loaded
     from rwkv_music.remi.tokenizer import load_tokenizer_overrides
 
-    from .build import BuildError, build_shards, summary_table
+    from .build import BuildError, NothingUsable, build_shards, summary_table
     from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Filters, Runtime
     from .scan import CorpusError
 
@@ -121,6 +131,8 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
         manifest = build_shards(cfg, rt, log=_echo_err)
     except (CorpusError, BuildError) as e:
         raise UsageFailure(str(e)) from e
+    except NothingUsable as e:
+        raise BuildFailure(str(e)) from e
     click.echo(summary_table(manifest))
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
 
@@ -144,10 +156,12 @@ def inspect_cmd(out: Path, verify: bool) -> None:
 
 @main.command("sample")
 @click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("-n", "num", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("-o", "--output", "dest", required=True, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-n", "num", default=4, show_default=True, type=click.IntRange(min=1), help="Samples to draw.")
+@click.option("-o", "--output", "dest", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Directory for the MIDI files and index.json.")
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
+              help="Split to draw from.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draw.")
 def sample_cmd(out: Path, num: int, dest: Path, split: str, seed: int) -> None:
     """Decode NUM random samples back to MIDI: context, completion and the joined window, per sample."""
     from ..shards.manifest import ManifestError

@@ -89,7 +89,7 @@ class Runtime:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     scheduler: str | None = None  # address of an existing Dask scheduler
     scheduler_file: str | None = None  # or the JSON file an existing scheduler wrote (dask scheduler --scheduler-file)
-    dashboard_address: str | None = ":8787"
+    dashboard_address: str | None = "127.0.0.1:8787"  # loopback only; "0.0.0.0:8787" exposes it
     overwrite: bool = False
     progress: bool = True
     performance_report: str | None = ""  # HTML report path; "" = OUT/performance-report.html, None = none

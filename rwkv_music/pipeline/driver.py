@@ -38,12 +38,22 @@ def _cluster_config(rt: Runtime) -> dict:
             "distributed.worker.profile.interval": "100ms"}
 
 
+def worker_preloads() -> list[str]:
+    """Our worker start-up module, then any preload the user configured for Dask workers
+    (`distributed.worker.preload`, e.g. DASK_DISTRIBUTED__WORKER__PRELOAD='["mymodule"]'), which an explicit
+    `preload=` would otherwise replace."""
+    import dask
+
+    extra = dask.config.get("distributed.worker.preload", None) or []
+    return [WORKER_PRELOAD, *([extra] if isinstance(extra, str) else extra)]
+
+
 def _local_cluster(rt: Runtime, n_workers: int):
     from distributed import LocalCluster
 
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                         dashboard_address=rt.dashboard_address or None, silence_logs=logging.CRITICAL,
-                        preload=[WORKER_PRELOAD])
+                        preload=worker_preloads())
 
 
 @contextlib.contextmanager
@@ -150,12 +160,12 @@ def _started_on(task: BatchTask, err: BaseException) -> bool:
     pid = getattr(getattr(err, "last_worker", None), "pid", None)
     if pid is None:
         return True  # no way to tell: treat it as a possible culprit, as Dask does
-    return started_marker(task.out, task.attempt, pid).exists()
+    return started_marker(task.settings.out, task.attempt, pid).exists()
 
 
 def _clear_markers(task: BatchTask) -> None:
     """Remove the markers a failed attempt left (one per worker it started on and that died under it)."""
-    for p in (Path(task.out) / STARTED_DIR).glob(f"{task.attempt}.*"):
+    for p in (Path(task.settings.out) / STARTED_DIR).glob(f"{task.attempt}.*"):
         p.unlink(missing_ok=True)
 
 

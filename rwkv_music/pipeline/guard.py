@@ -1,4 +1,4 @@
-"""Keep one pathological file from stalling or killing a batch: a per-file timeout, and a fault-injection hook.
+"""Keep one pathological file from stalling or killing a batch: a per-file timeout and started-markers.
 
 The timeout cannot interrupt native code (symusic, numpy) from Python, so when a file overruns, the watchdog
 records the file as timed out (a marker under OUT/.build/timeouts/) and ends the worker process. Dask reschedules
@@ -8,22 +8,16 @@ the batch; the new attempt sees the marker and rejects the file as `timeout` wit
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from rwkv_music.atomic import write_json_atomic
 
 TIMEOUT_DIR = ".build/timeouts"
 STARTED_DIR = ".build/started"
 TIMEOUT_EXIT_CODE = 75
-
-# Fault-injection hook, for tests of crash isolation only: RWKV_MUSIC_FAULT_INJECT="crash:NAME[,hang:NAME...]"
-# makes the worker die of SIGSEGV ("crash") or hang forever ("hang") when it reaches a file whose base name is
-# NAME. Unset (the normal case) it does nothing.
-FAULT_ENV = "RWKV_MUSIC_FAULT_INJECT"
 
 
 def timeout_marker(out: str | os.PathLike, sha256: str) -> Path:
@@ -54,23 +48,6 @@ def mark_started(out: str | os.PathLike, key: str) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
-def inject_fault(rel: str) -> None:
-    """Act on RWKV_MUSIC_FAULT_INJECT for the file `rel` (see FAULT_ENV)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    name = rel.rsplit("/", 1)[-1]
-    for item in spec.split(","):
-        kind, _, target = item.partition(":")
-        if target != name:
-            continue
-        if kind == "crash":
-            os.kill(os.getpid(), signal.SIGSEGV)
-        elif kind == "hang":
-            while True:
-                time.sleep(3600)
-
-
 class FileWatchdog:
     """`with watchdog.watch(rel, sha256):` around one file's work; overrunning `timeout` s ends the process."""
 
@@ -92,9 +69,5 @@ class FileWatchdog:
             timer.cancel()
 
     def _expire(self, rel: str, sha256: str) -> None:
-        path = timeout_marker(self.out, sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": rel, "timeout_s": self.timeout}))
-        os.replace(tmp, path)
+        write_json_atomic(timeout_marker(self.out, sha256), {"path": rel, "timeout_s": self.timeout})
         os._exit(TIMEOUT_EXIT_CODE)

@@ -59,11 +59,21 @@ def inspect_report(out: str | os.PathLike, verify: bool = False) -> tuple[str, b
         summary_table(m),
         "",
     ]
+    tokens = m["counts"]["tokens"]
+    per_token: dict[str, float] = {}
     for fmt in a["formats"]:
         for split in SPLITS:
             es = shard_entries(m, split, fmt)
             size = sum(e["bytes"] for e in es)
-            lines.append(f"{fmt:<10} {split:<5} {len(es):>5} shard(s) {size / 1e6:>10.2f} MB")
+            bpt = f"{size / tokens[split]:>7.3f} bytes/token" if tokens[split] else ""
+            lines.append(f"{fmt:<10} {split:<5} {len(es):>5} shard(s) {size / 1e6:>10.2f} MB {bpt}")
+        size = sum(e["bytes"] for e in m["shards"] if e["format"] == fmt)
+        if sum(tokens.values()):
+            per_token[fmt] = size / sum(tokens.values())
+            lines.append(f"{fmt:<10} all   {per_token[fmt]:>7.3f} bytes/token "
+                         f"(tokens stored as {m.get('token_dtype', 'int32')})")
+    if len(per_token) == 2:
+        lines.append(f"webdataset / parquet bytes: {per_token['webdataset'] / per_token['parquet']:.2f}")
     for split in SPLITS:
         lens = split_lengths(out, split)
         lines.append(f"\n{split}: {len(lens['length'])} samples (tokens per sample)")

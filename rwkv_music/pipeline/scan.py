@@ -17,6 +17,18 @@ class CorpusError(Exception):
 
 
 @dataclass(frozen=True)
+class Reject:
+    """One rejected file: a line of rejects.jsonl (`{"message", "path", "reason"}`)."""
+
+    path: str  # relative to the corpus, posix
+    reason: str  # the class (docs/shard-format.md#rejectsjsonl)
+    message: str  # what a person needs to know
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "reason": self.reason, "message": self.message}
+
+
+@dataclass(frozen=True)
 class CorpusFile:
     rel: str  # posix path relative to the corpus
     size: int
@@ -41,7 +53,7 @@ class ScanResult:
     seen: int  # MIDI files found
     unique: list[CorpusFile]  # first occurrence of each distinct content, sorted by path
     duplicates: list[dict]  # {"source": rel, "same_as": rel of the kept copy}
-    rejects: list[dict]  # files that could not even be read
+    rejects: list[Reject]  # files that could not even be read
 
 
 def find_midi(corpus: str | os.PathLike) -> list[str]:
@@ -64,10 +76,6 @@ def find_midi(corpus: str | os.PathLike) -> list[str]:
     return sorted(found)
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _hash_file(path: Path, limit: int) -> tuple[int, str]:
     """(size, sha256) read in chunks; raises OSError for unreadable paths and ValueError above `limit` bytes."""
     h = hashlib.sha256()
@@ -81,22 +89,22 @@ def _hash_file(path: Path, limit: int) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _examine(root: Path, rel: str, max_bytes: int) -> tuple[int, str] | dict:
+def _examine(root: Path, rel: str, max_bytes: int) -> tuple[int, str] | Reject:
     """(size, sha256) of one corpus entry, or its reject record."""
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:  # Parquet strings must be UTF-8; keep the rest of the batch safe
-        return {"path": os.fsencode(rel).decode("utf-8", "backslashreplace"), "reason": "bad-filename",
-                "message": "the file name is not valid UTF-8"}
+        return Reject(os.fsencode(rel).decode("utf-8", "backslashreplace"), "bad-filename",
+                      "the file name is not valid UTF-8")
     path = root / rel
     if path.is_dir():
-        return {"path": rel, "reason": "not-a-file", "message": "a directory named like a MIDI file"}
+        return Reject(rel, "not-a-file", "a directory named like a MIDI file")
     try:
         return _hash_file(path, max_bytes)
     except OSError as e:
-        return {"path": rel, "reason": "read-error", "message": f"{type(e).__name__}: {e}"}
+        return Reject(rel, "read-error", f"{type(e).__name__}: {e}")
     except ValueError as e:
-        return {"path": rel, "reason": "too-large", "message": str(e)}
+        return Reject(rel, "too-large", str(e))
 
 
 def scan_corpus(corpus: str | os.PathLike, rels: list[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES,
@@ -118,7 +126,7 @@ def scan_corpus(corpus: str | os.PathLike, rels: list[str], max_bytes: int = DEF
                 yield from zip(chunk, pool.map(lambda r: _examine(root, r, max_bytes), chunk), strict=True)
 
     for rel, got in examined():
-        if isinstance(got, dict):
+        if isinstance(got, Reject):
             rejects.append(got)
             continue
         size, digest = got

@@ -9,7 +9,7 @@ from pathlib import Path
 from rwkv_music.atomic import sha256_file
 
 from .parquet import iter_parquet_samples
-from .schema import FORMAT_VERSION, FORMATS, SPLITS
+from .schema import FORMATS, READABLE_VERSIONS, SPLITS
 from .webdataset import iter_webdataset_samples
 
 MANIFEST = "manifest.json"
@@ -22,15 +22,16 @@ class ManifestError(ValueError):
 
 
 def read_manifest(out: str | os.PathLike) -> dict:
-    """Load OUT/manifest.json (as a plain dict) and check its format version."""
+    """Load OUT/manifest.json (as a plain dict) and check its format version (this one or an older readable one)."""
     import json
 
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{out}: no {MANIFEST} (not a finished musicprep build)")
     m = json.loads(path.read_text())
-    if m.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(f"{path}: format version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if m.get("format_version") not in READABLE_VERSIONS:
+        raise ManifestError(f"{path}: format version {m.get('format_version')!r}, this code reads "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}")
     return m
 
 

@@ -7,20 +7,48 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+# 2: tokens stored as uint16 when the vocabulary fits (else int32), WebDataset tars gzip-compressed (.tar.gz),
+#    build-wide shards of exactly samples_per_shard samples. 1: int32 tokens, plain .tar. Readers take both.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+TOKEN_DTYPES = ("uint16", "int32")
 META_TOKENIZER_HASH = b"rwkv_music.tokenizer_hash"
 META_FORMAT_VERSION = b"rwkv_music.format_version"
 
 SPLITS = ("train", "val")
 FORMATS = ("parquet", "webdataset")
-SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
+SUFFIX = {"parquet": ".parquet", "webdataset": ".tar.gz"}
+OLD_SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}  # format version 1
 
 # Scalar fields in schema order; `tokens` comes first and is stored separately in WebDataset (.npy).
 INT_FIELDS = ("meta_len", "ctx_len", "completion_len", "window", "first_bar")
 STR_FIELDS = ("piece_id", "source")
 
-ARROW_SCHEMA = pa.schema([
-    pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+
+
+def token_dtype_for(vocab_size: int) -> str:
+    """The narrowest stored token type that holds every id of a vocabulary of `vocab_size` tokens."""
+    return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def check_tokens(tokens: np.ndarray, dtype: str, key: str) -> np.ndarray:
+    """`tokens` as `dtype` (little-endian); ValueError if an id does not fit (a vocabulary too large for it)."""
+    if dtype not in TOKEN_DTYPES:
+        raise ValueError(f"token dtype {dtype!r}: must be one of {TOKEN_DTYPES}")
+    a = np.asarray(tokens)
+    info = np.iinfo(dtype)
+    if a.size and (int(a.min()) < info.min or int(a.max()) > info.max):
+        raise ValueError(f"sample {key}: token ids {int(a.min())}..{int(a.max())} do not fit {dtype}")
+    return np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def arrow_schema(token_dtype: str = "uint16") -> pa.Schema:
+    """The Parquet schema of format version 2 with tokens stored as `token_dtype`."""
+    return pa.schema([pa.field("tokens", pa.list_(pa.from_numpy_dtype(np.dtype(token_dtype))), nullable=False),
+                      *_SCALAR_FIELDS])
+
+
+_SCALAR_FIELDS = [
     pa.field("meta_len", pa.int32(), nullable=False),
     pa.field("ctx_len", pa.int32(), nullable=False),
     pa.field("completion_len", pa.int32(), nullable=False),
@@ -28,14 +56,15 @@ ARROW_SCHEMA = pa.schema([
     pa.field("source", pa.string(), nullable=False),
     pa.field("window", pa.int32(), nullable=False),
     pa.field("first_bar", pa.int32(), nullable=False),
-])
+]
+ARROW_SCHEMA = arrow_schema("uint16")
 
 
 @dataclass(frozen=True)
 class Sample:
     """One training window as stored in a shard."""
 
-    tokens: np.ndarray  # int32
+    tokens: np.ndarray  # int32 as read; stored as uint16 or int32 (token_dtype_for)
     meta_len: int
     ctx_len: int
     completion_len: int
@@ -59,14 +88,24 @@ def sample_key(piece_id: str, window: int) -> str:
     return f"{piece_id[:16]}-{window:06d}"
 
 
+def part_stem(batch: int, part: int) -> str:
+    """Name, without suffix, of staged part `part` of batch `batch`: deterministic, so a finished batch can be
+    recognised."""
+    return f"part-{batch:06d}-{part:02d}"
+
+
 def shard_name(batch: int, part: int, fmt: str) -> str:
-    """File name of part `part` of batch `batch`: deterministic, so a finished batch can be recognised."""
-    return f"part-{batch:06d}-{part:02d}{SUFFIX[fmt]}"
+    return part_stem(batch, part) + SUFFIX[fmt]
 
 
-def check_sample(s: Sample) -> None:
-    """Invariants every stored sample satisfies; raises ValueError otherwise."""
-    n = len(s.tokens)
-    if not (0 <= s.meta_len <= s.ctx_len <= n) or s.ctx_len + s.completion_len != n:
-        raise ValueError(f"inconsistent lengths in sample {s.key}: meta {s.meta_len}, ctx {s.ctx_len}, "
-                         f"completion {s.completion_len}, tokens {n}")
+def final_shard_stem(index: int) -> str:
+    """Name, without suffix, of the `index`-th published shard of a split (in manifest order)."""
+    return f"shard-{index:06d}"
+
+
+def shard_stem(path: str) -> str:
+    """`path` without its shard suffix (either format, either version)."""
+    for suffix in sorted({*SUFFIX.values(), *OLD_SUFFIX.values()}, key=len, reverse=True):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    raise ValueError(f"{path}: not a shard file name")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import symusic
 
-from rwkv_music.pipeline.batch import BatchTask, batch_record_path, load_finished, process_batch
+from rwkv_music.pipeline.batch import BatchSettings, BatchTask, batch_record_path, load_finished, process_batch
 from rwkv_music.pipeline.scan import CorpusError, find_midi, make_batches, scan_corpus
 from rwkv_music.remi.tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
 from rwkv_music.remi.windows import WindowSpec
@@ -74,27 +74,30 @@ def test_process_batch_writes_shards_and_records_rejects(small_corpus, tmp_path)
     save_tokenizer(tok, tmp_path / "out/tokenizer.json")
     scan = scan_corpus(small_corpus, find_midi(small_corpus))
     (batch,) = make_batches(scan.unique, 16)
-    task = BatchTask(batch, str(small_corpus), str(tmp_path / "out"), str(tmp_path / "out/tokenizer.json"), thash,
-                     WindowSpec(), ("parquet", "webdataset"), 100, 0.5, 0)
-    result = process_batch(task)
+    settings = BatchSettings(corpus=str(small_corpus), out=str(tmp_path / "out"),
+                             tokenizer_path=str(tmp_path / "out/tokenizer.json"), tokenizer_hash=thash,
+                             spec=WindowSpec(), formats=("parquet", "webdataset"), samples_per_shard=100,
+                             val_fraction=0.5, seed=0)
+    result = process_batch(BatchTask(batch=batch, settings=settings))
 
-    reasons = {r["path"]: r["reason"] for r in result.rejects}
+    reasons = {r.path: r.reason for r in result.rejects}
     assert reasons == {"a/corrupt.mid": "parse-error", "a/empty-track.mid": "no-pitched-tracks",
                        "a/zero.mid": "empty-file", "a/short.mid": "too-short"}
     c = result.counts
-    assert c["files"] == 7 and c["ok"] == 3 and c["rejected"] == 4 and c["too_short"] == 1
+    assert c.files == 7 and c.ok == 3 and c.rejected == 4 and c.too_short == 1
     assert result.timesig_changed == [{"source": "b/eleven-sixteen.mid", "changed": 1}]
-    assert c["windows"] == c["samples_train"] + c["samples_val"] + c["windows_dropped"]
+    assert c.windows == c.samples_train + c.samples_val + c.windows_dropped
+    samples = {"train": c.samples_train, "val": c.samples_val}
 
     by_path = {s["path"]: s for s in result.shards}
     for split in ("train", "val"):
         pq = sorted(p for p, s in by_path.items() if s["split"] == split and s["format"] == "parquet")
-        assert sum(by_path[p]["nsamples"] for p in pq) == c[f"samples_{split}"]
+        assert sum(by_path[p]["nsamples"] for p in pq) == samples[split]
         assert all(by_path[p]["nsamples"] <= 100 for p in pq)
         for p in pq:
             assert p.startswith(f".build/staging/{split}/part-000000-")
             rows = list(iter_parquet_samples(tmp_path / "out" / p))
-            tar_rows = list(iter_webdataset_samples(tmp_path / "out" / p.replace(".parquet", ".tar")))
+            tar_rows = list(iter_webdataset_samples(tmp_path / "out" / p.replace(".parquet", ".tar.gz")))
             assert len(rows) == len(tar_rows) == by_path[p]["nsamples"]
             assert parquet_tokenizer_hash(tmp_path / "out" / p) == thash
     # one piece never straddles the splits
@@ -108,7 +111,12 @@ def test_process_batch_writes_shards_and_records_rejects(small_corpus, tmp_path)
     # the batch is recognised as finished, and no longer once one of its shards is gone
     record = json.loads(batch_record_path(tmp_path / "out", 0).read_text())
     assert record["digest"] == batch.digest()
-    assert load_finished(tmp_path / "out", batch) is not None
+    # the record's JSON keeps its plain layout (the typed counts and rejects become objects with these keys)
+    assert list(record["counts"]) == ["files", "ok", "rejected", "too_short", "windows", "windows_dropped",
+                                      "windows_truncated", "samples_train", "samples_val", "tokens_train",
+                                      "tokens_val", "tokens_encoded"]
+    assert all(list(r) == ["path", "reason", "message"] for r in record["rejects"])
+    assert load_finished(tmp_path / "out", batch) == result
     (tmp_path / "out" / result.shards[0]["path"]).unlink()
     assert load_finished(tmp_path / "out", batch) is None
 
@@ -121,10 +129,11 @@ def test_process_batch_is_deterministic(small_corpus, tmp_path):
     batch = make_batches(scan.unique, 4)[1]
     results = []
     for name in ("x", "y"):
-        task = BatchTask(batch, str(small_corpus), str(tmp_path / name), str(tmp_path / "tok.json"), thash,
-                         WindowSpec(context_bars=2, completion_bars=1, max_seq_len=512), ("parquet", "webdataset"),
-                         64, 0.3, 7)
-        results.append(process_batch(task))
+        settings = BatchSettings(corpus=str(small_corpus), out=str(tmp_path / name),
+                                 tokenizer_path=str(tmp_path / "tok.json"), tokenizer_hash=thash,
+                                 spec=WindowSpec(context_bars=2, completion_bars=1, max_seq_len=512),
+                                 formats=("parquet", "webdataset"), samples_per_shard=64, val_fraction=0.3, seed=7)
+        results.append(process_batch(BatchTask(batch=batch, settings=settings)))
     a, b = ([(s["path"], s["sha256"]) for s in r.shards] for r in results)
     assert a == b and a
     assert all(p.startswith((".build/staging/train/part-000001-", ".build/staging/val/part-000001-")) for p, _ in a)
@@ -140,8 +149,8 @@ def test_scan_rejects_non_utf8_file_names(tmp_path, corpus_dir):
         pytest.skip("the file system refuses non-UTF-8 names")
     scan = scan_corpus(tmp_path, find_midi(tmp_path))
     assert [f.rel for f in scan.unique] == ["ok.mid"]
-    assert [r["reason"] for r in scan.rejects] == ["bad-filename"]
-    json.dumps(scan.rejects)  # recordable in rejects.jsonl
+    assert [r.reason for r in scan.rejects] == ["bad-filename"]
+    json.dumps([r.to_json() for r in scan.rejects])  # recordable in rejects.jsonl
 
 
 @pytest.mark.parametrize("max_seq_len", [2048, 300])

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from rwkv_music.pipeline.cli import main
-from rwkv_music.shards import iter_samples, read_manifest, verify_shards
+from rwkv_music.shards import iter_samples, iter_shard, read_manifest, verify_shards
 
 
 def test_counts_add_up(built_shards: Path):
@@ -25,7 +25,8 @@ def test_counts_add_up(built_shards: Path):
             entries = [s for s in m["shards"] if s["split"] == split and s["format"] == fmt]
             assert len(entries) >= 2
             assert sum(e["nsamples"] for e in entries) == c["samples"][split]
-            assert all(e["nsamples"] <= 256 for e in entries)
+            # every shard but the last of its split and format holds exactly --samples-per-shard samples
+            assert all(e["nsamples"] == 256 for e in entries[:-1]) and 0 < entries[-1]["nsamples"] <= 256
         rows = list(iter_samples(built_shards, split))
         assert len(rows) == c["samples"][split]
         assert sum(len(r["tokens"]) for r in rows) == c["tokens"][split]
@@ -44,8 +45,8 @@ def test_rejects_hold_the_corrupt_and_the_empty_file(built_shards: Path):
 def test_manifest_hashes_match_files(built_shards: Path):
     assert verify_shards(built_shards) == []
     listed = {e["path"] for e in read_manifest(built_shards)["shards"]}
-    on_disk = {p.relative_to(built_shards).as_posix() for p in built_shards.glob("*/*") if p.suffix in (".parquet",
-                                                                                                          ".tar")}
+    on_disk = {p.relative_to(built_shards).as_posix() for p in built_shards.glob("*/*")
+               if p.name.endswith((".parquet", ".tar.gz"))}
     assert listed == on_disk
 
 
@@ -59,6 +60,22 @@ def test_both_formats_hold_the_same_samples(built_shards: Path):
             assert {k: v for k, v in a.items() if k != "tokens"} == {k: v for k, v in b.items() if k != "tokens"}
             n += 1
         assert n > 0
+
+
+def test_published_order_keeps_each_pieces_windows_in_order(built_shards: Path):
+    """Batch remainders are merged after the batches' full shards, yet every sample is there once and each
+    piece's windows still come in window order."""
+    staged: list[tuple[str, int]] = []
+    for rec in sorted((built_shards / ".build" / "batches").glob("batch-*.json")):
+        for s in json.loads(rec.read_text())["shards"]:
+            if s["split"] == "train" and s["format"] == "parquet":
+                staged += [(r["piece_id"], r["window"]) for r in iter_shard(built_shards / s["path"], "parquet")]
+    final = [(r["piece_id"], r["window"]) for r in iter_samples(built_shards, "train")]
+    assert sorted(final) == sorted(staged) and len(set(final)) == len(final)
+    last: dict[str, int] = {}
+    for piece, window in final:
+        assert window > last.get(piece, -1)
+        last[piece] = window
 
 
 def test_samples_are_well_formed_and_pieces_stay_in_one_split(built_shards: Path):

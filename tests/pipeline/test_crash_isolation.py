@@ -1,7 +1,8 @@
 """A worker that dies on one file (segfault) or hangs on one (timeout) costs only that file, in a real build.
 
-The crash and the hang come from the documented fault-injection hook (RWKV_MUSIC_FAULT_INJECT, guard.py): the
-worker really receives SIGSEGV, or really stops making progress; no valid MIDI file does that reliably.
+The crash and the hang come from a test-only Dask worker preload (tests/pipeline/faults.py, loaded through
+Dask's own `distributed.worker.preload` setting): the worker really receives SIGSEGV, or really stops making
+progress, on a real file; no valid MIDI file does that reliably.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rwkv_music.pipeline.guard import FAULT_ENV
 from rwkv_music.shards import iter_samples, read_manifest
+
+FAULTS_PRELOAD = Path(__file__).with_name("faults.py")
 
 FILES = ["POP909_008", "POP909_010", "POP909_022", "POP909_191", "Maestro_3", "Maestro_4"]
 
@@ -29,7 +31,8 @@ def test_crashing_and_hanging_files_are_rejected_alone(corpus_dir: Path, tmp_pat
     # One worker: Dask queues several of these small task groups on it at once, so its death also fails tasks
     # that were only waiting (batch 1; the probe of POP909_010 behind the one of POP909_008). Those must be
     # re-run, not convicted.
-    env = {**os.environ, FAULT_ENV: "crash:POP909_008.mid,hang:POP909_191.mid"}
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(FAULTS_PRELOAD)]),
+           "RWKV_MUSIC_TEST_FAULTS": "crash:POP909_008.mid,hang:POP909_191.mid"}
     cmd = [sys.executable, "-m", "rwkv_music.pipeline.cli", "build-shards", str(root), "-o", str(out),
            "--dashboard-address", "", "--no-progress", "--performance-report", "", "--workers", "1",
            "--files-per-batch", "4", "--val-fraction", "0", "--retries", "0", "--file-timeout", "3"]

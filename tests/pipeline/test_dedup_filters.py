@@ -87,7 +87,10 @@ def test_build_drops_reencoded_copies_and_counts_filters(corpus_dir, build_cli, 
     _synthetic(root / "cluster.mid", [list(range(21, 101))], 40)  # 80 notes at once
     _synthetic(root / "sparse.mid", [[60], [], [], []], 40)  # 10 notes in 10 bars
     out = tmp_path / "out"
-    build_cli(root, out, "--workers", "1", "--val-fraction", "0.5", "--min-notes", "16", "--performance-report", "")
+    # Batches of 3 files and shards of 300 samples: the near-duplicate's batch is re-cut without it, and the
+    # batches' remainders are merged into full shards when the build is published.
+    build_cli(root, out, "--workers", "1", "--val-fraction", "0.5", "--min-notes", "16", "--performance-report", "",
+              "--files-per-batch", "3", "--samples-per-shard", "300")
 
     m = read_manifest(out)
     c = m["counts"]
@@ -107,3 +110,10 @@ def test_build_drops_reencoded_copies_and_counts_filters(corpus_dir, build_cli, 
     assert "z/copy-of-maestro.mid" not in sources and "z/maestro-up-2.mid" in sources
     assert all(len(v) == 1 for v in sources.values()) and len(sources) == 5
     assert verify_shards(out) == [] and not (out / "performance-report.html").exists()
+    assert len(list((out / ".build" / "batches").glob("batch-*.json"))) == 3
+    for split in ("train", "val"):
+        for fmt in ("parquet", "webdataset"):
+            sizes = [e["nsamples"] for e in m["shards"] if e["split"] == split and e["format"] == fmt]
+            assert sizes and all(n == 300 for n in sizes[:-1]) and 0 < sizes[-1] <= 300, (split, fmt, sizes)
+    published = {p.relative_to(out).as_posix() for d in ("train", "val") for p in (out / d).iterdir()}
+    assert published == {e["path"] for e in m["shards"]}  # no leftovers of staging names

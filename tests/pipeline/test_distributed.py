@@ -41,6 +41,28 @@ def _cmd(corpus: Path, out: Path, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state held by process `pid` or any of its descendants."""
+    import psutil
+
+    found = set()
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            conns = p.net_connections(kind="tcp") if hasattr(p, "net_connections") else p.connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def _wait_for_line(proc: subprocess.Popen, lines: list[str], text: str, deadline: float) -> str:
+    while not any(text in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.1)
+    return next(line for line in lines if text in line)
+
+
 def _readable(path: Path) -> None:
     if path.suffix == ".parquet":
         pq.read_table(path)
@@ -54,22 +76,26 @@ def test_kill_9_then_rerun_completes_identically_and_dashboard_is_live(corpus_di
     out = tmp_path / "out"
     args = list(built_shards_args)
     args[args.index("--workers") + 1] = "1"  # one worker: the second batch is still running when we kill
-    port = _free_port()
-    proc = subprocess.Popen(_cmd(corpus_dir, out, *args, "--dashboard-address", f"127.0.0.1:{port}"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # The default dashboard address (no --dashboard-address): 127.0.0.1:8787, or another port on 127.0.0.1 when
+    # 8787 is taken on this machine.
+    proc = subprocess.Popen(_cmd(corpus_dir, out, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 120
-        while not any("dashboard: http" in line for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.1)
-        url = next(line for line in lines if "dashboard: http" in line).split("dashboard: ")[1].strip()
-        assert url == f"http://127.0.0.1:{port}/status"
+        url = _wait_for_line(proc, lines, "dashboard: http", deadline).split("dashboard: ")[1].strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/status")
+        port = int(url.split(":")[2].split("/")[0])
         with urllib.request.urlopen(url, timeout=30) as r:
             page = r.read().decode()
         assert r.status == 200 and "Dask" in page
+        # What the build's processes really listen on: the dashboard on loopback, and nothing on a wildcard or
+        # an outside address (scheduler and workers included).
+        listening = _listening(proc.pid)
+        assert ("127.0.0.1", port) in listening
+        assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
         records = out / ".build/batches"
         while not (records.is_dir() and any(records.glob("batch-*.json"))):
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
@@ -79,7 +105,7 @@ def test_kill_9_then_rerun_completes_identically_and_dashboard_is_live(corpus_di
         proc.wait()
     assert not (out / "manifest.json").exists()
     for d in ("train", "val", ".build/staging/train", ".build/staging/val"):  # nothing half-written under a real name
-        for p in (out / d).glob("part-*") if (out / d).is_dir() else []:
+        for p in (out / d).glob("[!.]*") if (out / d).is_dir() else []:
             _readable(p)
 
     again = subprocess.run(_cmd(corpus_dir, out, *args, "--dashboard-address", ""), capture_output=True, text=True,
@@ -90,6 +116,29 @@ def test_kill_9_then_rerun_completes_identically_and_dashboard_is_live(corpus_di
     _same_shards(built_shards, out)
     report = (out / "performance-report.html").read_text()
     assert "<html" in report.lower() and "Dask Performance Report" in report
+
+
+def test_dashboard_on_all_interfaces_only_when_asked(corpus_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("POP909_008", "Maestro_3"):
+        (corpus / f"{name}.mid").write_bytes((corpus_dir / "MIDIs_one_track" / f"{name}.mid").read_bytes())
+    port = _free_port()
+    proc = subprocess.Popen(_cmd(corpus, tmp_path / "out", "--workers", "1", "--val-fraction", "0",
+                                 "--performance-report", "", "--dashboard-address", f"0.0.0.0:{port}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        _wait_for_line(proc, lines, "dashboard: http", time.monotonic() + 120)
+        os.killpg(proc.pid, signal.SIGSTOP)  # hold the build (and its sockets) where it is while we look
+        listening = _listening(proc.pid)
+        assert ("0.0.0.0", port) in listening, listening
+        assert {ip for ip, p in listening if p != port} == {"127.0.0.1"}, listening  # the rest stays local
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture

@@ -25,6 +25,21 @@ def test_inspect_reports_counts_lengths_and_verifies(built_shards):
     assert lens["ctx_len"].tolist() == [r["ctx_len"] for r in rows]
 
 
+def test_inspect_reports_bytes_per_token_and_webdataset_stays_within_3x_parquet(built_shards):
+    res = CliRunner().invoke(main, ["inspect", str(built_shards)])
+    assert res.exit_code == 0, res.output
+    m = read_manifest(built_shards)
+    tokens = sum(m["counts"]["tokens"].values())
+    per_token = {fmt: sum(e["bytes"] for e in m["shards"] if e["format"] == fmt) / tokens
+                 for fmt in ("parquet", "webdataset")}
+    for fmt, bpt in per_token.items():
+        assert f"{fmt:<10} all   {bpt:>7.3f} bytes/token (tokens stored as uint16)" in res.output
+    ratio = per_token["webdataset"] / per_token["parquet"]
+    assert f"webdataset / parquet bytes: {ratio:.2f}" in res.output
+    assert ratio <= 3, res.output
+    assert m["token_dtype"] == "uint16" and m["format_version"] == 2
+
+
 def test_inspect_rejects_a_non_build(tmp_path):
     res = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert res.exit_code == 2 and "manifest.json" in res.output
