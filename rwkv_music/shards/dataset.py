@@ -346,31 +346,30 @@ class ShardStream(IterableDataset):
         rows: list[list[dict]] = []
         for lap in range(1 << 30):
             rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/pack{lap}")
-            buf: list[dict] = []
-            seen = 0
-            for s in self._slot_samples(plan):
-                seen += 1
-                if len(buf) < self.spec.shuffle_buffer:
-                    buf.append(s)
-                    continue
-                j = rng.randrange(len(buf))
-                buf[j], s = s, buf[j]
+            empty = True
+            for s in self._shuffled(plan, rng):
+                empty = False
                 packer.add(s)
                 while packer.count >= target:
                     rows.append(packer.row())
                     if len(rows) == b:
                         yield rows
                         rows = []
-            if seen == 0:
+            if empty:
                 return
-            rng.shuffle(buf)
-            for s in buf:
-                packer.add(s)
-                while packer.count >= target:
-                    rows.append(packer.row())
-                    if len(rows) == b:
-                        yield rows
-                        rows = []
+
+    def _shuffled(self, plan: SlotPlan, rng: random.Random) -> Iterator[dict]:
+        """The slot's samples through a shuffle buffer of `shuffle_buffer` samples (drawing from `rng`)."""
+        buf: list[dict] = []
+        for s in self._slot_samples(plan):
+            if len(buf) < self.spec.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], s = s, buf[j]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
 
     def _slot_samples(self, plan: SlotPlan) -> Iterator[dict]:
         i = 0
@@ -391,7 +390,6 @@ class ShardStream(IterableDataset):
         """Shuffle buffer, then pools of `bucket_pool` sub-batches sorted by length; drops the last partial."""
         rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}")
         b, pool_size = self.spec.sub_batch, self.spec.sub_batch * max(1, self.spec.bucket_pool)
-        buf: list[dict] = []
         pool: list[dict] = []
 
         def flush(pool: list[dict]) -> list[list[dict]]:
@@ -400,18 +398,7 @@ class ShardStream(IterableDataset):
             rng.shuffle(batches)
             return batches
 
-        for s in self._slot_samples(plan):
-            if len(buf) < self.spec.shuffle_buffer:
-                buf.append(s)
-                continue
-            j = rng.randrange(len(buf))
-            buf[j], s = s, buf[j]
-            pool.append(s)
-            if len(pool) == pool_size:
-                yield from flush(pool)
-                pool = []
-        rng.shuffle(buf)
-        for s in buf:
+        for s in self._shuffled(plan, rng):
             pool.append(s)
             if len(pool) == pool_size:
                 yield from flush(pool)

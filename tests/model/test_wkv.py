@@ -41,17 +41,23 @@ def test_gradcheck_chunked() -> None:
     assert torch.autograd.gradcheck(lambda *a: wkv_chunked(*a, chunk_size=3), (*x, s0))
 
 
-def test_chunked_gradients_match_reference() -> None:
-    x = [t.requires_grad_() for t in wkv_inputs(2, 40, 2, 16, torch.float64, seed=2)]
-    s0 = torch.randn(2, 2, 16, 16, dtype=torch.float64, requires_grad=True)
-    inputs = [*x, s0]
-    gy = torch.randn(2, 40, 2, 16, dtype=torch.float64)
-    gs = torch.randn(2, 2, 16, 16, dtype=torch.float64)
+def _gradient_probe(B: int, T: int, seed: int):
+    """float64 inputs (initial state included) and a function giving every input's gradient of a random
+    projection of (y, final state) under a WKV implementation."""
+    x = [t.requires_grad_() for t in wkv_inputs(B, T, 2, 16, torch.float64, seed=seed)]
+    inputs = [*x, torch.randn(B, 2, 16, 16, dtype=torch.float64, requires_grad=True)]
+    gy = torch.randn(B, T, 2, 16, dtype=torch.float64)
+    gs = torch.randn(B, 2, 16, 16, dtype=torch.float64)
 
     def grads(fn):
         y, s = fn(*inputs)
         return torch.autograd.grad((y * gy).sum() + (s * gs).sum(), inputs)
 
+    return grads
+
+
+def test_chunked_gradients_match_reference() -> None:
+    grads = _gradient_probe(2, 40, seed=2)
     ref = grads(wkv_reference)
     got = grads(lambda *a: wkv_chunked(*a, chunk_size=16))
     for g_ref, g in zip(ref, got, strict=True):
@@ -139,17 +145,8 @@ def test_resets_equal_separate_sequences(T: int, with_state: bool) -> None:
 
 
 def test_reset_gradients_match_reference() -> None:
-    x = [t.requires_grad_() for t in wkv_inputs(2, 45, 2, 16, torch.float64, seed=9)]
-    s0 = torch.randn(2, 2, 16, 16, dtype=torch.float64, requires_grad=True)
+    grads = _gradient_probe(2, 45, seed=9)
     starts = _random_starts(2, 45, seed=3)
-    inputs = [*x, s0]
-    gy = torch.randn(2, 45, 2, 16, dtype=torch.float64)
-    gs = torch.randn(2, 2, 16, 16, dtype=torch.float64)
-
-    def grads(fn):
-        y, s = fn(*inputs)
-        return torch.autograd.grad((y * gy).sum() + (s * gs).sum(), inputs)
-
     ref = grads(lambda *a: wkv_reference(*a, starts=starts))
     got = grads(lambda *a: wkv_chunked(*a, chunk_size=16, starts=starts))
     for g_ref, g in zip(ref, got, strict=True):
