@@ -185,6 +185,64 @@ __device__ __forceinline__ float group_sum(float x) {
   return x;
 }
 
+// ---- staging shared by the two row kernels (forward, backward pass 1) ---------------------------------------
+// Their inputs for one chunk: r, w (as the decay), k, a, b over all 64 columns, and one input per row (v in
+// the forward, dy in backward pass 1) over the block's RB rows.
+template <int RB>
+struct RowTiles {
+  float r[L][N], w[L][N], k[L][N], a[L][N], b[L][N], row[L][RB];
+};
+
+template <typename F, int NT, int RB>
+struct RowStage {
+  Chunk<F, NT, N> r, w, k, a, b;
+  Chunk<F, NT, RB> row;
+  const F *r_, *w_, *k_, *a_, *b_, *row_;  // element (b, t=0, h, 0); row_ at the block's first row
+  long stride_t;
+  int T;
+
+  __device__ __forceinline__ void load(int t0) {
+    r.load(r_, stride_t, t0, T);
+    w.load(w_, stride_t, t0, T);
+    k.load(k_, stride_t, t0, T);
+    a.load(a_, stride_t, t0, T);
+    b.load(b_, stride_t, t0, T);
+    row.load(row_, stride_t, t0, T);
+  }
+  __device__ __forceinline__ void store(RowTiles<RB>& sh, int t0) const {
+    r.template store<Tf::Plain>(&sh.r[0][0], t0, T);
+    w.template store<Tf::Decay>(&sh.w[0][0], t0, T);
+    k.template store<Tf::Plain>(&sh.k[0][0], t0, T);
+    a.template store<Tf::Plain>(&sh.a[0][0], t0, T);
+    b.template store<Tf::Plain>(&sh.b[0][0], t0, T);
+    row.template store<Tf::Plain>(&sh.row[0][0], t0, T);
+  }
+};
+
+// A row kernel thread's part of a [64, 64] state (rows row0 + g + NG*rr, columns 4p + 4P*m + q), from
+// `src` (zeros when null), or back to `dst`.
+template <int R, int M, int P, int NG>
+__device__ __forceinline__ void load_rows(const float* src, float (&X)[R][4 * M], int row0, int g, int p) {
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (src != nullptr) x = *reinterpret_cast<const float4*>(src + (row0 + g + NG * rr) * N + 4 * p + 4 * P * m);
+      X[rr][4 * m] = x.x, X[rr][4 * m + 1] = x.y, X[rr][4 * m + 2] = x.z, X[rr][4 * m + 3] = x.w;
+    }
+}
+
+template <int R, int M, int P, int NG>
+__device__ __forceinline__ void store_rows(float* dst, const float (&X)[R][4 * M], int row0, int g, int p) {
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+      *reinterpret_cast<float4*>(dst + (row0 + g + NG * rr) * N + 4 * p + 4 * P * m) =
+          make_float4(X[rr][4 * m], X[rr][4 * m + 1], X[rr][4 * m + 2], X[rr][4 * m + 3]);
+}
+
 // ---- forward ------------------------------------------------------------------------------------------
 // Block: RB rows of one head.  Thread (g, p): rows row0 + g + NG*r (r < R), columns 4p + 4P*m + q.
 // DEFER: y's row sums are not finished with shuffles each step; each thread leaves its partial sum in
@@ -204,48 +262,25 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
   const long head = (long)b * H + h;
   const int NC = (T + L - 1) / L;
 
-  __shared__ __align__(16) float s_r[L][N], s_w[L][N], s_k[L][N], s_a[L][N], s_b[L][N], s_v[L][RB];
+  __shared__ __align__(16) RowTiles<RB> sh;
   __shared__ __align__(16) float o_y[DEFER ? P : 1][L][RB], o_sa[L][RB];
   __shared__ int s_st[L];
+  const auto &s_r = sh.r, &s_w = sh.w, &s_k = sh.k, &s_a = sh.a, &s_b = sh.b;
+  const auto& s_v = sh.row;
 
   float S[R][C];
-#pragma unroll
-  for (int rr = 0; rr < R; ++rr) {
-    const int i = row0 + g + NG * rr;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (s0 != nullptr) x = *reinterpret_cast<const float4*>(s0 + (head * N + i) * N + 4 * p + 4 * P * m);
-      S[rr][4 * m] = x.x;
-      S[rr][4 * m + 1] = x.y;
-      S[rr][4 * m + 2] = x.z;
-      S[rr][4 * m + 3] = x.w;
-    }
-  }
+  load_rows<R, M, P, NG>(s0 == nullptr ? nullptr : s0 + head * N * N, S, row0, g, p);
 
-  Chunk<F, NT, N> cr, cw, ck, ca, cb;
-  Chunk<F, NT, RB> cv;
-  auto load_all = [&](int t0) {
-    cr.load(r_ + in0, stride_t, t0, T);
-    cw.load(w_ + in0, stride_t, t0, T);
-    ck.load(k_ + in0, stride_t, t0, T);
-    ca.load(a_ + in0, stride_t, t0, T);
-    cb.load(b_ + in0, stride_t, t0, T);
-    cv.load(v_ + in0 + row0, stride_t, t0, T);
-  };
-  load_all(0);
+  RowStage<F, NT, RB> stage{{}, {}, {}, {}, {}, {}, r_ + in0, w_ + in0, k_ + in0, a_ + in0, b_ + in0,
+                            v_ + in0 + row0, stride_t, T};
+  stage.load(0);
 
   for (int c = 0; c < NC; ++c) {
     const int t0 = c * L;
     __syncthreads();
-    cr.template store<Tf::Plain>(&s_r[0][0], t0, T);
-    cw.template store<Tf::Decay>(&s_w[0][0], t0, T);
-    ck.template store<Tf::Plain>(&s_k[0][0], t0, T);
-    ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
-    cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
-    cv.template store<Tf::Plain>(&s_v[0][0], t0, T);
+    stage.store(sh, t0);
     stage_starts(s_st, starts, b, T, t0);
-    if (c + 1 < NC) load_all(t0 + L);
+    if (c + 1 < NC) stage.load(t0 + L);
     if constexpr (SAVE) {
       if (c > 0) {  // checkpoint c = state after c*L steps
         float* dst = ckpt + ((head * NC + c) * N + row0) * N;
@@ -329,14 +364,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     if constexpr (SAVE) write_chunk<float, NT, RB>(sa_out + in0 + row0, stride_t, t0, T, &o_sa[0][0]);
   }
 
-#pragma unroll
-  for (int rr = 0; rr < R; ++rr) {
-    const int i = row0 + g + NG * rr;
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-      *reinterpret_cast<float4*>(sT + (head * N + i) * N + 4 * p + 4 * P * m) =
-          make_float4(S[rr][4 * m], S[rr][4 * m + 1], S[rr][4 * m + 2], S[rr][4 * m + 3]);
-  }
+  store_rows<R, M, P, NG>(sT + head * N * N, S, row0, g, p);
 }
 
 // ---- backward pass 1: dS rows, backwards in time ---------------------------------------------------------
@@ -356,48 +384,25 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
   const long head = (long)b * H + h;
   const int NC = (T + L - 1) / L;
 
-  __shared__ __align__(16) float s_r[L][N], s_w[L][N], s_k[L][N], s_a[L][N], s_b[L][N], s_dy[L][RB];
+  __shared__ __align__(16) RowTiles<RB> sh;
   __shared__ __align__(16) float o_dv[DEFER ? P : 1][L][RB], o_dsa[L][RB];
   __shared__ int s_st[L];
+  const auto &s_r = sh.r, &s_w = sh.w, &s_k = sh.k, &s_a = sh.a, &s_b = sh.b;
+  const auto& s_dy = sh.row;
 
   float dS[R][C];
-#pragma unroll
-  for (int rr = 0; rr < R; ++rr) {
-    const int i = row0 + g + NG * rr;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (dsT != nullptr) x = *reinterpret_cast<const float4*>(dsT + (head * N + i) * N + 4 * p + 4 * P * m);
-      dS[rr][4 * m] = x.x;
-      dS[rr][4 * m + 1] = x.y;
-      dS[rr][4 * m + 2] = x.z;
-      dS[rr][4 * m + 3] = x.w;
-    }
-  }
+  load_rows<R, M, P, NG>(dsT == nullptr ? nullptr : dsT + head * N * N, dS, row0, g, p);
 
-  Chunk<F, NT, N> cr, cw, ck, ca, cb;
-  Chunk<F, NT, RB> cdy;
-  auto load_all = [&](int t0) {
-    cr.load(r_ + in0, stride_t, t0, T);
-    cw.load(w_ + in0, stride_t, t0, T);
-    ck.load(k_ + in0, stride_t, t0, T);
-    ca.load(a_ + in0, stride_t, t0, T);
-    cb.load(b_ + in0, stride_t, t0, T);
-    cdy.load(dy_ + in0 + row0, stride_t, t0, T);
-  };
-  load_all((NC - 1) * L);
+  RowStage<F, NT, RB> stage{{}, {}, {}, {}, {}, {}, r_ + in0, w_ + in0, k_ + in0, a_ + in0, b_ + in0,
+                            dy_ + in0 + row0, stride_t, T};
+  stage.load((NC - 1) * L);
 
   for (int c = NC - 1; c >= 0; --c) {
     const int t0 = c * L;
     __syncthreads();
-    cr.template store<Tf::Plain>(&s_r[0][0], t0, T);
-    cw.template store<Tf::Decay>(&s_w[0][0], t0, T);
-    ck.template store<Tf::Plain>(&s_k[0][0], t0, T);
-    ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
-    cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
-    cdy.template store<Tf::Plain>(&s_dy[0][0], t0, T);
+    stage.store(sh, t0);
     stage_starts(s_st, starts, b, T, t0);
-    if (c > 0) load_all(t0 - L);
+    if (c > 0) stage.load(t0 - L);
     __syncthreads();
 
 #pragma unroll U
@@ -469,14 +474,7 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
     write_chunk<float, NT, RB>(dsa_out + in0 + row0, stride_t, t0, T, &o_dsa[0][0]);
   }
 
-#pragma unroll
-  for (int rr = 0; rr < R; ++rr) {
-    const int i = row0 + g + NG * rr;
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-      *reinterpret_cast<float4*>(ds0 + (head * N + i) * N + 4 * p + 4 * P * m) =
-          make_float4(dS[rr][4 * m], dS[rr][4 * m + 1], dS[rr][4 * m + 2], dS[rr][4 * m + 3]);
-  }
+  store_rows<R, M, P, NG>(ds0 + head * N * N, dS, row0, g, p);
 }
 
 // ---- backward pass 2: columns of S and dS, backwards in time ------------------------------------------
