@@ -175,13 +175,19 @@ def test_teacher_forced_equals_full_forward(trained_run: Path, small_shards: Pat
     assert tf["loss"] == pytest.approx(float(ref.mean()), rel=1e-4)
 
 
-def test_repeat_baseline_is_the_context_tail(small_shards: Path, trained_run: Path):
+def _val_window_with_context(small_shards: Path, trained_run: Path):
+    """(the first val window that kept a context bar, its completion's bars, its decoding).
+    With 96-token windows, truncation can drop every context bar; the repeat baseline needs at least one."""
     _, tok, _ = load_for_inference(trained_run, "cpu")
     vocab = Vocab(tok)
-    # With 96-token windows, truncation can drop every context bar; the baseline needs at least one.
     s = next(s for s in load_split(small_shards, "val", "parquet") if count_bars(s.tokens[s.meta_len:s.ctx_len], vocab))
     bars = count_bars(s.tokens[s.ctx_len:], vocab)
-    d = decode_segments(s.tokens[: s.ctx_len], s.meta_len, s.tokens[s.ctx_len:], bars, tok, vocab)
+    return s, bars, decode_segments(s.tokens[: s.ctx_len], s.meta_len, s.tokens[s.ctx_len:], bars, tok,
+                                                vocab)
+
+
+def test_repeat_baseline_is_the_context_tail(small_shards: Path, trained_run: Path):
+    _, bars, d = _val_window_with_context(small_shards, trained_run)
     assert d.context.n_bars >= 1
     rep = M.repeat_last_bars(d.context, bars)
     tail = M.bar_slice(d.context, d.context.n_bars - bars, d.context.n_bars)
@@ -324,11 +330,7 @@ def test_piano_roll_spans_context_and_completion_bars(small_shards: Path, traine
     """The report's roll shares `complete`'s drawing: x in bars, the window's then the completion's."""
     from rwkv_music.train.eval_report import piano_roll_figure
 
-    _, tok, _ = load_for_inference(trained_run, "cpu")
-    vocab = Vocab(tok)
-    s = next(s for s in load_split(small_shards, "val", "parquet") if count_bars(s.tokens[s.meta_len:s.ctx_len], vocab))
-    nb = count_bars(s.tokens[s.ctx_len:], vocab)
-    d = decode_segments(s.tokens[: s.ctx_len], s.meta_len, s.tokens[s.ctx_len:], nb, tok, vocab)
+    s, nb, d = _val_window_with_context(small_shards, trained_run)
     rec = {"source": s.source, "window": s.window,
            "_segments": {"context": d.context, "truth": d.completion, "model": None}}
     fig = piano_roll_figure(rec)
