@@ -227,3 +227,16 @@ def _window_bytes(batch: dict) -> list[bytes]:
         for lo, hi in zip(st, [*st[1:], last], strict=True):
             out.append(batch["input_ids"][r, lo:hi].numpy().astype(np.int64).tobytes())
     return out
+
+
+def test_packed_ranks_get_equal_batches_of_their_own_windows(train_set):
+    """Packed batches under DDP: the same number of batches on every rank, from disjoint shards."""
+    specs = [DataSpec(batch_size=1, batch_tokens=2 * 2048, pack_len=2048, seed=4, world_size=2, rank=r,
+                      shuffle_buffer=32) for r in range(2)]
+    streams = [make_stream(train_set, sp) for sp in specs]
+    epochs = [_epoch(s, 0) for s in streams]
+    assert len(epochs[0]) == len(epochs[1]) == streams[0].batches_per_epoch(0) > 0
+    plans = streams[0].plans(0)
+    mine = [set(plans[specs[r].slot(0, 0)].shards) for r in range(2)]
+    if plans[0].stride == 1:  # whole shards per slot: the ranks read different shards
+        assert not mine[0] & mine[1]
