@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_music.pipeline.scan import find_midi, scan_corpus
 from rwkv_music.shards import iter_samples, read_manifest, verify_shards
 
 VALID = ["MIDIs_one_track/POP909_008.mid", "MIDIs_one_track/POP909_010.mid", "MIDIs_one_track/POP909_022.mid",
@@ -147,17 +146,38 @@ def test_fuzzed_corpus_builds_and_accounts_for_every_file(fuzz_corpus: Path, bui
     assert verify_shards(out) == []
 
 
+_SCAN_AS_CHILD = """
+import json, sys
+from pathlib import Path
+from rwkv_music.pipeline.scan import find_midi, scan_corpus
+root = Path(sys.argv[1])
+scan = scan_corpus(root, find_midi(root))
+print(json.dumps({"unique": [f.rel for f in scan.unique],
+                  "rejects": [[r.path, r.reason] for r in scan.rejects]}))
+"""
+
+
 def test_unreadable_file_is_a_read_error(corpus_dir, tmp_path):
-    """chmod 000; as root the file stays readable, so there is nothing to test."""
+    """chmod 000. Root reads such a file anyway, so as root the scan runs in a child process without the
+    capabilities that bypass file permissions (util-linux's setpriv drops them from its bounding set)."""
+    import subprocess
+    import sys
+
     (tmp_path / "ok.mid").write_bytes((corpus_dir / VALID[0]).read_bytes())
     locked = tmp_path / "locked.mid"
     locked.write_bytes((corpus_dir / VALID[1]).read_bytes())
     locked.chmod(0)
+    cmd = [sys.executable, "-c", _SCAN_AS_CHILD, str(tmp_path)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without util-linux's setpriv: permissions do not stop reads")
+        cmd = [setpriv, "--bounding-set=-dac_override,-dac_read_search", *cmd]
     try:
-        if os.access(locked, os.R_OK):
-            pytest.skip("running as root (or with CAP_DAC_OVERRIDE): permissions do not stop reads")
-        scan = scan_corpus(tmp_path, find_midi(tmp_path))
-        assert [f.rel for f in scan.unique] == ["ok.mid"]
-        assert [(r["path"], r["reason"]) for r in scan.rejects] == [("locked.mid", "read-error")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert got["unique"] == ["ok.mid"]
+        assert got["rejects"] == [["locked.mid", "read-error"]]
     finally:
         locked.chmod(0o644)
