@@ -102,6 +102,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
 
     from .build import BuildError, NothingUsable, build_shards, summary_table
     from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Filters, Runtime
+    from .driver import ClusterLost
     from .scan import CorpusError
 
     try:
@@ -133,6 +134,8 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
         raise UsageFailure(str(e)) from e
     except NothingUsable as e:
         raise BuildFailure(str(e)) from e
+    except ClusterLost as e:
+        raise BuildFailure(f"{e}; finished batches are kept: run the same command again to resume") from e
     click.echo(summary_table(manifest))
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
 

@@ -5,14 +5,23 @@ limit is spent. The driver then re-runs halves of the batch as "probe" tasks (no
 is alone, and finally re-runs the whole batch with the culprits rejected as `worker-crash`, so the batch's
 output is what it would be had those files simply been unreadable. Dask fails the tasks merely queued on a dying
 worker too; those never started there (no started-marker, guard.mark_started) and are just submitted again.
+
+An embedded cluster is watched while the driver waits (_Watchdog): should it be left without any worker (its
+nanny gave up restarting one, or none came back for WORKERLESS_GRACE_S), the driver starts the worker processes
+again; the tasks wait at the scheduler meanwhile. When that does not help MAX_REVIVALS times in a row, the
+build stops with ClusterLost (finished batches are kept; the same command resumes) instead of waiting forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +35,23 @@ WORKER_PRELOAD = "rwkv_music.pipeline.worker"
 # Resubmissions of a task that a dying worker failed before it started; a bound, so that a cluster whose every
 # worker keeps dying still ends (the task is then searched like one that did start).
 MAX_REQUEUES = 20
+# The embedded cluster's SpecCluster closes a worker's nanny for good when, `lost-worker-timeout` after that
+# worker left the scheduler, no worker of the same name is registered at that instant: a nanny still restarting
+# its worker (a few seconds each time on a loaded machine, and a crashing file kills worker after worker) is
+# then closed, and nothing starts another. The nanny restarts its worker itself; never let the cluster close it.
+LOST_WORKER_TIMEOUT = "36500 days"
+# How long the embedded cluster may have no worker registered, while a nanny still claims to be starting one,
+# before the driver starts the worker processes again (a worker restart takes a few seconds).
+WORKERLESS_GRACE_S = 60.0
+# Starts of the worker processes in a row, without any task completing in between, before the build gives up.
+MAX_REVIVALS = 3
+# Bound on each step of such a start (closing the old nannies, starting new ones).
+REVIVE_TIMEOUT_S = 60.0
+WATCH_INTERVAL_S = 0.1
+
+
+class ClusterLost(RuntimeError):
+    """The embedded cluster kept ending up without workers, and starting them again did not help."""
 
 
 def _cluster_config(rt: Runtime) -> dict:
@@ -33,9 +59,11 @@ def _cluster_config(rt: Runtime) -> dict:
     # scheduler rather than on the workers, so that fewer innocent tasks wait on a worker that dies (Dask
     # applies it only to large groups of tasks: run_tasks resubmits the rest). The workers' statistical
     # profiler samples the running task's stack every 10 ms by default, taking the GIL from tokenization each
-    # time; every 100 ms still fills the performance report's profile tab for a build of minutes.
+    # time; every 100 ms still fills the performance report's profile tab for a build of minutes. And the
+    # cluster must not close a nanny that is restarting its worker (LOST_WORKER_TIMEOUT).
     return {"distributed.scheduler.allowed-failures": rt.retries, "distributed.scheduler.worker-saturation": 1.0,
-            "distributed.worker.profile.interval": "100ms"}
+            "distributed.worker.profile.interval": "100ms",
+            "distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT}
 
 
 def worker_preloads() -> list[str]:
@@ -139,6 +167,94 @@ def _report(path: str | None, log: Callable[[str], None]) -> Iterator[None]:
     log(f"Dask performance report: {path}")
 
 
+async def _restart_workers(cluster) -> None:
+    """Close the embedded cluster's nannies (bounded; a stuck worker process is killed) and start new ones."""
+    for name, nanny in list(cluster.workers.items()):
+        try:
+            await asyncio.wait_for(nanny.close(), REVIVE_TIMEOUT_S)
+        except Exception:
+            pid = nanny.pid
+            if pid:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        cluster.workers.pop(name, None)
+    await asyncio.wait_for(cluster._correct_state(), REVIVE_TIMEOUT_S)  # starts a nanny for each worker spec
+
+
+class _Watchdog:
+    """Keeps an embedded LocalCluster from being left without workers while the driver waits on it.
+
+    A nanny restarts its worker process whenever it dies; but a nanny can give up (its worker failed to start)
+    or be closed, and then nothing else starts a worker: the tasks would wait at the scheduler forever. `check`
+    (called while no result is ready) starts the worker processes again when every nanny is gone, or when no
+    worker has been registered for `grace` seconds; `progress` (a task completed) resets the count of such
+    starts, and more than `max_revivals` in a row raise ClusterLost.
+    """
+
+    def __init__(self, cluster, log: Callable[[str], None], grace: float = WORKERLESS_GRACE_S,
+                 max_revivals: int = MAX_REVIVALS):
+        self.cluster, self.log, self.grace, self.max_revivals = cluster, log, grace, max_revivals
+        self.last_worker = time.monotonic()
+        self.revivals = 0
+
+    def progress(self) -> None:
+        self.revivals = 0
+
+    def check(self) -> None:
+        from distributed.core import Status
+
+        now = time.monotonic()
+        if self.cluster.scheduler.workers:
+            self.last_worker = now
+            return
+        nannies = list(self.cluster.workers.values())
+        gave_up = all(n.status in (Status.closing, Status.closed, Status.failed, Status.closing_gracefully)
+                      for n in nannies)
+        waited = now - self.last_worker
+        if not gave_up and waited < self.grace:
+            return
+        why = ("its worker nanny gave up restarting it" if nannies else "its worker nanny was closed") if gave_up \
+            else f"none registered for {waited:.0f} s"
+        if self.revivals >= self.max_revivals:
+            raise ClusterLost(f"the embedded Dask cluster was left without workers ({why}) and starting them "
+                              f"again did not help {self.revivals} time(s) in a row")
+        self.revivals += 1
+        self.log(f"Dask LocalCluster: no worker alive ({why}); starting its worker process(es) again")
+        try:
+            self.cluster.sync(_restart_workers, self.cluster)
+        except Exception as e:
+            self.log(f"Dask LocalCluster: starting the worker process(es) failed: {type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:200]}")
+        self.last_worker = time.monotonic()
+
+
+def _completed(ac, watchdog: _Watchdog | None) -> Iterator[object]:
+    """The futures of `ac` as they complete; while none is ready, the watchdog looks at the cluster."""
+    if watchdog is None:
+        yield from ac
+        return
+    while not ac.is_empty():
+        if ac.has_ready():
+            yield next(ac)
+            continue
+        watchdog.check()
+        time.sleep(WATCH_INTERVAL_S)
+
+
+def _result(fut, watchdog: _Watchdog | None):
+    """fut.result(), the watchdog looking at the cluster meanwhile: a finished task whose worker died before the
+    driver fetched its result is computed again, which needs a worker."""
+    if watchdog is None:
+        return fut.result()
+    while True:
+        try:
+            return fut.result(timeout=WATCH_INTERVAL_S * 10)
+        except TimeoutError:
+            if fut.done():  # the task itself raised TimeoutError
+                raise
+            watchdog.check()
+
+
 @dataclasses.dataclass
 class _Hunt:
     """The search for the files that kill the workers running one batch."""
@@ -193,6 +309,8 @@ def run_tasks(tasks: list[BatchTask], rt: Runtime, log: Callable[[str], None],
 
         owner: dict[str, tuple[str, BatchTask, _Hunt | None, int]] = {}
         ac = as_completed()
+        embedded = getattr(client, "cluster", None)  # None on an external scheduler: its workers are not ours
+        watchdog = _Watchdog(embedded, log) if embedded is not None else None
         for t in tasks:
             submit(t, "batch")
 
@@ -215,10 +333,12 @@ def run_tasks(tasks: list[BatchTask], rt: Runtime, log: Callable[[str], None],
                 f"{', '.join(hunt.culprits) or '(none found)'}")
             submit(dataclasses.replace(hunt.task, crashed=crashed), "rerun", hunt)
 
-        for fut in ac:
+        for fut in _completed(ac, watchdog):
+            if watchdog is not None:
+                watchdog.progress()
             kind, task, hunt, requeues = owner.pop(fut.key)
             try:
-                res = fut.result()
+                res = _result(fut, watchdog)
                 err = None
             except Exception as e:
                 res, err = None, e
