@@ -131,6 +131,20 @@ def _ours(cfg):
     return lambda *x: wkv_cuda.wkv_cuda(*x[:6], x[6], cfg=cfg)[0]
 
 
+def _ours_starts(every):
+    """Default configs on packed rows: a reset every `every` positions (the music21 windows' mean length is
+    137), so the reset code paths are timed as training on packed batches runs them."""
+    cache = {}
+
+    def f(r, *x):
+        B, T = r.shape[:2]
+        if (B, T) not in cache:
+            cache[B, T] = (torch.arange(T, device=r.device) % every == 0).expand(B, T).contiguous()
+        return wkv_cuda.wkv_cuda(r, *x[:5], x[5], starts=cache[B, T])[0]
+
+    return f
+
+
 def time_impl(fn, B, T, H, device, gen, reps_ms):
     import triton.testing
 
@@ -180,13 +194,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
-    ap.add_argument("--configs", nargs="*", default=None, help="fwd,bwd1,bwd2 config triples, e.g. 0,0,0 1,1,2")
+    ap.add_argument("--configs", nargs="*", default=None, help="fwd,bwd1,bwd2 config triples, e.g. 0,0,0 1,1,2 "
+                    "(none given: the default configs only) [all]")
     ap.add_argument("--check-configs", nargs="*", default=None, help="triples to check (default: --configs)")
     ap.add_argument("--impl", nargs="*", default=["ours", "fla", "torch"])
     ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H triples")
     ap.add_argument("--rep", type=float, default=200.0, help="do_bench rep in ms")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="per-kernel times of each config of ours")
+    ap.add_argument("--starts-every", type=int, default=0, metavar="N",
+                    help="Also time ours (default configs) with a state reset every N positions (packed rows).")
     args = ap.parse_args()
 
     device = torch.device("cuda")
@@ -200,7 +217,9 @@ def main():
     print(f"build/load: {ok} in {time.time() - t0:.1f}s {wkv_cuda.load_error() or ''}", flush=True)
     if not ok:
         sys.exit(1)
-    configs = ([tuple(int(c) for c in s.split(",")) for s in args.configs] if args.configs
+    # --configs with no triple: the default (auto) configs only, the ones a build without
+    # RWKV_MUSIC_WKV_ALL_CONFIGS=1 compiles
+    configs = ([tuple(int(c) for c in s.split(",")) for s in args.configs] if args.configs is not None
                else [(c, c, c) for c in range(wkv_cuda.N_CONFIGS)])
     check_configs = [tuple(int(c) for c in s.split(",")) for s in args.check_configs] if args.check_configs else configs
     shapes = [tuple(int(c) for c in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
@@ -238,6 +257,8 @@ def main():
                 for cfg in configs:
                     impls["ours" + "".join(map(str, cfg))] = _ours(cfg)
                 impls["ours_auto"] = lambda *x: wkv_cuda.wkv_cuda(*x[:6], x[6])[0]
+                if args.starts_every:
+                    impls[f"ours_starts{args.starts_every}"] = _ours_starts(args.starts_every)
             elif name == "fla":
                 f = fla_fn()
                 if f is not None:

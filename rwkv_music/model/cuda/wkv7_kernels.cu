@@ -247,7 +247,7 @@ __device__ __forceinline__ void store_rows(float* dst, const float (&X)[R][4 * M
 // Block: RB rows of one head.  Thread (g, p): rows row0 + g + NG*r (r < R), columns 4p + 4P*m + q.
 // DEFER: y's row sums are not finished with shuffles each step; each thread leaves its partial sum in
 // shared memory and the P partials are added when the chunk is written (shorter per-step dependency chain).
-template <typename F, int RB, int R, int P, int U, bool DEFER, bool SAVE>
+template <typename F, int RB, int R, int P, int U, bool DEFER, bool SAVE, bool RS>
 __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     const int t0 = c * L;
     __syncthreads();
     stage.store(sh, t0);
-    stage_starts(s_st, starts, b, T, t0);
+    if constexpr (RS) stage_starts(s_st, starts, b, T, t0);
     if (c + 1 < NC) stage.load(t0 + L);
     if constexpr (SAVE) {
       if (c > 0) {  // checkpoint c = state after c*L steps
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
 
 #pragma unroll U
     for (int s = 0; s < L; ++s) {
-      if (s_st[s]) {
+      if (RS && s_st[s]) {
 #pragma unroll
         for (int rr = 0; rr < R; ++rr)
 #pragma unroll
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
 
 // ---- backward pass 1: dS rows, backwards in time ---------------------------------------------------------
 // Same layout as fwd_kernel.  Outputs dv (input dtype), dsa = dS_t b_t (fp32) and ds0.
-template <typename F, int RB, int R, int P, int U, bool DEFER>
+template <typename F, int RB, int R, int P, int U, bool DEFER, bool RS>
 __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
     const int t0 = c * L;
     __syncthreads();
     stage.store(sh, t0);
-    stage_starts(s_st, starts, b, T, t0);
+    if constexpr (RS) stage_starts(s_st, starts, b, T, t0);
     if (c > 0) stage.load(t0 - L);
     __syncthreads();
 
@@ -455,7 +455,7 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
             x = fmaf(x, wv[q], dsat[rr] * av[q]);
           }
       }
-      if (s_st[s]) {  // the state entering this step was reset: nothing flows further back
+      if (RS && s_st[s]) {  // the state entering this step was reset: nothing flows further back
 #pragma unroll
         for (int rr = 0; rr < R; ++rr)
 #pragma unroll
@@ -481,7 +481,7 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
 // Block: CB columns of one head.  Thread (cp, rg): columns col0 + cp*CC + c (c < CC), rows 4rg + 4RG*m + q.
 // DEFER: the five column sums are left as RG partials in shared memory and added when the chunk is
 // written, so the step loop has no cross-lane traffic.
-template <typename F, int CB, int CC, int RG, int U, bool DEFER>
+template <typename F, int CB, int CC, int RG, int U, bool DEFER, bool RS>
 __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_, const F* __restrict__ dy_,
@@ -547,7 +547,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
     ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
     cw.template store<Tf::Sigmoid>(&s_sg[0][0], t0, T);
-    stage_starts(s_st, starts, b, T, t0);
+    if constexpr (RS) stage_starts(s_st, starts, b, T, t0);
     if (c + 1 < NC) {  // exact state after (c+1)*L steps, loaded during the previous chunk
 #pragma unroll
       for (int i = 0; i < RR; ++i)
@@ -562,7 +562,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
 
 #pragma unroll U
     for (int s = L - 1; s >= 0; --s) {
-      const bool reset = s_st[s] != 0;
+      const bool reset = RS && s_st[s] != 0;
       float pdr[CC], pdk[CC], pdb[CC], pdd[CC], pda[CC];
       float rj[CC], kwj[CC], bwj[CC], aj[CC], wj[CC], wij[CC];
 #pragma unroll
@@ -599,7 +599,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
             d_ = reset ? 0.f : fmaf(d_, wj[cc], dsav[q] * aj[cc]);
           }
       }
-      if (reset && s > 0) {  // S before the reset: replay steps t0 .. t0+s-1 from the state entering the chunk
+      if (RS && reset && s > 0) {  // S before the reset: replay steps t0 .. t0+s-1 from the state entering the chunk
         if (c > 0) {
 #pragma unroll
           for (int i = 0; i < RR; ++i)
@@ -721,7 +721,7 @@ __global__ void __launch_bounds__(256) step_kernel(int H, const F* __restrict__ 
 // ---- launch configurations ------------------------------------------------------------------------------
 // Row kernels (fwd, bwd1): RB rows per block, R rows per thread, P threads per row.
 // Column kernel (bwd2): CB columns per block, CC columns per thread, RG threads per column.
-template <typename F, bool SAVE>
+template <typename F, bool SAVE, bool RS>
 cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
   const F* r = static_cast<const F*>(a.r);
   const F* w = static_cast<const F*>(a.w);
@@ -731,7 +731,7 @@ cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
   const F* bb = static_cast<const F*>(a.b);
   F* y = static_cast<F*>(a.y);
 #define WKV7_FWD(RB, R, P, U, D)                                                                          \
-  fwd_kernel<F, RB, R, P, U, D, SAVE><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                          \
+  fwd_kernel<F, RB, R, P, U, D, SAVE, RS><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                          \
       a.T, a.H, r, w, k, v, aa, bb, a.s0, a.starts, y, a.sT, a.sa, a.ckpt)
   switch (cfg) {
     case 0: WKV7_FWD(16, 1, 4, 16, true); break;
@@ -750,7 +750,7 @@ cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
   return cudaGetLastError();
 }
 
-template <typename F>
+template <typename F, bool RS>
 cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
   const F* r = static_cast<const F*>(a.r);
   const F* w = static_cast<const F*>(a.w);
@@ -760,7 +760,7 @@ cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
   const F* bb = static_cast<const F*>(a.b);
   const F* dy = static_cast<const F*>(a.dy);
 #define WKV7_BWD1(RB, R, P, U, D)                                                                         \
-  bwd1_kernel<F, RB, R, P, U, D><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                               \
+  bwd1_kernel<F, RB, R, P, U, D, RS><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                               \
       a.T, a.H, r, w, k, aa, bb, dy, a.dsT, a.starts, static_cast<F*>(a.dv), a.dsa, a.ds0)
   switch (cfg1) {
     case 0: WKV7_BWD1(16, 1, 4, 16, true); break;
@@ -779,7 +779,7 @@ cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
 #define WKV7_BWD2(CB, CC, RG, U, D)                                                                       \
-  bwd2_kernel<F, CB, CC, RG, U, D><<<dim3(N / CB, a.H, a.B), CB / CC * RG, 0, st>>>(                           \
+  bwd2_kernel<F, CB, CC, RG, U, D, RS><<<dim3(N / CB, a.H, a.B), CB / CC * RG, 0, st>>>(                           \
       a.T, a.H, r, w, k, v, aa, bb, dy, a.sa, a.dsa, a.ckpt, a.sT, a.dsT, a.s0, a.starts,                      \
       static_cast<F*>(a.dr), static_cast<F*>(a.dw), static_cast<F*>(a.dk), static_cast<F*>(a.da),                \
       static_cast<F*>(a.db))
@@ -800,6 +800,18 @@ cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
   return cudaGetLastError();
 }
 
+// Resets are a template parameter: rows without `starts` run kernels with no reset code at all (the flag
+// test per step and the replay block of pass 2 cost 19-32% when compiled in unconditionally).
+template <typename F, bool SAVE>
+cudaError_t launch_fwd_rs(int cfg, const Args& a, cudaStream_t st) {
+  return a.starts != nullptr ? launch_fwd<F, SAVE, true>(cfg, a, st) : launch_fwd<F, SAVE, false>(cfg, a, st);
+}
+
+template <typename F>
+cudaError_t launch_bwd_rs(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
+  return a.starts != nullptr ? launch_bwd<F, true>(cfg1, cfg2, a, st) : launch_bwd<F, false>(cfg1, cfg2, a, st);
+}
+
 }  // namespace
 
 int chunk_len() { return L; }
@@ -814,13 +826,13 @@ bool all_configs() {
 
 cudaError_t forward(DType dt, int cfg, bool save, const Args& a, cudaStream_t st) {
   if (dt == DType::BF16)
-    return save ? launch_fwd<__nv_bfloat16, true>(cfg, a, st) : launch_fwd<__nv_bfloat16, false>(cfg, a, st);
-  return save ? launch_fwd<float, true>(cfg, a, st) : launch_fwd<float, false>(cfg, a, st);
+    return save ? launch_fwd_rs<__nv_bfloat16, true>(cfg, a, st) : launch_fwd_rs<__nv_bfloat16, false>(cfg, a, st);
+  return save ? launch_fwd_rs<float, true>(cfg, a, st) : launch_fwd_rs<float, false>(cfg, a, st);
 }
 
 cudaError_t backward(DType dt, int cfg1, int cfg2, const Args& a, cudaStream_t st) {
-  if (dt == DType::BF16) return launch_bwd<__nv_bfloat16>(cfg1, cfg2, a, st);
-  return launch_bwd<float>(cfg1, cfg2, a, st);
+  if (dt == DType::BF16) return launch_bwd_rs<__nv_bfloat16>(cfg1, cfg2, a, st);
+  return launch_bwd_rs<float>(cfg1, cfg2, a, st);
 }
 
 cudaError_t step(DType dt, const Args& a, cudaStream_t st) {
