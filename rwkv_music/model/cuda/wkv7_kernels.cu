@@ -170,13 +170,24 @@ __device__ __forceinline__ void write_chunk(F* __restrict__ base, long stride_t,
 }
 
 // Reset flags of steps t0 .. t0+L-1 into shared memory (0 past T or without starts).
-__device__ __forceinline__ void stage_starts(int* dst, const unsigned char* __restrict__ starts, int b, int T,
-                                             int t0) {
+// Returns this thread's flag (0 for threads >= L), for the chunk's __syncthreads_or.
+__device__ __forceinline__ int stage_starts(int* dst, const unsigned char* __restrict__ starts, int b, int T,
+                                            int t0) {
+  int f = 0;
   if (threadIdx.x < L) {
     const int t = t0 + threadIdx.x;
-    dst[threadIdx.x] = (starts != nullptr && t < T) ? (int)starts[(long)b * T + t] : 0;
+    f = (starts != nullptr && t < T) ? (int)starts[(long)b * T + t] : 0;
+    dst[threadIdx.x] = f;
   }
+  return f;
 }
+
+// A compile-time flag for the step loops, written once as generic lambdas: chunks without a reset (most of a
+// packed row: windows are ~137 steps, chunks 16) run the loop with no reset code.
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
 
 template <int P>
 __device__ __forceinline__ float group_sum(float x) {
@@ -279,7 +290,7 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     const int t0 = c * L;
     __syncthreads();
     stage.store(sh, t0);
-    if constexpr (RS) stage_starts(s_st, starts, b, T, t0);
+    const int my_start = RS ? stage_starts(s_st, starts, b, T, t0) : 0;
     if (c + 1 < NC) stage.load(t0 + L);
     if constexpr (SAVE) {
       if (c > 0) {  // checkpoint c = state after c*L steps
@@ -292,73 +303,77 @@ __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
                 make_float4(S[rr][4 * m], S[rr][4 * m + 1], S[rr][4 * m + 2], S[rr][4 * m + 3]);
       }
     }
-    __syncthreads();
+    const bool chunk_reset = RS ? __syncthreads_or(my_start) != 0 : (__syncthreads(), false);
 
+    auto steps = [&](auto rs_flag) {
+      constexpr bool RST = decltype(rs_flag)::value;
 #pragma unroll U
-    for (int s = 0; s < L; ++s) {
-      if (RS && s_st[s]) {
+      for (int s = 0; s < L; ++s) {
+        if (RST && s_st[s]) {
 #pragma unroll
-        for (int rr = 0; rr < R; ++rr)
+          for (int rr = 0; rr < R; ++rr)
 #pragma unroll
-          for (int jj = 0; jj < C; ++jj) S[rr][jj] = 0.f;
-      }
-      float av[C];
+            for (int jj = 0; jj < C; ++jj) S[rr][jj] = 0.f;
+        }
+        float av[C];
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const float4 x = *reinterpret_cast<const float4*>(&s_a[s][4 * p + 4 * P * m]);
-        av[4 * m] = x.x, av[4 * m + 1] = x.y, av[4 * m + 2] = x.z, av[4 * m + 3] = x.w;
-      }
-      float sa[R];
-#pragma unroll
-      for (int rr = 0; rr < R; ++rr) {
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int jj = 0; jj < C; ++jj) acc[jj % 4] = fmaf(S[rr][jj], av[jj], acc[jj % 4]);
-        sa[rr] = group_sum<P>((acc[0] + acc[1]) + (acc[2] + acc[3]));
-      }
-      float y[R];
-      float vv[R];
-#pragma unroll
-      for (int rr = 0; rr < R; ++rr) {
-        vv[rr] = s_v[s][g + NG * rr];
-        y[rr] = 0.f;
-      }
-      float yacc[R][2];
-#pragma unroll
-      for (int rr = 0; rr < R; ++rr) yacc[rr][0] = yacc[rr][1] = 0.f;
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const int col = 4 * p + 4 * P * m;
-        const float4 wq = *reinterpret_cast<const float4*>(&s_w[s][col]);
-        const float4 kq = *reinterpret_cast<const float4*>(&s_k[s][col]);
-        const float4 bq = *reinterpret_cast<const float4*>(&s_b[s][col]);
-        const float4 rq = *reinterpret_cast<const float4*>(&s_r[s][col]);
-        const float wv[4] = {wq.x, wq.y, wq.z, wq.w}, kv[4] = {kq.x, kq.y, kq.z, kq.w};
-        const float bv[4] = {bq.x, bq.y, bq.z, bq.w}, rv[4] = {rq.x, rq.y, rq.z, rq.w};
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            float& x = S[rr][4 * m + q];
-            x = fmaf(x, wv[q], fmaf(sa[rr], bv[q], vv[rr] * kv[q]));
-            yacc[rr][q & 1] = fmaf(x, rv[q], yacc[rr][q & 1]);
-          }
-      }
-      if constexpr (DEFER) {
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr) o_y[p][s][g + NG * rr] = yacc[rr][0] + yacc[rr][1];
-      } else {
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr) y[rr] = group_sum<P>(yacc[rr][0] + yacc[rr][1]);
-      }
-      if (p == 0) {
+        for (int m = 0; m < M; ++m) {
+          const float4 x = *reinterpret_cast<const float4*>(&s_a[s][4 * p + 4 * P * m]);
+          av[4 * m] = x.x, av[4 * m + 1] = x.y, av[4 * m + 2] = x.z, av[4 * m + 3] = x.w;
+        }
+        float sa[R];
 #pragma unroll
         for (int rr = 0; rr < R; ++rr) {
-          if constexpr (!DEFER) o_y[0][s][g + NG * rr] = y[rr];
-          if constexpr (SAVE) o_sa[s][g + NG * rr] = sa[rr];
+          float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int jj = 0; jj < C; ++jj) acc[jj % 4] = fmaf(S[rr][jj], av[jj], acc[jj % 4]);
+          sa[rr] = group_sum<P>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+        }
+        float y[R];
+        float vv[R];
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) {
+          vv[rr] = s_v[s][g + NG * rr];
+          y[rr] = 0.f;
+        }
+        float yacc[R][2];
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) yacc[rr][0] = yacc[rr][1] = 0.f;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const int col = 4 * p + 4 * P * m;
+          const float4 wq = *reinterpret_cast<const float4*>(&s_w[s][col]);
+          const float4 kq = *reinterpret_cast<const float4*>(&s_k[s][col]);
+          const float4 bq = *reinterpret_cast<const float4*>(&s_b[s][col]);
+          const float4 rq = *reinterpret_cast<const float4*>(&s_r[s][col]);
+          const float wv[4] = {wq.x, wq.y, wq.z, wq.w}, kv[4] = {kq.x, kq.y, kq.z, kq.w};
+          const float bv[4] = {bq.x, bq.y, bq.z, bq.w}, rv[4] = {rq.x, rq.y, rq.z, rq.w};
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              float& x = S[rr][4 * m + q];
+              x = fmaf(x, wv[q], fmaf(sa[rr], bv[q], vv[rr] * kv[q]));
+              yacc[rr][q & 1] = fmaf(x, rv[q], yacc[rr][q & 1]);
+            }
+        }
+        if constexpr (DEFER) {
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr) o_y[p][s][g + NG * rr] = yacc[rr][0] + yacc[rr][1];
+        } else {
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr) y[rr] = group_sum<P>(yacc[rr][0] + yacc[rr][1]);
+        }
+        if (p == 0) {
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr) {
+            if constexpr (!DEFER) o_y[0][s][g + NG * rr] = y[rr];
+            if constexpr (SAVE) o_sa[s][g + NG * rr] = sa[rr];
+          }
         }
       }
-    }
+    };
+    if (RS && chunk_reset) steps(Flag<true>{}); else steps(Flag<false>{});
     __syncthreads();
     write_chunk<F, NT, RB, DEFER ? P : 1>(y_ + in0 + row0, stride_t, t0, T, &o_y[0][0][0], L * RB);
     if constexpr (SAVE) write_chunk<float, NT, RB>(sa_out + in0 + row0, stride_t, t0, T, &o_sa[0][0]);
@@ -401,74 +416,78 @@ __global__ void __launch_bounds__(RB / R * P) bwd1_kernel(
     const int t0 = c * L;
     __syncthreads();
     stage.store(sh, t0);
-    if constexpr (RS) stage_starts(s_st, starts, b, T, t0);
+    const int my_start = RS ? stage_starts(s_st, starts, b, T, t0) : 0;
     if (c > 0) stage.load(t0 - L);
-    __syncthreads();
+    const bool chunk_reset = RS ? __syncthreads_or(my_start) != 0 : (__syncthreads(), false);
 
+    auto steps = [&](auto rs_flag) {
+      constexpr bool RST = decltype(rs_flag)::value;
 #pragma unroll U
-    for (int s = L - 1; s >= 0; --s) {
-      float dyv[R];
+      for (int s = L - 1; s >= 0; --s) {
+        float dyv[R];
 #pragma unroll
-      for (int rr = 0; rr < R; ++rr) dyv[rr] = s_dy[s][g + NG * rr];
-      float dv[R][2], dsa[R][2];
+        for (int rr = 0; rr < R; ++rr) dyv[rr] = s_dy[s][g + NG * rr];
+        float dv[R][2], dsa[R][2];
 #pragma unroll
-      for (int rr = 0; rr < R; ++rr) dv[rr][0] = dv[rr][1] = dsa[rr][0] = dsa[rr][1] = 0.f;
+        for (int rr = 0; rr < R; ++rr) dv[rr][0] = dv[rr][1] = dsa[rr][0] = dsa[rr][1] = 0.f;
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const int col = 4 * p + 4 * P * m;
-        const float4 rq = *reinterpret_cast<const float4*>(&s_r[s][col]);
-        const float4 kq = *reinterpret_cast<const float4*>(&s_k[s][col]);
-        const float4 bq = *reinterpret_cast<const float4*>(&s_b[s][col]);
-        const float rv[4] = {rq.x, rq.y, rq.z, rq.w}, kv[4] = {kq.x, kq.y, kq.z, kq.w};
-        const float bv[4] = {bq.x, bq.y, bq.z, bq.w};
+        for (int m = 0; m < M; ++m) {
+          const int col = 4 * p + 4 * P * m;
+          const float4 rq = *reinterpret_cast<const float4*>(&s_r[s][col]);
+          const float4 kq = *reinterpret_cast<const float4*>(&s_k[s][col]);
+          const float4 bq = *reinterpret_cast<const float4*>(&s_b[s][col]);
+          const float rv[4] = {rq.x, rq.y, rq.z, rq.w}, kv[4] = {kq.x, kq.y, kq.z, kq.w};
+          const float bv[4] = {bq.x, bq.y, bq.z, bq.w};
 #pragma unroll
-        for (int rr = 0; rr < R; ++rr)
+          for (int rr = 0; rr < R; ++rr)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            float& x = dS[rr][4 * m + q];
-            x = fmaf(dyv[rr], rv[q], x);
-            dv[rr][q & 1] = fmaf(x, kv[q], dv[rr][q & 1]);
-            dsa[rr][q & 1] = fmaf(x, bv[q], dsa[rr][q & 1]);
-          }
-      }
-      float dsat[R];
-#pragma unroll
-      for (int rr = 0; rr < R; ++rr) {
-        dsat[rr] = group_sum<P>(dsa[rr][0] + dsa[rr][1]);
-        if constexpr (DEFER) {
-          o_dv[p][s][g + NG * rr] = dv[rr][0] + dv[rr][1];
-        } else {
-          dv[rr][0] = group_sum<P>(dv[rr][0] + dv[rr][1]);
+            for (int q = 0; q < 4; ++q) {
+              float& x = dS[rr][4 * m + q];
+              x = fmaf(dyv[rr], rv[q], x);
+              dv[rr][q & 1] = fmaf(x, kv[q], dv[rr][q & 1]);
+              dsa[rr][q & 1] = fmaf(x, bv[q], dsa[rr][q & 1]);
+            }
         }
-      }
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const int col = 4 * p + 4 * P * m;
-        const float4 wq = *reinterpret_cast<const float4*>(&s_w[s][col]);
-        const float4 aq = *reinterpret_cast<const float4*>(&s_a[s][col]);
-        const float wv[4] = {wq.x, wq.y, wq.z, wq.w}, av[4] = {aq.x, aq.y, aq.z, aq.w};
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            float& x = dS[rr][4 * m + q];
-            x = fmaf(x, wv[q], dsat[rr] * av[q]);
-          }
-      }
-      if (RS && s_st[s]) {  // the state entering this step was reset: nothing flows further back
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr)
-#pragma unroll
-          for (int jj = 0; jj < C; ++jj) dS[rr][jj] = 0.f;
-      }
-      if (p == 0) {
+        float dsat[R];
 #pragma unroll
         for (int rr = 0; rr < R; ++rr) {
-          if constexpr (!DEFER) o_dv[0][s][g + NG * rr] = dv[rr][0];
-          o_dsa[s][g + NG * rr] = dsat[rr];
+          dsat[rr] = group_sum<P>(dsa[rr][0] + dsa[rr][1]);
+          if constexpr (DEFER) {
+            o_dv[p][s][g + NG * rr] = dv[rr][0] + dv[rr][1];
+          } else {
+            dv[rr][0] = group_sum<P>(dv[rr][0] + dv[rr][1]);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const int col = 4 * p + 4 * P * m;
+          const float4 wq = *reinterpret_cast<const float4*>(&s_w[s][col]);
+          const float4 aq = *reinterpret_cast<const float4*>(&s_a[s][col]);
+          const float wv[4] = {wq.x, wq.y, wq.z, wq.w}, av[4] = {aq.x, aq.y, aq.z, aq.w};
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              float& x = dS[rr][4 * m + q];
+              x = fmaf(x, wv[q], dsat[rr] * av[q]);
+            }
+        }
+        if (RST && s_st[s]) {  // the state entering this step was reset: nothing flows further back
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+            for (int jj = 0; jj < C; ++jj) dS[rr][jj] = 0.f;
+        }
+        if (p == 0) {
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr) {
+            if constexpr (!DEFER) o_dv[0][s][g + NG * rr] = dv[rr][0];
+            o_dsa[s][g + NG * rr] = dsat[rr];
+          }
         }
       }
-    }
+    };
+    if (RS && chunk_reset) steps(Flag<true>{}); else steps(Flag<false>{});
     __syncthreads();
     write_chunk<F, NT, RB, DEFER ? P : 1>(dv_ + in0 + row0, stride_t, t0, T, &o_dv[0][0][0], L * RB);
     write_chunk<float, NT, RB>(dsa_out + in0 + row0, stride_t, t0, T, &o_dsa[0][0]);
@@ -547,7 +566,7 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
     cb.template store<Tf::Plain>(&s_b[0][0], t0, T);
     ca.template store<Tf::Plain>(&s_a[0][0], t0, T);
     cw.template store<Tf::Sigmoid>(&s_sg[0][0], t0, T);
-    if constexpr (RS) stage_starts(s_st, starts, b, T, t0);
+    const int my_start = RS ? stage_starts(s_st, starts, b, T, t0) : 0;
     if (c + 1 < NC) {  // exact state after (c+1)*L steps, loaded during the previous chunk
 #pragma unroll
       for (int i = 0; i < RR; ++i)
@@ -558,100 +577,104 @@ __global__ void __launch_bounds__(CB / CC * RG) bwd2_kernel(
       load_all(t0 - L);
       load_state(ckpt + (head * NC + c) * N * N, Snext);
     }
-    __syncthreads();
+    const bool chunk_reset = RS ? __syncthreads_or(my_start) != 0 : (__syncthreads(), false);
 
+    auto steps = [&](auto rs_flag) {
+      constexpr bool RST = decltype(rs_flag)::value;
 #pragma unroll U
-    for (int s = L - 1; s >= 0; --s) {
-      const bool reset = RS && s_st[s] != 0;
-      float pdr[CC], pdk[CC], pdb[CC], pdd[CC], pda[CC];
-      float rj[CC], kwj[CC], bwj[CC], aj[CC], wj[CC], wij[CC];
+      for (int s = L - 1; s >= 0; --s) {
+        const bool reset = RST && s_st[s] != 0;
+        float pdr[CC], pdk[CC], pdb[CC], pdd[CC], pda[CC];
+        float rj[CC], kwj[CC], bwj[CC], aj[CC], wj[CC], wij[CC];
 #pragma unroll
-      for (int cc = 0; cc < CC; ++cc) {
-        const int j = cp * CC + cc;
-        const float sg = s_sg[s][j];
-        wj[cc] = __expf(-DECAY_SCALE * sg), wij[cc] = __expf(DECAY_SCALE * sg);
-        rj[cc] = s_r[s][j], aj[cc] = s_a[s][j];
-        kwj[cc] = s_k[s][j] * wij[cc], bwj[cc] = s_b[s][j] * wij[cc];
-        pdr[cc] = pdk[cc] = pdb[cc] = pdd[cc] = pda[cc] = 0.f;
-      }
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const int row = 4 * rg + 4 * RG * m;
-        const float4 dyq = *reinterpret_cast<const float4*>(&s_dy[s][row]);
-        const float4 vq = *reinterpret_cast<const float4*>(&s_v[s][row]);
-        const float4 saq = *reinterpret_cast<const float4*>(&s_sa[s][row]);
-        const float4 dsaq = *reinterpret_cast<const float4*>(&s_dsa[s][row]);
-        const float dyv[4] = {dyq.x, dyq.y, dyq.z, dyq.w}, vv[4] = {vq.x, vq.y, vq.z, vq.w};
-        const float sav[4] = {saq.x, saq.y, saq.z, saq.w}, dsav[4] = {dsaq.x, dsaq.y, dsaq.z, dsaq.w};
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-#pragma unroll
-          for (int cc = 0; cc < CC; ++cc) {
-            float& s_ = S[4 * m + q][cc];
-            float& d_ = dS[4 * m + q][cc];
-            d_ = fmaf(dyv[q], rj[cc], d_);
-            pdr[cc] = fmaf(s_, dyv[q], pdr[cc]);
-            s_ = reset ? 0.f : fmaf(s_, wij[cc], -fmaf(vv[q], kwj[cc], sav[q] * bwj[cc]));  // S_{t-1}
-            pdk[cc] = fmaf(d_, vv[q], pdk[cc]);
-            pdb[cc] = fmaf(d_, sav[q], pdb[cc]);
-            pdd[cc] = fmaf(d_, s_, pdd[cc]);
-            pda[cc] = fmaf(s_, dsav[q], pda[cc]);
-            d_ = reset ? 0.f : fmaf(d_, wj[cc], dsav[q] * aj[cc]);
-          }
-      }
-      if (RS && reset && s > 0) {  // S before the reset: replay steps t0 .. t0+s-1 from the state entering the chunk
-        if (c > 0) {
-#pragma unroll
-          for (int i = 0; i < RR; ++i)
-#pragma unroll
-            for (int cc = 0; cc < CC; ++cc) S[i][cc] = Snext[i][cc];
-        } else {
-          load_state(s0 == nullptr ? nullptr : s0 + head * N * N, S);
+        for (int cc = 0; cc < CC; ++cc) {
+          const int j = cp * CC + cc;
+          const float sg = s_sg[s][j];
+          wj[cc] = __expf(-DECAY_SCALE * sg), wij[cc] = __expf(DECAY_SCALE * sg);
+          rj[cc] = s_r[s][j], aj[cc] = s_a[s][j];
+          kwj[cc] = s_k[s][j] * wij[cc], bwj[cc] = s_b[s][j] * wij[cc];
+          pdr[cc] = pdk[cc] = pdb[cc] = pdd[cc] = pda[cc] = 0.f;
         }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const int row = 4 * rg + 4 * RG * m;
+          const float4 dyq = *reinterpret_cast<const float4*>(&s_dy[s][row]);
+          const float4 vq = *reinterpret_cast<const float4*>(&s_v[s][row]);
+          const float4 saq = *reinterpret_cast<const float4*>(&s_sa[s][row]);
+          const float4 dsaq = *reinterpret_cast<const float4*>(&s_dsa[s][row]);
+          const float dyv[4] = {dyq.x, dyq.y, dyq.z, dyq.w}, vv[4] = {vq.x, vq.y, vq.z, vq.w};
+          const float sav[4] = {saq.x, saq.y, saq.z, saq.w}, dsav[4] = {dsaq.x, dsaq.y, dsaq.z, dsaq.w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int cc = 0; cc < CC; ++cc) {
+              float& s_ = S[4 * m + q][cc];
+              float& d_ = dS[4 * m + q][cc];
+              d_ = fmaf(dyv[q], rj[cc], d_);
+              pdr[cc] = fmaf(s_, dyv[q], pdr[cc]);
+              s_ = reset ? 0.f : fmaf(s_, wij[cc], -fmaf(vv[q], kwj[cc], sav[q] * bwj[cc]));  // S_{t-1}
+              pdk[cc] = fmaf(d_, vv[q], pdk[cc]);
+              pdb[cc] = fmaf(d_, sav[q], pdb[cc]);
+              pdd[cc] = fmaf(d_, s_, pdd[cc]);
+              pda[cc] = fmaf(s_, dsav[q], pda[cc]);
+              d_ = reset ? 0.f : fmaf(d_, wj[cc], dsav[q] * aj[cc]);
+            }
+        }
+        if (RST && reset && s > 0) {  // S before the reset: replay steps t0 .. t0+s-1 from the state entering the chunk
+          if (c > 0) {
+#pragma unroll
+            for (int i = 0; i < RR; ++i)
+#pragma unroll
+              for (int cc = 0; cc < CC; ++cc) S[i][cc] = Snext[i][cc];
+          } else {
+            load_state(s0 == nullptr ? nullptr : s0 + head * N * N, S);
+          }
 #pragma unroll 1
-        for (int s2 = 0; s2 < s; ++s2) {
-          const bool zero = s_st[s2] != 0;
+          for (int s2 = 0; s2 < s; ++s2) {
+            const bool zero = s_st[s2] != 0;
 #pragma unroll
-          for (int cc = 0; cc < CC; ++cc) {
-            const int j = cp * CC + cc;
-            const float w2 = __expf(-DECAY_SCALE * s_sg[s2][j]), b2 = s_b[s2][j], k2 = s_k[s2][j];
+            for (int cc = 0; cc < CC; ++cc) {
+              const int j = cp * CC + cc;
+              const float w2 = __expf(-DECAY_SCALE * s_sg[s2][j]), b2 = s_b[s2][j], k2 = s_k[s2][j];
 #pragma unroll
-            for (int m = 0; m < M; ++m)
+              for (int m = 0; m < M; ++m)
 #pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                const int row = 4 * rg + 4 * RG * m + q;
-                float& x = S[4 * m + q][cc];
-                x = fmaf(zero ? 0.f : x, w2, fmaf(s_sa[s2][row], b2, s_v[s2][row] * k2));
-              }
+                for (int q = 0; q < 4; ++q) {
+                  const int row = 4 * rg + 4 * RG * m + q;
+                  float& x = S[4 * m + q][cc];
+                  x = fmaf(zero ? 0.f : x, w2, fmaf(s_sa[s2][row], b2, s_v[s2][row] * k2));
+                }
+            }
           }
         }
-      }
-      if constexpr (DEFER) {
-#pragma unroll
-        for (int cc = 0; cc < CC; ++cc) {
-          const int o = rg * PS + s * CB + cp * CC + cc;
-          o_part[0][o] = pdr[cc], o_part[1][o] = pdk[cc], o_part[2][o] = pdb[cc];
-          o_part[3][o] = pda[cc], o_part[4][o] = pdd[cc];
-        }
-      } else {
-#pragma unroll
-        for (int cc = 0; cc < CC; ++cc) {
-          pdr[cc] = group_sum<RG>(pdr[cc]);
-          pdk[cc] = group_sum<RG>(pdk[cc]);
-          pdb[cc] = group_sum<RG>(pdb[cc]);
-          pdd[cc] = group_sum<RG>(pdd[cc]);
-          pda[cc] = group_sum<RG>(pda[cc]);
-        }
-        if (rg == 0) {
+        if constexpr (DEFER) {
 #pragma unroll
           for (int cc = 0; cc < CC; ++cc) {
-            const int o = s * CB + cp * CC + cc;
+            const int o = rg * PS + s * CB + cp * CC + cc;
             o_part[0][o] = pdr[cc], o_part[1][o] = pdk[cc], o_part[2][o] = pdb[cc];
             o_part[3][o] = pda[cc], o_part[4][o] = pdd[cc];
           }
+        } else {
+#pragma unroll
+          for (int cc = 0; cc < CC; ++cc) {
+            pdr[cc] = group_sum<RG>(pdr[cc]);
+            pdk[cc] = group_sum<RG>(pdk[cc]);
+            pdb[cc] = group_sum<RG>(pdb[cc]);
+            pdd[cc] = group_sum<RG>(pdd[cc]);
+            pda[cc] = group_sum<RG>(pda[cc]);
+          }
+          if (rg == 0) {
+#pragma unroll
+            for (int cc = 0; cc < CC; ++cc) {
+              const int o = s * CB + cp * CC + cc;
+              o_part[0][o] = pdr[cc], o_part[1][o] = pdk[cc], o_part[2][o] = pdb[cc];
+              o_part[3][o] = pda[cc], o_part[4][o] = pdd[cc];
+            }
+          }
         }
       }
-    }
+    };
+    if (RS && chunk_reset) steps(Flag<true>{}); else steps(Flag<false>{});
     __syncthreads();
     write_chunk<F, NT, CB, NP>(dr_ + in0 + col0, stride_t, t0, T, o_part[0], PS);
     write_chunk<F, NT, CB, NP>(dk_ + in0 + col0, stride_t, t0, T, o_part[1], PS);
