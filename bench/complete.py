@@ -64,14 +64,40 @@ def make_model(preset: str, vocab: int, device: torch.device, dtype: torch.dtype
     return RWKV7(cfg).eval().to(device=device, dtype=dtype)
 
 
+def _capture(fn, device: torch.device):
+    """fn captured as a CUDA graph (warmed up on a side stream first, as torch.cuda.graph requires)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    sync(device)
+    return g
+
+
 @torch.no_grad()
-def bench_prefill(model: RWKV7, T: int, repeats: int) -> float:
+def bench_prefill(model: RWKV7, T: int, repeats: int, graph: bool = False, compiled: bool = False) -> float:
+    """One prefill of T tokens; `graph`/`compiled`: the same forward as a CUDA graph / torch.compile'd, to see
+    how much of the eager time is launch overhead (the product runs it eager)."""
     device = model.device
     idx = torch.randint(0, model.cfg.vocab_size, (1, T), device=device)
     last = torch.tensor([T - 1], device=device)
+    if compiled:
+        torch._dynamo.reset()
+    fwd = torch.compile(model, dynamic=False) if compiled else model
+
+    def run():
+        return fwd(idx, positions=last, return_state=True)
+
     for _ in range(2):
-        model(idx, positions=last, return_state=True)
-    times = [timed(lambda: model(idx, positions=last, return_state=True), device, 1) for _ in range(repeats)]
+        run()
+    fn = _capture(run, device).replay if graph else run
+    times = [timed(fn, device, 1) for _ in range(repeats)]
     return statistics.median(times)
 
 
@@ -111,17 +137,7 @@ def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = F
         for _ in range(3):
             step()
         return timed(step, device, steps)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    g.replay()
-    return timed(g.replay, device, steps)
+    return timed(_capture(step, device).replay, device, steps)
 
 
 @torch.no_grad()
@@ -223,6 +239,12 @@ def check(device: torch.device, dtype: torch.dtype, vocab: int) -> None:
           f"notes {[s.continuation.note_num() for s in graph.samples]}")
 
 
+def add(rows: list[dict], row: dict) -> None:
+    """Keep the row for the table and print it now, so a run cut short by its time limit still reports."""
+    rows.append(row)
+    print("# row " + json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -235,7 +257,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true",
                     help="First check on a real prompt that CUDA-graph decoding gives the same tokens as eager "
                          "decoding, and a batch of 4 the same as 4 single runs.")
-    ap.add_argument("--prefill", type=int, default=1024)
+    ap.add_argument("--prefill", type=int, nargs="+", default=[1024, 128], help="Prefill lengths [1024 128].")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=None, help="Decode steps timed [cuda 500, cpu 50].")
     ap.add_argument("--repeats", type=int, default=None, help="Prefill repeats [cuda 20, cpu 3].")
@@ -262,36 +284,40 @@ def main() -> None:
     for preset in presets:
         model = make_model(preset, args.vocab, device, DTYPES[dtype])
         shape = f"{preset} L{model.cfg.n_layer} D{model.cfg.n_embd} V{args.vocab}"
-        rows.append({"impl": "ours", "shape": shape, "what": f"prefill {args.prefill}", "batch": 1,
-                     "ms": bench_prefill(model, args.prefill, repeats)})
+        for T in args.prefill:
+            for graph, compiled in [(False, False)] + ([(True, False)] if cuda else []) + (
+                    [(cuda, True)] if args.compile else []):
+                tag = ("compiled " if compiled else "") + ("graph" if graph else "eager")
+                add(rows, {"impl": "ours", "shape": shape, "what": f"prefill {T} ({tag})", "batch": 1,
+                             "tokens": T, "ms": bench_prefill(model, T, repeats, graph, compiled)})
         if args.profile_prefill:
-            profile_prefill(model, args.prefill, 25)
+            profile_prefill(model, args.prefill[0], 25)
         for B in args.batches:
             modes = [(False, False), (True, False)] if cuda else [(False, False)]
             if args.compile:
                 modes.append((cuda, True))
             for graph, compiled in modes:
                 tag = ("compiled " if compiled else "") + ("graph" if graph else "eager")
-                rows.append({"impl": "ours", "shape": shape, "what": f"step ({tag})", "batch": B,
+                add(rows, {"impl": "ours", "shape": shape, "what": f"step ({tag})", "batch": B,
                              "ms": bench_step(model, B, steps, graph, compiled)})
-                rows.append({"impl": "ours", "shape": shape, "what": f"generate ({tag})", "batch": B,
+                add(rows, {"impl": "ours", "shape": shape, "what": f"generate ({tag})", "batch": B,
                              "ms": bench_generate(model, B, steps, graph, compiled)})
         if not args.no_rwkv_pip:
-            pip = bench_rwkv_pip(model, device, strategy, args.prefill, steps, repeats)
+            pip = bench_rwkv_pip(model, device, strategy, args.prefill[0], steps, repeats)
             if "error" in pip:
-                rows.append({"impl": "rwkv-pip", "shape": shape, "what": "error", "batch": 1, "ms": float("nan"),
+                add(rows, {"impl": "rwkv-pip", "shape": shape, "what": "error", "batch": 1, "ms": float("nan"),
                              "note": pip["error"]})
             else:
-                rows.append({"impl": "rwkv-pip", "shape": shape, "what": f"prefill {args.prefill}", "batch": 1,
-                             "ms": pip["prefill_ms"], "note": pip["strategy"]})
-                rows.append({"impl": "rwkv-pip", "shape": shape, "what": "step", "batch": 1, "ms": pip["step_ms"],
+                add(rows, {"impl": "rwkv-pip", "shape": shape, "what": f"prefill {args.prefill[0]}", "batch": 1,
+                             "tokens": args.prefill[0], "ms": pip["prefill_ms"], "note": pip["strategy"]})
+                add(rows, {"impl": "rwkv-pip", "shape": shape, "what": "step", "batch": 1, "ms": pip["step_ms"],
                              "note": pip["strategy"]})
         del model
     print(f"{'impl':<9} {'shape':<22} {'what':<24} {'batch':>5} {'ms':>9} {'tok/s':>9}  note")
     for r in rows:
         tps = "" if r["what"].startswith(("prefill", "error")) else f"{r['batch'] * 1e3 / r['ms']:9.0f}"
         if r["what"].startswith("prefill"):
-            tps = f"{args.prefill * 1e3 / r['ms']:9.0f}"
+            tps = f"{r['tokens'] * 1e3 / r['ms']:9.0f}"
         print(f"{r['impl']:<9} {r['shape']:<22} {r['what']:<24} {r['batch']:>5} {r['ms']:9.3f} {tps:>9}  "
               f"{r.get('note', '')}")
     if args.json:

@@ -15,7 +15,13 @@
 #   issue16     bench/issue16_run.sh: the real-corpus training run and its evaluation (docs/results.md)
 #   realfit     `musictrain fit` on real packed windows (carry a parquet build as .shards-music21/): base and
 #               small presets with --batch-tokens and --compile, and the small preset padded as before
-#   complete    bench/complete.py --check --profile-prefill (ours only)
+#   complete    bench/complete.py --check --compile --profile-prefill, ours beside the rwkv package (prefill eager,
+#               as a CUDA graph and compiled; decode eager, graph, compiled)
+#   wkv         bench/wkv.py, ours (default configs, with and without resets every 137 positions) beside
+#               RWKV-LM's v3 kernels (the anchors' `kernels` mode) in the same step
+#   budget      bench/train_step.py --compile at activation memory budgets $BUDGETS [0.5 0.3] (B16 T2048)
+#   losscurve   bench/loss_curve.py: 300 steps of `fit` on .shards-music21, the reference path (PyTorch WKV,
+#               fp32, eager) against the fast path, same seed
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
 # Limits per step (seconds) come from LIMIT_<STEP>, e.g. LIMIT_TRAINSTEP=200. RESULTS/summary.txt lists each
@@ -34,7 +40,8 @@ PY="${PY:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=180
-                  [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=400)
+                  [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=400 [wkv]=240
+                  [budget]=240 [losscurve]=420)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
@@ -47,6 +54,9 @@ declare -A command=(
     [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
     [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --compile --profile-prefill --steps 300"
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
+    [wkv]="$PY bench/wkv.py --no-check --impl ours --configs --starts-every 137 --json $results/wkv.json; cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"
+    [budget]="for b in ${BUDGETS:-0.5 0.3}; do $PY bench/train_step.py --only completion --no-fla --compile --memory-budget \$b; done"
+    [losscurve]="$PY bench/loss_curve.py .shards-music21 /tmp/losscurve ${LOSSCURVE_ARGS:-}"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
 )
 

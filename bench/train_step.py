@@ -89,7 +89,7 @@ def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     model.grad_checkpoint = args.grad_checkpoint
     cfg = TrainConfig(lr=1e-4, warmup_steps=0)
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
-    fwd = compile_for_training(model) if args.compile else model
+    fwd = compile_for_training(model, memory_budget=args.memory_budget) if args.compile else model
     B, T = args.batch, args.seq
     idx = torch.randint(0, vocab, (B, T), device=device)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
@@ -112,6 +112,7 @@ def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     name = "ours/all" if frac is None else f"ours/completion {frac:.2f}"
     name += " compiled" if args.compile else ""
     name += " bf16 weights" if args.bf16_weights else ""
+    name += f" budget {args.memory_budget:g}" if args.compile and args.memory_budget is not None else ""
     if args.profile:
         profile_steps(step, device, args.profile, args.profile_top, name)
     return {"case": name, "ms_per_step": dt * 1e3, "tokens_per_s": B * T / dt, "peak_gib": peak,
@@ -195,6 +196,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
     ap.add_argument("--bf16-weights", action="store_true",
                     help="Ours with bf16 parameters and no autocast (RWKV-LM's way) instead of fp32 master weights.")
+    ap.add_argument("--memory-budget", type=float, default=None, metavar="F",
+                    help="With --compile: AOTAutograd's activation memory budget (0..1; below 1 recomputes "
+                         "element-wise activations in backward to save memory).")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--only", choices=["completion", "all", "fla", "rwkvlm"], action="append")
     ap.add_argument("--rwkvlm", default=None, metavar="DIR",

@@ -8,6 +8,9 @@
   an H200: "CompiledFunctionBackward returned an invalid gradient ... got [768]"), and the same code path
   is known to compute silently wrong gradients (pytorch/pytorch#193061, regression in 2.10).
 Both are process-wide torch settings: they apply to every model compiled afterwards in the process.
+
+`memory_budget` (0..1, None = torch's default of 1) is AOTAutograd's activation memory budget: below 1 the
+partitioner recomputes cheap element-wise activations in backward instead of saving them (also process-wide).
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import torch
 from torch import nn
 
 
-def compile_for_training(model: nn.Module, **kwargs) -> nn.Module:
+def compile_for_training(model: nn.Module, memory_budget: float | None = None, **kwargs) -> nn.Module:
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     functorch_config.enable_autograd_cache = False
     if hasattr(inductor_config, "triton") and hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False
+    if memory_budget is not None:
+        if not 0.0 <= memory_budget <= 1.0:
+            raise ValueError(f"memory_budget must be in [0, 1], got {memory_budget}")
+        functorch_config.activation_memory_budget = memory_budget
     return torch.compile(model, **kwargs)

@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     grad_checkpoint: bool = False
     compile: bool | None = None  # None: on with CUDA (the fast path), off on the CPU
+    precision: str = "bf16"  # bf16: bf16 autocast over fp32 master weights on CUDA | fp32 (the reference path)
     # evaluation, checkpoints, logging
     eval_every: int = 500
     eval_batches: int | None = None  # None: the whole val split
@@ -73,6 +74,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.format not in ("parquet", "webdataset"):
             raise ValueError(f"format must be parquet or webdataset, not {self.format!r}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be bf16 or fp32, not {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         for name in ("batch_size", "grad_accum", "streams", "eval_every", "save_every", "log_every", "keep_last"):

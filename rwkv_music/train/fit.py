@@ -366,7 +366,7 @@ class Trainer:
         self.cfg, self.di, self.device = cfg, di, device
         self.stop = stop or StopRequest()
         self.run_dir = Path(cfg.out)
-        self.amp = device.type == "cuda"
+        self.amp = device.type == "cuda" and cfg.precision == "bf16"
         ckpt = self._checkpoint_to_resume(resume)
 
         # data

@@ -21,6 +21,7 @@ from rwkv_music.model import RWKV7, RWKV7Config, load, save_rwkv_lm
 from rwkv_music.shards import iter_samples
 from rwkv_music.shards.dataset import open_split
 from rwkv_music.train.checkpoints import load_for_inference, resolve_checkpoint
+from rwkv_music.train.config import TrainConfig
 from rwkv_music.train.fit import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one thread (conftest.py)
@@ -178,6 +179,10 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
     (tmp_path / "empty").mkdir()
     res = musictrain_here("fit", tmp_path / "empty", "-o", tmp_path / "r1", *TINY)
     assert res.exit_code == 2 and "manifest.json" in res.output
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--precision", "fp16")
+    assert res.exit_code == 2 and "fp16" in res.output and not (tmp_path / "r1").exists()
+    with pytest.raises(ValueError, match="precision must be bf16 or fp32"):
+        TrainConfig(precision="fp16")
     # a finished run is not overwritten without --resume
     run = tmp_path / "r2"
     res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--batch-size", "4", "--max-steps", "1",

@@ -1,0 +1,101 @@
+"""Does the fast path train like the readable one? Two `musictrain fit` runs on the same shards, same seed and
+data order: the reference (PyTorch WKV, fp32 throughout, eager) and the fast path (CUDA WKV kernel, bf16
+autocast, torch.compile: fit's defaults on CUDA). Prints both loss curves side by side and one JSON line.
+
+    python bench/loss_curve.py SHARDS WORK [--steps 300] [--preset small] [--batch-tokens 16384]
+    python bench/loss_curve.py SHARDS WORK --metrics reference=REF/metrics.jsonl   # reuse a finished run
+
+bf16 rounding makes the two runs drift apart step by step (their batches are the same, their weights soon
+are not), so single steps are compared only as a mean over a window of logged steps: the curves "follow"
+each other when every window's mean train loss and every val loss agree within --tol (relative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUNS = {
+    "reference": ({"RWKV_MUSIC_WKV": "torch"}, ["--precision", "fp32", "--no-compile"]),
+    "fast": ({}, []),
+}
+
+
+def read(path: Path) -> tuple[dict[int, float], dict[int, float]]:
+    train, val = {}, {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r and "step" in r:
+            train[r["step"]] = r["loss"]
+        if "val_loss" in r:
+            val[r["step"]] = r["val_loss"]
+    return train, val
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("shards", type=Path)
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch-tokens", type=int, default=16384)
+    ap.add_argument("--window", type=int, default=5, help="Logged steps per compared mean.")
+    ap.add_argument("--tol", type=float, default=0.03, help="Relative tolerance of window means and val losses.")
+    ap.add_argument("--timeout", type=int, default=400, help="Seconds per run.")
+    ap.add_argument("--metrics", action="append", default=[], metavar="NAME=FILE",
+                    help="Take run NAME (reference or fast) from this metrics.jsonl of a finished run with the same "
+                         "options instead of running it (on a time-limited machine, one run per command).")
+    args = ap.parse_args()
+    given = dict(m.split("=", 1) for m in args.metrics)
+    if set(given) - set(RUNS):
+        sys.exit(f"--metrics names must be among {sorted(RUNS)}")
+    common = ["--preset", args.preset, "--batch-tokens", str(args.batch_tokens), "--max-steps", str(args.steps),
+              "--lr", "1e-3", "--warmup-steps", "30", "--eval-every", "100", "--eval-batches", "20",
+              "--save-every", "100000", "--log-every", "10", "--seed", "0", "--no-progress", "--no-tensorboard"]
+    curves, seconds = {}, {}
+    for name, (env, extra) in RUNS.items():
+        if name in given:
+            curves[name] = read(Path(given[name]))
+            continue
+        out = args.work / name
+        if out.exists():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "rwkv_music.train.cli", "fit", str(args.shards), "-o", str(out), *common, *extra]
+        print(f"[loss-curve] {name}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd[3:])}", flush=True)
+        rc = subprocess.run(cmd, env={**os.environ, **env}, timeout=args.timeout).returncode
+        seconds[name] = round(time.time() - t0, 1)
+        if rc != 0:
+            sys.exit(f"[loss-curve] {name} failed with exit code {rc}")
+        curves[name] = read(out / "metrics.jsonl")
+    (rt, rv), (ft, fv) = curves["reference"], curves["fast"]
+    steps = sorted(set(rt) & set(ft))
+    windows = []
+    for i in range(0, len(steps) - args.window + 1, args.window):
+        w = steps[i: i + args.window]
+        r = sum(rt[s] for s in w) / len(w)
+        f = sum(ft[s] for s in w) / len(w)
+        windows.append({"steps": f"{w[0]}-{w[-1]}", "reference": round(r, 4), "fast": round(f, 4),
+                        "rel": round(abs(f - r) / r, 4)})
+    vals = [{"step": s, "reference": round(rv[s], 4), "fast": round(fv[s], 4),
+             "rel": round(abs(fv[s] - rv[s]) / rv[s], 4)} for s in sorted(set(rv) & set(fv))]
+    print(f"{'steps':>10} {'reference':>10} {'fast':>10} {'rel':>7}")
+    for w in windows:
+        print(f"{w['steps']:>10} {w['reference']:10.4f} {w['fast']:10.4f} {w['rel']:7.4f}")
+    for v in vals:
+        print(f"{'val ' + str(v['step']):>10} {v['reference']:10.4f} {v['fast']:10.4f} {v['rel']:7.4f}")
+    worst = max([w["rel"] for w in windows] + [v["rel"] for v in vals] + [0.0])
+    follows = bool(windows) and bool(vals) and worst <= args.tol
+    print(json.dumps({"steps": args.steps, "preset": args.preset, "batch_tokens": args.batch_tokens,
+                      "seconds": seconds, "worst_rel": worst, "tol": args.tol, "follows": follows,
+                      "windows": windows, "val": vals}))
+    sys.exit(0 if follows else 1)
+
+
+if __name__ == "__main__":
+    main()
