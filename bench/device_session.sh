@@ -13,6 +13,7 @@
 #   anchors     RWKV-LM's fused x070 trainer at the same shapes (carry a copy of ../shared/anchors as .anchors/)
 #   compare     ours compiled beside RWKV-LM's trainer at B16 T2048, one table
 #   issue16     bench/issue16_run.sh: the real-corpus training run and its evaluation (docs/results.md)
+#   sweep       bench/sampling_sweep.py on the issue16 step's run: temperature x top-p on the dev val pieces
 #   realfit     `musictrain fit` on real packed windows (carry a parquet build as .shards-music21/): base and
 #               small presets with --batch-tokens and --compile, and the small preset padded as before
 #   complete    bench/complete.py --check --compile --profile-prefill, ours beside the rwkv package (prefill eager,
@@ -41,7 +42,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=180
                   [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=400 [wkv]=240
-                  [budget]=240 [losscurve]=420)
+                  [budget]=240 [losscurve]=420 [sweep]=400)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
@@ -56,6 +57,7 @@ declare -A command=(
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
     [wkv]="$PY bench/wkv.py --no-check --impl ours --configs --starts-every 137 --json $results/wkv.json; cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"
     [budget]="for b in ${BUDGETS:-0.5 0.3}; do $PY bench/train_step.py --only completion --no-fla --compile --memory-budget \$b; done"
+    [sweep]="$PY bench/sampling_sweep.py /tmp/issue16/run .shards-music21 /tmp/sweep ${SWEEP_ARGS:-}"
     [losscurve]="$PY bench/loss_curve.py .shards-music21 /tmp/losscurve ${LOSSCURVE_ARGS:-}"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
 )
