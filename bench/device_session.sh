@@ -12,8 +12,10 @@
 #   compile     bench/train_step.py --compile, ours with completion logits (B16 T2048, then B8 T4096)
 #   anchors     RWKV-LM's fused x070 trainer at the same shapes (carry a copy of ../shared/anchors as .anchors/)
 #   compare     ours compiled beside RWKV-LM's trainer at B16 T2048, one table
-#   issue16     bench/issue16_run.sh: the real-corpus training run and its evaluation (docs/results.md)
-#   sweep       bench/sampling_sweep.py on the issue16 step's run: temperature x top-p on the dev val pieces
+#   issue16     bench/issue16_run.sh: the real-corpus training run and its evaluation (docs/results.md; STAGES=fit
+#               or STAGES=eval runs one of the two)
+#   sweep       bench/sampling_sweep.py on the issue16 step's run: temperature x top-p x min-p on the dev val
+#               pieces, then the winner's full eval on the test pieces (RESULTS/sweep.tgz)
 #   realfit     `musictrain fit` on real packed windows (carry a parquet build as .shards-music21/): base and
 #               small presets with --batch-tokens and --compile, and the small preset padded as before
 #   complete    bench/complete.py --check --compile --profile-prefill, ours beside the rwkv package (prefill eager,
@@ -57,7 +59,7 @@ declare -A command=(
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
     [wkv]="$PY bench/wkv.py --no-check --impl ours --configs --starts-every 137 --json $results/wkv.json; cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"
     [budget]="for b in ${BUDGETS:-0.5 0.3}; do $PY bench/train_step.py --only completion --no-fla --compile --memory-budget \$b; done"
-    [sweep]="$PY bench/sampling_sweep.py /tmp/issue16/run .shards-music21 /tmp/sweep ${SWEEP_ARGS:-}"
+    [sweep]="$PY bench/sampling_sweep.py /tmp/issue16/run .shards-music21 /tmp/sweep --report-test /tmp/sweep-test ${SWEEP_ARGS:-}; rc=\$?; tar czf $results/sweep.tgz -C /tmp sweep/sweep.json sweep-test; exit \$rc"
     [losscurve]="$PY bench/loss_curve.py .shards-music21 /tmp/losscurve ${LOSSCURVE_ARGS:-}"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
 )
@@ -84,5 +86,9 @@ for step in "${steps[@]}"; do
         export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
 done
-# (the device tool returns at most 8 files: set NO_TAILS=1 when the logs themselves are enough)
+# (the device tool returns at most 8 files: set NO_TAILS=1 when the logs themselves are enough, PACK_LOGS=1 to
+# put every log into RESULTS/logs.tgz instead of leaving them one file each)
 [ -n "${NO_TAILS:-}" ] || tail -n 3 "$results"/*.log > "$results/tails.txt" 2>/dev/null || true
+if [ -n "${PACK_LOGS:-}" ]; then
+    (cd "$results" && tar czf logs.tgz ./*.log && rm -f ./*.log)
+fi

@@ -7,6 +7,9 @@ from pathlib import Path
 import click
 
 from rwkv_music.train.cli import UsageFailure
+from rwkv_music.train.sampling_config import SamplingConfig
+
+_SAMPLING = SamplingConfig()
 
 
 def _context_bars(value: str) -> int | None:
@@ -38,12 +41,14 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
               help="How many of the prompt's last bars condition the model, or 'all'.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=4, show_default=True,
               help="Variations, generated as one batch.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.85, show_default=True,
+@click.option("--temperature", type=click.FloatRange(min=0), default=_SAMPLING.temperature, show_default=True,
               help="Softmax temperature (0 = greedy).")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True,
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=_SAMPLING.top_p, show_default=True,
               help="Nucleus sampling: draw from the most likely tokens that make up this probability mass.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--top-k", type=click.IntRange(min=0), default=_SAMPLING.top_k, show_default=True,
               help="Draw from the K most likely tokens only (0 = off).")
+@click.option("--min-p", type=click.FloatRange(min=0, max=1), default=_SAMPLING.min_p, show_default=True,
+              help="Draw only from tokens at least this fraction as likely as the most likely one (0 = off).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sample K uses seed + K.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Token budget per sample [384 per bar]; samples are closed off to fit.")
@@ -60,8 +65,9 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none anyway when stderr is not a "
               "terminal).")
 def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: int, context_bars: str,
-             num_samples: int, temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int | None,
-             device: str, dtype: str, cuda_graph: bool, compile_step: bool, plot: bool, quiet: bool) -> None:
+             num_samples: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: int,
+             max_tokens: int | None, device: str, dtype: str, cuda_graph: bool, compile_step: bool, plot: bool,
+             quiet: bool) -> None:
     """Continue PROMPT (a MIDI file) by --bars bars with the model in CHECKPOINT (a run directory: its best
     checkpoint, else the latest; or one checkpoint directory)."""
     import torch
@@ -72,7 +78,6 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
     from rwkv_music.train.complete import complete as run_complete
     from rwkv_music.train.complete_output import format_table, write_completion
     from rwkv_music.train.device import DeviceUnavailable, pick_device
-    from rwkv_music.train.sampling import SamplingConfig
 
     ctx = _context_bars(context_bars)
     try:
@@ -90,7 +95,8 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
     except (FileNotFoundError, ValueError) as e:
         raise UsageFailure(_one_line(f"cannot load checkpoint {checkpoint}: {e}")) from None
     config = CompleteConfig(bars=bars, context_bars=ctx, num_samples=num_samples,
-                            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed,
+                            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                    min_p=min_p), seed=seed,
                             max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step)
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import click
 
+from rwkv_music.train.sampling_config import SamplingConfig
+
+_SAMPLING = SamplingConfig()
+
 
 def _f(x, nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
@@ -37,10 +41,13 @@ def _f(x, nd: int = 3) -> str:
 @click.option("--tokens-per-bar", default=None, type=click.IntRange(min=8),
               help="Generation budget per bar [complete's default].")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None,
-              help="Sampling temperature [complete's default, 0.85].")
+              help=f"Sampling temperature [complete's default, {_SAMPLING.temperature:g}].")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
-              help="Nucleus sampling mass [complete's default, 0.9].")
-@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Top-k sampling [complete's default, off].")
+              help=f"Nucleus sampling mass [complete's default, {_SAMPLING.top_p:g}].")
+@click.option("--top-k", type=click.IntRange(min=0), default=None,
+              help=f"Top-k sampling [complete's default, {_SAMPLING.top_k or 'off'}].")
+@click.option("--min-p", type=click.FloatRange(min=0, max=1), default=None,
+              help=f"Min-p sampling [complete's default, {_SAMPLING.min_p or 'off'}].")
 @click.option("--batch-tokens", default=32768, show_default=True, type=click.IntRange(min=64),
               help="Padded tokens per teacher-forced batch.")
 @click.option("--format", "shard_format", default="parquet", show_default=True,
@@ -55,7 +62,8 @@ def _f(x, nd: int = 3) -> str:
 def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_tf_windows: int,
              all_tf_windows: bool, choice_windows: int, pieces: str, device: str, seed: int, piano_rolls: int,
              tokens_per_bar: int | None,
-             temperature: float | None, top_p: float | None, top_k: int | None, batch_tokens: int,
+             temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
+             batch_tokens: int,
              shard_format: str, out: Path, overwrite: bool, quiet: bool) -> None:
     """Evaluate CHECKPOINT (a run or checkpoint directory) on SHARDS (a `musicprep build-shards` output).
 
@@ -79,7 +87,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
     cfg = EvalConfig(split=split, num_windows=num_windows, max_tf_windows=None if all_tf_windows else max_tf_windows,
                      batch_tokens=batch_tokens, piano_rolls=piano_rolls, seed=seed, device=device,
                      shard_format=shard_format, tokens_per_bar=tokens_per_bar, temperature=temperature,
-                     top_p=top_p, top_k=top_k, choice_windows=choice_windows, pieces=pieces)
+                     top_p=top_p, top_k=top_k, min_p=min_p, choice_windows=choice_windows, pieces=pieces)
     try:
         dev = pick_device(device)
     except RuntimeError as e:

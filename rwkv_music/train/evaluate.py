@@ -79,6 +79,7 @@ class EvalConfig:
     temperature: float | None = None  # sampling overrides; None: `musictrain complete`'s defaults
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     seed: int = 0
     device: str = "auto"
     shard_format: str = "parquet"  # preferred; the other one is used if the build has only that
@@ -92,9 +93,9 @@ class EvalConfig:
 
 def sampling_config(cfg: EvalConfig):
     """`complete`'s SamplingConfig with the overrides of `cfg` applied."""
-    from rwkv_music.train.sampling import SamplingConfig
+    from rwkv_music.train.sampling_config import SamplingConfig
 
-    over = {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k") if getattr(cfg, k) is not None}
+    over = {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "min_p") if getattr(cfg, k) is not None}
     return dataclasses.replace(SamplingConfig(), **over)
 
 

@@ -1,4 +1,4 @@
-"""Temperature / top-k / top-p sampling driven by pre-drawn uniforms, one random stream per sample.
+"""Temperature / top-k / top-p / min-p sampling driven by pre-drawn uniforms, one random stream per sample.
 
 Each sample k draws its uniforms from its own `torch.Generator` seeded with `seed + k`, before decoding starts.
 A token is then picked by inverse CDF over the filtered, sorted distribution. So sample k is the same whether it
@@ -8,25 +8,12 @@ no host synchronisation, which a CUDA graph can capture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from rwkv_music.train.sampling_config import SamplingConfig
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 0.85  # 0 means greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 0.9  # 1.0 = off
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+__all__ = ["SamplingConfig", "draw_uniforms", "sample"]
 
 
 def draw_uniforms(seeds: list[int], steps: int, device: torch.device | str = "cpu") -> Tensor:
@@ -56,6 +43,8 @@ def sample(logits: Tensor, u: Tensor, cfg: SamplingConfig) -> Tensor:
     if cfg.top_p < 1.0:
         before = p_sorted.cumsum(dim=-1) - p_sorted  # mass of the more likely tokens; the first is always kept
         keep &= before < cfg.top_p
+    if cfg.min_p > 0.0:  # the cut scales with the model's confidence, unlike top-p's fixed mass
+        keep &= p_sorted >= cfg.min_p * p_sorted[:, :1]
     kept = p_sorted * keep
     cdf = kept.cumsum(dim=-1)
     threshold = u[:, None] * cdf[:, -1:]

@@ -47,6 +47,21 @@ def test_top_k_and_top_p_filter():
     assert sample(logits[None], torch.tensor([0.99]), SamplingConfig(0.0)).item() == 0  # greedy
 
 
+def test_min_p_cut_scales_with_the_top_token():
+    """min-p keeps the tokens at least min_p times as likely as the most likely one, after temperature."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    u = _grid(1000)
+    pick = lambda cfg: set(sample(logits.expand(1000, -1), u, cfg).tolist())  # noqa: E731
+    assert pick(SamplingConfig(1.0, top_p=1.0, min_p=0.35)) == {0, 1}  # cut at 0.175
+    assert pick(SamplingConfig(1.0, top_p=1.0, min_p=0.25)) == {0, 1, 2}  # cut at 0.125
+    assert pick(SamplingConfig(1.0, top_p=1.0, min_p=1.0)) == {0}
+    assert pick(SamplingConfig(1.0, top_p=1.0, min_p=0.0)) == {0, 1, 2, 3}
+    # a flatter distribution (temperature 3) lets more tokens over the same relative cut
+    assert pick(SamplingConfig(3.0, top_p=1.0, min_p=0.35)) == {0, 1, 2, 3}
+    # combined with top-p, both filters apply
+    assert pick(SamplingConfig(1.0, top_p=0.6, min_p=0.1)) == {0, 1}
+
+
 def test_uniforms_depend_only_on_each_seed():
     a = draw_uniforms([7, 8, 9, 10], 50)
     singles = torch.cat([draw_uniforms([s], 50) for s in (7, 8, 9, 10)])
@@ -55,7 +70,8 @@ def test_uniforms_depend_only_on_each_seed():
     assert float(a.min()) >= 0.0 and float(a.max()) < 1.0
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(min_p=-0.1), dict(min_p=1.5)])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad)

@@ -28,6 +28,7 @@ from rwkv_music.train.evaluate import (
     teacher_forced,
     token_types,
 )
+from rwkv_music.train.sampling_config import SamplingConfig
 
 N_WINDOWS = 3
 CHOICE = 40  # forced-choice windows
@@ -69,8 +70,8 @@ def trained_run(small_shards: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def report_dir(trained_run: Path, small_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("eval") / "report"
     proc = eval_cli(trained_run, small_shards, "--num-windows", N_WINDOWS, "--max-tf-windows", 48, "--device", "cpu",
-                    "--piano-rolls", 2, "--tokens-per-bar", 48, "--temperature", 1.0, "--choice-windows", CHOICE,
-                    "-o", out)
+                    "--piano-rolls", 2, "--tokens-per-bar", 48, "--temperature", 1.0, "--min-p", 0.02,
+                    "--choice-windows", CHOICE, "-o", out)
     return out, proc.stdout
 
 
@@ -154,8 +155,8 @@ def test_generative_part_and_baselines(report):
             m = w["metrics"][name]
             assert m["n_notes"] >= 0 and 0 <= m["empty_beat_rate"] <= 1
     assert set(g["model_vs_random"]) >= {"pch_distance_truth", "note_density"}
-    # Sampling: the temperature given on the command line, the rest complete's defaults.
-    assert g["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9}
+    # Sampling: the temperature and min-p given on the command line, the rest complete's defaults.
+    assert g["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": SamplingConfig().top_p, "min_p": 0.02}
 
 
 def test_teacher_forced_equals_full_forward(trained_run: Path, small_shards: Path):

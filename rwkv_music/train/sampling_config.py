@@ -1,0 +1,24 @@
+"""The sampling settings of `complete` and `eval`, kept free of torch so that the CLIs can show their defaults
+without importing it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.85  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.9  # 1.0 = off
+    min_p: float = 0.0  # keep tokens at least this fraction of the most likely one's probability; 0 = off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
