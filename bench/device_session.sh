@@ -43,7 +43,7 @@ PY="${PY:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=180
-                  [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=400 [wkv]=240
+                  [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
                   [budget]=240 [losscurve]=420 [sweep]=400)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"

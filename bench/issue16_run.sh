@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real-corpus run of docs/results.md: train within a time budget (SIGTERM at the end of it: the trainer
 # finishes its step and writes a checkpoint), then `musictrain eval` on the test half of the val pieces with
-# complete's default sampling.
+# complete's default sampling. The defaults are docs/results.md's run (2026-12-03: 448 s of fit, 35 s of eval
+# on an H200).
 #
 #   bash bench/issue16_run.sh SHARDS WORK RESULTS
 #   env: STAGES ("fit eval"; one of them alone runs that stage on WORK/run), TRAIN_S, PRESET, MAX_STEPS,
@@ -16,10 +17,10 @@ mkdir -p "$results" "$work"
 if [[ " $stages " == *" fit "* ]]; then
     rm -rf "$work/run"
     fit=(fit "$shards" -o "$work/run" --preset "${PRESET:-base}" --batch-tokens "${BATCH_TOKENS:-32768}"
-         --max-steps "${MAX_STEPS:-1400}" --lr "${LR:-6e-4}" --eval-every "${EVAL_EVERY:-250}" --eval-batches 100
-         --save-every "${SAVE_EVERY:-500}" --log-every 25 --no-progress --no-tensorboard)
+         --max-steps "${MAX_STEPS:-2600}" --lr "${LR:-6e-4}" --eval-every "${EVAL_EVERY:-200}" --eval-batches 100
+         --save-every "${SAVE_EVERY:-400}" --log-every 25 --no-progress --no-tensorboard)
     echo "musictrain ${fit[*]}" > "$results/fit.log"
-    timeout -s TERM -k 30 "${TRAIN_S:-230}" "$PY" -m rwkv_music.train.cli "${fit[@]}" >> "$results/fit.log" 2>&1
+    timeout -s TERM -k 30 "${TRAIN_S:-470}" "$PY" -m rwkv_music.train.cli "${fit[@]}" >> "$results/fit.log" 2>&1
     echo "fit rc=$?"
     cp "$work/run/metrics.jsonl" "$results/metrics.jsonl" 2>/dev/null
     tail -n 4 "$results/fit.log"

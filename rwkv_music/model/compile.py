@@ -10,7 +10,8 @@
 Both are process-wide torch settings: they apply to every model compiled afterwards in the process.
 
 `memory_budget` (0..1, None = torch's default of 1) is AOTAutograd's activation memory budget: below 1 the
-partitioner recomputes cheap element-wise activations in backward instead of saving them (also process-wide).
+partitioner recomputes cheap element-wise activations in backward instead of saving them. It is process-wide
+and read when the model first runs, so each call sets it (None: back to 1).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def compile_for_training(model: nn.Module, memory_budget: float | None = None, *
     functorch_config.enable_autograd_cache = False
     if hasattr(inductor_config, "triton") and hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False
-    if memory_budget is not None:
-        if not 0.0 <= memory_budget <= 1.0:
-            raise ValueError(f"memory_budget must be in [0, 1], got {memory_budget}")
-        functorch_config.activation_memory_budget = memory_budget
+    if memory_budget is not None and not 0.0 <= memory_budget <= 1.0:
+        raise ValueError(f"memory_budget must be in [0, 1], got {memory_budget}")
+    # always set: an earlier call's budget must not carry over to this model
+    functorch_config.activation_memory_budget = 1.0 if memory_budget is None else memory_budget
     return torch.compile(model, **kwargs)

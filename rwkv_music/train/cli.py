@@ -137,6 +137,10 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
 @_opt("--compile/--no-compile", help="torch.compile the model (fuses its element-wise work around the CUDA WKV "
       "kernel: about 2.4x faster steps on an H200; the first step waits for the compile).",
       unset="on with CUDA, off on the CPU")
+@_opt("--memory-budget", type=click.FloatRange(0, 1), help="With --compile: the share of activation memory the "
+      "compiled step may keep for backward; below 1 it recomputes element-wise work instead (less memory, "
+      "somewhat slower steps: docs/training.md).",
+      unset="keep all (1)")
 @_opt("--precision", type=click.Choice(["bf16", "fp32"]), help="Activations on CUDA: bf16 autocast over fp32 "
       "master weights (fast), or fp32 throughout (the reference path; the CPU always runs fp32).")
 @_opt("--progress/--no-progress", help="Progress bar on stderr.")

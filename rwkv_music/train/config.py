@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     grad_checkpoint: bool = False
     compile: bool | None = None  # None: on with CUDA (the fast path), off on the CPU
+    memory_budget: float | None = None  # compiled only: AOTAutograd's activation memory budget (None: all saved)
     precision: str = "bf16"  # bf16: bf16 autocast over fp32 master weights on CUDA | fp32 (the reference path)
     # evaluation, checkpoints, logging
     eval_every: int = 500
@@ -87,6 +88,8 @@ class TrainConfig:
             raise ValueError("max_steps must be >= 1")
         if self.max_steps is not None and self.max_tokens is not None:
             raise ValueError("give max_steps or max_tokens, not both")
+        if self.memory_budget is not None and not 0.0 <= self.memory_budget <= 1.0:
+            raise ValueError(f"memory_budget must be in [0, 1], got {self.memory_budget}")
         if self.lr <= 0 or self.lr_final < 0 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, lr_final >= 0, warmup_steps >= 0")
 

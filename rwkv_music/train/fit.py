@@ -399,7 +399,10 @@ class Trainer:
         set_grad_checkpoint(self.raw, cfg.grad_checkpoint)
         self.raw.to(device)
         use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        self.model: nn.Module = compile_for_training(self.raw) if use_compile else self.raw
+        if cfg.memory_budget is not None and not use_compile:
+            self.log("--memory-budget applies to compiled training only; it is ignored without --compile")
+        self.model: nn.Module = (compile_for_training(self.raw, memory_budget=cfg.memory_budget) if use_compile
+                                 else self.raw)
         if di.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -185,9 +185,12 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
         TrainConfig(precision="fp16")
     # a finished run is not overwritten without --resume
     run = tmp_path / "r2"
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--memory-budget", "1.5")
+    assert res.exit_code == 2 and "--memory-budget" in res.output and not (tmp_path / "r1").exists()
     res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--batch-size", "4", "--max-steps", "1",
-                          "--eval-batches", "1")
+                          "--eval-batches", "1", "--memory-budget", "0.5")
     assert res.exit_code == 0, res.output
+    assert "ignored without --compile" in res.output  # the CPU trains eagerly by default
     res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--max-steps", "2")
     assert res.exit_code == 2 and "--resume" in res.output  # a usage error (docs/training.md: exit codes)
     # --resume must not change what decides the data order
