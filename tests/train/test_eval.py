@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -236,6 +237,29 @@ def test_forced_choice_report(report_dir, report):
     assert len({(w["piece_id"], w["window"]) for w in fc["per_window"]}) == CHOICE
     assert "Forced choice" in (report_dir[0] / "report.html").read_text()
     assert "forced choice on 40 windows" in report_dir[1]
+
+
+def test_choice_by_source_regroups_the_report(report_dir, report):
+    """bench/choice_by_source.py (docs/results.md's table by collection) counts every window once, and its
+    per-collection shares add up to the report's own count of wins."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "choice_by_source.py"
+    proc = subprocess.run([sys.executable, str(script), str(report_dir[0] / "report.json"), "--min-windows", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r[0].strip(): r[1:] for r in (line.strip("|").split("|") for line in proc.stdout.splitlines()[2:])}
+    fc = report["forced_choice"]
+    assert sum(int(r[0]) for r in rows.values()) == CHOICE
+    spec = importlib.util.spec_from_file_location("choice_by_source", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for imp, col in (("repeat", 1), ("random", 2)):
+        compared: dict[str, int] = {}
+        for w in fc["per_window"]:
+            if imp in w["loglik"] and not w["identical"][imp]:
+                g = mod.collection(w["source"])
+                compared[g] = compared.get(g, 0) + 1
+        wins = sum(round(float(rows[g][col]) * n) for g, n in compared.items())  # shares print 2 decimals
+        assert wins == fc["comparisons"][imp]["truth_first"], imp
 
 
 def test_forced_choice_scores_are_teacher_forced_and_seeded(trained_run: Path, small_shards: Path):

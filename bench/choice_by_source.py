@@ -1,0 +1,47 @@
+"""The forced-choice results of one `musictrain eval` report, grouped by the collection each window's source
+file belongs to (its name up to the first "__", trailing digits dropped: "oneills1850__1176.mid" -> "oneills").
+
+    python bench/choice_by_source.py REPORT_DIR/report.json [--min-windows 10]
+
+Prints a Markdown table: per collection, windows, the share where the truth ranks first against each
+impostor, and the mean margin (nats per token) of the truth over the repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+
+def collection(source: str) -> str:
+    return re.sub(r"\d+$", "", Path(source).name.split("__")[0].removesuffix(".mid"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("report", type=Path)
+    ap.add_argument("--min-windows", type=int, default=10, help="Leave out collections with fewer windows.")
+    args = ap.parse_args()
+    windows = json.loads(args.report.read_text())["forced_choice"]["per_window"]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for w in windows:
+        groups[collection(w["source"])].append(w)
+    print("| collection | windows | truth first vs repeat | vs random | mean margin vs repeat |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ws in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        if len(ws) < args.min_windows:
+            continue
+        share = {}
+        for imp in ("repeat", "random"):
+            cmp_ = [w["loglik"] for w in ws if imp in w["loglik"] and not w["identical"].get(imp)]
+            share[imp] = sum(ll["truth"] > ll[imp] for ll in cmp_) / len(cmp_) if cmp_ else float("nan")
+        margins = [w["loglik"]["truth"] - w["loglik"]["repeat"] for w in ws if "repeat" in w["loglik"]]
+        margin = sum(margins) / len(margins) if margins else float("nan")
+        print(f"| {name} | {len(ws)} | {share['repeat']:.2f} | {share['random']:.2f} | {margin:+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
