@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rwkv_music.atomic import write_text_atomic
 from rwkv_music.train.metrics import METRIC_NAMES
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="Run or checkpoint directory.")
     ap.add_argument("shards", type=Path)
-    ap.add_argument("work", type=Path, help="Reports go to WORK/t<T>-p<P>/.")
+    ap.add_argument("work", type=Path, help="Reports go to WORK/t<T>-p<P>-m<M>/.")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.85, 1.0])
     ap.add_argument("--top-ps", type=float, nargs="+", default=[0.9, 1.0])
     ap.add_argument("--min-ps", type=float, nargs="+", default=[0.0, 0.1])
@@ -98,7 +99,7 @@ def main() -> None:
     summary = {"run": str(args.run), "pieces": "dev", "num_windows": args.num_windows, "seed": args.seed,
                "rows": rows, "best": best}
     args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(args.work / "sweep.json", json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))
     if best is None:
         sys.exit(1)
