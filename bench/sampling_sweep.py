@@ -34,12 +34,18 @@ def closeness(report: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def score(c: dict[str, dict[str, float]]) -> dict:
-    """Wins over eval's 9 metrics (METRIC_NAMES), the count issue 16 states its goals in."""
+def score(c: dict[str, dict[str, float | None]]) -> dict:
+    """Wins over eval's 9 metrics (METRIC_NAMES), the count issue 16 states its goals in. A metric with no mean
+    (no window defines it, e.g. the inter-onset interval of one-note bars) is no win for either side."""
     metrics = list(c["model"])
-    wins_repeat = sum(c["model"][m] < c["repeat"][m] for m in metrics)
-    wins_random = sum(c["model"][m] < c["random"][m] for m in metrics)
-    rel = sum(c["model"][m] / c["repeat"][m] for m in metrics if c["repeat"][m] > 0)
+
+    def wins(base: str) -> int:
+        return sum(c["model"][m] is not None and c[base][m] is not None and c["model"][m] < c[base][m]
+                   for m in metrics)
+
+    rel = sum(c["model"][m] / c["repeat"][m] for m in metrics
+              if c["model"][m] is not None and c["repeat"][m] is not None and c["repeat"][m] > 0)
+    wins_repeat, wins_random = wins("repeat"), wins("random")
     return {"metrics": len(metrics), "wins_vs_repeat": wins_repeat, "wins_vs_random": wins_random,
             "rel_error_sum": round(rel, 4)}
 

@@ -239,6 +239,28 @@ def test_forced_choice_report(report_dir, report):
     assert "forced choice on 40 windows" in report_dir[1]
 
 
+def _bench_module(name: str):
+    script = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sampling_sweep_scores_a_real_report(report):
+    """bench/sampling_sweep.py's ranking reads eval's 9 closeness metrics and counts wins as the report has them."""
+    sweep = _bench_module("sampling_sweep")
+    c = sweep.closeness(report)
+    systems = report["generative"]["systems"]
+    assert set(c) == {"model", "repeat", "random"} and all(len(c[s]) == len(M.METRIC_NAMES) == 9 for s in c)
+    sc = sweep.score(c)
+    for base, key in (("repeat", "wins_vs_repeat"), ("random", "wins_vs_random")):
+        err = {s: [systems[s]["abs_error_vs_truth"][m]["mean"] for m in M.METRIC_NAMES] for s in ("model", base)}
+        wins = sum(x is not None and y is not None and x < y for x, y in zip(err["model"], err[base], strict=True))
+        assert sc[key] == wins
+    assert sc["metrics"] == 9 and sc["rel_error_sum"] >= 0
+
+
 def test_choice_by_source_regroups_the_report(report_dir, report):
     """bench/choice_by_source.py (docs/results.md's table by collection) counts every window once, and its
     per-collection shares add up to the report's own count of wins."""
@@ -249,9 +271,7 @@ def test_choice_by_source_regroups_the_report(report_dir, report):
     rows = {r[0].strip(): r[1:] for r in (line.strip("|").split("|") for line in proc.stdout.splitlines()[2:])}
     fc = report["forced_choice"]
     assert sum(int(r[0]) for r in rows.values()) == CHOICE
-    spec = importlib.util.spec_from_file_location("choice_by_source", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("choice_by_source")
     for imp, col in (("repeat", 1), ("random", 2)):
         compared: dict[str, int] = {}
         for w in fc["per_window"]:
