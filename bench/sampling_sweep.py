@@ -62,8 +62,8 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="Run or checkpoint directory.")
     ap.add_argument("shards", type=Path)
     ap.add_argument("work", type=Path, help="Reports go to WORK/t<T>-p<P>-m<M>/.")
-    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.85, 1.0])
-    ap.add_argument("--top-ps", type=float, nargs="+", default=[0.9, 1.0])
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.6, 0.75, 0.85, 1.0])
+    ap.add_argument("--top-ps", type=float, nargs="+", default=[0.9])
     ap.add_argument("--min-ps", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--report-test", type=Path, default=None,
                     help="Then evaluate the winner on the test pieces into this directory (full report).")
