@@ -95,7 +95,8 @@ def sampling_config(cfg: EvalConfig):
     """`complete`'s SamplingConfig with the overrides of `cfg` applied."""
     from rwkv_music.train.sampling_config import SamplingConfig
 
-    over = {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "min_p") if getattr(cfg, k) is not None}
+    names = [f.name for f in dataclasses.fields(SamplingConfig)]  # EvalConfig holds one override per field
+    over = {k: getattr(cfg, k) for k in names if getattr(cfg, k) is not None}
     return dataclasses.replace(SamplingConfig(), **over)
 
 

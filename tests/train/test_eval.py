@@ -239,9 +239,12 @@ def test_forced_choice_report(report_dir, report):
     assert "forced choice on 40 windows" in report_dir[1]
 
 
+def _bench_script(name: str) -> Path:
+    return Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+
+
 def _bench_module(name: str):
-    script = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, script)
+    spec = importlib.util.spec_from_file_location(name, _bench_script(name))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -264,8 +267,8 @@ def test_sampling_sweep_scores_a_real_report(report):
 def test_choice_by_source_regroups_the_report(report_dir, report):
     """bench/choice_by_source.py (docs/results.md's table by collection) counts every window once, and its
     per-collection shares add up to the report's own count of wins."""
-    script = Path(__file__).resolve().parents[2] / "bench" / "choice_by_source.py"
-    proc = subprocess.run([sys.executable, str(script), str(report_dir[0] / "report.json"), "--min-windows", "0"],
+    proc = subprocess.run([sys.executable, str(_bench_script("choice_by_source")), str(report_dir[0] / "report.json"),
+                           "--min-windows", "0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     rows = {r[0].strip(): r[1:] for r in (line.strip("|").split("|") for line in proc.stdout.splitlines()[2:])}

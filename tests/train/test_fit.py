@@ -183,10 +183,10 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
     assert res.exit_code == 2 and "fp16" in res.output and not (tmp_path / "r1").exists()
     with pytest.raises(ValueError, match="precision must be bf16 or fp32"):
         TrainConfig(precision="fp16")
-    # a finished run is not overwritten without --resume
-    run = tmp_path / "r2"
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--memory-budget", "1.5")
     assert res.exit_code == 2 and "--memory-budget" in res.output and not (tmp_path / "r1").exists()
+    # a finished run is not overwritten without --resume (its first run also shows --memory-budget ignored)
+    run = tmp_path / "r2"
     res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--batch-size", "4", "--max-steps", "1",
                           "--eval-batches", "1", "--memory-budget", "0.5")
     assert res.exit_code == 0, res.output
