@@ -5,10 +5,11 @@ Run from the repository root:
     python3 bench/complete.py --device cpu --presets tiny small  # the CPU figures of docs/benchmarks.md
 Prints one table. Rows:
   prefill   one parallel forward over --prefill tokens (batch 1), state out
-  step      model.step alone (RNN mode), eager and (CUDA) as a CUDA graph
+  step      the model step alone (RNN mode): on CUDA the fused kernels of `model/fast_step.py` (what
+            `complete` runs by default) and the readable `model.step`, eager and as a CUDA graph
   generate  the decode step `musictrain complete` runs: grammar mask + top-p sampling + grammar update +
             model step (CUDA: one CUDA graph replay), prompt from examples/demo-corpus
-  compiled  (--compile) the same with the step torch.compile'd (model step alone / the whole decode step)
+  compiled  (--compile) the same with the readable step torch.compile'd (model step alone / whole decode step)
   rwkv-pip  the `rwkv` package (0.8.x, x070): RWKV(...).forward(tokens, None) and forward([tok], state),
             batch 1 only (the package has no batched RNN step); run in a subprocess because its settings
             are environment variables read at import (RWKV_CUDA_ON=1 builds its CUDA kernel).
@@ -33,10 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rwkv_music.model import RWKV7, RWKV7Config, from_preset, save_rwkv_lm  # noqa: E402
+from rwkv_music.model.fast_step import FastStep  # noqa: E402
 from rwkv_music.remi.grammar import BatchedGrammar, RemiGrammar  # noqa: E402
 from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score  # noqa: E402
 from rwkv_music.remi.windows import Vocab, build_prompt  # noqa: E402
-from rwkv_music.train.complete import _Decoder, _run_graph, prefill  # noqa: E402
+from rwkv_music.train.complete import _Decoder, _run_graph, fast_step_for, prefill  # noqa: E402
 from rwkv_music.train.sampling import SamplingConfig, draw_uniforms  # noqa: E402
 
 DEMO_PROMPT = REPO / "examples" / "demo-corpus" / "POP909_010.mid"
@@ -120,15 +122,18 @@ def profile_prefill(model: RWKV7, T: int, top: int) -> None:
 
 
 @torch.no_grad()
-def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False) -> float:
+def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False, fused: bool = False) -> float:
     device = model.device
     _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
     tok = torch.zeros(B, dtype=torch.long, device=device)
     if compiled:
         torch._dynamo.reset()  # a fresh compile per shape (no cache-size limit, no dynamic-shape fallback)
     model_step = torch.compile(model.step, dynamic=False) if compiled else model.step
+    fast = FastStep(model) if fused else None
 
     def step():
+        if fast is not None:
+            return fast(tok, state)  # updates the state in place
         logits, new = model_step(tok, state)
         state.copy_(new)
         return logits
@@ -141,7 +146,8 @@ def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = F
 
 
 @torch.no_grad()
-def bench_generate(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False) -> float:
+def bench_generate(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False,
+                   fused: bool = False) -> float:
     """The real decode step of `complete` (grammar + sampling + model); a large bar target and budget. (The
     step's work is the same whatever the samples do: finished ones keep running on PAD.)"""
     device = model.device
@@ -157,7 +163,7 @@ def bench_generate(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool
     bg = BatchedGrammar(grammar, start, B, bars=budget // 8, max_new_tokens=budget, device=device)
     u = draw_uniforms(list(range(B)), budget, device)
     dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, SamplingConfig(), grammar.vocab_size,
-                   grammar.pad_id, compiled)
+                   grammar.pad_id, compiled, fast_step_for(model) if fused else None)
     if not graph:
         for _ in range(3):
             dec.step()
@@ -216,12 +222,18 @@ def bench_rwkv_pip(model: RWKV7, device: torch.device, strategy: str, T: int, st
 
 
 def check(device: torch.device, dtype: torch.dtype, vocab: int) -> None:
-    """Same tokens with and without the CUDA graph, and batched vs single, on a random model (tiny preset)."""
+    """Same tokens with and without the CUDA graph, batched vs single, and (in float32) the fused step vs the
+    readable one, on a random model (tiny preset)."""
     from rwkv_music.train.complete import CompleteConfig, complete
 
     tok = build_tokenizer()
-    model = make_model("tiny", max(vocab, len(tok.vocab)), device, dtype)
     cfg = dict(bars=2, seed=3, context_bars=4)
+    if device.type == "cuda":
+        m32 = make_model("tiny", max(vocab, len(tok.vocab)), device, torch.float32)
+        runs = [complete(m32, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, fast_step=f, **cfg)) for f in (1, 0)]
+        same_f = [a.tokens == b.tokens for a, b in zip(*(r.samples for r in runs), strict=True)]
+        print(f"# check on {device}: float32, fused step == readable step per sample {same_f}")
+    model = make_model("tiny", max(vocab, len(tok.vocab)), device, dtype)
     graph = complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, cuda_graph=True, **cfg))
     eager = complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, cuda_graph=False, **cfg))
     singles = [complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=1, cuda_graph=True,
@@ -253,7 +265,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=640)
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="Ours [cuda: bfloat16, cpu: float32].")
     ap.add_argument("--pip-strategy", default=None, help="The rwkv package's strategy [cuda fp16 | cpu fp32].")
-    ap.add_argument("--compile", action="store_true", help="Add rows with the model step torch.compile'd.")
+    ap.add_argument("--compile", action="store_true", help="Add rows with the readable step torch.compile'd.")
+    ap.add_argument("--readable-eager", action="store_true",
+                    help="CUDA: add rows of the readable step without a CUDA graph (~20 ms a step).")
     ap.add_argument("--check", action="store_true",
                     help="First check on a real prompt that CUDA-graph decoding gives the same tokens as eager "
                          "decoding, and a batch of 4 the same as 4 single runs.")
@@ -293,15 +307,20 @@ def main() -> None:
         if args.profile_prefill:
             profile_prefill(model, args.prefill[0], 25)
         for B in args.batches:
-            modes = [(False, False), (True, False)] if cuda else [(False, False)]
+            # (graph, compiled, fused); the first CUDA row is what `complete` runs with no flags
+            modes = [(True, False, True), (False, False, True), (True, False, False)] if cuda else [(False, False,
+                                                                                                    False)]
+            if args.readable_eager and cuda:
+                modes.append((False, False, False))
             if args.compile:
-                modes.append((cuda, True))
-            for graph, compiled in modes:
-                tag = ("compiled " if compiled else "") + ("graph" if graph else "eager")
+                modes.append((cuda, True, False))
+            for graph, compiled, fused in modes:
+                tag = ("fused " if fused else "readable ") + ("compiled " if compiled else "") + (
+                    "graph" if graph else "eager")
                 add(rows, {"impl": "ours", "shape": shape, "what": f"step ({tag})", "batch": B,
-                             "ms": bench_step(model, B, steps, graph, compiled)})
+                             "ms": bench_step(model, B, steps, graph, compiled, fused)})
                 add(rows, {"impl": "ours", "shape": shape, "what": f"generate ({tag})", "batch": B,
-                             "ms": bench_generate(model, B, steps, graph, compiled)})
+                             "ms": bench_generate(model, B, steps, graph, compiled, fused)})
         if not args.no_rwkv_pip:
             pip = bench_rwkv_pip(model, device, strategy, args.prefill[0], steps, repeats)
             if "error" in pip:
@@ -313,12 +332,12 @@ def main() -> None:
                 add(rows, {"impl": "rwkv-pip", "shape": shape, "what": "step", "batch": 1, "ms": pip["step_ms"],
                              "note": pip["strategy"]})
         del model
-    print(f"{'impl':<9} {'shape':<22} {'what':<24} {'batch':>5} {'ms':>9} {'tok/s':>9}  note")
+    print(f"{'impl':<9} {'shape':<22} {'what':<34} {'batch':>5} {'ms':>9} {'tok/s':>9}  note")
     for r in rows:
         tps = "" if r["what"].startswith(("prefill", "error")) else f"{r['batch'] * 1e3 / r['ms']:9.0f}"
         if r["what"].startswith("prefill"):
             tps = f"{r['tokens'] * 1e3 / r['ms']:9.0f}"
-        print(f"{r['impl']:<9} {r['shape']:<22} {r['what']:<24} {r['batch']:>5} {r['ms']:9.3f} {tps:>9}  "
+        print(f"{r['impl']:<9} {r['shape']:<22} {r['what']:<34} {r['batch']:>5} {r['ms']:9.3f} {tps:>9}  "
               f"{r.get('note', '')}")
     if args.json:
         args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))

@@ -18,13 +18,17 @@
 #               pieces, then the winner's full eval on the test pieces (RESULTS/sweep.tgz)
 #   realfit     `musictrain fit` on real packed windows (carry a parquet build as .shards-music21/): base and
 #               small presets with --batch-tokens and --compile, and the small preset padded as before
-#   complete    bench/complete.py --check --compile --profile-prefill, ours beside the rwkv package (prefill eager,
-#               as a CUDA graph and compiled; decode eager, graph, compiled)
+#   complete    bench/complete.py --check, ours beside the rwkv package (prefill eager and as a CUDA graph; decode
+#               with the fused step as `complete` runs it, and with the readable step), bf16
+#   complete32  bench/complete.py in float32 (`musictrain complete`'s default dtype), without the rwkv package
 #   wkv         bench/wkv.py, ours (default configs, with and without resets every 137 positions) beside
 #               RWKV-LM's v3 kernels (the anchors' `kernels` mode) in the same step
 #   budget      bench/train_step.py --compile at activation memory budgets $BUDGETS [0.5 0.3] (B16 T2048)
 #   losscurve   bench/loss_curve.py: 300 steps of `fit` on .shards-music21, the reference path (PyTorch WKV,
 #               fp32, eager) against the fast path, same seed
+#   lceval      the losscurve step's two runs scored alike: `musictrain eval` (float32, 2000 val windows
+#               teacher-forced) of each run's checkpoint, so their val difference is not the evaluation's precision
+#   fasttests   pytest tests/gpu/test_fast_step.py alone (the fused decode step against the readable one)
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
 # Limits per step (seconds) come from LIMIT_<STEP>, e.g. LIMIT_TRAINSTEP=200. RESULTS/summary.txt lists each
@@ -42,9 +46,10 @@ results="$(cd "$results" && pwd)"
 PY="${PY:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
-declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=180
-                  [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
-                  [budget]=240 [losscurve]=420 [sweep]=400)
+declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=240
+                  [complete32]=90 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
+                  [budget]=240 [losscurve]=420 [sweep]=400
+                  [lceval]=120 [fasttests]=120)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
@@ -55,12 +60,15 @@ declare -A command=(
     [issue16]="PY=$PY bash bench/issue16_run.sh .shards-music21 /tmp/issue16 $results"
     [anchors]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py model"
     [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
-    [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --compile --profile-prefill --steps 300"
+    [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --steps 300 --json $results/complete.json"
+    [complete32]="$PY bench/complete.py --dtype float32 --no-rwkv-pip --prefill 1024 --steps 300 --json $results/complete32.json"
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
     [wkv]="$PY bench/wkv.py --no-check --impl ours --configs --starts-every 137 --json $results/wkv.json; cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"
     [budget]="for b in ${BUDGETS:-0.5 0.3}; do $PY bench/train_step.py --only completion --no-fla --compile --memory-budget \$b; done"
     [sweep]="$PY bench/sampling_sweep.py /tmp/issue16/run .shards-music21 /tmp/sweep --report-test /tmp/sweep-test ${SWEEP_ARGS:-}; rc=\$?; tar czf $results/sweep.tgz -C /tmp sweep/sweep.json sweep-test; exit \$rc"
     [losscurve]="$PY bench/loss_curve.py .shards-music21 /tmp/losscurve ${LOSSCURVE_ARGS:-}"
+    [lceval]="for r in reference fast; do $PY -m rwkv_music.train.cli eval /tmp/losscurve/\$r .shards-music21 --num-windows 0 --choice-windows 0 --piano-rolls 0 -q -o /tmp/lceval-\$r && $PY -c \"import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], r.get('checkpoint'), 'teacher-forced loss', r['teacher_forced']['loss'], 'windows', r['teacher_forced'].get('windows'))\" /tmp/lceval-\$r/report.json \$r; done"
+    [fasttests]="$PY -m pytest -q -rs tests/gpu/test_fast_step.py"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
 )
 

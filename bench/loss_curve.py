@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=5, help="Logged steps per compared mean.")
     ap.add_argument("--tol", type=float, default=0.03, help="Relative tolerance of window means and val losses.")
     ap.add_argument("--timeout", type=int, default=400, help="Seconds per run.")
+    ap.add_argument("--seed", type=int, default=0, help="Seed of both runs (init and data order).")
     ap.add_argument("--metrics", action="append", default=[], metavar="NAME=FILE",
                     help="Take run NAME (reference or fast) from this metrics.jsonl of a finished run with the same "
                          "options instead of running it (on a time-limited machine, one run per command).")
@@ -56,7 +57,8 @@ def main() -> None:
         sys.exit(f"--metrics names must be among {sorted(RUNS)}")
     common = ["--preset", args.preset, "--batch-tokens", str(args.batch_tokens), "--max-steps", str(args.steps),
               "--lr", "1e-3", "--warmup-steps", "30", "--eval-every", "100", "--eval-batches", "20",
-              "--save-every", "100000", "--log-every", "10", "--seed", "0", "--no-progress", "--no-tensorboard"]
+              "--save-every", "100000", "--log-every", "10", "--seed", str(args.seed), "--no-progress",
+              "--no-tensorboard"]
     curves, seconds = {}, {}
     for name, (env, extra) in RUNS.items():
         if name in given:
@@ -91,7 +93,7 @@ def main() -> None:
         print(f"{'val ' + str(v['step']):>10} {v['reference']:10.4f} {v['fast']:10.4f} {v['rel']:7.4f}")
     worst = max([w["rel"] for w in windows] + [v["rel"] for v in vals] + [0.0])
     follows = bool(windows) and bool(vals) and worst <= args.tol
-    print(json.dumps({"steps": args.steps, "preset": args.preset, "batch_tokens": args.batch_tokens,
+    print(json.dumps({"steps": args.steps, "preset": args.preset, "batch_tokens": args.batch_tokens, "seed": args.seed,
                       "seconds": seconds, "worst_rel": worst, "tol": args.tol, "follows": follows,
                       "windows": windows, "val": vals}))
     sys.exit(0 if follows else 1)

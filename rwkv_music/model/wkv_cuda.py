@@ -33,7 +33,7 @@ from torch import Tensor
 
 HEAD_SIZE = 64
 _SRC_DIR = Path(__file__).resolve().parent / "cuda"
-_SOURCES = ("wkv7_op.cpp", "wkv7_kernels.cu")
+_SOURCES = ("wkv7_op.cpp", "wkv7_kernels.cu", "rnn_step_op.cpp", "rnn_step_kernels.cu")
 _LOCK = threading.Lock()
 _ERRORS: dict[tuple[int, int], str] = {}
 

@@ -11,6 +11,7 @@ captured once as a CUDA graph and replayed.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from miditok import REMI
 from torch import Tensor
 
+from rwkv_music.model.fast_step import FastStep, unsupported_reason
 from rwkv_music.remi.grammar import BAR, PITCH, BatchedGrammar, GrammarError, GrammarState, RemiGrammar
 from rwkv_music.remi.tokenizer import MidiRejected, PianoScore, encode_piano, load_piano_score
 from rwkv_music.remi.windows import Vocab, Window, build_prompt, decode_window
@@ -46,6 +48,7 @@ class CompleteConfig:
     max_seq_len: int = 2048  # prompt window length limit (leading context bars are dropped beyond it)
     cuda_graph: bool = True  # capture the decode step on CUDA
     compile_step: bool = False  # torch.compile the model step (slow first call; faster steps)
+    fast_step: bool = True  # CUDA: the fused decode kernels (model/fast_step.py); False: the readable step
 
     def __post_init__(self):
         if self.bars < 1:
@@ -130,8 +133,9 @@ class _Decoder:
     """One decode step over static tensors: mask, sample, grammar update, model step."""
 
     def __init__(self, model, grammar: BatchedGrammar, logits: Tensor, state, u: Tensor, sampling: SamplingConfig,
-                 vocab_size: int, pad_id: int, compile_step: bool = False):
+                 vocab_size: int, pad_id: int, compile_step: bool = False, fast: FastStep | None = None):
         self.model, self.g, self.sampling, self.V = model, grammar, sampling, vocab_size
+        self.fast = fast
         # torch.compile fuses the step's many small element-wise kernels (static shapes: one compile). The
         # result is still captured as a CUDA graph by `_run_graph`.
         self.step = torch.compile(self._step, dynamic=False) if compile_step else self._step
@@ -149,29 +153,35 @@ class _Decoder:
         tok = sample(self.g.mask(self.logits), u_t, self.sampling)
         self.out.index_put_((self.rows, self.t.expand_as(self.rows)), tok)
         self.g.update_(tok)
-        logits, new_state = self.model.step(tok, self.state)
-        self.logits.copy_(logits[:, : self.V].float())
-        self.state.copy_(new_state)
+        if self.fast is not None:  # updates self.state in place
+            self.logits.copy_(self.fast(tok, self.state)[:, : self.V])
+        else:
+            logits, new_state = self.model.step(tok, self.state)
+            self.logits.copy_(logits[:, : self.V].float())
+            self.state.copy_(new_state)
         self.t.add_(1)
 
 
 @torch.no_grad()
 def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: GrammarState, *, bars: int,
              num_samples: int, max_new_tokens: int, sampling: SamplingConfig, seed: int,
-             cuda_graph: bool = False, compile_step: bool = False,
+             cuda_graph: bool = False, compile_step: bool = False, fast_step: bool = True,
              check_every: int | None = None, progress: Progress | None = None) -> list[list[int]]:
     """Continuations of one prompt window, sample k drawn from seed + k. Returns token ids per sample
     (without the Bar that ended it). The model runs in its own dtype; sampling is always float32.
 
     `progress(tokens, bars)`, if given, hears at every completion check (every step on CPU, every 16 on CUDA)
-    the decode steps run and the bars each sample has finished."""
+    the decode steps run and the bars each sample has finished.
+
+    `fast_step` runs the model step as the fused CUDA kernels of `FastStep` where they can run (CUDA, head size
+    64) and `compile_step` is off; elsewhere, or False, the readable `model.step`."""
     device = model.device
     B = num_samples
     logits, state = prefill(model, window_tokens, device)
     bg = BatchedGrammar(grammar, start, B, bars, max_new_tokens, device)
     u = draw_uniforms([seed + k for k in range(B)], max_new_tokens, device)
     dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, sampling, grammar.vocab_size,
-                   grammar.pad_id, compile_step)
+                   grammar.pad_id, compile_step, fast_step_for(model) if fast_step and not compile_step else None)
     every = check_every or (16 if device.type == "cuda" else 1)
     if cuda_graph and device.type == "cuda":
         _run_graph(dec, max_new_tokens, every, progress)
@@ -196,6 +206,16 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
                     break
         result.append(row[:cut])
     return result
+
+
+def fast_step_for(model) -> FastStep | None:
+    """The fused decode step for `model`, or None where it cannot run (CPU silently; on CUDA with a warning)."""
+    reason = unsupported_reason(model)
+    if reason is None:
+        return FastStep(model)
+    if model.device.type == "cuda":
+        warnings.warn(f"decoding with the readable model step: {reason}", stacklevel=3)
+    return None
 
 
 def _report(dec: _Decoder, steps: int, progress: Progress | None) -> None:
@@ -256,7 +276,8 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
     model.eval()
     conts = generate(model, grammar, window.tokens, start, bars=config.bars, num_samples=config.num_samples,
                      max_new_tokens=config.budget, sampling=config.sampling, seed=config.seed,
-                     cuda_graph=config.cuda_graph, compile_step=config.compile_step, progress=progress)
+                     cuda_graph=config.cuda_graph, compile_step=config.compile_step,
+                     fast_step=config.fast_step, progress=progress)
     meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
     samples = []
     for k, cont in enumerate(conts):

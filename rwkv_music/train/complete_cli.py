@@ -58,16 +58,19 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
               show_default=True, help="Weights and activations dtype (the WKV state stays float32).")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="Capture the decode step as a CUDA graph (CUDA only).")
+@click.option("--fast-step/--no-fast-step", default=True, show_default=True,
+              help="CUDA: run the model step as fused kernels (seven per layer); off: the readable model step "
+                   "(the reference the fused one is tested against).")
 @click.option("--compile", "compile_step", is_flag=True,
-              help="torch.compile the decode step (CUDA: ~1.3 ms/step instead of ~2.2 for L12 D768, after a "
-                   "compile of tens of seconds; worth it for long or repeated generation).")
+              help="torch.compile the readable decode step instead of the fused one (a compile of tens of "
+                   "seconds first; kept for comparison).")
 @click.option("--plot", is_flag=True, help="Also write a piano-roll PNG per sample.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none anyway when stderr is not a "
               "terminal).")
 def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: int, context_bars: str,
              num_samples: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: int,
-             max_tokens: int | None, device: str, dtype: str, cuda_graph: bool, compile_step: bool, plot: bool,
-             quiet: bool) -> None:
+             max_tokens: int | None, device: str, dtype: str, cuda_graph: bool, fast_step: bool, compile_step: bool,
+             plot: bool, quiet: bool) -> None:
     """Continue PROMPT (a MIDI file) by --bars bars with the model in CHECKPOINT (a run directory: its best
     checkpoint, else the latest; or one checkpoint directory)."""
     import torch
@@ -97,7 +100,8 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
     config = CompleteConfig(bars=bars, context_bars=ctx, num_samples=num_samples,
                             sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                                     min_p=min_p), seed=seed,
-                            max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step)
+                            max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step,
+                            fast_step=fast_step)
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     with progress_bar(progress_enabled(quiet), bars * num_samples, "generating", "bar") as bar:

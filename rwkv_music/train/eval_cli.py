@@ -48,6 +48,8 @@ def _f(x, nd: int = 3) -> str:
               help=f"Top-k sampling [complete's default, {_SAMPLING.top_k or 'off'}].")
 @click.option("--min-p", type=click.FloatRange(min=0, max=1), default=None,
               help=f"Min-p sampling [complete's default, {_SAMPLING.min_p or 'off'}].")
+@click.option("--fast-step/--no-fast-step", default=True, show_default=True,
+              help="CUDA: generate with the fused decode kernels; off: the readable model step.")
 @click.option("--batch-tokens", default=32768, show_default=True, type=click.IntRange(min=64),
               help="Padded tokens per teacher-forced batch.")
 @click.option("--format", "shard_format", default="parquet", show_default=True,
@@ -63,7 +65,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
              all_tf_windows: bool, choice_windows: int, pieces: str, device: str, seed: int, piano_rolls: int,
              tokens_per_bar: int | None,
              temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
-             batch_tokens: int,
+             fast_step: bool, batch_tokens: int,
              shard_format: str, out: Path, overwrite: bool, quiet: bool) -> None:
     """Evaluate CHECKPOINT (a run or checkpoint directory) on SHARDS (a `musicprep build-shards` output).
 
@@ -87,7 +89,8 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
     cfg = EvalConfig(split=split, num_windows=num_windows, max_tf_windows=None if all_tf_windows else max_tf_windows,
                      batch_tokens=batch_tokens, piano_rolls=piano_rolls, seed=seed, device=device,
                      shard_format=shard_format, tokens_per_bar=tokens_per_bar, temperature=temperature,
-                     top_p=top_p, top_k=top_k, min_p=min_p, choice_windows=choice_windows, pieces=pieces)
+                     top_p=top_p, top_k=top_k, min_p=min_p, choice_windows=choice_windows, pieces=pieces,
+                     fast_step=fast_step)
     try:
         dev = pick_device(device)
     except RuntimeError as e:

@@ -63,13 +63,13 @@ def midi_roundtrip_ok(score: symusic.Score) -> bool:
 
 def complete_windows(model, tokenizer, prompts: Sequence[list[int]], meta_lens: Sequence[int],
                      bars: Sequence[int], *, device: torch.device, seed: int,
-                     tokens_per_bar: int | None = None, sampling=None,
+                     tokens_per_bar: int | None = None, sampling=None, fast_step: bool = True,
                      progress: Callable[[int], None] | None = None) -> list:
     """Continue each window prompt (meta + context tokens, exactly as in training) by its number of bars.
 
     Uses `complete`'s decoder, grammar, token budget and (unless `sampling`, a SamplingConfig, is given)
     default sampling; one sample per window, window k seeded with seed + k. A window that fails yields its
-    exception instead of tokens.
+    exception instead of tokens. `fast_step`: as in `generate`.
     """
     from rwkv_music.remi.grammar import RemiGrammar
     from rwkv_music.train.complete import DEFAULT_TOKENS_PER_BAR, CompleteConfig, check_vocab, generate
@@ -85,7 +85,7 @@ def complete_windows(model, tokenizer, prompts: Sequence[list[int]], meta_lens: 
             start = grammar.run(list(prompt), meta_len, strict=False)
             cont = generate(model, grammar, list(prompt), start, bars=nb, num_samples=1,
                             max_new_tokens=per_bar * nb, sampling=sampling or cfg.sampling, seed=seed + k,
-                            cuda_graph=cfg.cuda_graph)
+                            cuda_graph=cfg.cuda_graph, fast_step=fast_step)
             outs.append(cont[0])
         except Exception as e:  # one bad window is a counted failure, not a failed evaluation
             outs.append(e)

@@ -85,6 +85,7 @@ class EvalConfig:
     shard_format: str = "parquet"  # preferred; the other one is used if the build has only that
     choice_windows: int = 1000  # windows of the forced-choice test (0: off)
     pieces: str = "all"  # all | dev | test: the part of the split's pieces evaluated (see piece_part)
+    fast_step: bool = True  # CUDA: generate with the fused decode kernels (False: the readable model step)
 
     def __post_init__(self):
         if self.pieces not in PIECE_PARTS:
@@ -179,7 +180,7 @@ def run_eval(model: torch.nn.Module, tokenizer, shards: str | os.PathLike, out_d
         chosen = [with_context[j] for j in spread_windows([samples[i] for i in with_context], cfg.num_windows,
                                                           cfg.seed)]
         fn = complete_fn or functools.partial(complete_windows, tokens_per_bar=cfg.tokens_per_bar,
-                                              sampling=sampling_config(cfg))
+                                              sampling=sampling_config(cfg), fast_step=cfg.fast_step)
         with progress_bar(progress, len(chosen), "generating", "window") as bar:
             g = generative(model, tokenizer, samples, chosen, device, cfg.seed, fn, pool, progress=bar.update)
         windows = g["windows"]

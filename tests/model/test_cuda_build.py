@@ -1,4 +1,5 @@
-"""CPU CI: the CUDA WKV sources compile with nvcc for Hopper (PTX only; nothing runs). Skips without nvcc."""
+"""CPU CI: the CUDA sources (WKV kernels, fused decode step) compile with nvcc for Hopper (PTX only; nothing
+runs). Skips without nvcc."""
 
 from __future__ import annotations
 
@@ -11,15 +12,22 @@ import pytest
 CUDA_DIR = Path(__file__).resolve().parents[2] / "rwkv_music" / "model" / "cuda"
 
 
+KERNELS = {
+    "wkv7_kernels.cu": ("fwd_kernel", "bwd1_kernel", "bwd2_kernel", "step_kernel"),
+    "rnn_step_kernels.cu": ("embed_ln0", "ln_mix", "gemv", "wkv_head"),
+}
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_wkv7_kernels_compile_to_ptx(tmp_path: Path) -> None:
-    out = tmp_path / "wkv7.ptx"
+@pytest.mark.parametrize("source", sorted(KERNELS))
+def test_kernels_compile_to_ptx(tmp_path: Path, source: str) -> None:
+    out = tmp_path / "kernels.ptx"
     cmd = ["nvcc", "-arch=sm_90", "-std=c++17", "-O3", "--use_fast_math", "--ptx",
-           str(CUDA_DIR / "wkv7_kernels.cu"), "-o", str(out)]
+           str(CUDA_DIR / source), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ptx = out.read_text()
-    for kernel in ("fwd_kernel", "bwd1_kernel", "bwd2_kernel", "step_kernel"):
+    for kernel in KERNELS[source]:
         assert f"{kernel}" in ptx, f"{kernel} missing from the PTX"
     assert ".target sm_90" in ptx
     assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
@@ -32,3 +40,14 @@ def test_sources_are_packaged_next_to_loader() -> None:
     for name in wkv_cuda._SOURCES:
         assert (wkv_cuda._SRC_DIR / name).is_file()
     assert (wkv_cuda._SRC_DIR / "wkv7.h").is_file()
+    assert (wkv_cuda._SRC_DIR / "rnn_step.h").is_file()
+
+
+def test_fused_step_says_why_it_cannot_run_on_the_cpu() -> None:
+    from rwkv_music.model import RWKV7, RWKV7Config
+    from rwkv_music.model.fast_step import FastStep, unsupported_reason
+
+    model = RWKV7(RWKV7Config(vocab_size=64, n_layer=1, n_embd=64))
+    assert unsupported_reason(model) == "the fused step needs a CUDA device"
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        FastStep(model)

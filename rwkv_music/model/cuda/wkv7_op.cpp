@@ -153,10 +153,13 @@ std::vector<at::Tensor> step(at::Tensor r, at::Tensor w, at::Tensor k, at::Tenso
 
 }  // namespace
 
+void bind_rnn_step(pybind11::module_& m);  // rnn_step_op.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "WKV7 forward");
   m.def("backward", &backward, "WKV7 backward");
   m.def("step", &step, "WKV7 single-token step");
   m.def("chunk_len", &wkv7::chunk_len, "checkpoint interval in steps");
   m.def("all_configs", &wkv7::all_configs, "whether every launch configuration was compiled");
+  bind_rnn_step(m);
 }

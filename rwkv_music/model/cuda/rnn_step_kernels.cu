@@ -1,0 +1,416 @@
+// Fused RNN-mode step of the RWKV-7 model: one token for each of B sequences (decoding).
+//
+// At batch 1 a decode step is bound by kernel launches, not by the GPU: the readable step issues ~80 kernels
+// per layer. This one issues seven, each doing the work of many:
+//   ln_mix    LayerNorm + the six token-shift lerps (one block per sequence)
+//   gemv      the seven projections that read the lerps (receptance, key, value, the four LoRA
+//             down-projections) as one matrix-vector product over their concatenated rows, a row reading
+//             the lerp it belongs to
+//   wkv_head  per (sequence, head): the LoRA up-projections of the head's 64 channels, decay, in-context
+//             rate, value residual, kk normalisation, the state update, GroupNorm, bonus and output gate
+//   gemv      output projection, added to the residual stream
+//   ln_mix    LayerNorm + the channel-mix lerp
+//   gemv x2   channel-mix key (relu^2) and value (added to the residual stream)
+// Weights are read in the model dtype; the residual stream and every intermediate are fp32, the WKV state too.
+// The math is `rwkv_music/model/rwkv7.py` (TimeMix, ChannelMix, Block) at T = 1.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "rnn_step.h"
+
+namespace rnn_step {
+namespace {
+
+constexpr int N = 64;  // head size
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+constexpr float DECAY_SCALE = 0.60653065971263342f;  // exp(-0.5)
+constexpr float LN_EPS = 1e-5f;  // nn.LayerNorm's default
+constexpr float GN_EPS = 64e-5f;  // ln_x
+constexpr unsigned FULL = 0xffffffffu;
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
+
+template <typename T>
+__device__ __forceinline__ float to_f(T x);
+template <>
+__device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+
+// Eight consecutive elements as fp32 (p 16-byte aligned), read through the read-only cache.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* o);
+template <>
+__device__ __forceinline__ void load8<float>(const float* p, float* o) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float* o) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    o[2 * i] = f.x, o[2 * i + 1] = f.y;
+  }
+}
+template <>
+__device__ __forceinline__ void load8<__half>(const __half* p, float* o) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    o[2 * i] = f.x, o[2 * i + 1] = f.y;
+  }
+}
+
+// Sum over the block; every thread gets the total. `red` is shared scratch of WARPS floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
+  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+  __syncthreads();  // an earlier call may still be reading red
+  if (l == 0) red[w] = v;
+  __syncthreads();
+  float t = l < WARPS ? red[l] : 0.f;
+#pragma unroll
+  for (int o = 16; o; o >>= 1) t += __shfl_xor_sync(FULL, t, o);
+  return t;
+}
+
+// LayerNorm of one row of C values (already in `row`, shared) in place.
+__device__ __forceinline__ void layer_norm_row(float* row, float sum, const float* w, const float* b, int C,
+                                               float* red) {
+  const float mean = block_sum(sum, red) / C;
+  float q = 0.f;
+  for (int c = threadIdx.x; c < C; c += THREADS) {
+    const float d = row[c] - mean;
+    q += d * d;
+  }
+  const float rstd = rsqrtf(block_sum(q, red) / C + LN_EPS);
+  for (int c = threadIdx.x; c < C; c += THREADS) row[c] = (row[c] - mean) * rstd * w[c] + b[c];
+}
+
+// resid[b] = ln0(emb[tokens[b]]): layer 0's input. One block per sequence.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) embed_ln0(const int64_t* __restrict__ tokens, const T* __restrict__ emb,
+                                                     const float* __restrict__ w, const float* __restrict__ b,
+                                                     float* __restrict__ resid, int C) {
+  extern __shared__ float row[];
+  __shared__ float red[WARPS];
+  const int s = blockIdx.x;
+  const T* e = emb + tokens[s] * (int64_t)C;
+  float sum = 0.f;
+  for (int c = threadIdx.x; c < C; c += THREADS) {
+    row[c] = to_f(e[c]);
+    sum += row[c];
+  }
+  layer_norm_row(row, sum, w, b, C, red);
+  for (int c = threadIdx.x; c < C; c += THREADS) resid[(int64_t)s * C + c] = row[c];
+}
+
+// y = LayerNorm(resid[b]); out[m][b] = y + (prev[b] - y) * maa[m] for m < nmix (token shift), then prev[b] = y.
+// prev == nullptr: out[0][b] = y (the final LayerNorm before the head). One block per sequence.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) ln_mix(const float* __restrict__ resid, const float* __restrict__ w,
+                                                  const float* __restrict__ bias, T* __restrict__ prev,
+                                                  const float* __restrict__ maa, int nmix, float* __restrict__ out,
+                                                  int B, int C) {
+  extern __shared__ float row[];
+  __shared__ float red[WARPS];
+  const int s = blockIdx.x;
+  float sum = 0.f;
+  for (int c = threadIdx.x; c < C; c += THREADS) {
+    row[c] = resid[(int64_t)s * C + c];
+    sum += row[c];
+  }
+  layer_norm_row(row, sum, w, bias, C, red);
+  for (int c = threadIdx.x; c < C; c += THREADS) {
+    const int64_t at = (int64_t)s * C + c;
+    const float y = row[c];
+    if (prev == nullptr) {
+      out[at] = y;
+      continue;
+    }
+    const float p = to_f(prev[at]);
+    for (int m = 0; m < nmix; ++m) out[(int64_t)m * B * C + at] = y + (p - y) * maa[m * C + c];
+    prev[at] = from_f<T>(y);
+  }
+}
+
+// Rows [end[i-1], end[i]) of a matrix read input vector in[i] (up to 8 segments).
+struct Segs {
+  int n = 1;
+  int end[8] = {};
+  int in[8] = {};
+};
+
+enum Epilogue { STORE = 0, ADD = 1, RELU_SQ = 2 };
+
+// Y[b, o] (op)= sum_k W[o, k] X_{seg(o)}[b, k] for P rows o and B sequences. One warp per row; BB sequences
+// per pass over the row (weights are read once per pass, from L2 after the first). K % 8 == 0.
+template <typename T, int BB>
+__global__ void __launch_bounds__(THREADS) gemv(const float* __restrict__ X, int64_t in_stride, Segs segs,
+                                                const T* __restrict__ W, float* __restrict__ Y, int P, int K, int B,
+                                                int epi) {
+  const int lane = threadIdx.x & 31;
+  const int o = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  if (o >= P) return;
+  int sg = 0;
+  while (sg + 1 < segs.n && o >= segs.end[sg]) ++sg;
+  const float* x = X + segs.in[sg] * in_stride;
+  const T* wr = W + (int64_t)o * K;
+  for (int b0 = 0; b0 < B; b0 += BB) {
+    float acc[BB];
+#pragma unroll
+    for (int j = 0; j < BB; ++j) acc[j] = 0.f;
+#pragma unroll 4  // several 16-byte weight loads in flight: a row of 3072 is 12 of them per lane
+    for (int k = lane * 8; k < K; k += 256) {
+      float wv[8];
+      load8(wr + k, wv);
+#pragma unroll
+      for (int j = 0; j < BB; ++j) {
+        if (b0 + j < B) {
+          const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)(b0 + j) * K + k);
+          const float4 x0 = xp[0], x1 = xp[1];
+          acc[j] += wv[0] * x0.x + wv[1] * x0.y + wv[2] * x0.z + wv[3] * x0.w + wv[4] * x1.x + wv[5] * x1.y +
+                    wv[6] * x1.z + wv[7] * x1.w;
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < BB; ++j) {
+      float v = acc[j];
+#pragma unroll
+      for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
+      if (lane == 0 && b0 + j < B) {
+        float* y = Y + (int64_t)(b0 + j) * P + o;
+        if (epi == ADD) {
+          *y += v;
+        } else if (epi == RELU_SQ) {
+          const float t = fmaxf(v, 0.f);
+          *y = t * t;
+        } else {
+          *y = v;
+        }
+      }
+    }
+  }
+}
+
+struct HeadArgs {
+  const float* proj = nullptr;  // [B, P]: r | k | v | w1 x | a1 x | v1 x | g1 x
+  int P = 0, C = 0, H = 0, dw = 0, da = 0, dv = 0, dg = 0;
+  const float* vec = nullptr;  // [NVEC, C] of this layer
+  float* vfirst = nullptr;  // [B, C]: written by layer 0, read by the others
+  float* state = nullptr;  // [B, H, N, N]
+  float* out = nullptr;  // [B, C]: (GroupNorm(y) + bonus) * gate
+  bool first_layer = false;
+};
+
+// Everything of one layer's time mix between the projections and the output projection, for one head of one
+// sequence. Threads: LoRA ups in four groups of 64 (one channel each); the state update with four threads
+// per state row (16 key columns each); per-channel work on threads 0..63.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) wkv_head(HeadArgs a, const T* __restrict__ up) {
+  extern __shared__ float lora[];  // dw + da + dv + dg: tanh(w1 x), a1 x, v1 x, sigmoid(g1 x)
+  __shared__ float s_up[4][N], s_w[N], s_k[N], s_v[N], s_r[N], s_a[N], s_b[N], s_y[N];
+  __shared__ float red[WARPS];
+  const int h = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
+  const int C = a.C;
+  const float* pr = a.proj + (int64_t)s * a.P;
+  const float* vec = a.vec;
+  const int R = a.dw + a.da + a.dv + a.dg;
+  for (int i = tid; i < R; i += THREADS) {
+    float x = pr[3 * C + i];
+    if (i < a.dw) x = tanhf(x);
+    else if (i >= a.dw + a.da + a.dv) x = sigmoidf_(x);
+    lora[i] = x;
+  }
+  __syncthreads();
+
+  const int grp = tid >> 6, j = tid & (N - 1), c = h * N + j;
+  {
+    const int off = grp == 0 ? 0 : grp == 1 ? a.dw : grp == 2 ? a.dw + a.da : a.dw + a.da + a.dv;
+    const int n = grp == 0 ? a.dw : grp == 1 ? a.da : grp == 2 ? (a.first_layer ? 0 : a.dv) : a.dg;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < n; ++i) acc += lora[off + i] * to_f(up[(int64_t)(off + i) * C + c]);
+    s_up[grp][j] = acc;
+  }
+  __syncthreads();
+
+  float kk = 0.f, bonus_part = 0.f;
+  if (tid < N) {
+    const float r = pr[c];
+    float k = pr[C + c], v = pr[2 * C + c];
+    const float in_rate = sigmoidf_(vec[A0 * C + c] + s_up[1][j]);
+    if (a.first_layer) {
+      a.vfirst[(int64_t)s * C + c] = v;
+    } else {
+      v += (a.vfirst[(int64_t)s * C + c] - v) * sigmoidf_(vec[V0 * C + c] + s_up[2][j]);
+    }
+    kk = k * vec[K_K * C + c];
+    k *= 1.f + (in_rate - 1.f) * vec[K_A * C + c];
+    bonus_part = r * k * vec[R_K * C + c];
+    s_w[j] = __expf(-DECAY_SCALE * sigmoidf_(vec[W0 * C + c] + s_up[0][j]));
+    s_k[j] = k, s_v[j] = v, s_r[j] = r, s_b[j] = in_rate;
+  }
+  const float kk2 = block_sum(kk * kk, red);
+  const float bonus = block_sum(bonus_part, red);
+  if (tid < N) {
+    const float kn = kk / fmaxf(sqrtf(kk2), 1e-12f);  // F.normalize
+    s_a[j] = -kn;
+    s_b[j] *= kn;
+  }
+  __syncthreads();
+
+  // S = S diag(w) + (S a) b^T + v k^T;  y = S r.   Row i = value channel, columns = key channels.
+  {
+    const int i = tid >> 2, q = tid & 3, j0 = q * 16;
+    float4* S = reinterpret_cast<float4*>(a.state + ((((int64_t)s * a.H + h) * N + i) * N + j0));
+    float st[16];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float4 t = S[u];
+      st[4 * u] = t.x, st[4 * u + 1] = t.y, st[4 * u + 2] = t.z, st[4 * u + 3] = t.w;
+    }
+    float sa = 0.f;
+#pragma unroll
+    for (int u = 0; u < 16; ++u) sa += st[u] * s_a[j0 + u];
+    sa += __shfl_xor_sync(FULL, sa, 1);
+    sa += __shfl_xor_sync(FULL, sa, 2);
+    const float vi = s_v[i];
+    float y = 0.f;
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      st[u] = st[u] * s_w[j0 + u] + sa * s_b[j0 + u] + vi * s_k[j0 + u];
+      y += st[u] * s_r[j0 + u];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) S[u] = make_float4(st[4 * u], st[4 * u + 1], st[4 * u + 2], st[4 * u + 3]);
+    y += __shfl_xor_sync(FULL, y, 1);
+    y += __shfl_xor_sync(FULL, y, 2);
+    if (q == 0) s_y[i] = y;
+  }
+  __syncthreads();
+
+  const float yv = tid < N ? s_y[tid] : 0.f;
+  const float mean = block_sum(yv, red) / N;
+  const float d = tid < N ? yv - mean : 0.f;
+  const float var = block_sum(d * d, red) / N;
+  if (tid < N) {
+    const float yn = d * rsqrtf(var + GN_EPS) * vec[LNX_W * C + c] + vec[LNX_B * C + c];
+    a.out[(int64_t)s * C + c] = (yn + bonus * s_v[j]) * s_up[3][j];
+  }
+}
+
+Segs one_segment(int rows) {
+  Segs sg;
+  sg.n = 1;
+  sg.end[0] = rows;
+  return sg;
+}
+
+template <typename T>
+void launch_gemv(const float* X, int64_t in_stride, const Segs& sg, const T* W, float* Y, int P, int K, int B,
+                 Epilogue epi, cudaStream_t st) {
+  const dim3 grid((P + WARPS - 1) / WARPS);
+  if (B == 1) {
+    gemv<T, 1><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+  } else if (B == 2) {
+    gemv<T, 2><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+  } else if (B <= 4) {
+    gemv<T, 4><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+  } else {
+    gemv<T, 8><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+  }
+}
+
+template <typename T>
+cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
+  const int B = a.B, C = a.C, F = a.F, H = a.H;
+  const int R = a.dw + a.da + a.dv + a.dg, P = 3 * C + R;
+  const int64_t BC = (int64_t)B * C;
+  float* mix = a.work;  // [6, B, C]: the lerps r, w, k, v, a, g (channel mix: slot 0)
+  float* proj = mix + 6 * BC;  // [B, P]
+  float* resid = proj + (int64_t)B * P;  // [B, C]
+  float* vfirst = resid + BC;  // [B, C]
+  float* att = vfirst + BC;  // [B, C]
+  float* hid = att + BC;  // [B, F]
+  const size_t row_smem = C * sizeof(float);
+
+  // Rows of `proj` and the lerp each reads (mix slots: 0 r, 1 w, 2 k, 3 v, 4 a, 5 g).
+  Segs seg7;
+  seg7.n = 7;
+  const int ends[7] = {C, 2 * C, 3 * C, 3 * C + a.dw, 3 * C + a.dw + a.da, 3 * C + a.dw + a.da + a.dv, P};
+  const int ins[7] = {0, 2, 3, 1, 4, 3, 5};
+  for (int i = 0; i < 7; ++i) seg7.end[i] = ends[i], seg7.in[i] = ins[i];
+
+  embed_ln0<T><<<B, THREADS, row_smem, st>>>(a.tokens, static_cast<const T*>(a.emb), a.glob + LN0_W * C,
+                                             a.glob + LN0_B * C, resid, C);
+  for (int l = 0; l < a.L; ++l) {
+    const float* vec = a.vec + (int64_t)l * NVEC * C;
+    T* att_x = static_cast<T*>(a.att_x) + l * BC;
+    T* ffn_x = static_cast<T*>(a.ffn_x) + l * BC;
+    const T* proj_w = static_cast<const T*>(a.proj) + (int64_t)l * P * C;
+    const T* up_w = static_cast<const T*>(a.up) + (int64_t)l * R * C;
+    const T* out_w = static_cast<const T*>(a.out) + (int64_t)l * C * C;
+    const T* key_w = static_cast<const T*>(a.ffn_k) + (int64_t)l * F * C;
+    const T* val_w = static_cast<const T*>(a.ffn_v) + (int64_t)l * C * F;
+
+    ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, vec + LN1_W * C, vec + LN1_B * C, att_x, vec + X_R * C, 6,
+                                            mix, B, C);
+    launch_gemv<T>(mix, BC, seg7, proj_w, proj, P, C, B, STORE, st);
+    HeadArgs h;
+    h.proj = proj, h.P = P, h.C = C, h.H = H, h.dw = a.dw, h.da = a.da, h.dv = a.dv, h.dg = a.dg;
+    h.vec = vec, h.vfirst = vfirst, h.state = a.wkv + (int64_t)l * B * H * N * N, h.out = att;
+    h.first_layer = l == 0;
+    wkv_head<T><<<dim3(H, B), THREADS, R * sizeof(float), st>>>(h, up_w);
+    launch_gemv<T>(att, 0, one_segment(C), out_w, resid, C, C, B, ADD, st);
+    ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, vec + LN2_W * C, vec + LN2_B * C, ffn_x, vec + FFN_XK * C, 1,
+                                            mix, B, C);
+    launch_gemv<T>(mix, 0, one_segment(F), key_w, hid, F, C, B, RELU_SQ, st);
+    launch_gemv<T>(hid, 0, one_segment(C), val_w, resid, C, F, B, ADD, st);
+  }
+  ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, a.glob + LNO_W * C, a.glob + LNO_B * C, static_cast<T*>(nullptr),
+                                          nullptr, 1, mix, B, C);
+  launch_gemv<T>(mix, 0, one_segment(a.V), static_cast<const T*>(a.head), a.logits, a.V, C, B, STORE, st);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t workspace_floats(int64_t B, int64_t C, int64_t F, int64_t P) { return B * (9 * C + P + F); }
+
+cudaError_t step(DType dt, const StepArgs& a, cudaStream_t st) {
+  switch (dt) {
+    case DType::F32:
+      return step_t<float>(a, st);
+    case DType::BF16:
+      return step_t<__nv_bfloat16>(a, st);
+    case DType::F16:
+      return step_t<__half>(a, st);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace rnn_step

@@ -1,0 +1,92 @@
+"""The RNN-mode step (decoding) as fused CUDA kernels: seven per layer instead of ~80.
+
+At batch 1 the readable `RWKV7.step` is bound by kernel launches: its math is a few small matrix-vector
+products per layer, but each lerp, gate and norm is its own kernel. `FastStep` runs the same function with
+the weights packed once into the layout of `model/cuda/rnn_step_kernels.cu` (which lists the seven
+kernels): a copy of the block weights in the model's dtype (the embedding and head are shared, not copied).
+It computes in fp32 throughout, so its logits are at least as close to a float32 run of the readable model
+as the readable model in the same dtype; `tests/gpu/test_fast_step.py` states the tolerances.
+
+The pack is a snapshot: build a new `FastStep` after the weights change. The state is updated in place, so a
+decode loop over fixed state tensors can be captured as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rwkv_music.model import wkv_cuda
+from rwkv_music.model.state import RWKV7State
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `FastStep` cannot run `model` where it is, or None when it can."""
+    cfg = model.cfg
+    if model.device.type != "cuda":
+        return "the fused step needs a CUDA device"
+    if cfg.head_size != wkv_cuda.HEAD_SIZE:
+        return f"the fused step needs head_size {wkv_cuda.HEAD_SIZE}, the model has {cfg.head_size}"
+    if cfg.dim_ffn % 8 != 0 or cfg.n_embd > 8192:
+        return "the fused step needs dim_ffn a multiple of 8 and n_embd <= 8192"
+    if model.emb.weight.dtype not in _DTYPES:
+        return f"the fused step has no kernels for {model.emb.weight.dtype}"
+    if not wkv_cuda.is_available():
+        return f"the CUDA extension is not available ({wkv_cuda.load_error()})"
+    return None
+
+
+class FastStep:
+    """``FastStep(model)(tokens, state) -> logits``: one token per row (tokens: long [B]), state updated in place,
+    logits float32 [B, V]. The state's att_x / ffn_x must be in the model's dtype (as the model's own forward
+    returns them)."""
+
+    def __init__(self, model) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise RuntimeError(reason)
+        self._ext = wkv_cuda._ext(model.device)
+        self.dtype = model.emb.weight.dtype
+        self.n_layer = model.cfg.n_layer
+        cfg = model.cfg
+        self.lora = [cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora]
+        with torch.no_grad():
+            self._pack(model)
+
+    def _pack(self, model) -> None:
+        C, dv, dt = model.cfg.n_embd, model.cfg.d_mv_lora, self.dtype
+        vecs, proj, up, out, ffn_k, ffn_v = [], [], [], [], [], []
+        for blk in model.blocks:
+            att, ffn = blk.att, blk.ffn
+            first = blk.layer_id == 0
+            v0 = torch.zeros_like(att.w0) if first else att.v0
+            rows = [blk.ln1.weight, blk.ln1.bias, blk.ln2.weight, blk.ln2.bias,
+                    att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g,
+                    att.w0, att.a0, v0, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias, ffn.x_k]
+            vecs.append(torch.stack([r.reshape(C).float() for r in rows]))
+            v1 = att.w1.new_zeros(C, dv) if first else att.v1
+            v2 = att.w2.new_zeros(dv, C) if first else att.v2
+            proj.append(torch.cat([att.receptance.weight, att.key.weight, att.value.weight,
+                                   att.w1.t(), att.a1.t(), v1.t(), att.g1.t()]).to(dt))
+            up.append(torch.cat([att.w2, att.a2, v2, att.g2]).to(dt))
+            out.append(att.output.weight.to(dt))
+            ffn_k.append(ffn.key.weight.to(dt))
+            ffn_v.append(ffn.value.weight.to(dt))
+        b0 = model.blocks[0]
+        self.glob = torch.stack([b0.ln0.weight, b0.ln0.bias, model.ln_out.weight, model.ln_out.bias]).float()
+        self.vec = torch.stack(vecs).contiguous()
+        if self.vec.shape[1] != self._ext.rnn_step_nvec():
+            raise RuntimeError("rnn_step: the vector table does not match the kernels' layout")
+        self.proj, self.up, self.out = (torch.stack(x).contiguous() for x in (proj, up, out))
+        self.ffn_k, self.ffn_v = torch.stack(ffn_k).contiguous(), torch.stack(ffn_v).contiguous()
+        self.emb = model.emb.weight.detach().to(dt).contiguous()
+        self.head = model.head.weight.detach().to(dt).contiguous()
+
+    def __call__(self, tokens: Tensor, state: RWKV7State) -> Tensor:
+        if state.n_layer != self.n_layer or state.att_x.dtype != self.dtype:
+            raise ValueError(f"state must have {self.n_layer} layers and att_x/ffn_x in {self.dtype}, got "
+                             f"{state.n_layer} layers in {state.att_x.dtype}")
+        return self._ext.rnn_step(tokens.contiguous(), self.emb, self.head, self.glob, self.vec, self.proj, self.up,
+                                  self.out, self.ffn_k, self.ffn_v, state.att_x, state.wkv, state.ffn_x, self.lora)
