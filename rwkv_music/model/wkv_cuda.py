@@ -10,13 +10,14 @@ The sequence kernels are torch custom ops (``torch.ops.rwkv_music.wkv7_fwd`` / `
 (shape-only) implementation and a registered backward, so torch.compile traces the model through them
 without a graph break and fuses the element-wise work on either side.
 
-The extension (sources in `model/cuda/`) is compiled with `torch.utils.cpp_extension.load` for the
-current device's architecture into a cache directory keyed by torch version, CUDA version and
-architecture (``$RWKV_MUSIC_BUILD_DIR`` or ``$XDG_CACHE_HOME/rwkv_music``, default ``~/.cache``). Only the
-launch configurations `default_config` uses are compiled; ``RWKV_MUSIC_WKV_ALL_CONFIGS=1`` builds every one
-(for `bench/wkv.py --configs` sweeps). Kernels compute in fp32 with an fp32 state; bf16 and fp32 inputs are
-read as they are, other dtypes are cast to fp32. Training stores fp32 checkpoints of the state every 16
-steps (B*H*ceil(T/16)*16 KiB) and two fp32 tensors the size of the inputs.
+The extension (sources in `model/cuda/`; it also holds the fused decode step of `model/fast_step.py`) is
+compiled with `torch.utils.cpp_extension.load` for the current device's architecture into a cache directory
+keyed by torch version, CUDA version and architecture (``$RWKV_MUSIC_BUILD_DIR`` or
+``$XDG_CACHE_HOME/rwkv_music``, default ``~/.cache``). Only the launch configurations `default_config` uses
+are compiled; ``RWKV_MUSIC_WKV_ALL_CONFIGS=1`` builds every one (for `bench/wkv.py --configs` sweeps). Kernels
+compute in fp32 with an fp32 state; bf16 and fp32 inputs are read as they are, other dtypes are cast to fp32.
+Training stores fp32 checkpoints of the state every 16 steps (B*H*ceil(T/16)*16 KiB) and two fp32 tensors the
+size of the inputs.
 """
 
 from __future__ import annotations
