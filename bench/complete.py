@@ -311,8 +311,10 @@ def main() -> None:
             profile_prefill(model, args.prefill[0], 25)
         for B in args.batches:
             # (graph, compiled, fused); the first CUDA row is what `complete` runs with no flags
-            modes = [(True, False, True), (False, False, True), (True, False, False)] if cuda else [(False, False,
-                                                                                                    False)]
+            if cuda:
+                modes = [(True, False, True), (False, False, True), (True, False, False)]
+            else:
+                modes = [(False, False, False)]
             if args.readable_eager and cuda:
                 modes.append((False, False, False))
             if args.compile:

@@ -3,12 +3,13 @@
 At batch 1 the readable `RWKV7.step` is bound by kernel launches: its math is a few small matrix-vector
 products per layer, but each lerp, gate and norm is its own kernel. `FastStep` runs the same function with
 the weights packed once into the layout of `model/cuda/rnn_step_kernels.cu` (which lists the seven
-kernels): a copy of the block weights in the model's dtype (the embedding and head are shared, not copied).
-It computes in fp32 throughout, so its logits are at least as close to a float32 run of the readable model
-as the readable model in the same dtype; `tests/gpu/test_fast_step.py` states the tolerances.
+kernels): a copy of the weights in the model's dtype. It computes in fp32 throughout, so in bf16 or fp16 its
+logits stay about as close to a float32 run of the readable model as the readable model in that dtype does;
+`tests/gpu/test_fast_step.py` states the tolerances.
 
-The pack is a snapshot: build a new `FastStep` after the weights change. The state is updated in place, so a
-decode loop over fixed state tensors can be captured as a CUDA graph.
+The pack is a snapshot of the weights: `FastStep.for_model` keeps one per model and packs again when a
+parameter has changed (new tensor or in-place update) since. The state is updated in place, so a decode loop
+over fixed state tensors can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def unsupported_reason(model) -> str | None:
         return "the fused step needs a CUDA device"
     if cfg.head_size != wkv_cuda.HEAD_SIZE:
         return f"the fused step needs head_size {wkv_cuda.HEAD_SIZE}, the model has {cfg.head_size}"
-    if cfg.dim_ffn % 8 != 0 or cfg.n_embd > 8192:
-        return "the fused step needs dim_ffn a multiple of 8 and n_embd <= 8192"
+    lora = cfg.d_decay_lora + cfg.d_aaa_lora + cfg.d_mv_lora + cfg.d_gate_lora
+    if cfg.dim_ffn % 8 != 0 or cfg.n_embd > 8192 or lora > 8192:
+        return "the fused step needs dim_ffn a multiple of 8, n_embd <= 8192 and the LoRA ranks <= 8192 together"
     if model.emb.weight.dtype not in _DTYPES:
         return f"the fused step has no kernels for {model.emb.weight.dtype}"
     if not wkv_cuda.is_available():
@@ -38,10 +40,28 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def _weights_key(model) -> tuple:
+    """Changes whenever a parameter is replaced (new storage, dtype, device) or updated in place (its version)."""
+    return tuple((p.data_ptr(), p.dtype, p._version) for p in model.parameters())
+
+
 class FastStep:
     """``FastStep(model)(tokens, state) -> logits``: one token per row (tokens: long [B]), state updated in place,
     logits float32 [B, V]. The state's att_x / ffn_x must be in the model's dtype (as the model's own forward
     returns them)."""
+
+    _CACHE_ATTR = "_fast_step_cache"
+
+    @classmethod
+    def for_model(cls, model) -> FastStep:
+        """The model's packed step, packed again if any parameter changed since (a generate call per eval window
+        then costs no copy of the weights)."""
+        key = _weights_key(model)
+        cached = getattr(model, cls._CACHE_ATTR, None)
+        if cached is None or cached[0] != key:
+            cached = (key, cls(model))
+            object.__setattr__(model, cls._CACHE_ATTR, cached)  # a plain attribute, not a submodule or buffer
+        return cached[1]
 
     def __init__(self, model) -> None:
         reason = unsupported_reason(model)
@@ -81,10 +101,13 @@ class FastStep:
             raise RuntimeError("rnn_step: the vector table does not match the kernels' layout")
         self.proj, self.up, self.out = (torch.stack(x).contiguous() for x in (proj, up, out))
         self.ffn_k, self.ffn_v = torch.stack(ffn_k).contiguous(), torch.stack(ffn_v).contiguous()
-        self.emb = model.emb.weight.detach().to(dt).contiguous()
-        self.head = model.head.weight.detach().to(dt).contiguous()
+        self.emb = model.emb.weight.detach().to(dt, copy=True).contiguous()
+        self.head = model.head.weight.detach().to(dt, copy=True).contiguous()
 
     def __call__(self, tokens: Tensor, state: RWKV7State) -> Tensor:
+        """Logits [B, V] float32 for `tokens` (long [B], each < V: a token out of range gives NaN logits). The
+        kernels write the new state into `state`'s own tensors (so they must be contiguous), which keeps a
+        captured CUDA graph's buffers fixed."""
         if state.n_layer != self.n_layer or state.att_x.dtype != self.dtype:
             raise ValueError(f"state must have {self.n_layer} layers and att_x/ffn_x in {self.dtype}, got "
                              f"{state.n_layer} layers in {state.att_x.dtype}")

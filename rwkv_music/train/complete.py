@@ -212,9 +212,10 @@ def fast_step_for(model) -> FastStep | None:
     """The fused decode step for `model`, or None where it cannot run (CPU silently; on CUDA with a warning)."""
     reason = unsupported_reason(model)
     if reason is None:
-        return FastStep(model)
+        return FastStep.for_model(model)
     if model.device.type == "cuda":
-        warnings.warn(f"decoding with the readable model step: {reason}", stacklevel=3)
+        # stack: here, generate, torch.no_grad's wrapper, generate's caller
+        warnings.warn(f"decoding with the readable model step: {reason}", stacklevel=4)
     return None
 
 

@@ -32,10 +32,10 @@ def fast_step_mod():
     return fast_step
 
 
-def _model(seed: int = 0, n_layer: int = 3, n_embd: int = 256, vocab: int = 470) -> RWKV7:
+def _model(seed: int = 0, n_layer: int = 3, n_embd: int = 256, vocab: int = 470, **cfg) -> RWKV7:
     """A model whose every parameter matters: the x070 init zeroes the LoRA downs and the output projections."""
     torch.manual_seed(seed)
-    m = RWKV7(RWKV7Config(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd))
+    m = RWKV7(RWKV7Config(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, **cfg))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -105,6 +105,50 @@ def test_base_shape_and_one_layer(fast_step_mod) -> None:
         got, got_state = _run(ref, _fast_fn(fast_step_mod.FastStep(ref)), prompt, tokens)
         assert _rel(got, want) < TOL_F32, n_layer
         assert _state_err(got_state, want_state) < TOL_F32, n_layer
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_odd_lora_ranks(fast_step_mod, B) -> None:
+    """Ranks summing to an odd number: the buffers after the projections must stay 16-byte aligned."""
+    ref = _model(seed=6, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31)
+    prompt = torch.randint(0, 470, (B, 7), device="cuda")
+    tokens = torch.randint(0, 470, (B, 4), device="cuda")
+    want, want_state = _run(ref, ref.step, prompt, tokens)
+    got, got_state = _run(ref, _fast_fn(fast_step_mod.FastStep(ref)), prompt, tokens)
+    assert _rel(got, want) < TOL_F32
+    assert _state_err(got_state, want_state) < TOL_F32
+
+
+def test_for_model_packs_again_after_the_weights_change(fast_step_mod) -> None:
+    model = _model(seed=7)
+    first = fast_step_mod.FastStep.for_model(model)
+    assert fast_step_mod.FastStep.for_model(model) is first
+    with torch.no_grad():
+        model.head.weight.mul_(2.0)
+    second = fast_step_mod.FastStep.for_model(model)
+    assert second is not first
+    prompt = torch.randint(0, 470, (1, 5), device="cuda")
+    tokens = torch.randint(0, 470, (1, 2), device="cuda")
+    want, _ = _run(model, model.step, prompt, tokens)
+    got, _ = _run(model, _fast_fn(second), prompt, tokens)
+    assert _rel(got, want) < TOL_F32
+
+
+def test_out_of_range_token_gives_nan_logits(fast_step_mod) -> None:
+    model = _model(seed=8)
+    fast = fast_step_mod.FastStep(model)
+    _, state = model(torch.randint(0, 470, (2, 5), device="cuda"), return_state=True)
+    logits = fast(torch.tensor([3, 470], device="cuda"), state)
+    assert torch.isfinite(logits[0]).all() and torch.isnan(logits[1]).all()
+
+
+def test_unsupported_model_falls_back_with_a_warning(fast_step_mod) -> None:
+    from rwkv_music.train.complete import fast_step_for
+
+    model = _model(seed=9, head_size=32)
+    assert "head_size 64" in fast_step_mod.unsupported_reason(model)
+    with pytest.warns(UserWarning, match="readable model step"):
+        assert fast_step_for(model) is None
 
 
 @torch.no_grad()

@@ -109,15 +109,21 @@ __device__ __forceinline__ void layer_norm_row(float* row, float sum, const floa
   for (int c = threadIdx.x; c < C; c += THREADS) row[c] = (row[c] - mean) * rstd * w[c] + b[c];
 }
 
-// resid[b] = ln0(emb[tokens[b]]): layer 0's input. One block per sequence.
+// resid[b] = ln0(emb[tokens[b]]): layer 0's input. One block per sequence. A token outside [0, V) makes the
+// row NaN (so its logits are NaN) instead of reading past the embedding.
 template <typename T>
 __global__ void __launch_bounds__(THREADS) embed_ln0(const int64_t* __restrict__ tokens, const T* __restrict__ emb,
                                                      const float* __restrict__ w, const float* __restrict__ b,
-                                                     float* __restrict__ resid, int C) {
+                                                     float* __restrict__ resid, int C, int V) {
   extern __shared__ float row[];
   __shared__ float red[WARPS];
   const int s = blockIdx.x;
-  const T* e = emb + tokens[s] * (int64_t)C;
+  const int64_t tok = tokens[s];
+  if (tok < 0 || tok >= V) {
+    for (int c = threadIdx.x; c < C; c += THREADS) resid[(int64_t)s * C + c] = __int_as_float(0x7fc00000);
+    return;
+  }
+  const T* e = emb + tok * (int64_t)C;
   float sum = 0.f;
   for (int c = threadIdx.x; c < C; c += THREADS) {
     row[c] = to_f(e[c]);
@@ -345,6 +351,10 @@ void launch_gemv(const float* X, int64_t in_stride, const Segs& sg, const T* W, 
   }
 }
 
+// The projections' buffer, rounded up to 8 floats: the buffers after it are read with 16-byte loads (`gemv`),
+// and B * P is a multiple of 4 only when the LoRA ranks add up to one.
+int64_t proj_floats(int64_t B, int64_t P) { return (B * P + 7) / 8 * 8; }
+
 template <typename T>
 cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
   const int B = a.B, C = a.C, F = a.F, H = a.H;
@@ -352,7 +362,7 @@ cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
   const int64_t BC = (int64_t)B * C;
   float* mix = a.work;  // [6, B, C]: the lerps r, w, k, v, a, g (channel mix: slot 0)
   float* proj = mix + 6 * BC;  // [B, P]
-  float* resid = proj + (int64_t)B * P;  // [B, C]
+  float* resid = proj + proj_floats(B, P);  // [B, C]
   float* vfirst = resid + BC;  // [B, C]
   float* att = vfirst + BC;  // [B, C]
   float* hid = att + BC;  // [B, F]
@@ -366,7 +376,7 @@ cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
   for (int i = 0; i < 7; ++i) seg7.end[i] = ends[i], seg7.in[i] = ins[i];
 
   embed_ln0<T><<<B, THREADS, row_smem, st>>>(a.tokens, static_cast<const T*>(a.emb), a.glob + LN0_W * C,
-                                             a.glob + LN0_B * C, resid, C);
+                                             a.glob + LN0_B * C, resid, C, a.V);
   for (int l = 0; l < a.L; ++l) {
     const float* vec = a.vec + (int64_t)l * NVEC * C;
     T* att_x = static_cast<T*>(a.att_x) + l * BC;
@@ -399,7 +409,7 @@ cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
 
 }  // namespace
 
-int64_t workspace_floats(int64_t B, int64_t C, int64_t F, int64_t P) { return B * (9 * C + P + F); }
+int64_t workspace_floats(int64_t B, int64_t C, int64_t F, int64_t P) { return B * (9 * C + F) + proj_floats(B, P); }
 
 cudaError_t step(DType dt, const StepArgs& a, cudaStream_t st) {
   switch (dt) {

@@ -45,8 +45,8 @@ at::Tensor rnn_step_forward(at::Tensor tokens, at::Tensor emb, at::Tensor head, 
   TORCH_CHECK(emb.dim() == 2 && vec.dim() == 3 && ffn_k.dim() == 3 && att_x.dim() == 3, "rnn_step: bad ranks");
   const int64_t V = emb.size(0), C = emb.size(1), L = vec.size(0), F = ffn_k.size(1), B = tokens.size(0);
   const int64_t H = C / HEAD, R = lora[0] + lora[1] + lora[2] + lora[3], P = 3 * C + R;
-  TORCH_CHECK(C % HEAD == 0 && F % 8 == 0 && C <= 8192, "rnn_step: needs n_embd a multiple of 64 (at most 8192) "
-              "and dim_ffn a multiple of 8");
+  TORCH_CHECK(C % HEAD == 0 && F % 8 == 0 && C <= 8192 && R <= 8192, "rnn_step: needs n_embd a multiple of 64 "
+              "(at most 8192), dim_ffn a multiple of 8 and the LoRA ranks at most 8192 together");
   TORCH_CHECK(B >= 1 && tokens.scalar_type() == at::kLong && tokens.is_cuda() && tokens.is_contiguous(),
               "rnn_step: tokens must be a contiguous int64 CUDA tensor [B], B >= 1");
   need(emb, emb, {V, C}, true, "emb");
