@@ -72,7 +72,7 @@ def report_dir(trained_run: Path, small_shards: Path, tmp_path_factory: pytest.T
     out = tmp_path_factory.mktemp("eval") / "report"
     proc = eval_cli(trained_run, small_shards, "--num-windows", N_WINDOWS, "--max-tf-windows", 48, "--device", "cpu",
                     "--piano-rolls", 2, "--tokens-per-bar", 48, "--temperature", 1.0, "--min-p", 0.02,
-                    "--choice-windows", CHOICE, "-o", out)
+                    "--choice-windows", CHOICE, "--no-fast-step", "-o", out)
     return out, proc.stdout
 
 
@@ -100,6 +100,12 @@ def test_report_files(report_dir, report):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
     for f in out.iterdir():  # written under umask 022: readable by everyone, like any open()
         assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def test_report_records_the_options(report):
+    cfg = report["config"]
+    assert cfg["fast_step"] is False and cfg["min_p"] == 0.02 and cfg["num_windows"] == N_WINDOWS
+    assert cfg["device"] == "cpu"
 
 
 def test_teacher_forced_numbers(report):
