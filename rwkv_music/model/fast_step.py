@@ -67,13 +67,17 @@ class FastStep:
         reason = unsupported_reason(model)
         if reason is not None:
             raise RuntimeError(reason)
-        self._ext = wkv_cuda._ext(model.device)
+        self.device = model.device  # the extension is looked up per call: a module object would not deepcopy
         self.dtype = model.emb.weight.dtype
         self.n_layer = model.cfg.n_layer
         cfg = model.cfg
         self.lora = [cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora]
         with torch.no_grad():
             self._pack(model)
+
+    @property
+    def _ext(self):
+        return wkv_cuda._ext(self.device)
 
     def _pack(self, model) -> None:
         C, dv, dt = model.cfg.n_embd, model.cfg.d_mv_lora, self.dtype

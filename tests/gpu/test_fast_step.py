@@ -7,6 +7,7 @@ of the readable model run in that same dtype, and within 3e-2 (the readable bf16
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,7 @@ def test_for_model_packs_again_after_the_weights_change(fast_step_mod) -> None:
     want, _ = _run(model, model.step, prompt, tokens)
     got, _ = _run(model, _fast_fn(second), prompt, tokens)
     assert _rel(got, want) < TOL_F32
+    copy.deepcopy(model)  # the cached pack travels with the model (it holds tensors, not the extension module)
 
 
 def test_out_of_range_token_gives_nan_logits(fast_step_mod) -> None:
