@@ -4,7 +4,9 @@ Run from the repository root:
     python3 bench/complete.py                                   # CUDA: L12 D768 vocab 640 (the issue's shape)
     python3 bench/complete.py --device cpu --presets tiny small  # the CPU figures of docs/benchmarks.md
 Prints one table. Rows:
-  prefill   one parallel forward over --prefill tokens (batch 1), state out
+  prefill   one parallel forward over --prefill tokens (batch 1), state out: on CUDA first as `complete` runs
+            it with no flags (`train.complete.prefill` with the fused kernels of `FastStep.prefill`, prompt
+            given as a token list), then the readable forward eager and as a CUDA graph
   step      the model step alone (RNN mode): on CUDA the fused kernels of `model/fast_step.py` (what
             `complete` runs by default) and the readable `model.step`, eager and as a CUDA graph
   generate  the decode step `musictrain complete` runs: grammar mask + top-p sampling + grammar update +
@@ -83,12 +85,20 @@ def _capture(fn, device: torch.device):
 
 
 @torch.no_grad()
-def bench_prefill(model: RWKV7, T: int, repeats: int, graph: bool = False, compiled: bool = False) -> float:
-    """One prefill of T tokens; `graph`/`compiled`: the same forward as a CUDA graph / torch.compile'd, to see
-    how much of the eager time is launch overhead (the product runs it eager)."""
+def bench_prefill(model: RWKV7, T: int, repeats: int, graph: bool = False, compiled: bool = False,
+                  fused: bool = False) -> float:
+    """One prefill of T tokens. `fused`: what `complete` runs (the fused kernels, from a token list); else the
+    readable forward, `graph`/`compiled` as a CUDA graph / torch.compile'd (how much of the eager time is launch
+    overhead)."""
     device = model.device
     idx = torch.randint(0, model.cfg.vocab_size, (1, T), device=device)
     last = torch.tensor([T - 1], device=device)
+    if fused:
+        fast, tokens = FastStep.for_model(model), idx[0].tolist()
+        for _ in range(2):
+            prefill(model, tokens, device, fast)
+        return statistics.median([timed(lambda: prefill(model, tokens, device, fast), device, 1)
+                                  for _ in range(repeats)])
     if compiled:
         torch._dynamo.reset()
     fwd = torch.compile(model, dynamic=False) if compiled else model
@@ -105,20 +115,35 @@ def bench_prefill(model: RWKV7, T: int, repeats: int, graph: bool = False, compi
 
 @torch.no_grad()
 def profile_prefill(model: RWKV7, T: int, top: int) -> None:
-    """Print where one prefill's time goes (top ops by self device time, 3 prefills)."""
+    """Print where one prefill's time goes (top ops by self device time, 3 prefills), for the readable forward
+    and (CUDA) the fused prefill, with the device time per prefill."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     device = model.device
+    cuda = device.type == "cuda"
     idx = torch.randint(0, model.cfg.vocab_size, (1, T), device=device)
     last = torch.tensor([T - 1], device=device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(3):
-            model(idx, positions=last, return_state=True)
+    fast = FastStep.for_model(model) if cuda else None
+    runs = {"readable": lambda: model(idx, positions=last, return_state=True)}
+    if fast is not None:
+        runs["fused"] = lambda: fast.prefill(idx)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    for name, fn in runs.items():
+        fn()
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"# profile: 3 prefills of {T} tokens, sorted by {key}")
-    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                fn()
+            sync(device)
+        events = prof.key_averages()
+        # kernels only (an op's row repeats the time of the kernels it launched)
+        dev_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) if cuda else (
+            float("nan"))
+        print(f"# profile ({name}): 3 prefills of {T} tokens, device time per prefill {dev_us / 3e3:.3f} ms, "
+              f"sorted by {key}")
+        print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 @torch.no_grad()
@@ -222,8 +247,8 @@ def bench_rwkv_pip(model: RWKV7, device: torch.device, strategy: str, T: int, st
 
 
 def check(device: torch.device, dtype: torch.dtype, vocab: int) -> None:
-    """Same tokens with and without the CUDA graph, batched vs single, and (in float32) the fused step vs the
-    readable one, on a random model (tiny preset)."""
+    """Same tokens with and without the CUDA graph, batched vs single, and (in float32) the fused prefill and step
+    vs the readable ones, on a random model (tiny preset)."""
     from rwkv_music.train.complete import CompleteConfig, complete
 
     tok = build_tokenizer()
@@ -232,7 +257,7 @@ def check(device: torch.device, dtype: torch.dtype, vocab: int) -> None:
         m32 = make_model("tiny", max(vocab, len(tok.vocab)), device, torch.float32)
         runs = [complete(m32, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, fast_step=f, **cfg)) for f in (1, 0)]
         same_f = [a.tokens == b.tokens for a, b in zip(*(r.samples for r in runs), strict=True)]
-        print(f"# check on {device}: float32, fused step == readable step per sample {same_f}")
+        print(f"# check on {device}: float32, fused prefill + step == readable per sample {same_f}")
     model = make_model("tiny", max(vocab, len(tok.vocab)), device, dtype)
     graph = complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, cuda_graph=True, **cfg))
     eager = complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, cuda_graph=False, **cfg))
@@ -241,7 +266,7 @@ def check(device: torch.device, dtype: torch.dtype, vocab: int) -> None:
                for k in range(4)]
     torch._dynamo.reset()
     compiled = complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, cuda_graph=True, compile_step=True,
-                                                                **cfg))
+                                                                fast_step=False, **cfg))
     # the compiled step is the readable one: compare it with the readable step, eager
     readable = complete(model, tok, DEMO_PROMPT, CompleteConfig(num_samples=4, cuda_graph=False, fast_step=False,
                                                                 **cfg))
@@ -282,6 +307,8 @@ def main() -> None:
     ap.add_argument("--no-rwkv-pip", action="store_true", help="Skip the rwkv package.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON here.")
     ap.add_argument("--profile-prefill", action="store_true", help="Print where the prefill's time goes.")
+    ap.add_argument("--prefill-wkv-configs", action="store_true",
+                    help="CUDA: time the fused prefill with each built WKV forward configuration.")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -302,13 +329,24 @@ def main() -> None:
         model = make_model(preset, args.vocab, device, DTYPES[dtype])
         shape = f"{preset} L{model.cfg.n_layer} D{model.cfg.n_embd} V{args.vocab}"
         for T in args.prefill:
-            for graph, compiled in [(False, False)] + ([(True, False)] if cuda else []) + (
-                    [(cuda, True)] if args.compile else []):
-                tag = ("compiled " if compiled else "") + ("graph" if graph else "eager")
+            # (graph, compiled, fused); the first CUDA row is what `complete` runs with no flags
+            for graph, compiled, fused in ([(False, False, True)] if cuda else []) + [(False, False, False)] + (
+                    [(True, False, False)] if cuda else []) + ([(cuda, True, False)] if args.compile else []):
+                tag = "fused" if fused else ("readable " + ("compiled " if compiled else "") + (
+                    "graph" if graph else "eager"))
                 add(rows, {"impl": "ours", "shape": shape, "what": f"prefill {T} ({tag})", "batch": 1,
-                             "tokens": T, "ms": bench_prefill(model, T, repeats, graph, compiled)})
+                             "tokens": T, "ms": bench_prefill(model, T, repeats, graph, compiled, fused)})
         if args.profile_prefill:
             profile_prefill(model, args.prefill[0], 25)
+        if cuda and args.prefill_wkv_configs:
+            fast = FastStep.for_model(model)
+            idx = torch.randint(0, model.cfg.vocab_size, (1, args.prefill[0]), device=device)
+            for c in range(3):  # the forward configurations always built (wkv_cuda.DEFAULT_CONFIGS)
+                fast.prefill(idx, wkv_config=c)
+                ms = statistics.median([timed(lambda f=fast, i=idx, c=c: f.prefill(i, wkv_config=c), device, 1)
+                                        for _ in range(repeats)])
+                add(rows, {"impl": "ours", "shape": shape, "what": f"prefill {args.prefill[0]} (fused, wkv fwd {c})",
+                           "batch": 1, "tokens": args.prefill[0], "ms": ms})
         for B in args.batches:
             # (graph, compiled, fused); the first CUDA row is what `complete` runs with no flags
             if cuda:

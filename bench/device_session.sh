@@ -28,7 +28,7 @@
 #               fp32, eager) against the fast path, same seed
 #   lceval      the losscurve step's two runs scored alike: `musictrain eval` (float32, 2000 val windows
 #               teacher-forced) of each run's checkpoint, so their val difference is not the evaluation's precision
-#   fasttests   pytest tests/gpu/test_fast_step.py alone (the fused decode step against the readable one)
+#   fasttests   pytest tests/gpu/test_fast_step.py and test_fast_prefill.py (the fused step and prefill against the readable model)
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
 # Limits per step (seconds) come from LIMIT_<STEP>, e.g. LIMIT_TRAINSTEP=200. RESULTS/summary.txt lists each
@@ -68,7 +68,7 @@ declare -A command=(
     [sweep]="$PY bench/sampling_sweep.py /tmp/issue16/run .shards-music21 /tmp/sweep --report-test /tmp/sweep-test ${SWEEP_ARGS:-}; rc=\$?; tar czf $results/sweep.tgz -C /tmp sweep/sweep.json sweep-test; exit \$rc"
     [losscurve]="$PY bench/loss_curve.py .shards-music21 /tmp/losscurve ${LOSSCURVE_ARGS:-}"
     [lceval]="for r in reference fast; do $PY -m rwkv_music.train.cli eval /tmp/losscurve/\$r .shards-music21 --num-windows 0 --choice-windows 0 --piano-rolls 0 -q -o /tmp/lceval-\$r && $PY -c \"import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], r.get('checkpoint'), 'teacher-forced loss', r['teacher_forced']['loss'], 'windows', r['teacher_forced'].get('windows'))\" /tmp/lceval-\$r/report.json \$r; done"
-    [fasttests]="$PY -m pytest -q -rs tests/gpu/test_fast_step.py"
+    [fasttests]="$PY -m pytest -q -rs tests/gpu/test_fast_step.py tests/gpu/test_fast_prefill.py"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
 )
 

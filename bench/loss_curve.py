@@ -37,6 +37,21 @@ def read(path: Path) -> tuple[dict[int, float], dict[int, float]]:
     return train, val
 
 
+def finish(run: tuple, name: str, args: argparse.Namespace, curves: dict, seconds: dict) -> None:
+    """Wait for one fit run (killed past --timeout), then read its curve."""
+    proc, t0, out = run
+    try:
+        rc = proc.wait(timeout=max(1.0, args.timeout - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = "killed at --timeout"
+    seconds[name] = round(time.time() - t0, 1)
+    if rc != 0:
+        sys.exit(f"[loss-curve] {name} failed ({rc}); see its output" + (f" in {args.work / name}.log" if args.parallel
+                                                                        else ""))
+    curves[name] = read(out / "metrics.jsonl")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("shards", type=Path)
@@ -48,6 +63,9 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=0.03, help="Relative tolerance of window means and val losses.")
     ap.add_argument("--timeout", type=int, default=400, help="Seconds per run.")
     ap.add_argument("--seed", type=int, default=0, help="Seed of both runs (init and data order).")
+    ap.add_argument("--parallel", action="store_true",
+                    help="Run the two fits at once on the same device (their output goes to WORK/NAME.log). Their "
+                         "numbers do not depend on it; their speed does.")
     ap.add_argument("--metrics", action="append", default=[], metavar="NAME=FILE",
                     help="Take run NAME (reference or fast) from this metrics.jsonl of a finished run with the same "
                          "options instead of running it (on a time-limited machine, one run per command).")
@@ -60,6 +78,8 @@ def main() -> None:
               "--save-every", "100000", "--log-every", "10", "--seed", str(args.seed), "--no-progress",
               "--no-tensorboard"]
     curves, seconds = {}, {}
+    args.work.mkdir(parents=True, exist_ok=True)
+    running = {}
     for name, (env, extra) in RUNS.items():
         if name in given:
             curves[name] = read(Path(given[name]))
@@ -67,14 +87,14 @@ def main() -> None:
         out = args.work / name
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)
-        t0 = time.time()
         cmd = [sys.executable, "-m", "rwkv_music.train.cli", "fit", str(args.shards), "-o", str(out), *common, *extra]
         print(f"[loss-curve] {name}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd[3:])}", flush=True)
-        rc = subprocess.run(cmd, env={**os.environ, **env}, timeout=args.timeout).returncode
-        seconds[name] = round(time.time() - t0, 1)
-        if rc != 0:
-            sys.exit(f"[loss-curve] {name} failed with exit code {rc}")
-        curves[name] = read(out / "metrics.jsonl")
+        log = (args.work / f"{name}.log").open("w") if args.parallel else None
+        running[name] = (subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log), time.time(), out)
+        if not args.parallel:
+            finish(running.pop(name), name, args, curves, seconds)
+    for name in list(running):
+        finish(running.pop(name), name, args, curves, seconds)
     (rt, rv), (ft, fv) = curves["reference"], curves["fast"]
     steps = sorted(set(rt) & set(ft))
     windows = []

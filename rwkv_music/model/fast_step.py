@@ -1,4 +1,4 @@
-"""The RNN-mode step (decoding) as fused CUDA kernels: seven per layer instead of ~80.
+"""The RNN-mode step (decoding) and the prefill as fused CUDA kernels.
 
 At batch 1 the readable `RWKV7.step` is bound by kernel launches: its math is a few small matrix-vector
 products per layer, but each lerp, gate and norm is its own kernel. `FastStep` runs the same function with
@@ -6,6 +6,12 @@ the weights packed once into the layout of `model/cuda/rnn_step_kernels.cu` (whi
 kernels): a copy of the weights in the model's dtype. It computes in fp32 throughout, so in bf16 or fp16 its
 logits stay about as close to a float32 run of the readable model as the readable model in that dtype does;
 `tests/gpu/test_fast_step.py` states the tolerances.
+
+`FastStep.prefill` runs the parallel forward over a prompt from the same pack, as 13 launches per layer
+(`model/cuda/prefill_kernels.cu`, cuBLAS products, the WKV forward kernel) where the readable forward issues
+~60: at batch 1 that forward is bound by launches, not by the GPU. Its matrix products, lerps and WKV inputs are
+in the weights' dtype, as the readable model runs them (fp32 WKV for fp16 weights); the residual stream, the
+state and the element-wise math are fp32.
 
 The pack is a snapshot of the weights: `FastStep.for_model` keeps one per model and packs again when a
 parameter has changed (new tensor or in-place update) since. The state is updated in place, so a decode loop
@@ -19,6 +25,7 @@ from torch import Tensor
 
 from rwkv_music.model import wkv_cuda
 from rwkv_music.model.state import RWKV7State
+from rwkv_music.model.wkv_cuda import default_config
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,6 +78,7 @@ class FastStep:
         self.dtype = model.emb.weight.dtype
         self.n_layer = model.cfg.n_layer
         cfg = model.cfg
+        self.cfg = cfg
         self.lora = [cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora]
         with torch.no_grad():
             self._pack(model)
@@ -81,7 +89,8 @@ class FastStep:
 
     def _pack(self, model) -> None:
         C, dv, dt = model.cfg.n_embd, model.cfg.d_mv_lora, self.dtype
-        vecs, proj, up, out, ffn_k, ffn_v = [], [], [], [], [], []
+        vecs, proj, up, out, ffn_k, ffn_v, downs, ups = [], [], [], [], [], [], [], []
+        rm = -(-max(self.lora) // 8) * 8  # the prefill's one LoRA rank, padded with zeros
         for blk in model.blocks:
             att, ffn = blk.att, blk.ffn
             first = blk.layer_id == 0
@@ -95,6 +104,12 @@ class FastStep:
             proj.append(torch.cat([att.receptance.weight, att.key.weight, att.value.weight,
                                    att.w1.t(), att.a1.t(), v1.t(), att.g1.t()]).to(dt))
             up.append(torch.cat([att.w2, att.a2, v2, att.g2]).to(dt))
+            down_l, up_l = att.w1.new_zeros(4, C, rm, dtype=dt), att.w2.new_zeros(4, rm, C, dtype=dt)
+            for slot, (d, u) in enumerate(((v1, v2), (att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2))):
+                down_l[slot, :, : d.shape[1]] = d  # [C, rank]: x @ down
+                up_l[slot, : u.shape[0]] = u
+            downs.append(down_l)
+            ups.append(up_l)
             out.append(att.output.weight.to(dt))
             ffn_k.append(ffn.key.weight.to(dt))
             ffn_v.append(ffn.value.weight.to(dt))
@@ -105,6 +120,7 @@ class FastStep:
             raise RuntimeError("rnn_step: the vector table does not match the kernels' layout")
         self.proj, self.up, self.out = (torch.stack(x).contiguous() for x in (proj, up, out))
         self.ffn_k, self.ffn_v = torch.stack(ffn_k).contiguous(), torch.stack(ffn_v).contiguous()
+        self.lora_down, self.lora_up = torch.stack(downs).contiguous(), torch.stack(ups).contiguous()
         self.emb = model.emb.weight.detach().to(dt, copy=True).contiguous()
         self.head = model.head.weight.detach().to(dt, copy=True).contiguous()
 
@@ -117,3 +133,27 @@ class FastStep:
                              f"{state.n_layer} layers in {state.att_x.dtype}")
         return self._ext.rnn_step(tokens.contiguous(), self.emb, self.head, self.glob, self.vec, self.proj, self.up,
                                   self.out, self.ffn_k, self.ffn_v, state.att_x, state.wkv, state.ffn_x, self.lora)
+
+    def zero_state(self, batch_size: int) -> RWKV7State:
+        """The state before any token, in the layout `__call__` and `prefill` update in place."""
+        return RWKV7State.zeros(self.cfg, batch_size, self.device, self.dtype)
+
+    def prefill(self, tokens: Tensor, state: RWKV7State | None = None,
+                wkv_config: int | None = None) -> tuple[Tensor, RWKV7State]:
+        """The parallel forward over `tokens` (long [B, T]) from `state` (None: zeros), for the logits of each row's
+        last token (float32 [B, V]) and the state after it. A given state is updated in place (contiguous, att_x /
+        ffn_x in the model's dtype); a token out of range gives NaN logits. `wkv_config`: the WKV forward's launch
+        configuration (default: `wkv_cuda.default_config`'s; others are for benchmarks)."""
+        if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+            raise ValueError(f"prefill needs tokens [B, T] with B, T >= 1, got shape {tuple(tokens.shape)}")
+        B = tokens.shape[0]
+        if state is None:
+            state = self.zero_state(B)
+        elif state.n_layer != self.n_layer or state.att_x.dtype != self.dtype or state.batch_size != B:
+            raise ValueError(f"state must have {self.n_layer} layers, batch {B} and att_x/ffn_x in {self.dtype}, got "
+                             f"{state.n_layer} layers, batch {state.batch_size} in {state.att_x.dtype}")
+        cfg = default_config(B, self.cfg.n_head, self.device)[0] if wkv_config is None else wkv_config
+        logits = self._ext.rnn_prefill(tokens.to(self.device, torch.long).contiguous(), self.emb, self.head, self.glob,
+                                       self.vec, self.proj, self.lora_down, self.lora_up, self.out, self.ffn_k,
+                                       self.ffn_v, state.att_x, state.wkv, state.ffn_x, cfg)
+        return logits, state

@@ -10,7 +10,7 @@ The sequence kernels are torch custom ops (``torch.ops.rwkv_music.wkv7_fwd`` / `
 (shape-only) implementation and a registered backward, so torch.compile traces the model through them
 without a graph break and fuses the element-wise work on either side.
 
-The extension (sources in `model/cuda/`; it also holds the fused decode step of `model/fast_step.py`) is
+The extension (sources in `model/cuda/`; it also holds the fused decode step and prefill of `model/fast_step.py`) is
 compiled with `torch.utils.cpp_extension.load` for the current device's architecture into a cache directory
 keyed by torch version, CUDA version and architecture (``$RWKV_MUSIC_BUILD_DIR`` or
 ``$XDG_CACHE_HOME/rwkv_music``, default ``~/.cache``). Only the launch configurations `default_config` uses
@@ -34,7 +34,7 @@ from torch import Tensor
 
 HEAD_SIZE = 64
 _SRC_DIR = Path(__file__).resolve().parent / "cuda"
-_SOURCES = ("wkv7_op.cpp", "wkv7_kernels.cu", "rnn_step_op.cpp", "rnn_step_kernels.cu")
+_SOURCES = ("wkv7_op.cpp", "wkv7_kernels.cu", "rnn_step_op.cpp", "rnn_step_kernels.cu", "prefill_kernels.cu")
 _LOCK = threading.Lock()
 _ERRORS: dict[tuple[int, int], str] = {}
 

@@ -121,9 +121,12 @@ def prompt_window(ids: list[int], tokenizer: REMI, context_bars: int | None, max
 
 
 @torch.no_grad()
-def prefill(model, tokens: list[int], device: torch.device) -> tuple[Tensor, object]:
-    """One parallel forward over the prompt: logits [1, V] of its last token and the state after it."""
+def prefill(model, tokens: list[int], device: torch.device, fast: FastStep | None = None) -> tuple[Tensor, object]:
+    """One parallel forward over the prompt: logits [1, V] of its last token and the state after it (`fast`: by the
+    fused kernels of `FastStep.prefill`, else by the readable model)."""
     idx = torch.tensor([tokens], dtype=torch.long, device=device)
+    if fast is not None:
+        return fast.prefill(idx)
     last = torch.tensor([len(tokens) - 1], dtype=torch.long, device=device)
     logits, state = model(idx, positions=last, return_state=True)
     return logits.float(), state
@@ -173,15 +176,17 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
     `progress(tokens, bars)`, if given, hears at every completion check (every step on CPU, every 16 on CUDA)
     the decode steps run and the bars each sample has finished.
 
-    `fast_step` runs the model step as the fused CUDA kernels of `FastStep` where they can run (CUDA, head size
-    64) and `compile_step` is off; elsewhere, or False, the readable `model.step`."""
+    `fast_step` runs the prefill and the model step as the fused CUDA kernels of `FastStep` where they can run
+    (CUDA, head size 64); `compile_step` decodes with the compiled readable step instead. Elsewhere, or False,
+    the readable model does both."""
     device = model.device
     B = num_samples
-    logits, state = prefill(model, window_tokens, device)
+    fast = fast_step_for(model) if fast_step else None
+    logits, state = prefill(model, window_tokens, device, fast)
     bg = BatchedGrammar(grammar, start, B, bars, max_new_tokens, device)
     u = draw_uniforms([seed + k for k in range(B)], max_new_tokens, device)
     dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, sampling, grammar.vocab_size,
-                   grammar.pad_id, compile_step, fast_step_for(model) if fast_step and not compile_step else None)
+                   grammar.pad_id, compile_step, None if compile_step else fast)
     every = check_every or (16 if device.type == "cuda" else 1)
     if cuda_graph and device.type == "cuda":
         _run_graph(dec, max_new_tokens, every, progress)

@@ -1,4 +1,4 @@
-"""CPU CI: the CUDA sources (WKV kernels, fused decode step) compile with nvcc for Hopper (PTX only; nothing
+"""CPU CI: the CUDA sources (WKV kernels, fused decode step and prefill) compile with nvcc for Hopper (PTX only; nothing
 runs). Skips without nvcc."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ CUDA_DIR = Path(__file__).resolve().parents[2] / "rwkv_music" / "model" / "cuda"
 KERNELS = {
     "wkv7_kernels.cu": ("fwd_kernel", "bwd1_kernel", "bwd2_kernel", "step_kernel"),
     "rnn_step_kernels.cu": ("embed_ln0", "ln_mix", "gemv", "wkv_head"),
+    "prefill_kernels.cu": ("ln_mix_k", "gates_k", "out_norm_k", "relu_sq_k", "last_ln_k"),
 }
 
 
@@ -40,5 +41,6 @@ def test_sources_are_packaged_next_to_loader() -> None:
     for name in wkv_cuda._SOURCES:
         assert (wkv_cuda._SRC_DIR / name).is_file()
     assert (wkv_cuda._SRC_DIR / "wkv7.h").is_file()
-    assert (wkv_cuda._SRC_DIR / "rnn_step.h").is_file()
+    for header in ("rnn_step.h", "prefill.h", "fused_util.cuh"):
+        assert (wkv_cuda._SRC_DIR / header).is_file()
 

@@ -40,6 +40,10 @@ struct StepArgs {
   float* logits = nullptr;  // [B, V] fp32
 };
 
+// x[s] = ln0(emb[tokens[s]]) (fp32 [rows, C]) for `rows` tokens; a token outside [0, V) gives a NaN row. The
+// first kernel of the step, and of the prefill (prefill.h).
+cudaError_t embed(DType dt, const int64_t* tokens, const void* emb, const float* glob, float* x, int rows, int C,
+                  int V, cudaStream_t st);
 int64_t workspace_floats(int64_t B, int64_t C, int64_t F, int64_t P);
 cudaError_t step(DType dt, const StepArgs& a, cudaStream_t st);
 

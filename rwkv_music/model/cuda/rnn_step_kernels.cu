@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "fused_util.cuh"
 #include "rnn_step.h"
 
 namespace rnn_step {
@@ -30,83 +31,18 @@ constexpr int WARPS = THREADS / 32;
 constexpr float DECAY_SCALE = 0.60653065971263342f;  // exp(-0.5)
 constexpr float LN_EPS = 1e-5f;  // nn.LayerNorm's default
 constexpr float GN_EPS = 64e-5f;  // ln_x
-constexpr unsigned FULL = 0xffffffffu;
+using fused::FULL;
 
-__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
+using fused::from_f;
+using fused::load8;
+using fused::sigmoidf_;
+using fused::to_f;
 
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+__device__ __forceinline__ float block_sum(float v, float* red) { return fused::block_sum<THREADS>(v, red); }
 
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-
-// Eight consecutive elements as fp32 (p 16-byte aligned), read through the read-only cache.
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, float* o);
-template <>
-__device__ __forceinline__ void load8<float>(const float* p, float* o) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
-}
-template <>
-__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float* o) {
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    o[2 * i] = f.x, o[2 * i + 1] = f.y;
-  }
-}
-template <>
-__device__ __forceinline__ void load8<__half>(const __half* p, float* o) {
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    o[2 * i] = f.x, o[2 * i + 1] = f.y;
-  }
-}
-
-// Sum over the block; every thread gets the total. `red` is shared scratch of WARPS floats.
-__device__ __forceinline__ float block_sum(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
-  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-  __syncthreads();  // an earlier call may still be reading red
-  if (l == 0) red[w] = v;
-  __syncthreads();
-  float t = l < WARPS ? red[l] : 0.f;
-#pragma unroll
-  for (int o = 16; o; o >>= 1) t += __shfl_xor_sync(FULL, t, o);
-  return t;
-}
-
-// LayerNorm of one row of C values (already in `row`, shared) in place.
 __device__ __forceinline__ void layer_norm_row(float* row, float sum, const float* w, const float* b, int C,
                                                float* red) {
-  const float mean = block_sum(sum, red) / C;
-  float q = 0.f;
-  for (int c = threadIdx.x; c < C; c += THREADS) {
-    const float d = row[c] - mean;
-    q += d * d;
-  }
-  const float rstd = rsqrtf(block_sum(q, red) / C + LN_EPS);
-  for (int c = threadIdx.x; c < C; c += THREADS) row[c] = (row[c] - mean) * rstd * w[c] + b[c];
+  fused::layer_norm_row<THREADS>(row, sum, w, b, C, red, LN_EPS);
 }
 
 // resid[b] = ln0(emb[tokens[b]]): layer 0's input. One block per sequence. A token outside [0, V) makes the
@@ -407,7 +343,28 @@ cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t embed_t(const int64_t* tokens, const void* emb, const float* glob, float* x, int rows, int C, int V,
+                    cudaStream_t st) {
+  embed_ln0<T><<<rows, THREADS, C * sizeof(float), st>>>(tokens, static_cast<const T*>(emb), glob + LN0_W * C,
+                                                        glob + LN0_B * C, x, C, V);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t embed(DType dt, const int64_t* tokens, const void* emb, const float* glob, float* x, int rows, int C,
+                  int V, cudaStream_t st) {
+  switch (dt) {
+    case DType::F32:
+      return embed_t<float>(tokens, emb, glob, x, rows, C, V, st);
+    case DType::BF16:
+      return embed_t<__nv_bfloat16>(tokens, emb, glob, x, rows, C, V, st);
+    case DType::F16:
+      return embed_t<__half>(tokens, emb, glob, x, rows, C, V, st);
+  }
+  return cudaErrorInvalidValue;
+}
 
 int64_t workspace_floats(int64_t B, int64_t C, int64_t F, int64_t P) { return B * (9 * C + F) + proj_floats(B, P); }
 

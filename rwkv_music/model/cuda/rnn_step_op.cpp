@@ -1,11 +1,15 @@
-// Torch binding for the fused RNN-mode step (rnn_step_kernels.cu): shape/dtype checks, workspace, stream.
+// Torch binding for the fused inference paths: the RNN-mode step (rnn_step_kernels.cu) and the prefill, a host
+// loop over layers of its element-wise kernels (prefill_kernels.cu), cuBLAS products and the WKV forward kernel.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <vector>
 
+#include "prefill.h"
 #include "rnn_step.h"
+#include "wkv7.h"
 
 namespace {
 
@@ -36,6 +40,24 @@ void need(const at::Tensor& x, const at::Tensor& emb, at::IntArrayRef shape, boo
   }
 }
 
+// The packed weights (fast_step.py) and a state of B sequences.
+void check_pack(const at::Tensor& emb, const at::Tensor& head, const at::Tensor& glob, const at::Tensor& vec,
+                const at::Tensor& proj, const at::Tensor& out, const at::Tensor& ffn_k, const at::Tensor& ffn_v,
+                const at::Tensor& att_x, const at::Tensor& wkv, const at::Tensor& ffn_x, int64_t B, int64_t P) {
+  const int64_t V = emb.size(0), C = emb.size(1), L = vec.size(0), F = ffn_k.size(1), H = C / HEAD;
+  need(emb, emb, {V, C}, true, "emb");
+  need(head, emb, {V, C}, true, "head");
+  need(glob, emb, {4, C}, false, "glob");
+  need(vec, emb, {L, rnn_step::NVEC, C}, false, "vec");
+  need(proj, emb, {L, P, C}, true, "proj");
+  need(out, emb, {L, C, C}, true, "out");
+  need(ffn_k, emb, {L, F, C}, true, "ffn_k");
+  need(ffn_v, emb, {L, C, F}, true, "ffn_v");
+  need(att_x, emb, {L, B, C}, true, "att_x");
+  need(wkv, emb, {L, B, H, HEAD, HEAD}, false, "wkv");
+  need(ffn_x, emb, {L, B, C}, true, "ffn_x");
+}
+
 // One token per sequence through the whole model; updates att_x, wkv, ffn_x in place, returns fp32 logits [B, V].
 // lora = (dw, da, dv, dg), the LoRA ranks.
 at::Tensor rnn_step_forward(at::Tensor tokens, at::Tensor emb, at::Tensor head, at::Tensor glob, at::Tensor vec,
@@ -49,18 +71,8 @@ at::Tensor rnn_step_forward(at::Tensor tokens, at::Tensor emb, at::Tensor head, 
               "(at most 8192), dim_ffn a multiple of 8 and the LoRA ranks at most 8192 together");
   TORCH_CHECK(B >= 1 && tokens.scalar_type() == at::kLong && tokens.is_cuda() && tokens.is_contiguous(),
               "rnn_step: tokens must be a contiguous int64 CUDA tensor [B], B >= 1");
-  need(emb, emb, {V, C}, true, "emb");
-  need(head, emb, {V, C}, true, "head");
-  need(glob, emb, {4, C}, false, "glob");
-  need(vec, emb, {L, rnn_step::NVEC, C}, false, "vec");
-  need(proj, emb, {L, P, C}, true, "proj");
-  need(up, emb, {L, R, C}, true, "up");
-  need(out, emb, {L, C, C}, true, "out");
-  need(ffn_k, emb, {L, F, C}, true, "ffn_k");
-  need(ffn_v, emb, {L, C, F}, true, "ffn_v");
-  need(att_x, emb, {L, B, C}, true, "att_x");
-  need(wkv, emb, {L, B, H, HEAD, HEAD}, false, "wkv");
-  need(ffn_x, emb, {L, B, C}, true, "ffn_x");
+  check_pack(emb, head, glob, vec, proj, out, ffn_k, ffn_v, att_x, wkv, ffn_x, B, P);
+  need(up, emb, {vec.size(0), R, C}, true, "up");
   TORCH_CHECK(tokens.device() == emb.device(), "rnn_step: tokens are on another device");
 
   const c10::cuda::CUDAGuard guard(emb.device());
@@ -82,9 +94,121 @@ at::Tensor rnn_step_forward(at::Tensor tokens, at::Tensor emb, at::Tensor head, 
   return logits;
 }
 
+void check(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "prefill: ", what, " failed: ", cudaGetErrorString(e));
+}
+
+// The parallel forward over tokens [B, T] from the state (att_x, wkv, ffn_x; updated in place to the state after
+// the last token), returning fp32 logits [B, V] of each row's last token. proj is the step's pack (only its
+// receptance, key and value rows are read); lora_down [L, 4, C, RM] and lora_up [L, 4, RM, C] hold the LoRA
+// projections in the order v, w, a, g (the lerp slots MIX_V .. MIX_G), zero-padded to one rank RM, so each
+// direction is one batched product. wkv_cfg: the WKV forward's launch configuration (wkv_cuda.default_config).
+at::Tensor prefill_forward(at::Tensor tokens, at::Tensor emb, at::Tensor head, at::Tensor glob, at::Tensor vec,
+                           at::Tensor proj, at::Tensor lora_down, at::Tensor lora_up, at::Tensor out, at::Tensor ffn_k,
+                           at::Tensor ffn_v, at::Tensor att_x, at::Tensor wkv, at::Tensor ffn_x, int64_t wkv_cfg) {
+  TORCH_CHECK(emb.dim() == 2 && vec.dim() == 3 && ffn_k.dim() == 3 && att_x.dim() == 3 && proj.dim() == 3 &&
+                  lora_down.dim() == 4,
+              "prefill: bad ranks");
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) >= 1 && tokens.size(1) >= 1 && tokens.scalar_type() == at::kLong &&
+                  tokens.is_cuda() && tokens.is_contiguous(),
+              "prefill: tokens must be a contiguous int64 CUDA tensor [B, T], B and T >= 1");
+  TORCH_CHECK(tokens.device() == emb.device(), "prefill: tokens are on another device");
+  const int64_t V = emb.size(0), C = emb.size(1), L = vec.size(0), F = ffn_k.size(1), RM = lora_down.size(3);
+  const int64_t B = tokens.size(0), T = tokens.size(1), BT = B * T, H = C / HEAD;
+  TORCH_CHECK(C % HEAD == 0 && BT * std::max(F, 6 * C) < ((int64_t)1 << 31), "prefill: needs n_embd a multiple of "
+              "64 and fewer than 2^31 elements per activation");
+  check_pack(emb, head, glob, vec, proj, out, ffn_k, ffn_v, att_x, wkv, ffn_x, B, proj.size(1));
+  TORCH_CHECK(proj.size(1) >= 3 * C, "prefill: proj must start with the receptance, key and value rows");
+  need(lora_down, emb, {L, 4, C, RM}, true, "lora_down");
+  need(lora_up, emb, {L, 4, RM, C}, true, "lora_up");
+
+  const c10::cuda::CUDAGuard guard(emb.device());
+  const cudaStream_t st = c10::cuda::getCurrentCUDAStream();
+  const rnn_step::DType dt = dtype_of(emb);
+  const auto f32 = emb.options().dtype(at::kFloat);
+  const auto wdt = emb.options();
+  at::Tensor x0 = at::empty({BT, C}, f32), x1 = at::empty({BT, C}, f32);  // residual stream, ping-pong
+  at::Tensor mix = at::empty({prefill::NMIX, BT, C}, wdt);
+  at::Tensor rkv = at::empty({3, BT, C}, wdt);
+  at::Tensor hid = at::empty({4, BT, RM}, wdt);
+  at::Tensor ups = at::empty({4, BT, C}, wdt);  // v, w, a, g
+  at::Tensor vfirst = at::empty({BT, C}, f32);
+  const bool wbf = prefill::wkv_bf16(dt);
+  const auto wkv_opts = emb.options().dtype(wbf ? at::kBFloat16 : at::kFloat);
+  at::Tensor wkv_in = at::empty({6, BT, C}, wkv_opts);
+  at::Tensor bonus = at::empty({BT, H}, f32);
+  at::Tensor y = at::empty({BT, C}, wkv_opts);
+  at::Tensor o = at::empty({BT, C}, wdt);
+  at::Tensor dx_att = at::empty({BT, C}, wdt), dx_ffn = at::empty({BT, C}, wdt);
+  at::Tensor kf = at::empty({BT, F}, wdt);
+  at::Tensor att_prev = att_x.clone(), ffn_prev = ffn_x.clone();  // token shift reads these, writes att_x/ffn_x
+  const void* dx = nullptr;  // the last block's contribution to the residual stream, model dtype
+
+  check(rnn_step::embed(dt, tokens.data_ptr<int64_t>(), emb.data_ptr(), glob.data_ptr<float>(), x0.data_ptr<float>(),
+                        (int)BT, (int)C, (int)V, st), "embed");
+  const int64_t nvec = rnn_step::NVEC * C, sz = (int64_t)B * H * HEAD * HEAD;
+  char* wi = static_cast<char*>(wkv_in.data_ptr());
+  const int64_t seq_bytes = BT * C * (int64_t)wkv_in.element_size();  // one of the six WKV inputs
+  for (int64_t l = 0; l < L; ++l) {
+    const float* lvec = vec.data_ptr<float>() + l * nvec;
+    // Time mix. The residual stream so far is x0 (+ dx); x1 receives their sum.
+    prefill::LnMix lm;
+    lm.x_in = x0.data_ptr<float>(), lm.dx = dx, lm.x_out = dx != nullptr ? x1.data_ptr<float>() : nullptr;
+    lm.w = lvec + rnn_step::LN1_W * C, lm.b = lvec + rnn_step::LN1_B * C;
+    lm.prev = att_prev[l].data_ptr(), lm.last = att_x[l].data_ptr(), lm.vec = lvec;
+    const int rows6[prefill::NMIX] = {rnn_step::X_R, rnn_step::X_K, rnn_step::X_V, rnn_step::X_W, rnn_step::X_A,
+                                      rnn_step::X_G};
+    for (int m = 0; m < prefill::NMIX; ++m) lm.rows[m] = rows6[m];
+    lm.nmix = prefill::NMIX, lm.mix = mix.data_ptr(), lm.B = (int)B, lm.T = (int)T, lm.C = (int)C;
+    check(prefill::ln_mix(dt, lm, st), "ln_mix");
+    if (dx != nullptr) std::swap(x0, x1);
+
+    at::bmm_out(rkv, mix.narrow(0, prefill::MIX_R, 3), proj[l].narrow(0, 0, 3 * C).view({3, C, C}).transpose(1, 2));
+    at::bmm_out(hid, mix.narrow(0, prefill::MIX_V, 4), lora_down[l]);
+    check(prefill::lora_act(dt, hid.data_ptr(), BT * RM, st), "lora_act");
+    at::bmm_out(ups, hid, lora_up[l]);
+
+    prefill::Gates ga;
+    ga.rkv = rkv.data_ptr(), ga.vup = ups[0].data_ptr(), ga.wup = ups[1].data_ptr(), ga.aup = ups[2].data_ptr();
+    ga.vfirst = vfirst.data_ptr<float>(), ga.vec = lvec, ga.wkv_in = wi;
+    ga.bonus = bonus.data_ptr<float>(), ga.rows = (int)BT, ga.C = (int)C, ga.first_layer = l == 0;
+    check(prefill::gates(dt, ga, st), "gates");
+
+    // In place: each block of the forward kernel reads its rows of the state first and writes them last.
+    float* s_l = wkv.data_ptr<float>() + l * sz;
+    wkv7::Args wa;
+    wa.B = (int)B, wa.T = (int)T, wa.H = (int)H;
+    wa.r = wi, wa.w = wi + seq_bytes, wa.k = wi + 2 * seq_bytes, wa.v = wi + 3 * seq_bytes;
+    wa.a = wi + 4 * seq_bytes, wa.b = wi + 5 * seq_bytes, wa.s0 = s_l, wa.y = y.data_ptr(), wa.sT = s_l;
+    check(wkv7::forward(wbf ? wkv7::DType::BF16 : wkv7::DType::F32, (int)wkv_cfg, false, wa, st), "the WKV forward");
+
+    check(prefill::out_norm(dt, y.data_ptr(), bonus.data_ptr<float>(), wi + 3 * seq_bytes, ups[3].data_ptr(),
+                            lvec, o.data_ptr(), (int)BT, (int)C, st), "out_norm");
+    at::mm_out(dx_att, o, out[l].t());
+
+    // Channel mix.
+    prefill::LnMix lf;
+    lf.x_in = x0.data_ptr<float>(), lf.dx = dx_att.data_ptr(), lf.x_out = x1.data_ptr<float>();
+    lf.w = lvec + rnn_step::LN2_W * C, lf.b = lvec + rnn_step::LN2_B * C;
+    lf.prev = ffn_prev[l].data_ptr(), lf.last = ffn_x[l].data_ptr(), lf.vec = lvec;
+    lf.rows[0] = rnn_step::FFN_XK, lf.nmix = 1, lf.mix = mix.data_ptr(), lf.B = (int)B, lf.T = (int)T, lf.C = (int)C;
+    check(prefill::ln_mix(dt, lf, st), "ln_mix");
+    std::swap(x0, x1);
+    at::mm_out(kf, mix[0], ffn_k[l].t());
+    check(prefill::relu_sq(dt, kf.data_ptr(), kf.numel(), st), "relu_sq");
+    at::mm_out(dx_ffn, kf, ffn_v[l].t());
+    dx = dx_ffn.data_ptr();
+  }
+  at::Tensor hlast = at::empty({B, C}, f32);
+  check(prefill::last_ln(dt, x0.data_ptr<float>(), dx, glob.data_ptr<float>(), hlast.data_ptr<float>(), (int)B, (int)T,
+                         (int)C, st), "last_ln");
+  return at::mm(hlast, head.to(at::kFloat).t());  // fp32 logits, as the fused step makes them
+}
+
 }  // namespace
 
 void bind_rnn_step(pybind11::module_& m) {
   m.def("rnn_step", &rnn_step_forward, "fused RNN-mode step of the whole model (one token per sequence)");
+  m.def("rnn_prefill", &prefill_forward, "fused parallel forward over a prompt, state in and out, last logits");
   m.def("rnn_step_nvec", []() { return (int64_t)rnn_step::NVEC; }, "rows of the per-layer vector table");
 }
