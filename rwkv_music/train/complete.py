@@ -48,7 +48,7 @@ class CompleteConfig:
     max_seq_len: int = 2048  # prompt window length limit (leading context bars are dropped beyond it)
     cuda_graph: bool = True  # capture the decode step on CUDA
     compile_step: bool = False  # torch.compile the model step (slow first call; faster steps)
-    fast_step: bool = True  # CUDA: the fused decode kernels (model/fast_step.py); False: the readable step
+    fast_step: bool = True  # CUDA: the fused prefill and decode kernels (model/fast_step.py); False: readable
 
     def __post_init__(self):
         if self.bars < 1:
@@ -220,7 +220,7 @@ def fast_step_for(model) -> FastStep | None:
         return FastStep.for_model(model)
     if model.device.type == "cuda":
         # stack: here, generate, torch.no_grad's wrapper, generate's caller
-        warnings.warn(f"decoding with the readable model step: {reason}", stacklevel=4)
+        warnings.warn(f"prefilling and decoding with the readable model: {reason}", stacklevel=4)
     return None
 
 

@@ -59,8 +59,8 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="Capture the decode step as a CUDA graph (CUDA only).")
 @click.option("--fast-step/--no-fast-step", default=True, show_default=True,
-              help="CUDA: run the model step as fused kernels (seven per layer); off: the readable model step "
-                   "(the reference the fused one is tested against).")
+              help="CUDA: run the prefill and the model step as fused kernels (13 and seven launches per layer); "
+                   "off: the readable model (the reference the fused kernels are tested against).")
 @click.option("--compile", "compile_step", is_flag=True,
               help="torch.compile the readable decode step instead of the fused one (a compile of tens of "
                    "seconds first; kept for comparison).")

@@ -49,7 +49,7 @@ def _f(x, nd: int = 3) -> str:
 @click.option("--min-p", type=click.FloatRange(min=0, max=1), default=None,
               help=f"Min-p sampling [complete's default, {_SAMPLING.min_p or 'off'}].")
 @click.option("--fast-step/--no-fast-step", default=True, show_default=True,
-              help="CUDA: generate with the fused decode kernels; off: the readable model step.")
+              help="CUDA: generate with the fused prefill and decode kernels; off: the readable model.")
 @click.option("--batch-tokens", default=32768, show_default=True, type=click.IntRange(min=64),
               help="Padded tokens per teacher-forced batch.")
 @click.option("--format", "shard_format", default="parquet", show_default=True,

@@ -85,7 +85,7 @@ class EvalConfig:
     shard_format: str = "parquet"  # preferred; the other one is used if the build has only that
     choice_windows: int = 1000  # windows of the forced-choice test (0: off)
     pieces: str = "all"  # all | dev | test: the part of the split's pieces evaluated (see piece_part)
-    fast_step: bool = True  # CUDA: generate with the fused decode kernels (False: the readable model step)
+    fast_step: bool = True  # CUDA: generate with the fused prefill and decode kernels (False: the readable model)
 
     def __post_init__(self):
         if self.pieces not in PIECE_PARTS:

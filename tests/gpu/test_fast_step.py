@@ -149,7 +149,7 @@ def test_unsupported_model_falls_back_with_a_warning(fast_step_mod) -> None:
 
     model = _model(seed=9, head_size=32)
     assert "head_size 64" in fast_step_mod.unsupported_reason(model)
-    with pytest.warns(UserWarning, match="readable model step"):
+    with pytest.warns(UserWarning, match="with the readable model"):
         assert fast_step_for(model) is None
 
 
