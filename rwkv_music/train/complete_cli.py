@@ -54,8 +54,10 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
               help="Token budget per sample [384 per bar]; samples are closed off to fit.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the model runs (auto: CUDA if available).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="Weights and activations dtype (the WKV state stays float32).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Weights and activations dtype (the WKV state stays float32). auto: "
+              "bfloat16 on CUDA (the training precision; the fused prefill runs about 2x faster than in float32), "
+              "float32 on the CPU.")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="Capture the decode step as a CUDA graph (CUDA only).")
 @click.option("--fast-step/--no-fast-step", default=True, show_default=True,
@@ -102,6 +104,8 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
                                                     min_p=min_p), seed=seed,
                             max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step,
                             fast_step=fast_step)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     with progress_bar(progress_enabled(quiet), bars * num_samples, "generating", "bar") as bar:
@@ -115,7 +119,7 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
         except (CompletionError, ValueError) as e:
             raise UsageFailure(_one_line(f"{prompt}: {e}")) from None
     write_completion(completion, out, plot=plot, clear=OWN_FILES if overwrite else ())
-    click.echo(f"checkpoint {info['checkpoint']} (step {info.get('step')}), prompt {prompt}: "
+    click.echo(f"checkpoint {info['checkpoint']} (step {info.get('step')}, {dtype} on {device}), prompt {prompt}: "
                f"{len(completion.window.tokens)} prompt tokens, {bars} new bar(s) per sample -> {out}")
     click.echo(format_table(completion))
 

@@ -181,6 +181,7 @@ def test_cli_writes_samples_and_table(run_dir: Path, prompt: Path, tmp_path: Pat
                            "--plot"], capture_output=True, text=True, timeout=300,
                           umask=0o022)
     assert proc.returncode == 0, proc.stderr
+    assert "float32 on cpu" in proc.stdout  # --dtype auto: float32 on the CPU
     assert "generating" not in proc.stderr  # no progress bar when stderr is not a terminal
     for f in out.iterdir():  # the umask's mode, as for any file opened for writing (not the staging 0600)
         assert f.stat().st_mode & 0o777 == 0o644, f
