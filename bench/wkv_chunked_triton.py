@@ -1,0 +1,186 @@
+"""A chunked WKV7 forward in Triton: a prototype for issue 12 and for the prefill, not used by the package.
+
+Today's CUDA forward (`model/cuda/wkv7_kernels.cu`) steps through time one token at a time; at batch 1 that
+scan is most of a prefill (about 3.0 of 4.3 ms of device time for 1024 tokens on an H200, docs/benchmarks.md).
+Here each program owns one head and a tile of BV state rows (value channels; rows are independent given the
+keys) and walks the sequence L tokens at a time. Per chunk, with the state S_0 at its start, the cumulative log
+decay G_t (inclusive) and G_{t-1} (exclusive), and u_t = S_{t-1} a_t:
+
+    a^_t = a_t e^{G_{t-1}},  r^_t = r_t e^{G_t},  b~_s = b_s e^{-G_s},  k~_s = k_s e^{-G_s}
+    U    = (I - M_ab)^{-1} (A^ S_0^T + M_ak V)       M_ab[t,s] = a^_t . b~_s,  M_ak[t,s] = a^_t . k~_s   (s < t)
+    Y    = R^ S_0^T + Q_rb U + Q_rk V                Q_rb[t,s] = r^_t . b~_s,  Q_rk[t,s] = r^_t . k~_s   (s <= t)
+    S_L^T = e^{G_L} (S_0^T + B~^T U + K~^T V)
+
+so a chunk is a few L x 64 matrix products and one unit lower-triangular inverse, (I - M)^{-1} = (I + M)(I + M^2)
+(I + M^4)... (M is nilpotent), instead of L dependent steps. Forward only, no packed-row resets yet.
+
+    TRITON_INTERPRET=1 python bench/wkv_chunked_triton.py --check          # on the CPU, against float64
+    python bench/wkv_chunked_triton.py --check --bench                     # on a GPU, beside our CUDA forward
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rwkv_music.model.wkv import wkv_reference
+
+DECAY_SCALE = math.exp(-0.5)
+
+
+@triton.jit
+def _wkv_fwd_chunked(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, T, H: tl.constexpr,
+                     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr,
+                     HAS_S0: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    i = iv * BV + tl.arange(0, BV)
+    s_base = bh.to(tl.int64) * N * N
+    if HAS_S0:  # ST[j, i] = S[i, j]: the tile's rows of the state, transposed
+        ST = tl.load(s0_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
+    else:
+        ST = tl.zeros((N, BV), dtype=tl.float32)
+    strict = tt[:, None] > tt[None, :]
+    incl = tt[:, None] >= tt[None, :]
+    eye = (tt[:, None] == tt[None, :]).to(tl.float32)
+    for c in range(0, tl.cdiv(T, L)):
+        t = c * L + tt
+        valid = t < T
+        off = ((b.to(tl.int64) * T + t) * H + h) * N  # [L]
+        full = off[:, None] + j[None, :]
+        m2 = valid[:, None]
+        r = tl.load(r_ptr + full, mask=m2, other=0.0).to(tl.float32)
+        wr = tl.load(w_ptr + full, mask=m2, other=0.0).to(tl.float32)
+        kk = tl.load(k_ptr + full, mask=m2, other=0.0).to(tl.float32)
+        aa = tl.load(a_ptr + full, mask=m2, other=0.0).to(tl.float32)
+        bb = tl.load(b_ptr + full, mask=m2, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + off[:, None] + i[None, :], mask=m2, other=0.0).to(tl.float32)
+        logd = tl.where(m2, -0.6065306597126334 * tl.sigmoid(wr), 0.0)  # padded steps: decay 1
+        G = tl.cumsum(logd, axis=0)
+        ahat = aa * tl.exp(G - logd)
+        rhat = r * tl.exp(G)
+        btil = bb * tl.exp(-G)
+        ktil = kk * tl.exp(-G)
+        bt = tl.trans(btil)
+        kt = tl.trans(ktil)
+        m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
+        m_ak = tl.where(strict, tl.dot(ahat, kt, input_precision=PREC), 0.0)
+        q_rb = tl.where(incl, tl.dot(rhat, bt, input_precision=PREC), 0.0)
+        q_rk = tl.where(incl, tl.dot(rhat, kt, input_precision=PREC), 0.0)
+        inv = eye + m_ab
+        p = m_ab
+        for _ in tl.static_range(LOG2L - 1):
+            p = tl.dot(p, p, input_precision=PREC)
+            inv = tl.dot(inv, eye + p, input_precision=PREC)
+        u = tl.dot(inv, tl.dot(ahat, ST, input_precision=PREC) + tl.dot(m_ak, vv, input_precision=PREC),
+                   input_precision=PREC)
+        y = (tl.dot(rhat, ST, input_precision=PREC) + tl.dot(q_rb, u, input_precision=PREC)
+             + tl.dot(q_rk, vv, input_precision=PREC))
+        tl.store(y_ptr + off[:, None] + i[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
+        g_last = tl.sum(logd, axis=0)
+        ST = tl.exp(g_last)[:, None] * (ST + tl.dot(bt, u, input_precision=PREC) + tl.dot(kt, vv, input_precision=PREC))
+    tl.store(sT_ptr + s_base + i[None, :] * N + j[:, None], ST)
+
+
+def wkv_fwd_chunked(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16, precision: str = "ieee"):
+    """y (input dtype) and the final state (fp32) for inputs [B, T, H, 64] and a state [B, H, 64, 64] or None."""
+    B, T, H, N = r.shape
+    xs = [x.contiguous() for x in (r, w, k, v, a, b)]
+    y = torch.empty_like(xs[0])
+    sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+    s0 = sT if state is None else state.float().contiguous()
+    _wkv_fwd_chunked[(B * H, N // bv)](*xs, s0, y, sT, T, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)),
+                                       HAS_S0=state is not None, PREC=precision)
+    return y, sT
+
+
+def _inputs(B, T, H, dtype, device, seed, w_scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, 64, generator=g) for _ in range(3))
+    w = torch.randn(B, T, H, 64, generator=g) * w_scale  # decays over the model's whole range, 0.545 .. 1
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, 64, generator=g), dim=-1)
+    rate = torch.sigmoid(torch.randn(B, T, H, 64, generator=g))
+    xs = [r, w, k * 0.5, v, -kk, kk * rate]
+    s0 = torch.randn(B, H, 64, 64, generator=g) * 0.3
+    return [x.to(device=device, dtype=dtype) for x in xs], s0.to(device)
+
+
+def _rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check(device: str, dtype: torch.dtype, chunks: list[int], lengths: list[int]) -> bool:
+    """Outputs and final state against the float64 recurrence, with and without a state, at extreme decays too."""
+    ok = True
+    for chunk in chunks:
+        for T in lengths:
+            for with_state in (False, True):
+                for w_scale in (3.0, 30.0):
+                    xs, s0 = _inputs(2, T, 2, dtype, device, seed=T + chunk, w_scale=w_scale)
+                    state = s0 if with_state else None
+                    y, sT = wkv_fwd_chunked(*xs, state=state, chunk=chunk)
+                    y_ref, s_ref = wkv_reference(*[x.cpu() for x in xs], state=None if state is None else state.cpu())
+                    ey, es = _rel(y.cpu(), y_ref), _rel(sT.cpu(), s_ref)
+                    tol = 2e-3 if dtype == torch.bfloat16 else 1e-4
+                    good = ey < tol and es < tol and torch.isfinite(y).all() and torch.isfinite(sT).all()
+                    ok &= bool(good)
+                    print(f"chunk {chunk} T {T:4d} state {int(with_state)} |w| x{w_scale:4.0f}: rel y {ey:.2e} "
+                          f"state {es:.2e} {'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+def bench(chunks: list[int], bvs: list[int]) -> None:
+    """Forward only, bf16 inputs, beside our CUDA forward kernel (no saves), triton do_bench medians."""
+    from triton.testing import do_bench
+
+    from rwkv_music.model import wkv_cuda
+
+    ext = wkv_cuda._ext()
+    for B, T, H in ((1, 1024, 12), (1, 128, 12), (16, 2048, 12), (8, 4096, 12), (8, 4096, 64)):
+        xs, _ = _inputs(B, T, H, torch.bfloat16, "cuda", seed=0)
+        cfg = wkv_cuda.default_config(B, H)[0]
+        ours = do_bench(lambda xs=xs, cfg=cfg: ext.forward(*xs, None, None, False, cfg))
+        row = f"B{B} T{T} H{H}: CUDA scan {ours * 1e3:8.1f} us"
+        for chunk in chunks:
+            for bv in bvs:
+                for prec in ("ieee", "tf32"):
+                    ms = do_bench(lambda xs=xs, c=chunk, v=bv, p=prec: wkv_fwd_chunked(*xs, chunk=c, bv=v,
+                                                                                       precision=p))
+                    row += f" | L{chunk} BV{bv} {prec} {ms * 1e3:8.1f} us"
+        print(row, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="Compare with the float64 recurrence.")
+    ap.add_argument("--bench", action="store_true", help="Time it beside our CUDA forward (needs a GPU).")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--bvs", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1, 15, 16, 17, 100, 257])
+    args = ap.parse_args()
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+    ok = True
+    if args.check:
+        for dtype in (torch.float32,) + ((torch.bfloat16,) if device == "cuda" else ()):
+            print(f"# check on {device}, {dtype}")
+            ok &= check(device, dtype, args.chunks, args.lengths)
+    if args.bench:
+        bench(args.chunks, args.bvs)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
