@@ -142,18 +142,23 @@ def check(device: str, dtype: torch.dtype, chunks: list[int], lengths: list[int]
     return ok
 
 
-def bench(chunks: list[int], bvs: list[int]) -> None:
+SHAPES = ((1, 1024, 12), (1, 128, 12), (16, 2048, 12), (8, 4096, 12), (8, 4096, 64))
+
+
+def bench(chunks: list[int], bvs: list[int], shapes, with_cuda: bool = True) -> None:
     """Forward only, bf16 inputs, beside our CUDA forward kernel (no saves), triton do_bench medians."""
     from triton.testing import do_bench
 
     from rwkv_music.model import wkv_cuda
 
-    ext = wkv_cuda._ext()
-    for B, T, H in ((1, 1024, 12), (1, 128, 12), (16, 2048, 12), (8, 4096, 12), (8, 4096, 64)):
+    ext = wkv_cuda._ext() if with_cuda else None
+    for B, T, H in shapes:
         xs, _ = _inputs(B, T, H, torch.bfloat16, "cuda", seed=0)
-        cfg = wkv_cuda.default_config(B, H)[0]
-        ours = do_bench(lambda xs=xs, cfg=cfg: ext.forward(*xs, None, None, False, cfg))
-        row = f"B{B} T{T} H{H}: CUDA scan {ours * 1e3:8.1f} us"
+        row = f"B{B} T{T} H{H}:"
+        if ext is not None:
+            cfg = wkv_cuda.default_config(B, H)[0]
+            ours = do_bench(lambda xs=xs, cfg=cfg: ext.forward(*xs, None, None, False, cfg))
+            row += f" CUDA scan {ours * 1e3:8.1f} us"
         for chunk in chunks:
             for bv in bvs:
                 for prec in ("ieee", "tf32"):
@@ -170,6 +175,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--bvs", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1, 15, 16, 17, 100, 257])
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="BxTxH",
+                    help="Bench shapes [" + " ".join(f"{b}x{t}x{h}" for b, t, h in SHAPES) + "].")
+    ap.add_argument("--no-cuda", action="store_true", help="Bench without our CUDA forward (no extension build).")
     args = ap.parse_args()
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
     ok = True
@@ -178,7 +186,8 @@ def main() -> None:
             print(f"# check on {device}, {dtype}")
             ok &= check(device, dtype, args.chunks, args.lengths)
     if args.bench:
-        bench(args.chunks, args.bvs)
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+        bench(args.chunks, args.bvs, shapes, with_cuda=not args.no_cuda)
     sys.exit(0 if ok else 1)
 
 
