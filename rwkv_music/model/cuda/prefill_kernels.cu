@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(THREADS) last_ln_k(const float* __restrict__ x
   __shared__ float red[WARPS];
   const int b = blockIdx.x;
   const int64_t at = ((int64_t)b * T_ + T_ - 1) * C;
-  const float sum = load_row<T>(row, x + at, dx + at, C);
+  const float sum = load_row<T>(row, x + at, dx == nullptr ? nullptr : dx + at, C);
   fused::layer_norm_row<THREADS>(row, sum, glob + LNO_W * C, glob + LNO_B * C, C, red, LN_EPS);
   for (int c = threadIdx.x; c < C; c += THREADS) out[(int64_t)b * C + c] = row[c];
 }
@@ -229,7 +229,12 @@ int warp_blocks(int64_t warps) { return (int)((warps + WARPS - 1) / WARPS); }
 
 template <typename T>
 cudaError_t ln_mix_t(const LnMix& a, cudaStream_t st) {
-  ln_mix_k<T><<<a.B * a.T, LN_THREADS, 2 * a.C * sizeof(float), st>>>(a);
+  const size_t smem = 2 * a.C * sizeof(float);
+  if (smem > 48 * 1024) {  // past the default dynamic shared memory limit (n_embd > 6080)
+    const cudaError_t e = cudaFuncSetAttribute(ln_mix_k<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  ln_mix_k<T><<<a.B * a.T, LN_THREADS, smem, st>>>(a);
   return cudaGetLastError();
 }
 

@@ -24,19 +24,19 @@ rnn_step::DType dtype_of(const at::Tensor& x) {
     case at::kHalf:
       return rnn_step::DType::F16;
     default:
-      TORCH_CHECK(false, "rnn_step: weights must be float32, bfloat16 or float16, got ", x.scalar_type());
+      TORCH_CHECK(false, "fast_step: weights must be float32, bfloat16 or float16, got ", x.scalar_type());
   }
 }
 
 void need(const at::Tensor& x, const at::Tensor& emb, at::IntArrayRef shape, bool model_dtype, const char* name) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "rnn_step: ", name, " must be a contiguous CUDA tensor");
-  TORCH_CHECK(x.device() == emb.device(), "rnn_step: ", name, " is on another device");
-  TORCH_CHECK(x.sizes() == shape, "rnn_step: ", name, " has shape ", x.sizes(), ", expected ", shape);
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "fast_step: ", name, " must be a contiguous CUDA tensor");
+  TORCH_CHECK(x.device() == emb.device(), "fast_step: ", name, " is on another device");
+  TORCH_CHECK(x.sizes() == shape, "fast_step: ", name, " has shape ", x.sizes(), ", expected ", shape);
   if (model_dtype) {
-    TORCH_CHECK(x.scalar_type() == emb.scalar_type(), "rnn_step: ", name, " must have the weights' dtype ",
+    TORCH_CHECK(x.scalar_type() == emb.scalar_type(), "fast_step: ", name, " must have the weights' dtype ",
                 emb.scalar_type(), ", got ", x.scalar_type());
   } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "rnn_step: ", name, " must be float32");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "fast_step: ", name, " must be float32");
   }
 }
 
@@ -115,8 +115,8 @@ at::Tensor prefill_forward(at::Tensor tokens, at::Tensor emb, at::Tensor head, a
   TORCH_CHECK(tokens.device() == emb.device(), "prefill: tokens are on another device");
   const int64_t V = emb.size(0), C = emb.size(1), L = vec.size(0), F = ffn_k.size(1), RM = lora_down.size(3);
   const int64_t B = tokens.size(0), T = tokens.size(1), BT = B * T, H = C / HEAD;
-  TORCH_CHECK(C % HEAD == 0 && BT * std::max(F, 6 * C) < ((int64_t)1 << 31), "prefill: needs n_embd a multiple of "
-              "64 and fewer than 2^31 elements per activation");
+  TORCH_CHECK(L >= 1 && C % HEAD == 0 && BT * std::max(F, 6 * C) < ((int64_t)1 << 31), "prefill: needs a layer, "
+              "n_embd a multiple of 64 and fewer than 2^31 elements per activation");
   check_pack(emb, head, glob, vec, proj, out, ffn_k, ffn_v, att_x, wkv, ffn_x, B, proj.size(1));
   TORCH_CHECK(proj.size(1) >= 3 * C, "prefill: proj must start with the receptance, key and value rows");
   need(lora_down, emb, {L, 4, C, RM}, true, "lora_down");
@@ -174,7 +174,8 @@ at::Tensor prefill_forward(at::Tensor tokens, at::Tensor emb, at::Tensor head, a
     ga.bonus = bonus.data_ptr<float>(), ga.rows = (int)BT, ga.C = (int)C, ga.first_layer = l == 0;
     check(prefill::gates(dt, ga, st), "gates");
 
-    // In place: each block of the forward kernel reads its rows of the state first and writes them last.
+    // In place (s0 == sT): each thread of the forward kernel reads its elements of the state before the time loop
+    // and writes the same elements once after it; no other thread touches them (see fwd_kernel).
     float* s_l = wkv.data_ptr<float>() + l * sz;
     wkv7::Args wa;
     wa.B = (int)B, wa.T = (int)T, wa.H = (int)H;

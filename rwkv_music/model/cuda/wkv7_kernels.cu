@@ -258,6 +258,8 @@ __device__ __forceinline__ void store_rows(float* dst, const float (&X)[R][4 * M
 // Block: RB rows of one head.  Thread (g, p): rows row0 + g + NG*r (r < R), columns 4p + 4P*m + q.
 // DEFER: y's row sums are not finished with shuffles each step; each thread leaves its partial sum in
 // shared memory and the P partials are added when the chunk is written (shorter per-step dependency chain).
+// s0 and sT may be the same buffer (the fused prefill updates the state in place): load_rows and store_rows use
+// the same addresses, each thread reads its elements before the time loop and writes them once after it.
 template <typename F, int RB, int R, int P, int U, bool DEFER, bool SAVE, bool RS>
 __global__ void __launch_bounds__(RB / R * P) fwd_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
