@@ -107,6 +107,138 @@ def wkv_fwd_chunked(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16,
     return y, sT
 
 
+@triton.jit
+def _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid):
+    """One chunk's decay-scaled keys: a^, r^, b~, k~, and b, k scaled to the chunk's end; the chunk's log decay."""
+    m2 = valid[:, None]
+    full = off[:, None] + j[None, :]
+    r = tl.load(r_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    wr = tl.load(w_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    kk = tl.load(k_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    aa = tl.load(a_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    bb = tl.load(b_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    logd = tl.where(m2, -0.6065306597126334 * tl.sigmoid(wr), 0.0)
+    G = tl.cumsum(logd, axis=0)
+    g_last = tl.sum(logd, axis=0)
+    to_end = tl.exp(g_last[None, :] - G)
+    return (aa * tl.exp(G - logd), r * tl.exp(G), bb * tl.exp(-G), kk * tl.exp(-G), bb * to_end, kk * to_end,
+            g_last)
+
+
+@triton.jit
+def _prep(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, y0_ptr, rp_ptr, A_ptr, D_ptr, T, NC, H: tl.constexpr,
+          N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr):
+    """Pass 1, every chunk at once: what does not depend on the state at the chunk's start S_c. With U = W_a S_c^T
+    + Z:  Y = R' S_c^T + Y0  and  S_{c+1}^T = A S_c^T + D."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    i = iv * BV + tl.arange(0, BV)
+    t = c * L + tt
+    valid = t < T
+    off = ((b.to(tl.int64) * T + t) * H + h) * N
+    ahat, rhat, btil, ktil, bl, kl, g_last = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid)
+    vv = tl.load(v_ptr + off[:, None] + i[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    strict = tt[:, None] > tt[None, :]
+    incl = tt[:, None] >= tt[None, :]
+    eye = (tt[:, None] == tt[None, :]).to(tl.float32)
+    bt = tl.trans(btil)
+    kt = tl.trans(ktil)
+    m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
+    m_ak = tl.where(strict, tl.dot(ahat, kt, input_precision=PREC), 0.0)
+    q_rb = tl.where(incl, tl.dot(rhat, bt, input_precision=PREC), 0.0)
+    q_rk = tl.where(incl, tl.dot(rhat, kt, input_precision=PREC), 0.0)
+    inv = eye + m_ab
+    p = m_ab
+    for _ in tl.static_range(LOG2L - 1):
+        p = tl.dot(p, p, input_precision=PREC)
+        inv = tl.dot(inv, eye + p, input_precision=PREC)
+    wa = tl.dot(inv, ahat, input_precision=PREC)  # [L, N]
+    z = tl.dot(inv, tl.dot(m_ak, vv, input_precision=PREC), input_precision=PREC)  # [L, BV]
+    y0 = tl.dot(q_rb, z, input_precision=PREC) + tl.dot(q_rk, vv, input_precision=PREC)
+    cb = (bh.to(tl.int64) * NC + c) * L * N  # chunk c of head bh in the [BH, NC, L, N] buffers
+    tl.store(y0_ptr + cb + tt[:, None] * N + i[None, :], y0)
+    blt = tl.trans(bl)
+    mb = (bh.to(tl.int64) * NC + c) * N * N  # ... and in the [BH, NC, N, N] ones
+    d = tl.dot(blt, z, input_precision=PREC) + tl.dot(tl.trans(kl), vv, input_precision=PREC)  # [N, BV]
+    tl.store(D_ptr + mb + j[:, None] * N + i[None, :], d)
+    if iv == 0:
+        rp = rhat + tl.dot(q_rb, wa, input_precision=PREC)
+        tl.store(rp_ptr + cb + tt[:, None] * N + j[None, :], rp)
+        A = tl.dot(blt, wa, input_precision=PREC) + tl.where(j[:, None] == j[None, :], tl.exp(g_last)[:, None], 0.0)
+        tl.store(A_ptr + mb + j[:, None] * N + j[None, :], A)
+
+
+@triton.jit
+def _scan(A_ptr, D_ptr, s0_ptr, S_ptr, sT_ptr, NC, N: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
+          PREC: tl.constexpr):
+    """Pass 2, chunk after chunk: S_{c+1}^T = A_c S_c^T + D_c for one head and tile of state rows; keeps each S_c."""
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    j = tl.arange(0, N)
+    i = iv * BV + tl.arange(0, BV)
+    s_base = bh.to(tl.int64) * N * N
+    if HAS_S0:
+        ST = tl.load(s0_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
+    else:
+        ST = tl.zeros((N, BV), dtype=tl.float32)
+    for c in range(0, NC):
+        mb = (bh.to(tl.int64) * NC + c) * N * N
+        tl.store(S_ptr + mb + j[:, None] * N + i[None, :], ST)
+        A = tl.load(A_ptr + mb + j[:, None] * N + j[None, :])
+        ST = tl.dot(A, ST, input_precision=PREC) + tl.load(D_ptr + mb + j[:, None] * N + i[None, :])
+    tl.store(sT_ptr + s_base + i[None, :] * N + j[:, None], ST)
+
+
+@triton.jit
+def _out(y_ptr, y0_ptr, rp_ptr, S_ptr, T, NC, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
+         BV: tl.constexpr, PREC: tl.constexpr):
+    """Pass 3, every chunk at once: Y = R' S_c^T + Y0."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    i = iv * BV + tl.arange(0, BV)
+    t = c * L + tt
+    cb = (bh.to(tl.int64) * NC + c) * L * N
+    mb = (bh.to(tl.int64) * NC + c) * N * N
+    ST = tl.load(S_ptr + mb + j[:, None] * N + i[None, :])
+    rp = tl.load(rp_ptr + cb + tt[:, None] * N + j[None, :])
+    y = tl.dot(rp, ST, input_precision=PREC) + tl.load(y0_ptr + cb + tt[:, None] * N + i[None, :])
+    off = ((b.to(tl.int64) * T + t) * H + h) * N
+    tl.store(y_ptr + off[:, None] + i[None, :], y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None])
+
+
+def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 64, bv: int = 16, precision: str = "ieee"):
+    """The same forward in three passes: every chunk's state-free terms at once, a scan over chunks that is one
+    64 x 64 product per chunk, every chunk's output at once. Buffers: about 3 x 16 KiB per chunk and head."""
+    B, T, H, N = r.shape
+    xs = [x.contiguous() for x in (r, w, k, v, a, b)]
+    NC = -(-T // chunk)
+    dev, f32 = r.device, torch.float32
+    y0 = torch.empty(B * H, NC, chunk, N, device=dev, dtype=f32)
+    rp = torch.empty_like(y0)
+    A, D, S = (torch.empty(B * H, NC, N, N, device=dev, dtype=f32) for _ in range(3))
+    y = torch.empty_like(xs[0])
+    sT = torch.empty(B, H, N, N, device=dev, dtype=f32)
+    s0 = sT if state is None else state.float().contiguous()
+    grid = (B * H, NC, N // bv)
+    _prep[grid](*xs, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)), PREC=precision)
+    _scan[(B * H, N // bv)](A, D, s0, S, sT, NC, N=N, BV=bv, HAS_S0=state is not None, PREC=precision)
+    _out[grid](y, y0, rp, S, T, NC, H=H, N=N, L=chunk, BV=bv, PREC=precision)
+    return y, sT
+
+
+IMPLS = {"1pass": wkv_fwd_chunked, "3pass": wkv_fwd_3pass}
+
+
 def _inputs(B, T, H, dtype, device, seed, w_scale=3.0):
     g = torch.Generator().manual_seed(seed)
     r, k, v = (torch.randn(B, T, H, 64, generator=g) for _ in range(3))
@@ -122,22 +254,22 @@ def _rel(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def check(device: str, dtype: torch.dtype, chunks: list[int], lengths: list[int]) -> bool:
+def check(device: str, dtype: torch.dtype, chunks: list[int], lengths: list[int], impls: list[str]) -> bool:
     """Outputs and final state against the float64 recurrence, with and without a state, at extreme decays too."""
     ok = True
-    for chunk in chunks:
+    for impl, chunk in ((m, c) for m in impls for c in chunks):
         for T in lengths:
             for with_state in (False, True):
                 for w_scale in (3.0, 30.0):
                     xs, s0 = _inputs(2, T, 2, dtype, device, seed=T + chunk, w_scale=w_scale)
                     state = s0 if with_state else None
-                    y, sT = wkv_fwd_chunked(*xs, state=state, chunk=chunk)
+                    y, sT = IMPLS[impl](*xs, state=state, chunk=chunk)
                     y_ref, s_ref = wkv_reference(*[x.cpu() for x in xs], state=None if state is None else state.cpu())
                     ey, es = _rel(y.cpu(), y_ref), _rel(sT.cpu(), s_ref)
                     tol = 2e-3 if dtype == torch.bfloat16 else 1e-4
                     good = ey < tol and es < tol and torch.isfinite(y).all() and torch.isfinite(sT).all()
                     ok &= bool(good)
-                    print(f"chunk {chunk} T {T:4d} state {int(with_state)} |w| x{w_scale:4.0f}: rel y {ey:.2e} "
+                    print(f"{impl} chunk {chunk} T {T:4d} state {int(with_state)} |w| x{w_scale:4.0f}: rel y {ey:.2e} "
                           f"state {es:.2e} {'ok' if good else 'FAIL'}", flush=True)
     return ok
 
@@ -145,7 +277,7 @@ def check(device: str, dtype: torch.dtype, chunks: list[int], lengths: list[int]
 SHAPES = ((1, 1024, 12), (1, 128, 12), (16, 2048, 12), (8, 4096, 12), (8, 4096, 64))
 
 
-def bench(chunks: list[int], bvs: list[int], shapes, with_cuda: bool = True) -> None:
+def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], with_cuda: bool = True) -> None:
     """Forward only, bf16 inputs, beside our CUDA forward kernel (no saves), triton do_bench medians."""
     from triton.testing import do_bench
 
@@ -159,12 +291,11 @@ def bench(chunks: list[int], bvs: list[int], shapes, with_cuda: bool = True) -> 
             cfg = wkv_cuda.default_config(B, H)[0]
             ours = do_bench(lambda xs=xs, cfg=cfg: ext.forward(*xs, None, None, False, cfg))
             row += f" CUDA scan {ours * 1e3:8.1f} us"
-        for chunk in chunks:
-            for bv in bvs:
-                for prec in ("ieee", "tf32"):
-                    ms = do_bench(lambda xs=xs, c=chunk, v=bv, p=prec: wkv_fwd_chunked(*xs, chunk=c, bv=v,
-                                                                                       precision=p))
-                    row += f" | L{chunk} BV{bv} {prec} {ms * 1e3:8.1f} us"
+        for impl, chunk, bv, prec in ((m, c, v, p) for m in impls for c in chunks for v in bvs
+                                      for p in ("ieee", "tf32")):
+            fn = IMPLS[impl]
+            ms = do_bench(lambda xs=xs, f=fn, c=chunk, v=bv, p=prec: f(*xs, chunk=c, bv=v, precision=p))
+            row += f" | {impl} L{chunk} BV{bv} {prec} {ms * 1e3:8.1f} us"
         print(row, flush=True)
 
 
@@ -178,16 +309,19 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=None, metavar="BxTxH",
                     help="Bench shapes [" + " ".join(f"{b}x{t}x{h}" for b, t, h in SHAPES) + "].")
     ap.add_argument("--no-cuda", action="store_true", help="Bench without our CUDA forward (no extension build).")
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
+                    help="1pass: one program per head and row tile walks the chunks; 3pass: the state-free terms of "
+                         "all chunks at once, a scan of one product per chunk, all outputs at once.")
     args = ap.parse_args()
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
     ok = True
     if args.check:
         for dtype in (torch.float32,) + ((torch.bfloat16,) if device == "cuda" else ()):
             print(f"# check on {device}, {dtype}")
-            ok &= check(device, dtype, args.chunks, args.lengths)
+            ok &= check(device, dtype, args.chunks, args.lengths, args.impls)
     if args.bench:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
-        bench(args.chunks, args.bvs, shapes, with_cuda=not args.no_cuda)
+        bench(args.chunks, args.bvs, shapes, args.impls, with_cuda=not args.no_cuda)
     sys.exit(0 if ok else 1)
 
 

@@ -118,6 +118,7 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
             completion = run_complete(model, tokenizer, prompt, config, progress=on_step)
         except (CompletionError, ValueError) as e:
             raise UsageFailure(_one_line(f"{prompt}: {e}")) from None
+        bar.refresh()  # the final counts, even when generation took less than tqdm's refresh interval
     write_completion(completion, out, plot=plot, clear=OWN_FILES if overwrite else ())
     click.echo(f"checkpoint {info['checkpoint']} (step {info.get('step')}, {dtype} on {device}), prompt {prompt}: "
                f"{len(completion.window.tokens)} prompt tokens, {bars} new bar(s) per sample -> {out}")
