@@ -12,7 +12,7 @@ decay G_t (inclusive) and G_{t-1} (exclusive), and u_t = S_{t-1} a_t:
     S_L^T = e^{G_L} (S_0^T + B~^T U + K~^T V)
 
 so a chunk is a few L x 64 matrix products and one unit lower-triangular inverse, (I - M)^{-1} = (I + M)(I + M^2)
-(I + M^4)... (M is nilpotent), instead of L dependent steps. Forward only, no packed-row resets yet.
+(I + M^4)... (M is nilpotent), instead of L dependent steps. Forward only; the three-pass form takes packed-row resets.
 
     TRITON_INTERPRET=1 python bench/wkv_chunked_triton.py --check          # on the CPU, against float64
     python bench/wkv_chunked_triton.py --check --bench                     # on a GPU, beside our CUDA forward
@@ -126,10 +126,13 @@ def _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid):
 
 
 @triton.jit
-def _prep(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, y0_ptr, rp_ptr, A_ptr, D_ptr, T, NC, H: tl.constexpr,
-          N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr):
+def _prep(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, y0_ptr, rp_ptr, A_ptr, D_ptr, T, NC, H: tl.constexpr,
+          N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr, HAS_ST: tl.constexpr,
+          PREC: tl.constexpr):
     """Pass 1, every chunk at once: what does not depend on the state at the chunk's start S_c. With U = W_a S_c^T
-    + Z:  Y = R' S_c^T + Y0  and  S_{c+1}^T = A S_c^T + D."""
+    + Z:  Y = R' S_c^T + Y0  and  S_{c+1}^T = A S_c^T + D. With resets (HAS_ST) a step sees only the steps of its
+    own segment of the chunk, S_c only the steps before the chunk's first reset, and S_{c+1} only the last
+    segment."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     iv = tl.program_id(2)
@@ -146,6 +149,22 @@ def _prep(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, y0_ptr, rp_ptr, A_ptr, D_ptr
     strict = tt[:, None] > tt[None, :]
     incl = tt[:, None] >= tt[None, :]
     eye = (tt[:, None] == tt[None, :]).to(tl.float32)
+    keep_end = 1.0  # whether S_c reaches S_{c+1}
+    ahat0 = ahat
+    rhat0 = rhat
+    if HAS_ST:
+        seg = tl.cumsum(tl.load(st_ptr + b.to(tl.int64) * T + t, mask=valid, other=0).to(tl.int32), axis=0)
+        same = seg[:, None] == seg[None, :]
+        strict = strict & same
+        incl = incl & same
+        first = (seg == 0)[:, None]
+        ahat0 = tl.where(first, ahat, 0.0)
+        rhat0 = tl.where(first, rhat, 0.0)
+        seg_last = tl.max(seg, axis=0)
+        last = (seg == seg_last)[:, None]
+        bl = tl.where(last, bl, 0.0)
+        kl = tl.where(last, kl, 0.0)
+        keep_end = (seg_last == 0).to(tl.float32)
     bt = tl.trans(btil)
     kt = tl.trans(ktil)
     m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
@@ -157,7 +176,7 @@ def _prep(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, y0_ptr, rp_ptr, A_ptr, D_ptr
     for _ in tl.static_range(LOG2L - 1):
         p = tl.dot(p, p, input_precision=PREC)
         inv = tl.dot(inv, eye + p, input_precision=PREC)
-    wa = tl.dot(inv, ahat, input_precision=PREC)  # [L, N]
+    wa = tl.dot(inv, ahat0, input_precision=PREC)  # [L, N]
     z = tl.dot(inv, tl.dot(m_ak, vv, input_precision=PREC), input_precision=PREC)  # [L, BV]
     y0 = tl.dot(q_rb, z, input_precision=PREC) + tl.dot(q_rk, vv, input_precision=PREC)
     cb = (bh.to(tl.int64) * NC + c) * L * N  # chunk c of head bh in the [BH, NC, L, N] buffers
@@ -167,9 +186,10 @@ def _prep(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, y0_ptr, rp_ptr, A_ptr, D_ptr
     d = tl.dot(blt, z, input_precision=PREC) + tl.dot(tl.trans(kl), vv, input_precision=PREC)  # [N, BV]
     tl.store(D_ptr + mb + j[:, None] * N + i[None, :], d)
     if iv == 0:
-        rp = rhat + tl.dot(q_rb, wa, input_precision=PREC)
+        rp = rhat0 + tl.dot(q_rb, wa, input_precision=PREC)
         tl.store(rp_ptr + cb + tt[:, None] * N + j[None, :], rp)
-        A = tl.dot(blt, wa, input_precision=PREC) + tl.where(j[:, None] == j[None, :], tl.exp(g_last)[:, None], 0.0)
+        A = tl.dot(blt, wa, input_precision=PREC) + tl.where(j[:, None] == j[None, :],
+                                                             keep_end * tl.exp(g_last)[:, None], 0.0)
         tl.store(A_ptr + mb + j[:, None] * N + j[None, :], A)
 
 
@@ -216,9 +236,11 @@ def _out(y_ptr, y0_ptr, rp_ptr, S_ptr, T, NC, H: tl.constexpr, N: tl.constexpr, 
     tl.store(y_ptr + off[:, None] + i[None, :], y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None])
 
 
-def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 64, bv: int = 16, precision: str = "ieee"):
+def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 64, bv: int = 16, precision: str = "ieee",
+                  starts=None):
     """The same forward in three passes: every chunk's state-free terms at once, a scan over chunks that is one
-    64 x 64 product per chunk, every chunk's output at once. Buffers: about 3 x 16 KiB per chunk and head."""
+    64 x 64 product per chunk, every chunk's output at once. Buffers: about 3 x 16 KiB per chunk and head.
+    `starts` (bool [B, T]): the state restarts from zero before each marked step (packed rows)."""
     B, T, H, N = r.shape
     xs = [x.contiguous() for x in (r, w, k, v, a, b)]
     NC = -(-T // chunk)
@@ -230,7 +252,9 @@ def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 64, bv: int = 16, p
     sT = torch.empty(B, H, N, N, device=dev, dtype=f32)
     s0 = sT if state is None else state.float().contiguous()
     grid = (B * H, NC, N // bv)
-    _prep[grid](*xs, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)), PREC=precision)
+    st = y0 if starts is None else starts.to(torch.uint8).contiguous()  # (unused without starts)
+    _prep[grid](*xs, st, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)),
+                HAS_ST=starts is not None, PREC=precision)
     _scan[(B * H, N // bv)](A, D, s0, S, sT, NC, N=N, BV=bv, HAS_S0=state is not None, PREC=precision)
     _out[grid](y, y0, rp, S, T, NC, H=H, N=N, L=chunk, BV=bv, PREC=precision)
     return y, sT
@@ -277,6 +301,28 @@ def check(device: str, dtype: torch.dtype, chunks: list[int], lengths: list[int]
 SHAPES = ((1, 1024, 12), (1, 128, 12), (16, 2048, 12), (8, 4096, 12), (8, 4096, 64))
 
 
+def check_starts(device: str, chunks: list[int]) -> bool:
+    """The three-pass form with packed-row resets (a reset about every 7 steps, some at a chunk's first step)."""
+    ok = True
+    for chunk in chunks:
+        for T in (17, 100, 257):
+            xs, s0 = _inputs(2, T, 2, torch.float32, device, seed=T)
+            g = torch.Generator().manual_seed(T)
+            starts = (torch.rand(2, T, generator=g) < 0.15)
+            starts[0, ::chunk] = True  # row 0: resets at chunk starts; row 1: the state runs until its first reset
+            starts[1, :3] = False
+            for state in (None, s0):
+                y, sT = wkv_fwd_3pass(*xs, state=state, chunk=chunk, starts=starts.to(device))
+                y_ref, s_ref = wkv_reference(*[x.cpu() for x in xs], state=None if state is None else state.cpu(),
+                                             starts=starts)
+                ey, es = _rel(y.cpu(), y_ref), _rel(sT.cpu(), s_ref)
+                good = ey < 1e-4 and es < 1e-4
+                ok &= bool(good)
+                print(f"3pass resets chunk {chunk} T {T:4d} state {int(state is not None)}: rel y {ey:.2e} state "
+                      f"{es:.2e} {'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
 def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], with_cuda: bool = True) -> None:
     """Forward only, bf16 inputs, beside our CUDA forward kernel (no saves), triton do_bench medians."""
     from triton.testing import do_bench
@@ -319,6 +365,8 @@ def main() -> None:
         for dtype in (torch.float32,) + ((torch.bfloat16,) if device == "cuda" else ()):
             print(f"# check on {device}, {dtype}")
             ok &= check(device, dtype, args.chunks, args.lengths, args.impls)
+        if "3pass" in args.impls:
+            ok &= check_starts(device, args.chunks)
     if args.bench:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
         bench(args.chunks, args.bvs, shapes, args.impls, with_cuda=not args.no_cuda)
