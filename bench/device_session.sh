@@ -28,8 +28,8 @@
 #               fp32, eager) against the fast path, same seed
 #   lceval      the losscurve step's two runs scored alike: `musictrain eval` (float32, 2000 val windows
 #               teacher-forced) of each run's checkpoint, so their val difference is not the evaluation's precision
-#   wkvtriton   bench/wkv_chunked_triton.py --check --bench: the chunked Triton forward prototype against float64 and
-#               timed beside our CUDA forward (prefill and training shapes)
+#   wkvtriton   bench/wkv_chunked_triton.py --check --bench: the chunked Triton prototype (forward, and the three-pass
+#               backward) against float64, then timed beside our CUDA kernels (prefill and training shapes)
 #   fasttests   pytest tests/gpu/test_fast_step.py and test_fast_prefill.py (the fused step and prefill against the readable model)
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
@@ -51,7 +51,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=240
                   [complete32]=90 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
                   [budget]=240 [losscurve]=420 [sweep]=400
-                  [lceval]=120 [fasttests]=120 [wkvtriton]=240)
+                  [lceval]=120 [fasttests]=120 [wkvtriton]=480)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
@@ -72,7 +72,7 @@ declare -A command=(
     [lceval]="for r in reference fast; do $PY -m rwkv_music.train.cli eval /tmp/losscurve/\$r .shards-music21 --num-windows 0 --choice-windows 0 --piano-rolls 0 -q -o /tmp/lceval-\$r && $PY -c \"import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], r.get('checkpoint'), 'teacher-forced loss', r['teacher_forced']['loss'], 'windows', r['teacher_forced'].get('windows'))\" /tmp/lceval-\$r/report.json \$r; done"
     [fasttests]="$PY -m pytest -q -rs tests/gpu/test_fast_step.py tests/gpu/test_fast_prefill.py"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
-    [wkvtriton]="$PY bench/wkv_chunked_triton.py --check --bench --chunks 16 32 64 --bvs 16 32"
+    [wkvtriton]="$PY bench/wkv_chunked_triton.py --check --bench --chunks 16 64 --bvs 16 32 --lengths 1 17 257 4096"
 )
 
 {

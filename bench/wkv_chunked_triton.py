@@ -1,4 +1,5 @@
-"""A chunked WKV7 forward in Triton: a prototype for issue 12 and for the prefill, not used by the package.
+"""A chunked WKV7 kernel in Triton (forward; backward in the three-pass form): a prototype for issue 12 and for
+the prefill, not used by the package.
 
 Today's CUDA forward (`model/cuda/wkv7_kernels.cu`) steps through time one token at a time; at batch 1 that
 scan is most of a prefill (about 3.0 of 4.3 ms of device time for 1024 tokens on an H200, docs/benchmarks.md).
@@ -12,10 +13,12 @@ decay G_t (inclusive) and G_{t-1} (exclusive), and u_t = S_{t-1} a_t:
     S_L^T = e^{G_L} (S_0^T + B~^T U + K~^T V)
 
 so a chunk is a few L x 64 matrix products and one unit lower-triangular inverse, (I - M)^{-1} = (I + M)(I + M^2)
-(I + M^4)... (M is nilpotent), instead of L dependent steps. Forward only; the three-pass form takes packed-row resets.
+(I + M^4)... (M is nilpotent), instead of L dependent steps. The three-pass form (`wkv_fwd_3pass`) also takes
+packed-row resets and has a backward (`wkv_bwd_3pass`: a reverse scan over chunks, then every chunk's input
+gradients at once by the chain rule through the same algebra).
 
     TRITON_INTERPRET=1 python bench/wkv_chunked_triton.py --check          # on the CPU, against float64
-    python bench/wkv_chunked_triton.py --check --bench                     # on a GPU, beside our CUDA forward
+    python bench/wkv_chunked_triton.py --check --bench                     # on a GPU, beside our CUDA kernels
 """
 
 from __future__ import annotations
@@ -122,7 +125,23 @@ def _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid):
     g_last = tl.sum(logd, axis=0)
     to_end = tl.exp(g_last[None, :] - G)
     return (aa * tl.exp(G - logd), r * tl.exp(G), bb * tl.exp(-G), kk * tl.exp(-G), bb * to_end, kk * to_end,
-            g_last)
+            g_last, G, logd)
+
+
+@triton.jit
+def _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST: tl.constexpr):
+    """Which pairs of the chunk's steps see each other (strict: s < t, incl: s <= t, within one segment between
+    resets), which steps see the chunk's initial state (first), which reach its end state (last), and whether the
+    initial state reaches the end (keep_end)."""
+    if HAS_ST:
+        seg = tl.cumsum(tl.load(st_ptr + b.to(tl.int64) * T + t, mask=valid, other=0).to(tl.int32), axis=0)
+    else:
+        seg = tt * 0
+    same = seg[:, None] == seg[None, :]
+    strict = (tt[:, None] > tt[None, :]) & same
+    incl = (tt[:, None] >= tt[None, :]) & same
+    seg_last = tl.max(seg, axis=0)
+    return strict, incl, (seg == 0)[:, None], (seg == seg_last)[:, None], (seg_last == 0).to(tl.float32)
 
 
 @triton.jit
@@ -144,27 +163,15 @@ def _prep(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, y0_ptr, rp_ptr, A_pt
     t = c * L + tt
     valid = t < T
     off = ((b.to(tl.int64) * T + t) * H + h) * N
-    ahat, rhat, btil, ktil, bl, kl, g_last = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid)
+    ahat, rhat, btil, ktil, bl, kl, g_last, _g, _logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j,
+                                                                     valid)
     vv = tl.load(v_ptr + off[:, None] + i[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    strict = tt[:, None] > tt[None, :]
-    incl = tt[:, None] >= tt[None, :]
     eye = (tt[:, None] == tt[None, :]).to(tl.float32)
-    keep_end = 1.0  # whether S_c reaches S_{c+1}
-    ahat0 = ahat
-    rhat0 = rhat
-    if HAS_ST:
-        seg = tl.cumsum(tl.load(st_ptr + b.to(tl.int64) * T + t, mask=valid, other=0).to(tl.int32), axis=0)
-        same = seg[:, None] == seg[None, :]
-        strict = strict & same
-        incl = incl & same
-        first = (seg == 0)[:, None]
-        ahat0 = tl.where(first, ahat, 0.0)
-        rhat0 = tl.where(first, rhat, 0.0)
-        seg_last = tl.max(seg, axis=0)
-        last = (seg == seg_last)[:, None]
-        bl = tl.where(last, bl, 0.0)
-        kl = tl.where(last, kl, 0.0)
-        keep_end = (seg_last == 0).to(tl.float32)
+    strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
+    ahat0 = tl.where(first, ahat, 0.0)
+    rhat0 = tl.where(first, rhat, 0.0)
+    bl = tl.where(last, bl, 0.0)
+    kl = tl.where(last, kl, 0.0)
     bt = tl.trans(btil)
     kt = tl.trans(ktil)
     m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
@@ -237,10 +244,11 @@ def _out(y_ptr, y0_ptr, rp_ptr, S_ptr, T, NC, H: tl.constexpr, N: tl.constexpr, 
 
 
 def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 64, bv: int = 16, precision: str = "ieee",
-                  starts=None):
+                  starts=None, save: bool = False):
     """The same forward in three passes: every chunk's state-free terms at once, a scan over chunks that is one
     64 x 64 product per chunk, every chunk's output at once. Buffers: about 3 x 16 KiB per chunk and head.
-    `starts` (bool [B, T]): the state restarts from zero before each marked step (packed rows)."""
+    `starts` (bool [B, T]): the state restarts from zero before each marked step (packed rows). `save`: also return
+    the state at each chunk's start, [B*H, NC, 64 (key), 64 (value)] fp32, for `wkv_bwd_3pass`."""
     B, T, H, N = r.shape
     xs = [x.contiguous() for x in (r, w, k, v, a, b)]
     NC = -(-T // chunk)
@@ -257,7 +265,152 @@ def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 64, bv: int = 16, p
                 HAS_ST=starts is not None, PREC=precision)
     _scan[(B * H, N // bv)](A, D, s0, S, sT, NC, N=N, BV=bv, HAS_S0=state is not None, PREC=precision)
     _out[grid](y, y0, rp, S, T, NC, H=H, N=N, L=chunk, BV=bv, PREC=precision)
-    return y, sT
+    return (y, sT, S) if save else (y, sT)
+
+
+@triton.jit
+def _bwd_scan(rp_ptr, A_ptr, dy_ptr, dsT_ptr, dSn_ptr, ds0_ptr, T, NC, H: tl.constexpr, N: tl.constexpr,
+              L: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
+    """Backward pass 2, chunk after chunk from the end: dS_c^T = R'_c^T dY_c + A_c^T dS_{c+1}^T; keeps each dS_{c+1}."""
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    i = iv * BV + tl.arange(0, BV)
+    s_base = bh.to(tl.int64) * N * N
+    if HAS_DST:
+        dST = tl.load(dsT_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
+    else:
+        dST = tl.zeros((N, BV), dtype=tl.float32)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        mb = (bh.to(tl.int64) * NC + c) * N * N
+        cb = (bh.to(tl.int64) * NC + c) * L * N
+        tl.store(dSn_ptr + mb + j[:, None] * N + i[None, :], dST)
+        t = c * L + tt
+        off = ((b.to(tl.int64) * T + t) * H + h) * N
+        dyc = tl.load(dy_ptr + off[:, None] + i[None, :], mask=(t < T)[:, None], other=0.0).to(tl.float32)
+        rp = tl.load(rp_ptr + cb + tt[:, None] * N + j[None, :])
+        A = tl.load(A_ptr + mb + j[:, None] * N + j[None, :])
+        dST = tl.dot(tl.trans(rp), dyc, input_precision=PREC) + tl.dot(tl.trans(A), dST, input_precision=PREC)
+    tl.store(ds0_ptr + s_base + i[None, :] * N + j[:, None], dST)
+
+
+@triton.jit
+def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr, dy_ptr, dr_ptr, dw_ptr, dk_ptr,
+               dv_ptr, da_ptr, db_ptr, T, NC, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
+               HAS_ST: tl.constexpr, PREC: tl.constexpr):
+    """Backward pass 3, every chunk at once (all 64 value channels per program): the gradients of the chunk's inputs
+    from dY, its initial state S_c and dS_{c+1}, by the chain rule through the forward's chunk algebra."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    t = c * L + tt
+    valid = t < T
+    m2 = valid[:, None]
+    off = ((b.to(tl.int64) * T + t) * H + h) * N
+    full = off[:, None] + j[None, :]
+    ahat, rhat, btil, ktil, bl, kl, g_last, G, logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid)
+    strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
+    ahat0 = tl.where(first, ahat, 0.0)
+    bl = tl.where(last, bl, 0.0)
+    kl = tl.where(last, kl, 0.0)
+    vv = tl.load(v_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    mb = (bh.to(tl.int64) * NC + c) * N * N
+    ST = tl.load(S_ptr + mb + j[:, None] * N + j[None, :])  # [key, value]
+    dD = tl.load(dSn_ptr + mb + j[:, None] * N + j[None, :])
+    eye = (tt[:, None] == tt[None, :]).to(tl.float32)
+    bt = tl.trans(btil)
+    kt = tl.trans(ktil)
+    m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
+    m_ak = tl.where(strict, tl.dot(ahat, kt, input_precision=PREC), 0.0)
+    q_rb = tl.where(incl, tl.dot(rhat, bt, input_precision=PREC), 0.0)
+    q_rk = tl.where(incl, tl.dot(rhat, kt, input_precision=PREC), 0.0)
+    inv = eye + m_ab
+    p = m_ab
+    for _ in tl.static_range(LOG2L - 1):
+        p = tl.dot(p, p, input_precision=PREC)
+        inv = tl.dot(inv, eye + p, input_precision=PREC)
+    wa = tl.dot(inv, ahat0, input_precision=PREC)
+    x = tl.dot(m_ak, vv, input_precision=PREC)
+    z = tl.dot(inv, x, input_precision=PREC)
+    # Y = R' S^T + Y0,  S_next^T = A S^T + D:  dR' = dY S,  dA = dS_next S^T (as [key, key]),  dD = dS_next
+    d_rp = tl.dot(dy, tl.trans(ST), input_precision=PREC)
+    dA = tl.dot(dD, tl.trans(ST), input_precision=PREC)
+    # Y0 = Q_rb Z + Q_rk V,  R' = r^0 + Q_rb W_a,  A = diag(e^gl) + bl^T W_a,  D = bl^T Z + kl^T V
+    d_qrb = tl.where(incl, tl.dot(dy, tl.trans(z), input_precision=PREC)
+                     + tl.dot(d_rp, tl.trans(wa), input_precision=PREC), 0.0)
+    d_qrk = tl.where(incl, tl.dot(dy, tl.trans(vv), input_precision=PREC), 0.0)
+    dz = tl.dot(tl.trans(q_rb), dy, input_precision=PREC) + tl.dot(bl, dD, input_precision=PREC)
+    dv = tl.dot(tl.trans(q_rk), dy, input_precision=PREC) + tl.dot(kl, dD, input_precision=PREC)
+    dwa = tl.dot(tl.trans(q_rb), d_rp, input_precision=PREC) + tl.dot(bl, dA, input_precision=PREC)
+    dbl = tl.where(last, tl.dot(wa, tl.trans(dA), input_precision=PREC)
+                   + tl.dot(z, tl.trans(dD), input_precision=PREC), 0.0)
+    dkl = tl.where(last, tl.dot(vv, tl.trans(dD), input_precision=PREC), 0.0)
+    diag_dA = tl.sum(tl.where(j[:, None] == j[None, :], dA, 0.0), axis=1)
+    dgl = keep_end * diag_dA * tl.exp(g_last) + tl.sum(dbl * bl + dkl * kl, axis=0)
+    # W_a = inv a^0,  Z = inv X,  X = M_ak V,  inv = (I - M_ab)^-1
+    inv_t = tl.trans(inv)
+    dahat0 = tl.dot(inv_t, dwa, input_precision=PREC)
+    dinv = tl.dot(dwa, tl.trans(ahat0), input_precision=PREC) + tl.dot(dz, tl.trans(x), input_precision=PREC)
+    dx = tl.dot(inv_t, dz, input_precision=PREC)
+    dm_ak = tl.where(strict, tl.dot(dx, tl.trans(vv), input_precision=PREC), 0.0)
+    dv += tl.dot(tl.trans(m_ak), dx, input_precision=PREC)
+    dm_ab = tl.where(strict, tl.dot(tl.dot(inv_t, dinv, input_precision=PREC), inv_t, input_precision=PREC), 0.0)
+    # the four products of decay-scaled keys
+    dahat = tl.where(first, dahat0, 0.0) + tl.dot(dm_ab, btil, input_precision=PREC) + tl.dot(dm_ak, ktil,
+                                                                                              input_precision=PREC)
+    dbtil = tl.dot(tl.trans(dm_ab), ahat, input_precision=PREC) + tl.dot(tl.trans(d_qrb), rhat, input_precision=PREC)
+    dktil = tl.dot(tl.trans(dm_ak), ahat, input_precision=PREC) + tl.dot(tl.trans(d_qrk), rhat, input_precision=PREC)
+    drhat = tl.where(first, d_rp, 0.0) + tl.dot(d_qrb, btil, input_precision=PREC) + tl.dot(d_qrk, ktil,
+                                                                                            input_precision=PREC)
+    # the decay scalings, then G = cumsum(log d), G_{t-1} = G - log d, g_last = sum(log d), log d = -e^-0.5 sigmoid(w)
+    gx = G - logd
+    da = dahat * tl.exp(gx)
+    d_gx = dahat * ahat
+    dr = drhat * tl.exp(G)
+    dG = drhat * rhat - dbtil * btil - dktil * ktil - dbl * bl - dkl * kl
+    db = dbtil * tl.exp(-G) + dbl * tl.exp(g_last[None, :] - G)
+    dk = dktil * tl.exp(-G) + dkl * tl.exp(g_last[None, :] - G)
+    dlogd = (tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG  # sum over s >= t
+             + tl.sum(d_gx, axis=0)[None, :] - tl.cumsum(d_gx, axis=0)  # sum over s > t
+             + dgl[None, :])
+    sg = tl.sigmoid(tl.load(w_ptr + full, mask=m2, other=0.0).to(tl.float32))
+    dw = dlogd * (-0.6065306597126334) * sg * (1.0 - sg)
+    for ptr, val in ((dr_ptr, dr), (dw_ptr, dw), (dk_ptr, dk), (dv_ptr, dv), (da_ptr, da), (db_ptr, db)):
+        tl.store(ptr + full, val.to(ptr.dtype.element_ty), mask=m2)
+
+
+def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 64, bv: int = 16,
+                  precision: str = "ieee", starts=None):
+    """Gradients (dr, dw, dk, dv, da, db, ds0) of the forward `wkv_fwd_3pass(..., save=True)` given dy and the final
+    state's gradient dsT (None: zero). S: the forward's saved chunk states. Its R' and A are made again (pass 1)."""
+    B, T, H, N = r.shape
+    xs = [x.contiguous() for x in (r, w, k, v, a, b)]
+    NC = -(-T // chunk)
+    dev, f32 = r.device, torch.float32
+    y0 = torch.empty(B * H, NC, chunk, N, device=dev, dtype=f32)
+    rp = torch.empty_like(y0)
+    A, D, dSn = (torch.empty(B * H, NC, N, N, device=dev, dtype=f32) for _ in range(3))
+    st = y0 if starts is None else starts.to(torch.uint8).contiguous()
+    log2l = int(math.log2(chunk))
+    _prep[(B * H, NC, N // bv)](*xs, st, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=log2l,
+                                HAS_ST=starts is not None, PREC=precision)
+    ds0 = torch.empty(B, H, N, N, device=dev, dtype=f32)
+    dy = dy.contiguous()
+    dst = ds0 if dsT is None else dsT.float().contiguous()
+    _bwd_scan[(B * H, N // bv)](rp, A, dy, dst, dSn, ds0, T, NC, H=H, N=N, L=chunk, BV=bv, HAS_DST=dsT is not None,
+                                PREC=precision)
+    grads = [torch.empty_like(x) for x in xs]
+    _bwd_chunk[(B * H, NC)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=log2l,
+                            HAS_ST=starts is not None, PREC=precision)
+    return (*grads, ds0)
 
 
 IMPLS = {"1pass": wkv_fwd_chunked, "3pass": wkv_fwd_3pass}
@@ -323,8 +476,44 @@ def check_starts(device: str, chunks: list[int]) -> bool:
     return ok
 
 
+def check_grads(device: str, chunks: list[int], lengths: list[int]) -> bool:
+    """`wkv_bwd_3pass` against autograd through the float64 recurrence: every input's gradient and the initial
+    state's, with and without an initial state, a final-state gradient and resets."""
+    ok = True
+    for chunk in chunks:
+        for T in lengths:
+            for with_state, with_starts in ((False, False), (True, False), (True, True)):
+                xs, s0 = _inputs(2, T, 2, torch.float32, device, seed=T + 7)
+                starts = None
+                if with_starts:
+                    starts = torch.rand(2, T, generator=torch.Generator().manual_seed(T)) < 0.15
+                    starts[1, :3] = False
+                state = s0 if with_state else None
+                y, sT, S = wkv_fwd_3pass(*xs, state=state, chunk=chunk, starts=None if starts is None else
+                                         starts.to(device), save=True)
+                g = torch.Generator().manual_seed(T + 1)
+                dy, dsT = torch.randn(y.shape, generator=g), torch.randn(sT.shape, generator=g)
+                ins = [x.detach().cpu().double().requires_grad_() for x in xs]
+                s_in = s0.cpu().double().requires_grad_()
+                y_ref, s_ref = wkv_reference(*ins, state=s_in if with_state else None, starts=starts)
+                want = torch.autograd.grad((y_ref * dy.double()).sum() + (s_ref * dsT.double()).sum(),
+                                           ins + ([s_in] if with_state else []))
+                got = wkv_bwd_3pass(*xs, S, dy.to(device), dsT.to(device), state=state, chunk=chunk,
+                                    starts=None if starts is None else starts.to(device))
+                errs = [_rel(gg.cpu(), ww) for gg, ww in zip(got, want, strict=False)]
+                good = max(errs) < 1e-4
+                ok &= bool(good)
+                names = ["r", "w", "k", "v", "a", "b", "s0"]
+                print(f"3pass grads chunk {chunk} T {T:4d} state {int(with_state)} resets {int(with_starts)}: "
+                      + " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs, strict=False))
+                      + f" {'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
 def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], with_cuda: bool = True) -> None:
-    """Forward only, bf16 inputs, beside our CUDA forward kernel (no saves), triton do_bench medians."""
+    """bf16 inputs, triton do_bench medians. Forward (no saves) beside our CUDA forward kernel; then forward with
+    saves + backward (3pass) beside our CUDA kernels' training forward + backward, with each form's rel L2 error
+    of y and of dw against our CUDA kernels (fp32 math both)."""
     from triton.testing import do_bench
 
     from rwkv_music.model import wkv_cuda
@@ -332,16 +521,36 @@ def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], with_cuda
     ext = wkv_cuda._ext() if with_cuda else None
     for B, T, H in shapes:
         xs, _ = _inputs(B, T, H, torch.bfloat16, "cuda", seed=0)
-        row = f"B{B} T{T} H{H}:"
+        row = f"B{B} T{T} H{H} fwd:"
         if ext is not None:
-            cfg = wkv_cuda.default_config(B, H)[0]
-            ours = do_bench(lambda xs=xs, cfg=cfg: ext.forward(*xs, None, None, False, cfg))
+            cfg = wkv_cuda.default_config(B, H)
+            ours = do_bench(lambda xs=xs, cfg=cfg: ext.forward(*xs, None, None, False, cfg[0]))
             row += f" CUDA scan {ours * 1e3:8.1f} us"
         for impl, chunk, bv, prec in ((m, c, v, p) for m in impls for c in chunks for v in bvs
                                       for p in ("ieee", "tf32")):
             fn = IMPLS[impl]
             ms = do_bench(lambda xs=xs, f=fn, c=chunk, v=bv, p=prec: f(*xs, chunk=c, bv=v, precision=p))
             row += f" | {impl} L{chunk} BV{bv} {prec} {ms * 1e3:8.1f} us"
+        print(row, flush=True)
+        if "3pass" not in impls:
+            continue
+        dy = torch.randn_like(xs[0])
+        row = f"B{B} T{T} H{H} fwd+bwd:"
+        ref = None
+        if ext is not None:
+            def cuda_train(xs=xs, dy=dy, cfg=cfg):
+                y, sT, sa, ck = ext.forward(*xs, None, None, True, cfg[0])
+                return y, ext.backward(*xs, sT, sa, ck, dy, None, None, None, cfg[1], cfg[2])
+            ref = cuda_train()
+            row += f" CUDA {do_bench(cuda_train) * 1e3:8.1f} us"
+        for chunk, bv, prec in ((c, v, p) for c in chunks for v in bvs for p in ("ieee", "tf32")):
+            def tri_train(xs=xs, dy=dy, c=chunk, v=bv, p=prec):
+                y, _, S = wkv_fwd_3pass(*xs, chunk=c, bv=v, precision=p, save=True)
+                return y, wkv_bwd_3pass(*xs, S, dy, chunk=c, bv=v, precision=p)
+            row += f" | 3pass L{chunk} BV{bv} {prec} {do_bench(tri_train) * 1e3:8.1f} us"
+            if ref is not None:
+                y, grads = tri_train()
+                row += f" (y {_rel(y, ref[0]):.1e}, dw {_rel(grads[1], ref[1][1]):.1e})"
         print(row, flush=True)
 
 
@@ -367,6 +576,7 @@ def main() -> None:
             ok &= check(device, dtype, args.chunks, args.lengths, args.impls)
         if "3pass" in args.impls:
             ok &= check_starts(device, args.chunks)
+            ok &= check_grads(device, args.chunks, [x for x in args.lengths if x > 1] or args.lengths)
     if args.bench:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
         bench(args.chunks, args.bvs, shapes, args.impls, with_cuda=not args.no_cuda)
