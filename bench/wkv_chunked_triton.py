@@ -41,76 +41,6 @@ DECAY_SCALE = math.exp(-0.5)
 
 
 @triton.jit
-def _wkv_fwd_chunked(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, T, H: tl.constexpr,
-                     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr,
-                     HAS_S0: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tt = tl.arange(0, L)
-    j = tl.arange(0, N)
-    i = iv * BV + tl.arange(0, BV)
-    s_base = bh.to(tl.int64) * N * N
-    if HAS_S0:  # ST[j, i] = S[i, j]: the tile's rows of the state, transposed
-        ST = tl.load(s0_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
-    else:
-        ST = tl.zeros((N, BV), dtype=tl.float32)
-    strict = tt[:, None] > tt[None, :]
-    incl = tt[:, None] >= tt[None, :]
-    eye = (tt[:, None] == tt[None, :]).to(tl.float32)
-    for c in range(0, tl.cdiv(T, L)):
-        t = c * L + tt
-        valid = t < T
-        off = ((b.to(tl.int64) * T + t) * H + h) * N  # [L]
-        full = off[:, None] + j[None, :]
-        m2 = valid[:, None]
-        r = tl.load(r_ptr + full, mask=m2, other=0.0).to(tl.float32)
-        wr = tl.load(w_ptr + full, mask=m2, other=0.0).to(tl.float32)
-        kk = tl.load(k_ptr + full, mask=m2, other=0.0).to(tl.float32)
-        aa = tl.load(a_ptr + full, mask=m2, other=0.0).to(tl.float32)
-        bb = tl.load(b_ptr + full, mask=m2, other=0.0).to(tl.float32)
-        vv = tl.load(v_ptr + off[:, None] + i[None, :], mask=m2, other=0.0).to(tl.float32)
-        logd = tl.where(m2, -0.6065306597126334 * tl.sigmoid(wr), 0.0)  # padded steps: decay 1
-        G = tl.cumsum(logd, axis=0)
-        ahat = aa * tl.exp(G - logd)
-        rhat = r * tl.exp(G)
-        btil = bb * tl.exp(-G)
-        ktil = kk * tl.exp(-G)
-        bt = tl.trans(btil)
-        kt = tl.trans(ktil)
-        m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
-        m_ak = tl.where(strict, tl.dot(ahat, kt, input_precision=PREC), 0.0)
-        q_rb = tl.where(incl, tl.dot(rhat, bt, input_precision=PREC), 0.0)
-        q_rk = tl.where(incl, tl.dot(rhat, kt, input_precision=PREC), 0.0)
-        inv = eye + m_ab
-        p = m_ab
-        for _ in tl.static_range(LOG2L - 1):
-            p = tl.dot(p, p, input_precision=PREC)
-            inv = tl.dot(inv, eye + p, input_precision=PREC)
-        u = tl.dot(inv, tl.dot(ahat, ST, input_precision=PREC) + tl.dot(m_ak, vv, input_precision=PREC),
-                   input_precision=PREC)
-        y = (tl.dot(rhat, ST, input_precision=PREC) + tl.dot(q_rb, u, input_precision=PREC)
-             + tl.dot(q_rk, vv, input_precision=PREC))
-        tl.store(y_ptr + off[:, None] + i[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
-        g_last = tl.sum(logd, axis=0)
-        ST = tl.exp(g_last)[:, None] * (ST + tl.dot(bt, u, input_precision=PREC) + tl.dot(kt, vv, input_precision=PREC))
-    tl.store(sT_ptr + s_base + i[None, :] * N + j[:, None], ST)
-
-
-def wkv_fwd_chunked(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16, precision: str = "ieee"):
-    """y (input dtype) and the final state (fp32) for inputs [B, T, H, 64] and a state [B, H, 64, 64] or None."""
-    B, T, H, N = r.shape
-    xs = [x.contiguous() for x in (r, w, k, v, a, b)]
-    y = torch.empty_like(xs[0])
-    sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-    s0 = sT if state is None else state.float().contiguous()
-    _wkv_fwd_chunked[(B * H, N // bv)](*xs, s0, y, sT, T, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)),
-                                       HAS_S0=state is not None, PREC=precision)
-    return y, sT
-
-
-@triton.jit
 def _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid):
     """One chunk's decay-scaled keys: a^, r^, b~, k~, and b, k scaled to the chunk's end; the chunk's log decay."""
     m2 = valid[:, None]
@@ -145,6 +75,74 @@ def _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST: tl.constexpr):
 
 
 @triton.jit
+def _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L: tl.constexpr, PREC: tl.constexpr):
+    """The chunk's four L x L products of decay-scaled keys, masked, and (I - M_ab)^-1 by repeated squaring."""
+    tt = tl.arange(0, ahat.shape[0])
+    eye = (tt[:, None] == tt[None, :]).to(tl.float32)
+    bt = tl.trans(btil)
+    kt = tl.trans(ktil)
+    m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
+    m_ak = tl.where(strict, tl.dot(ahat, kt, input_precision=PREC), 0.0)
+    q_rb = tl.where(incl, tl.dot(rhat, bt, input_precision=PREC), 0.0)
+    q_rk = tl.where(incl, tl.dot(rhat, kt, input_precision=PREC), 0.0)
+    inv = eye + m_ab
+    p = m_ab
+    for _ in tl.static_range(LOG2L - 1):
+        p = tl.dot(p, p, input_precision=PREC)
+        inv = tl.dot(inv, eye + p, input_precision=PREC)
+    return m_ab, m_ak, q_rb, q_rk, inv
+
+
+@triton.jit
+def _wkv_fwd_chunked(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, T, H: tl.constexpr,
+                     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr,
+                     HAS_S0: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    i = iv * BV + tl.arange(0, BV)
+    s_base = bh.to(tl.int64) * N * N
+    if HAS_S0:  # ST[j, i] = S[i, j]: the tile's rows of the state, transposed
+        ST = tl.load(s0_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
+    else:
+        ST = tl.zeros((N, BV), dtype=tl.float32)
+    strict = tt[:, None] > tt[None, :]
+    incl = tt[:, None] >= tt[None, :]
+    for c in range(0, tl.cdiv(T, L)):
+        t = c * L + tt
+        valid = t < T
+        off = ((b.to(tl.int64) * T + t) * H + h) * N  # [L]
+        m2 = valid[:, None]
+        ahat, rhat, btil, ktil, _bl, _kl, g_last, _g, _logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j,
+                                                                           valid)
+        vv = tl.load(v_ptr + off[:, None] + i[None, :], mask=m2, other=0.0).to(tl.float32)
+        _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
+        u = tl.dot(inv, tl.dot(ahat, ST, input_precision=PREC) + tl.dot(m_ak, vv, input_precision=PREC),
+                   input_precision=PREC)
+        y = (tl.dot(rhat, ST, input_precision=PREC) + tl.dot(q_rb, u, input_precision=PREC)
+             + tl.dot(q_rk, vv, input_precision=PREC))
+        tl.store(y_ptr + off[:, None] + i[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
+        ST = tl.exp(g_last)[:, None] * (ST + tl.dot(tl.trans(btil), u, input_precision=PREC)
+                                        + tl.dot(tl.trans(ktil), vv, input_precision=PREC))
+    tl.store(sT_ptr + s_base + i[None, :] * N + j[:, None], ST)
+
+
+def wkv_fwd_chunked(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16, precision: str = "ieee"):
+    """y (input dtype) and the final state (fp32) for inputs [B, T, H, 64] and a state [B, H, 64, 64] or None."""
+    B, T, H, N = r.shape
+    xs = [x.contiguous() for x in (r, w, k, v, a, b)]
+    y = torch.empty_like(xs[0])
+    sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+    s0 = sT if state is None else state.float().contiguous()
+    _wkv_fwd_chunked[(B * H, N // bv)](*xs, s0, y, sT, T, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)),
+                                       HAS_S0=state is not None, PREC=precision)
+    return y, sT
+
+
+@triton.jit
 def _prep(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, y0_ptr, rp_ptr, A_ptr, D_ptr, T, NC, H: tl.constexpr,
           N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr, HAS_ST: tl.constexpr,
           PREC: tl.constexpr):
@@ -166,23 +164,12 @@ def _prep(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, y0_ptr, rp_ptr, A_pt
     ahat, rhat, btil, ktil, bl, kl, g_last, _g, _logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j,
                                                                      valid)
     vv = tl.load(v_ptr + off[:, None] + i[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    eye = (tt[:, None] == tt[None, :]).to(tl.float32)
     strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
     ahat0 = tl.where(first, ahat, 0.0)
     rhat0 = tl.where(first, rhat, 0.0)
     bl = tl.where(last, bl, 0.0)
     kl = tl.where(last, kl, 0.0)
-    bt = tl.trans(btil)
-    kt = tl.trans(ktil)
-    m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
-    m_ak = tl.where(strict, tl.dot(ahat, kt, input_precision=PREC), 0.0)
-    q_rb = tl.where(incl, tl.dot(rhat, bt, input_precision=PREC), 0.0)
-    q_rk = tl.where(incl, tl.dot(rhat, kt, input_precision=PREC), 0.0)
-    inv = eye + m_ab
-    p = m_ab
-    for _ in tl.static_range(LOG2L - 1):
-        p = tl.dot(p, p, input_precision=PREC)
-        inv = tl.dot(inv, eye + p, input_precision=PREC)
+    _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
     wa = tl.dot(inv, ahat0, input_precision=PREC)  # [L, N]
     z = tl.dot(inv, tl.dot(m_ak, vv, input_precision=PREC), input_precision=PREC)  # [L, BV]
     y0 = tl.dot(q_rb, z, input_precision=PREC) + tl.dot(q_rk, vv, input_precision=PREC)
@@ -325,18 +312,7 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     mb = (bh.to(tl.int64) * NC + c) * N * N
     ST = tl.load(S_ptr + mb + j[:, None] * N + j[None, :])  # [key, value]
     dD = tl.load(dSn_ptr + mb + j[:, None] * N + j[None, :])
-    eye = (tt[:, None] == tt[None, :]).to(tl.float32)
-    bt = tl.trans(btil)
-    kt = tl.trans(ktil)
-    m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
-    m_ak = tl.where(strict, tl.dot(ahat, kt, input_precision=PREC), 0.0)
-    q_rb = tl.where(incl, tl.dot(rhat, bt, input_precision=PREC), 0.0)
-    q_rk = tl.where(incl, tl.dot(rhat, kt, input_precision=PREC), 0.0)
-    inv = eye + m_ab
-    p = m_ab
-    for _ in tl.static_range(LOG2L - 1):
-        p = tl.dot(p, p, input_precision=PREC)
-        inv = tl.dot(inv, eye + p, input_precision=PREC)
+    _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
     wa = tl.dot(inv, ahat0, input_precision=PREC)
     x = tl.dot(m_ak, vv, input_precision=PREC)
     z = tl.dot(inv, x, input_precision=PREC)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from rwkv_music.model import RWKV7, RWKV7Config, RWKV7State
+from fast_testutil import fast_model, rel, state_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,34 +17,6 @@ pytestmark = [
 ]
 
 TOL_F32 = 1e-4
-
-
-@pytest.fixture(scope="module")
-def fast_step_mod():
-    from rwkv_music.model import fast_step, wkv_cuda
-
-    if not wkv_cuda.is_available():
-        pytest.fail(f"CUDA present but the extension did not build/load: {wkv_cuda.load_error()}")
-    return fast_step
-
-
-def _model(seed: int = 0, n_layer: int = 3, n_embd: int = 256, vocab: int = 470, **cfg) -> RWKV7:
-    """A model whose every parameter matters: the x070 init zeroes the LoRA downs and the output projections."""
-    torch.manual_seed(seed)
-    m = RWKV7(RWKV7Config(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, **cfg))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    m.wkv_backend = "torch"
-    return m.eval().cuda()
-
-
-def _rel(x, ref) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def _state_err(s: RWKV7State, ref: RWKV7State) -> float:
-    return max(_rel(s.att_x, ref.att_x), _rel(s.wkv, ref.wkv), _rel(s.ffn_x, ref.ffn_x))
 
 
 @torch.no_grad()
@@ -57,19 +28,19 @@ def _readable(model, prompt, state=None):
 
 @pytest.mark.parametrize(("B", "T"), [(1, 1), (1, 37), (3, 200), (2, 16)])
 def test_float32_matches_the_readable_forward(fast_step_mod, B, T) -> None:
-    model = _model()
+    model = fast_model()
     prompt = torch.randint(0, 470, (B, T), device="cuda", generator=torch.Generator("cuda").manual_seed(T))
     want, want_state = _readable(model, prompt)
     got, got_state = fast_step_mod.FastStep(model).prefill(prompt)
     assert got.dtype == torch.float32 and got.shape == (B, 470)
-    assert _rel(got, want) < TOL_F32
-    assert _state_err(got_state, want_state) < TOL_F32
+    assert rel(got, want) < TOL_F32
+    assert state_err(got_state, want_state) < TOL_F32
 
 
 def test_from_a_state_equals_one_prefill_of_the_whole(fast_step_mod) -> None:
     """Prefix, then the rest from the prefix's state (updated in place): the same as the readable forward over the
     whole prompt, and as the readable forward from the same state."""
-    model = _model(seed=1)
+    model = fast_model(seed=1)
     fast = fast_step_mod.FastStep(model)
     prompt = torch.randint(0, 470, (2, 90), device="cuda")
     want, want_state = _readable(model, prompt)
@@ -78,19 +49,19 @@ def test_from_a_state_equals_one_prefill_of_the_whole(fast_step_mod) -> None:
     from_mid, from_mid_state = _readable(model, prompt[:, 41:], mid)
     got, got_state = fast.prefill(prompt[:, 41:], state)
     assert got_state is state
-    assert _rel(got, want) < TOL_F32 and _rel(got, from_mid) < TOL_F32
-    assert _state_err(got_state, want_state) < TOL_F32 and _state_err(got_state, from_mid_state) < TOL_F32
+    assert rel(got, want) < TOL_F32 and rel(got, from_mid) < TOL_F32
+    assert state_err(got_state, want_state) < TOL_F32 and state_err(got_state, from_mid_state) < TOL_F32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_as_close_as_the_readable_forward(fast_step_mod, dtype) -> None:
     prompt = torch.randint(0, 470, (2, 150), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    want, _ = _readable(_model(seed=2), prompt)
-    low = _model(seed=2).to(dtype)
+    want, _ = _readable(fast_model(seed=2), prompt)
+    low = fast_model(seed=2).to(dtype)
     readable, _ = _readable(low, prompt)
     fused, state = fast_step_mod.FastStep(low).prefill(prompt)
     assert state.att_x.dtype == dtype and state.wkv.dtype == torch.float32
-    e_readable, e_fused = _rel(readable, want), _rel(fused, want)
+    e_readable, e_fused = rel(readable, want), rel(fused, want)
     assert e_fused < 3e-2
     assert e_fused <= 1.5 * e_readable, (e_fused, e_readable)
 
@@ -99,27 +70,27 @@ def test_base_shape_one_layer_and_odd_lora_ranks(fast_step_mod) -> None:
     """The base preset's shape (L12 D768, LoRA ranks 64/64/32/128), a model with only layer 0, odd LoRA ranks."""
     for kw in (dict(n_layer=12, n_embd=768, vocab=640), dict(n_layer=1, n_embd=128),
                dict(d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31)):
-        model = _model(seed=3, **kw)
+        model = fast_model(seed=3, **kw)
         prompt = torch.randint(0, model.cfg.vocab_size, (1, 300), device="cuda")
         want, want_state = _readable(model, prompt)
         got, got_state = fast_step_mod.FastStep(model).prefill(prompt)
-        assert _rel(got, want) < TOL_F32, kw
-        assert _state_err(got_state, want_state) < TOL_F32, kw
+        assert rel(got, want) < TOL_F32, kw
+        assert state_err(got_state, want_state) < TOL_F32, kw
 
 
 def test_then_the_fused_step_continues_like_the_readable_model(fast_step_mod) -> None:
-    model = _model(seed=4)
+    model = fast_model(seed=4)
     fast = fast_step_mod.FastStep(model)
     prompt = torch.randint(0, 470, (1, 64), device="cuda")
     nxt = torch.tensor([17], device="cuda")
     _, state = fast.prefill(prompt)
     got = fast(nxt, state)
     want, _ = _readable(model, torch.cat([prompt, nxt[:, None]], dim=1))
-    assert _rel(got, want) < TOL_F32
+    assert rel(got, want) < TOL_F32
 
 
 def test_out_of_range_token_gives_nan_logits_and_bad_calls_raise(fast_step_mod) -> None:
-    model = _model(seed=5)
+    model = fast_model(seed=5)
     fast = fast_step_mod.FastStep(model)
     prompt = torch.randint(0, 470, (2, 12), device="cuda")
     prompt[1, 4] = 470

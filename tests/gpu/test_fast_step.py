@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fast_testutil import fast_model, rel, state_err
 
-from rwkv_music.model import RWKV7, RWKV7Config, RWKV7State
+from rwkv_music.model import RWKV7State
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,30 +23,6 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 TOL_F32 = 1e-4
-
-
-@pytest.fixture(scope="module")
-def fast_step_mod():
-    from rwkv_music.model import fast_step, wkv_cuda
-
-    if not wkv_cuda.is_available():
-        pytest.fail(f"CUDA present but the extension did not build/load: {wkv_cuda.load_error()}")
-    return fast_step
-
-
-def _model(seed: int = 0, n_layer: int = 3, n_embd: int = 256, vocab: int = 470, **cfg) -> RWKV7:
-    """A model whose every parameter matters: the x070 init zeroes the LoRA downs and the output projections."""
-    torch.manual_seed(seed)
-    m = RWKV7(RWKV7Config(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, **cfg))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    m.wkv_backend = "torch"
-    return m.eval().cuda()
-
-
-def _rel(x, ref) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @torch.no_grad()
@@ -65,33 +42,29 @@ def _fast_fn(fast):
     return fn
 
 
-def _state_err(s: RWKV7State, ref: RWKV7State) -> float:
-    return max(_rel(s.att_x, ref.att_x), _rel(s.wkv, ref.wkv), _rel(s.ffn_x, ref.ffn_x))
-
-
 @pytest.mark.parametrize("B", [1, 3, 9])
 def test_float32_matches_reference(fast_step_mod, B) -> None:
-    ref = _model()
+    ref = fast_model()
     g = torch.Generator(device="cuda").manual_seed(B)
     prompt = torch.randint(0, 470, (B, 21), device="cuda", generator=g)
     tokens = torch.randint(0, 470, (B, 8), device="cuda", generator=g)
     want, want_state = _run(ref, ref.step, prompt, tokens)
     got, got_state = _run(ref, _fast_fn(fast_step_mod.FastStep(ref)), prompt, tokens)
-    assert _rel(got, want) < TOL_F32
-    assert _state_err(got_state, want_state) < TOL_F32
+    assert rel(got, want) < TOL_F32
+    assert state_err(got_state, want_state) < TOL_F32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_as_close_as_the_readable_step(fast_step_mod, dtype) -> None:
-    ref = _model(seed=1)
+    ref = fast_model(seed=1)
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(0, 470, (4, 33), device="cuda", generator=g)
     tokens = torch.randint(0, 470, (4, 8), device="cuda", generator=g)
     want, _ = _run(ref, ref.step, prompt, tokens)
-    low = _model(seed=1).to(dtype)
+    low = fast_model(seed=1).to(dtype)
     readable, _ = _run(low, low.step, prompt, tokens)
     fused, _ = _run(low, _fast_fn(fast_step_mod.FastStep(low)), prompt, tokens)
-    e_readable, e_fused = _rel(readable, want), _rel(fused, want)
+    e_readable, e_fused = rel(readable, want), rel(fused, want)
     assert e_fused < 3e-2
     assert e_fused <= 1.5 * e_readable, (e_fused, e_readable)
 
@@ -99,29 +72,29 @@ def test_half_precision_as_close_as_the_readable_step(fast_step_mod, dtype) -> N
 def test_base_shape_and_one_layer(fast_step_mod) -> None:
     """The base preset's shape (L12 D768, LoRA ranks 64/64/32/128) and a model with only layer 0."""
     for n_layer, n_embd in ((12, 768), (1, 128)):
-        ref = _model(seed=2, n_layer=n_layer, n_embd=n_embd, vocab=640)
+        ref = fast_model(seed=2, n_layer=n_layer, n_embd=n_embd, vocab=640)
         prompt = torch.randint(0, 640, (2, 9), device="cuda")
         tokens = torch.randint(0, 640, (2, 4), device="cuda")
         want, want_state = _run(ref, ref.step, prompt, tokens)
         got, got_state = _run(ref, _fast_fn(fast_step_mod.FastStep(ref)), prompt, tokens)
-        assert _rel(got, want) < TOL_F32, n_layer
-        assert _state_err(got_state, want_state) < TOL_F32, n_layer
+        assert rel(got, want) < TOL_F32, n_layer
+        assert state_err(got_state, want_state) < TOL_F32, n_layer
 
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_odd_lora_ranks(fast_step_mod, B) -> None:
     """Ranks summing to an odd number: the buffers after the projections must stay 16-byte aligned."""
-    ref = _model(seed=6, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31)
+    ref = fast_model(seed=6, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31)
     prompt = torch.randint(0, 470, (B, 7), device="cuda")
     tokens = torch.randint(0, 470, (B, 4), device="cuda")
     want, want_state = _run(ref, ref.step, prompt, tokens)
     got, got_state = _run(ref, _fast_fn(fast_step_mod.FastStep(ref)), prompt, tokens)
-    assert _rel(got, want) < TOL_F32
-    assert _state_err(got_state, want_state) < TOL_F32
+    assert rel(got, want) < TOL_F32
+    assert state_err(got_state, want_state) < TOL_F32
 
 
 def test_for_model_packs_again_after_the_weights_change(fast_step_mod) -> None:
-    model = _model(seed=7)
+    model = fast_model(seed=7)
     first = fast_step_mod.FastStep.for_model(model)
     assert fast_step_mod.FastStep.for_model(model) is first
     with torch.no_grad():
@@ -132,12 +105,12 @@ def test_for_model_packs_again_after_the_weights_change(fast_step_mod) -> None:
     tokens = torch.randint(0, 470, (1, 2), device="cuda")
     want, _ = _run(model, model.step, prompt, tokens)
     got, _ = _run(model, _fast_fn(second), prompt, tokens)
-    assert _rel(got, want) < TOL_F32
+    assert rel(got, want) < TOL_F32
     copy.deepcopy(model)  # the cached pack travels with the model (it holds tensors, not the extension module)
 
 
 def test_out_of_range_token_gives_nan_logits(fast_step_mod) -> None:
-    model = _model(seed=8)
+    model = fast_model(seed=8)
     fast = fast_step_mod.FastStep(model)
     _, state = model(torch.randint(0, 470, (2, 5), device="cuda"), return_state=True)
     logits = fast(torch.tensor([3, 470], device="cuda"), state)
@@ -147,7 +120,7 @@ def test_out_of_range_token_gives_nan_logits(fast_step_mod) -> None:
 def test_unsupported_model_falls_back_with_a_warning(fast_step_mod) -> None:
     from rwkv_music.train.complete import fast_step_for
 
-    model = _model(seed=9, head_size=32)
+    model = fast_model(seed=9, head_size=32)
     assert "head_size 64" in fast_step_mod.unsupported_reason(model)
     with pytest.warns(UserWarning, match="with the readable model"):
         assert fast_step_for(model) is None
@@ -155,7 +128,7 @@ def test_unsupported_model_falls_back_with_a_warning(fast_step_mod) -> None:
 
 @torch.no_grad()
 def test_cuda_graph_replay_equals_eager_calls(fast_step_mod) -> None:
-    model = _model(seed=3).to(torch.bfloat16)
+    model = fast_model(seed=3).to(torch.bfloat16)
     fast = fast_step_mod.FastStep(model)
     prompt = torch.randint(0, 470, (2, 17), device="cuda")
     _, state = model(prompt, return_state=True)
@@ -183,7 +156,7 @@ def test_cuda_graph_replay_equals_eager_calls(fast_step_mod) -> None:
 
 
 def test_rejects_a_state_in_another_dtype(fast_step_mod) -> None:
-    model = _model(seed=4).to(torch.bfloat16)
+    model = fast_model(seed=4).to(torch.bfloat16)
     fast = fast_step_mod.FastStep(model)
     state = RWKV7State.zeros(model.cfg, 1, device="cuda", dtype=torch.float32)
     with pytest.raises(ValueError, match="bfloat16"):
@@ -200,7 +173,7 @@ def test_generate_gives_the_readable_steps_tokens(fast_step_mod) -> None:
     from rwkv_music.train.sampling import SamplingConfig
 
     tok = build_tokenizer()
-    model = _model(seed=5, vocab=len(tok))
+    model = fast_model(seed=5, vocab=len(tok))
     model.wkv_backend = "auto"
     grammar = RemiGrammar(tok)
     ids = encode_piano(load_piano_score(REPO / "examples" / "demo-corpus" / "POP909_010.mid", tok), tok)
