@@ -72,7 +72,7 @@ declare -A command=(
     [lceval]="for r in reference fast; do $PY -m rwkv_music.train.cli eval /tmp/losscurve/\$r .shards-music21 --num-windows 0 --choice-windows 0 --piano-rolls 0 -q -o /tmp/lceval-\$r && $PY -c \"import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], r.get('checkpoint'), 'teacher-forced loss', r['teacher_forced']['loss'], 'windows', r['teacher_forced'].get('windows'))\" /tmp/lceval-\$r/report.json \$r; done"
     [fasttests]="$PY -m pytest -q -rs tests/gpu/test_fast_step.py tests/gpu/test_fast_prefill.py"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
-    [wkvtriton]="$PY bench/wkv_chunked_triton.py --check --bench --chunks 16 64 --bvs 16 32 --lengths 1 17 257"
+    [wkvtriton]="$PY bench/wkv_chunked_triton.py --check --bench --chunks 16 32 --bvs 16 32 --precisions tf32 tf32x3 --lengths 1 17 257"
 )
 
 {

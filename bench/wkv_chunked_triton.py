@@ -230,7 +230,7 @@ def _out(y_ptr, y0_ptr, rp_ptr, S_ptr, T, NC, H: tl.constexpr, N: tl.constexpr, 
     tl.store(y_ptr + off[:, None] + i[None, :], y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None])
 
 
-def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 64, bv: int = 16, precision: str = "ieee",
+def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16, precision: str = "ieee",
                   starts=None, save: bool = False):
     """The same forward in three passes: every chunk's state-free terms at once, a scan over chunks that is one
     64 x 64 product per chunk, every chunk's output at once. Buffers: about 3 x 16 KiB per chunk and head.
@@ -249,7 +249,7 @@ def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 64, bv: int = 16, p
     grid = (B * H, NC, N // bv)
     st = y0 if starts is None else starts.to(torch.uint8).contiguous()  # (unused without starts)
     _prep[grid](*xs, st, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)),
-                HAS_ST=starts is not None, PREC=precision)
+                HAS_ST=starts is not None, PREC=precision, num_warps=8)  # 4 warps spill at L >= 32 (ptxas)
     _scan[(B * H, N // bv)](A, D, s0, S, sT, NC, N=N, BV=bv, HAS_S0=state is not None, PREC=precision)
     _out[grid](y, y0, rp, S, T, NC, H=H, N=N, L=chunk, BV=bv, PREC=precision)
     return (y, sT, S) if save else (y, sT)
@@ -359,11 +359,15 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
              + dgl[None, :])
     sg = tl.sigmoid(tl.load(w_ptr + full, mask=m2, other=0.0).to(tl.float32))
     dw = dlogd * (-0.6065306597126334) * sg * (1.0 - sg)
-    for ptr, val in ((dr_ptr, dr), (dw_ptr, dw), (dk_ptr, dk), (dv_ptr, dv), (da_ptr, da), (db_ptr, db)):
-        tl.store(ptr + full, val.to(ptr.dtype.element_ty), mask=m2)
+    tl.store(dr_ptr + full, dr.to(dr_ptr.dtype.element_ty), mask=m2)
+    tl.store(dw_ptr + full, dw.to(dw_ptr.dtype.element_ty), mask=m2)
+    tl.store(dk_ptr + full, dk.to(dk_ptr.dtype.element_ty), mask=m2)
+    tl.store(dv_ptr + full, dv.to(dv_ptr.dtype.element_ty), mask=m2)
+    tl.store(da_ptr + full, da.to(da_ptr.dtype.element_ty), mask=m2)
+    tl.store(db_ptr + full, db.to(db_ptr.dtype.element_ty), mask=m2)
 
 
-def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 64, bv: int = 16,
+def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16, bv: int = 16,
                   precision: str = "ieee", starts=None):
     """Gradients (dr, dw, dk, dv, da, db, ds0) of the forward `wkv_fwd_3pass(..., save=True)` given dy and the final
     state's gradient dsT (None: zero). S: the forward's saved chunk states. Its R' and A are made again (pass 1)."""
@@ -377,7 +381,7 @@ def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 64
     st = y0 if starts is None else starts.to(torch.uint8).contiguous()
     log2l = int(math.log2(chunk))
     _prep[(B * H, NC, N // bv)](*xs, st, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=log2l,
-                                HAS_ST=starts is not None, PREC=precision)
+                                HAS_ST=starts is not None, PREC=precision, num_warps=8)
     ds0 = torch.empty(B, H, N, N, device=dev, dtype=f32)
     dy = dy.contiguous()
     dst = ds0 if dsT is None else dsT.float().contiguous()
@@ -385,7 +389,8 @@ def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 64
                                 PREC=precision)
     grads = [torch.empty_like(x) for x in xs]
     _bwd_chunk[(B * H, NC)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=log2l,
-                            HAS_ST=starts is not None, PREC=precision)
+                            HAS_ST=starts is not None, PREC=precision,
+                            num_warps=8)  # a dozen live [L, 64] / [64, 64] fp32 tiles: 4 warps spill more
     return (*grads, ds0)
 
 
@@ -486,7 +491,8 @@ def check_grads(device: str, chunks: list[int], lengths: list[int]) -> bool:
     return ok
 
 
-def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], with_cuda: bool = True) -> None:
+def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], precisions: list[str],
+          with_cuda: bool = True) -> None:
     """bf16 inputs, triton do_bench medians. Forward (no saves) beside our CUDA forward kernel; then forward with
     saves + backward (3pass) beside our CUDA kernels' training forward + backward, with each form's rel L2 error
     of y and of dw against our CUDA kernels (fp32 math both)."""
@@ -503,7 +509,7 @@ def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], with_cuda
             ours = do_bench(lambda xs=xs, cfg=cfg: ext.forward(*xs, None, None, False, cfg[0]))
             row += f" CUDA scan {ours * 1e3:8.1f} us"
         for impl, chunk, bv, prec in ((m, c, v, p) for m in impls for c in chunks for v in bvs
-                                      for p in ("ieee", "tf32")):
+                                      for p in precisions):
             fn = IMPLS[impl]
             ms = do_bench(lambda xs=xs, f=fn, c=chunk, v=bv, p=prec: f(*xs, chunk=c, bv=v, precision=p))
             row += f" | {impl} L{chunk} BV{bv} {prec} {ms * 1e3:8.1f} us"
@@ -519,7 +525,7 @@ def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], with_cuda
                 return y, ext.backward(*xs, sT, sa, ck, dy, None, None, None, cfg[1], cfg[2])
             ref = cuda_train()
             row += f" CUDA {do_bench(cuda_train) * 1e3:8.1f} us"
-        for chunk, bv, prec in ((c, v, p) for c in chunks for v in bvs for p in ("ieee", "tf32")):
+        for chunk, bv, prec in ((c, v, p) for c in chunks for v in bvs for p in precisions):
             def tri_train(xs=xs, dy=dy, c=chunk, v=bv, p=prec):
                 y, _, S = wkv_fwd_3pass(*xs, chunk=c, bv=v, precision=p, save=True)
                 return y, wkv_bwd_3pass(*xs, S, dy, chunk=c, bv=v, precision=p)
@@ -539,6 +545,10 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1, 15, 16, 17, 100, 257])
     ap.add_argument("--shapes", nargs="+", default=None, metavar="BxTxH",
                     help="Bench shapes [" + " ".join(f"{b}x{t}x{h}" for b, t, h in SHAPES) + "].")
+    ap.add_argument("--precisions", nargs="+", default=["tf32", "tf32x3", "ieee"],
+                    choices=["tf32", "tf32x3", "ieee"],
+                    help="Bench: tl.dot input precisions (ieee: fp32 FMA, which ptxas shows spilling heavily; tf32x3: "
+                         "three tf32 products, near fp32).")
     ap.add_argument("--no-cuda", action="store_true", help="Bench without our CUDA forward (no extension build).")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
                     help="1pass: one program per head and row tile walks the chunks; 3pass: the state-free terms of "
@@ -555,7 +565,7 @@ def main() -> None:
             ok &= check_grads(device, args.chunks, [x for x in args.lengths if x > 1] or args.lengths)
     if args.bench:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
-        bench(args.chunks, args.bvs, shapes, args.impls, with_cuda=not args.no_cuda)
+        bench(args.chunks, args.bvs, shapes, args.impls, args.precisions, with_cuda=not args.no_cuda)
     sys.exit(0 if ok else 1)
 
 
