@@ -1,7 +1,10 @@
 """The chunked WKV7 algebra of `bench/wkv_chunked_triton.py` and its hand-written backward, in plain PyTorch.
 
 The readable form of what the Triton kernels compute, chunk by chunk (no resets): the derivation the backward
-kernel follows, checked against autograd through the float64 recurrence. `--products tf32` rounds both operands
+kernel follows, checked against autograd through the float64 recurrence. The package's own chunked WKV
+(`rwkv_music.model.wkv._wkv_chunked`) is the same algebra in another factorisation (a triangular solve, exponents
+centred in the chunk) and leaves the backward to autograd; this one keeps the kernels' terms (W_a, Z, R', A, D)
+so that their gradients and their product precision can be checked term for term. `--products tf32` rounds both operands
 of every matrix product to tf32's 10 mantissa bits (accumulating in fp32, as tensor cores do) and `tf32x3`
 splits each operand in a high and a low tf32 part, to estimate on a CPU how far each product precision moves the
 outputs and gradients.

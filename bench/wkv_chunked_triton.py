@@ -230,6 +230,21 @@ def _out(y_ptr, y0_ptr, rp_ptr, S_ptr, T, NC, H: tl.constexpr, N: tl.constexpr, 
     tl.store(y_ptr + off[:, None] + i[None, :], y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None])
 
 
+def _run_prep(xs: list, starts, chunk: int, bv: int, precision: str):
+    """Pass 1 for contiguous inputs xs [B, T, H, 64]: Y0, R', A and D ([B*H, NC, ...] fp32 buffers) and the resets
+    as the kernels read them (a placeholder pointer without resets)."""
+    B, T, H, N = xs[0].shape
+    NC = -(-T // chunk)
+    y0 = torch.empty(B * H, NC, chunk, N, device=xs[0].device, dtype=torch.float32)
+    rp = torch.empty_like(y0)
+    A = torch.empty(B * H, NC, N, N, device=xs[0].device, dtype=torch.float32)
+    D = torch.empty_like(A)
+    st = y0 if starts is None else starts.to(torch.uint8).contiguous()  # (unused without starts)
+    _prep[(B * H, NC, N // bv)](*xs, st, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)),
+                                HAS_ST=starts is not None, PREC=precision, num_warps=8)  # 4 warps spill at L >= 32
+    return y0, rp, A, D, st
+
+
 def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16, precision: str = "ieee",
                   starts=None, save: bool = False):
     """The same forward in three passes: every chunk's state-free terms at once, a scan over chunks that is one
@@ -238,20 +253,14 @@ def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16, p
     the state at each chunk's start, [B*H, NC, 64 (key), 64 (value)] fp32, for `wkv_bwd_3pass`."""
     B, T, H, N = r.shape
     xs = [x.contiguous() for x in (r, w, k, v, a, b)]
-    NC = -(-T // chunk)
-    dev, f32 = r.device, torch.float32
-    y0 = torch.empty(B * H, NC, chunk, N, device=dev, dtype=f32)
-    rp = torch.empty_like(y0)
-    A, D, S = (torch.empty(B * H, NC, N, N, device=dev, dtype=f32) for _ in range(3))
+    y0, rp, A, D, _ = _run_prep(xs, starts, chunk, bv, precision)
+    NC = A.shape[1]
+    S = torch.empty_like(A)
     y = torch.empty_like(xs[0])
-    sT = torch.empty(B, H, N, N, device=dev, dtype=f32)
+    sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
     s0 = sT if state is None else state.float().contiguous()
-    grid = (B * H, NC, N // bv)
-    st = y0 if starts is None else starts.to(torch.uint8).contiguous()  # (unused without starts)
-    _prep[grid](*xs, st, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)),
-                HAS_ST=starts is not None, PREC=precision, num_warps=8)  # 4 warps spill at L >= 32 (ptxas)
     _scan[(B * H, N // bv)](A, D, s0, S, sT, NC, N=N, BV=bv, HAS_S0=state is not None, PREC=precision)
-    _out[grid](y, y0, rp, S, T, NC, H=H, N=N, L=chunk, BV=bv, PREC=precision)
+    _out[(B * H, NC, N // bv)](y, y0, rp, S, T, NC, H=H, N=N, L=chunk, BV=bv, PREC=precision)
     return (y, sT, S) if save else (y, sT)
 
 
@@ -373,22 +382,16 @@ def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16
     state's gradient dsT (None: zero). S: the forward's saved chunk states. Its R' and A are made again (pass 1)."""
     B, T, H, N = r.shape
     xs = [x.contiguous() for x in (r, w, k, v, a, b)]
-    NC = -(-T // chunk)
-    dev, f32 = r.device, torch.float32
-    y0 = torch.empty(B * H, NC, chunk, N, device=dev, dtype=f32)
-    rp = torch.empty_like(y0)
-    A, D, dSn = (torch.empty(B * H, NC, N, N, device=dev, dtype=f32) for _ in range(3))
-    st = y0 if starts is None else starts.to(torch.uint8).contiguous()
-    log2l = int(math.log2(chunk))
-    _prep[(B * H, NC, N // bv)](*xs, st, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=log2l,
-                                HAS_ST=starts is not None, PREC=precision, num_warps=8)
-    ds0 = torch.empty(B, H, N, N, device=dev, dtype=f32)
+    _, rp, A, _, st = _run_prep(xs, starts, chunk, bv, precision)  # R' and A again (Y0 and D unused)
+    NC = A.shape[1]
+    dSn = torch.empty_like(A)
+    ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
     dy = dy.contiguous()
     dst = ds0 if dsT is None else dsT.float().contiguous()
     _bwd_scan[(B * H, N // bv)](rp, A, dy, dst, dSn, ds0, T, NC, H=H, N=N, L=chunk, BV=bv, HAS_DST=dsT is not None,
                                 PREC=precision)
     grads = [torch.empty_like(x) for x in xs]
-    _bwd_chunk[(B * H, NC)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=log2l,
+    _bwd_chunk[(B * H, NC)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=int(math.log2(chunk)),
                             HAS_ST=starts is not None, PREC=precision,
                             num_warps=8)  # a dozen live [L, 64] / [64, 64] fp32 tiles: 4 warps spill more
     return (*grads, ds0)
