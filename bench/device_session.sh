@@ -28,11 +28,16 @@
 #               fp32, eager) against the fast path, same seed
 #   lceval      the losscurve step's two runs scored alike: `musictrain eval` (float32, 2000 val windows
 #               teacher-forced) of each run's checkpoint, so their val difference is not the evaluation's precision
-#   wkvtriton   bench/wkv_chunked_triton.py --check --bench: the chunked Triton prototype (forward, and the three-pass
-#               backward) against float64, then timed beside our CUDA kernels (prefill and training shapes)
+#   wkvwarm     compile every variant of the chunked Triton WKV that wkvcheck and wkvtriton use, 16 processes at once
+#   wkvcheck    bench/wkv_chunked_triton.py --check: both forms (one-pass walk, three-pass) forward and backward against
+#               float64 at T = 1 .. 4096, fp32 and bf16 inputs, tf32 products
+#   wkvtriton   bench/wkv_chunked_triton.py --bench --profile: the chunked Triton WKV timed beside our CUDA kernels
+#               (prefill and training shapes), per-kernel times; RESULTS/wkvtriton.json
+#   wkvanchor   RWKV-LM's v3 WKV kernels alone (the anchors' `kernels` mode), for the same table
 #   fasttests   pytest tests/gpu/test_fast_step.py and test_fast_prefill.py (the fused step and prefill against the readable model)
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
+# A step written bg:STEP runs in the background (e.g. bg:build while Triton compiles); the step `wait` waits for them.
 # Limits per step (seconds) come from LIMIT_<STEP>, e.g. LIMIT_TRAINSTEP=200. RESULTS/summary.txt lists each
 # step with its exit status and seconds (124: it ran out of time); RESULTS/<step>.log holds its output.
 set -uo pipefail
@@ -51,7 +56,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=240
                   [complete32]=90 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
                   [budget]=240 [losscurve]=420 [sweep]=400
-                  [lceval]=120 [fasttests]=120 [wkvtriton]=480)
+                  [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
@@ -72,7 +77,10 @@ declare -A command=(
     [lceval]="for r in reference fast; do $PY -m rwkv_music.train.cli eval /tmp/losscurve/\$r .shards-music21 --num-windows 0 --choice-windows 0 --piano-rolls 0 -q -o /tmp/lceval-\$r && $PY -c \"import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], r.get('checkpoint'), 'teacher-forced loss', r['teacher_forced']['loss'], 'windows', r['teacher_forced'].get('windows'))\" /tmp/lceval-\$r/report.json \$r; done"
     [fasttests]="$PY -m pytest -q -rs tests/gpu/test_fast_step.py tests/gpu/test_fast_prefill.py"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
-    [wkvtriton]="$PY bench/wkv_chunked_triton.py --check --bench --chunks 16 32 --bvs 16 32 --precisions tf32 tf32x3 --lengths 1 17 257"
+    [wkvwarm]="$PY bench/wkv_chunked_triton.py --warm 16 --warm-only --check --bench ${WKVT_ARGS:-}"
+    [wkvcheck]="$PY bench/wkv_chunked_triton.py --check --lengths 1 15 16 17 100 257 4096 ${WKVT_ARGS:-}"
+    [wkvtriton]="$PY bench/wkv_chunked_triton.py --bench --profile --json $results/wkvtriton.json ${WKVT_ARGS:-}"
+    [wkvanchor]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"
 )
 
 {
@@ -81,11 +89,8 @@ declare -A command=(
     $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())' 2>&1
 } > "$results/summary.txt"
 
-for step in "${steps[@]}"; do
-    if [ -z "${command[$step]:-}" ]; then
-        echo "unknown step '$step' (known: ${!command[*]})" | tee -a "$results/summary.txt" >&2
-        continue
-    fi
+run_step() {  # run_step STEP: one step under its limit, its status and seconds appended to the summary
+    local step="$1" var secs start rc
     var="LIMIT_${step^^}"
     secs="${!var:-${limit[$step]}}"
     echo "== $step (limit ${secs}s)" >&2
@@ -93,10 +98,34 @@ for step in "${steps[@]}"; do
     timeout --kill-after=10 "$secs" bash -c "${command[$step]}" > "$results/$step.log" 2>&1
     rc=$?
     echo "$step rc=$rc $(( $(date +%s) - start ))s" | tee -a "$results/summary.txt" >&2
+    return $rc
+}
+
+for step in "${steps[@]}"; do
+    if [ "$step" = wait ]; then
+        wait
+        continue
+    fi
+    bg=0
+    if [ "${step#bg:}" != "$step" ]; then
+        bg=1
+        step="${step#bg:}"
+    fi
+    if [ -z "${command[$step]:-}" ]; then
+        echo "unknown step '$step' (known: ${!command[*]} wait)" | tee -a "$results/summary.txt" >&2
+        continue
+    fi
+    if [ $bg = 1 ]; then
+        run_step "$step" &
+        continue
+    fi
+    run_step "$step"
+    rc=$?
     if [ "$step" = wheels ] && [ $rc -eq 0 ]; then
         export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
 done
+wait
 # (the device tool returns at most 8 files: set NO_TAILS=1 when the logs themselves are enough, PACK_LOGS=1 to
 # put every log into RESULTS/logs.tgz instead of leaving them one file each)
 [ -n "${NO_TAILS:-}" ] || tail -n 3 "$results"/*.log > "$results/tails.txt" 2>/dev/null || true

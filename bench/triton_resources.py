@@ -3,7 +3,7 @@ time for sm_90 (`triton.compile` with a `GPUTarget`), then the cubin's resource 
 cuobjdump. STACK is local memory per thread: the spills. Uses triton's compiler internals (3.9.0), so a newer
 triton may need changes here.
 
-    python bench/triton_resources.py [--chunks 16 32 64] [--precisions tf32 tf32x3 ieee] [--warps 4 8]
+    python bench/triton_resources.py [--chunks 16 32 64] [--precisions tf32 tf32x3 ieee] [--warps 4 8] [--bv 16]
 """
 
 from __future__ import annotations
@@ -46,21 +46,31 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--precisions", nargs="+", default=["tf32", "tf32x3", "ieee"])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--bv", type=int, default=16, help="Row tile of the walking and prep kernels.")
+    ap.add_argument("--kernels", nargs="+", default=None, help="Only these (fwd_walk bwd_walk prep bwd_chunk).")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     grads = {f"d{n}_ptr": BF for n in "rwkvab"}
     for L in args.chunks:
         for prec in args.precisions:
             for warps in args.warps:
-                c = dict(H=12, N=64, L=L, LOG2L=L.bit_length() - 1, PREC=prec)
+                c = dict(N=64, L=L, LOG2L=L.bit_length() - 1, PREC=prec)
+                walk = {**SEQ, "st_ptr": "*u8", "s0_ptr": F32, "y_ptr": BF, "sT_ptr": F32, "S_ptr": F32, "T": "i32",
+                        "NC": "i32", "H": "i32"}
+                bwalk = {n: BF for n in ("r_ptr", "w_ptr", "k_ptr", "a_ptr", "b_ptr")}
+                bwalk.update({"st_ptr": "*u8", "dy_ptr": BF, "dsT_ptr": F32, "dSn_ptr": F32, "ds0_ptr": F32,
+                              "T": "i32", "NC": "i32", "H": "i32"})
                 kernels = {
-                    "1pass": (m._wkv_fwd_chunked, {**SEQ, "s0_ptr": F32, "y_ptr": BF, "sT_ptr": F32, "T": "i32"},
-                              {**c, "BV": 16, "HAS_S0": True}),
+                    "fwd_walk": (m._fwd_walk, walk, {**c, "BV": args.bv, "HAS_S0": True, "HAS_ST": True,
+                                                     "SAVE": True}),
+                    "bwd_walk": (m._bwd_walk, bwalk, {**c, "BV": args.bv, "HAS_DST": True, "HAS_ST": True}),
                     "prep": (m._prep, {**SEQ, "st_ptr": "*u8", "y0_ptr": F32, "rp_ptr": F32, "A_ptr": F32,
-                                       "D_ptr": F32, "T": "i32", "NC": "i32"}, {**c, "BV": 16, "HAS_ST": True}),
+                                       "D_ptr": F32, "T": "i32", "NC": "i32", "H": "i32"},
+                             {**c, "BV": args.bv, "HAS_ST": True}),
                     "bwd_chunk": (m._bwd_chunk, {**SEQ, "st_ptr": "*u8", "S_ptr": F32, "dSn_ptr": F32, "dy_ptr": BF,
-                                                 **grads, "T": "i32", "NC": "i32"}, {**c, "HAS_ST": True}),
+                                                 **grads, "T": "i32", "NC": "i32", "H": "i32"}, {**c, "HAS_ST": True}),
                 }
+                kernels = {k: v for k, v in kernels.items() if not args.kernels or k in args.kernels}
                 row = " | ".join(f"{name} {usage(fn, sig, ce, warps)}" for name, (fn, sig, ce) in kernels.items())
                 print(f"L{L} {prec:6s} {warps} warps: {row}", flush=True)
 
