@@ -135,6 +135,11 @@ def _fwd_walk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, s0_ptr, y_ptr, s
     tl.store(sT_ptr + s_base + i[None, :] * N + j[:, None], ST)
 
 
+def _walk_warps(bv: int) -> int:
+    """Warps of a walking program: 8 for the whole state (BV 64: 4 spill, bench/triton_resources.py), else 4."""
+    return 8 if bv >= 64 else 4
+
+
 def _starts_arg(starts, placeholder: torch.Tensor) -> torch.Tensor:
     """The resets as the kernels read them (uint8 [B, T]), or a placeholder pointer that is never read."""
     return placeholder if starts is None else starts.to(torch.uint8).contiguous()
@@ -153,7 +158,7 @@ def wkv_fwd_1pass(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16, p
     s0 = sT if state is None else state.float().contiguous()
     _fwd_walk[(B * H, N // bv)](*xs, _starts_arg(starts, sT), s0, y, sT, S, T, NC, H=H, N=N, L=chunk, BV=bv,
                                 LOG2L=int(math.log2(chunk)), HAS_S0=state is not None, HAS_ST=starts is not None,
-                                SAVE=save, PREC=precision)
+                                SAVE=save, PREC=precision, num_warps=_walk_warps(bv))
     return (y, sT, S) if save else (y, sT)
 
 
@@ -464,7 +469,7 @@ def wkv_bwd_1pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16
     dst = ds0 if dsT is None else dsT.float().contiguous()
     _bwd_walk[(B * H, N // bv)](xs[0], xs[1], xs[2], xs[4], xs[5], st, dy, dst, dSn, ds0, T, NC, H=H, N=N, L=chunk,
                                 BV=bv, LOG2L=int(math.log2(chunk)), HAS_DST=dsT is not None,
-                                HAS_ST=starts is not None, PREC=precision)
+                                HAS_ST=starts is not None, PREC=precision, num_warps=_walk_warps(bv))
     grads = [torch.empty_like(x) for x in xs]
     _bwd_chunk[(B * H, NC)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=int(math.log2(chunk)),
                             HAS_ST=starts is not None, PREC=precision, num_warps=8)
@@ -705,7 +710,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="Bench: also each kernel's time (torch.profiler).")
     ap.add_argument("--json", type=Path, default=None, help="Bench: write the timings here.")
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32])
-    ap.add_argument("--bvs", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--bvs", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1, 15, 16, 17, 100, 257])
     ap.add_argument("--shapes", nargs="+", default=None, metavar="BxTxH",
                     help="Bench shapes [" + " ".join(f"{b}x{t}x{h}" for b, t, h in SHAPES) + "].")
