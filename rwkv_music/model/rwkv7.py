@@ -237,7 +237,7 @@ class RWKV7(nn.Module):
     one row: at each marked position token shift and WKV state restart from zero.
 
     Runtime switches (not part of the saved config): ``grad_checkpoint`` recomputes each block in backward;
-    ``wkv_backend`` (auto | torch | cuda) picks the WKV implementation, resolved once per device.
+    ``wkv_backend`` (auto | torch | cuda | triton) picks the WKV implementation, resolved once per device.
     """
 
     def __init__(self, cfg: RWKV7Config, init_weights: bool = True) -> None:

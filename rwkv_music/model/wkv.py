@@ -14,8 +14,9 @@ Implementations
                      lower-triangular solve per chunk (a WY-style form); any T; CPU and GPU fallback.
   - CUDA:            `rwkv_music.model.wkv_cuda` (separate module), registered as torch custom ops so that
                      torch.compile keeps the whole block in one graph.
-`resolve_backend` picks one per device once (the model caches it); ``RWKV_MUSIC_WKV=torch|cuda|auto`` is
-the default choice of a new model.
+  - Triton:          `rwkv_music.model.wkv_triton`, the chunked form on tensor cores (custom ops too).
+`resolve_backend` picks one per device once (the model caches it); ``RWKV_MUSIC_WKV=torch|cuda|triton|auto``
+is the default choice of a new model.
 """
 
 from __future__ import annotations
@@ -210,14 +211,14 @@ def _wkv_chunked_fp32(
     return y.to(out_dtype), S
 
 
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "torch", "cuda", "triton")
 
 
 def default_backend() -> str:
     """The choice a new model starts with: ``RWKV_MUSIC_WKV`` or auto."""
     choice = os.environ.get("RWKV_MUSIC_WKV", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
-        raise ValueError(f"RWKV_MUSIC_WKV must be auto, torch or cuda, got {choice!r}")
+        raise ValueError(f"RWKV_MUSIC_WKV must be one of {', '.join(BACKENDS)}, got {choice!r}")
     return choice
 
 
@@ -237,11 +238,30 @@ def _torch_seq(r, w, k, v, a, b, state=None, starts=None):
 TORCH_BACKEND = WkvBackend("torch", _torch_seq, wkv_step_torch)
 
 
+def _triton_backend(device: torch.device) -> WkvBackend:
+    """The chunked Triton kernels over sequences; one token goes through the CUDA step kernel where it loads."""
+    from rwkv_music.model import wkv_triton
+
+    if not wkv_triton.is_available(device):
+        reason = wkv_triton.load_error() or f"no GPU for it on {device} (TRITON_INTERPRET=1 runs it on the CPU)"
+        raise RuntimeError(f"WKV backend triton asked for but it cannot run ({reason})")
+    step = wkv_step_torch
+    if device.type == "cuda":
+        from rwkv_music.model import wkv_cuda
+
+        if wkv_cuda.is_available():
+            step = wkv_cuda.wkv_cuda_step_fn
+    return WkvBackend("triton", wkv_triton.wkv_triton, step)
+
+
 def resolve_backend(choice: str, device: torch.device) -> WkvBackend:
-    """``torch`` always works; ``cuda`` needs the extension (raises if it does not load); ``auto`` takes CUDA
-    on a GPU when the extension loads, else torch with one warning saying why."""
+    """``torch`` always works; ``cuda`` needs the extension (raises if it does not load); ``triton`` needs
+    triton and a GPU (or TRITON_INTERPRET=1); ``auto`` takes CUDA on a GPU when the extension loads, else torch
+    with one warning saying why."""
     if choice not in BACKENDS:
         raise ValueError(f"WKV backend must be one of {BACKENDS}, got {choice!r}")
+    if choice == "triton":
+        return _triton_backend(device)
     if choice == "torch" or (device.type != "cuda" and choice == "auto"):
         return TORCH_BACKEND
     if device.type != "cuda":

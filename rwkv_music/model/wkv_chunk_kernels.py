@@ -1,0 +1,225 @@
+"""Triton kernels of the chunked WKV7 (head size 64): the sequence walked L tokens at a time with the state in
+registers, and its backward. The math is in `model/wkv_triton.py`'s docstring; the autograd wrapper there.
+
+Imported only where triton is installed (CUDA builds of torch ship it; on the CPU it runs under
+TRITON_INTERPRET=1 for the tests). Every kernel computes in fp32 whatever the input dtype; products take
+`PREC` ("tf32": tensor cores, within 2e-3 of float64; "ieee": exact fp32 on the FMA units, for tests).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid):
+    """One chunk's decay-scaled keys: a^, r^, b~, k~, and b, k scaled to the chunk's end; the chunk's log decay."""
+    m2 = valid[:, None]
+    full = off[:, None] + j[None, :]
+    r = tl.load(r_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    wr = tl.load(w_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    kk = tl.load(k_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    aa = tl.load(a_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    bb = tl.load(b_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    logd = tl.where(m2, -0.6065306597126334 * tl.sigmoid(wr), 0.0)  # log d = -exp(-0.5) sigmoid(w)
+    G = tl.cumsum(logd, axis=0)
+    g_last = tl.sum(logd, axis=0)
+    to_end = tl.exp(g_last[None, :] - G)
+    return (aa * tl.exp(G - logd), r * tl.exp(G), bb * tl.exp(-G), kk * tl.exp(-G), bb * to_end, kk * to_end,
+            g_last, G, logd)
+
+
+@triton.jit
+def _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST: tl.constexpr):
+    """Which pairs of the chunk's steps see each other (strict: s < t, incl: s <= t, within one segment between
+    resets), which steps see the chunk's initial state (first), which reach its end state (last), and whether the
+    initial state reaches the end (keep_end)."""
+    if HAS_ST:
+        seg = tl.cumsum(tl.load(st_ptr + b.to(tl.int64) * T + t, mask=valid, other=0).to(tl.int32), axis=0)
+    else:
+        seg = tt * 0
+    same = seg[:, None] == seg[None, :]
+    strict = (tt[:, None] > tt[None, :]) & same
+    incl = (tt[:, None] >= tt[None, :]) & same
+    seg_last = tl.max(seg, axis=0)
+    return strict, incl, (seg == 0)[:, None], (seg == seg_last)[:, None], (seg_last == 0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L: tl.constexpr, PREC: tl.constexpr):
+    """The chunk's four L x L products of decay-scaled keys, masked, and (I - M_ab)^-1 by repeated squaring."""
+    tt = tl.arange(0, ahat.shape[0])
+    eye = (tt[:, None] == tt[None, :]).to(tl.float32)
+    bt = tl.trans(btil)
+    kt = tl.trans(ktil)
+    m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
+    m_ak = tl.where(strict, tl.dot(ahat, kt, input_precision=PREC), 0.0)
+    q_rb = tl.where(incl, tl.dot(rhat, bt, input_precision=PREC), 0.0)
+    q_rk = tl.where(incl, tl.dot(rhat, kt, input_precision=PREC), 0.0)
+    inv = eye + m_ab
+    p = m_ab
+    for _ in tl.static_range(LOG2L - 1):
+        p = tl.dot(p, p, input_precision=PREC)
+        inv = tl.dot(inv, eye + p, input_precision=PREC)
+    return m_ab, m_ak, q_rb, q_rk, inv
+
+
+@triton.jit(do_not_specialize=["T", "NC", "H"])
+def _fwd_walk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, s0_ptr, y_ptr, sT_ptr, S_ptr, T, NC,
+              H, N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr,
+              HAS_S0: tl.constexpr, HAS_ST: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+    """One program per head and tile of BV state rows walks the chunks, the state in registers: per chunk
+    U = inv (a^0 S^T + M_ak V), Y = r^0 S^T + Q_rb U + Q_rk V, S'^T = keep e^gl S^T + bl^T U + kl^T V (the masks of
+    `_chunk_masks` for resets). SAVE: the state at each chunk's start goes to S [B*H, NC, key, value] (backward)."""
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    i = iv * BV + tl.arange(0, BV)
+    s_base = bh.to(tl.int64) * N * N
+    if HAS_S0:  # ST[j, i] = S[i, j]: the tile's rows of the state, transposed
+        ST = tl.load(s0_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
+    else:
+        ST = tl.zeros((N, BV), dtype=tl.float32)
+    for c in range(0, NC):
+        t = c * L + tt
+        valid = t < T
+        off = ((b.to(tl.int64) * T + t) * H + h) * N  # [L]
+        m2 = valid[:, None]
+        if SAVE:
+            tl.store(S_ptr + (bh.to(tl.int64) * NC + c) * N * N + j[:, None] * N + i[None, :], ST)
+        ahat, rhat, btil, ktil, bl, kl, g_last, _g, _logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j,
+                                                                         valid)
+        strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
+        vv = tl.load(v_ptr + off[:, None] + i[None, :], mask=m2, other=0.0).to(tl.float32)
+        _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
+        u = tl.dot(inv, tl.dot(tl.where(first, ahat, 0.0), ST, input_precision=PREC)
+                   + tl.dot(m_ak, vv, input_precision=PREC), input_precision=PREC)
+        y = (tl.dot(tl.where(first, rhat, 0.0), ST, input_precision=PREC) + tl.dot(q_rb, u, input_precision=PREC)
+             + tl.dot(q_rk, vv, input_precision=PREC))
+        tl.store(y_ptr + off[:, None] + i[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
+        ST = (keep_end * tl.exp(g_last))[:, None] * ST + (
+            tl.dot(tl.trans(tl.where(last, bl, 0.0)), u, input_precision=PREC)
+            + tl.dot(tl.trans(tl.where(last, kl, 0.0)), vv, input_precision=PREC))
+    tl.store(sT_ptr + s_base + i[None, :] * N + j[:, None], ST)
+
+
+@triton.jit(do_not_specialize=["T", "NC", "H"])
+def _bwd_walk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr, dSn_ptr, ds0_ptr, T, NC, H,
+              N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr, HAS_DST: tl.constexpr,
+              HAS_ST: tl.constexpr, PREC: tl.constexpr):
+    """The reverse scan of `_bwd_scan` with the chunk algebra made again in registers instead of read from R' and A
+    buffers: dS_c^T = r^0^T dY + keep e^gl dS_{c+1}^T + W_a^T (Q_rb^T dY + bl dS_{c+1}^T), W_a = inv a^0."""
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    i = iv * BV + tl.arange(0, BV)
+    s_base = bh.to(tl.int64) * N * N
+    if HAS_DST:
+        dST = tl.load(dsT_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
+    else:
+        dST = tl.zeros((N, BV), dtype=tl.float32)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        tl.store(dSn_ptr + (bh.to(tl.int64) * NC + c) * N * N + j[:, None] * N + i[None, :], dST)
+        t = c * L + tt
+        valid = t < T
+        off = ((b.to(tl.int64) * T + t) * H + h) * N
+        ahat, rhat, btil, ktil, bl, _kl, g_last, _g, _logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j,
+                                                                          valid)
+        strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
+        _m_ab, _m_ak, q_rb, _q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
+        wa = tl.dot(inv, tl.where(first, ahat, 0.0), input_precision=PREC)  # [L, N]
+        dyc = tl.load(dy_ptr + off[:, None] + i[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        tmp = (tl.dot(tl.trans(q_rb), dyc, input_precision=PREC)
+               + tl.dot(tl.where(last, bl, 0.0), dST, input_precision=PREC))  # [L, BV]
+        dST = ((keep_end * tl.exp(g_last))[:, None] * dST
+               + tl.dot(tl.trans(tl.where(first, rhat, 0.0)), dyc, input_precision=PREC)
+               + tl.dot(tl.trans(wa), tmp, input_precision=PREC))
+    tl.store(ds0_ptr + s_base + i[None, :] * N + j[:, None], dST)
+
+
+@triton.jit(do_not_specialize=["T", "NC", "H"])
+def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr, dy_ptr, dr_ptr, dw_ptr, dk_ptr,
+               dv_ptr, da_ptr, db_ptr, T, NC, H, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
+               HAS_ST: tl.constexpr, PREC: tl.constexpr):
+    """Backward pass 3, every chunk at once (all 64 value channels per program): the gradients of the chunk's inputs
+    from dY, its initial state S_c and dS_{c+1}, by the chain rule through the forward's chunk algebra."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    t = c * L + tt
+    valid = t < T
+    m2 = valid[:, None]
+    off = ((b.to(tl.int64) * T + t) * H + h) * N
+    full = off[:, None] + j[None, :]
+    ahat, rhat, btil, ktil, bl, kl, g_last, G, logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid)
+    strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
+    ahat0 = tl.where(first, ahat, 0.0)
+    bl = tl.where(last, bl, 0.0)
+    kl = tl.where(last, kl, 0.0)
+    vv = tl.load(v_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    mb = (bh.to(tl.int64) * NC + c) * N * N
+    ST = tl.load(S_ptr + mb + j[:, None] * N + j[None, :])  # [key, value]
+    dD = tl.load(dSn_ptr + mb + j[:, None] * N + j[None, :])
+    _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
+    wa = tl.dot(inv, ahat0, input_precision=PREC)
+    x = tl.dot(m_ak, vv, input_precision=PREC)
+    z = tl.dot(inv, x, input_precision=PREC)
+    # Y = R' S^T + Y0,  S_next^T = A S^T + D:  dR' = dY S,  dA = dS_next S^T (as [key, key]),  dD = dS_next
+    d_rp = tl.dot(dy, tl.trans(ST), input_precision=PREC)
+    dA = tl.dot(dD, tl.trans(ST), input_precision=PREC)
+    # Y0 = Q_rb Z + Q_rk V,  R' = r^0 + Q_rb W_a,  A = diag(e^gl) + bl^T W_a,  D = bl^T Z + kl^T V
+    d_qrb = tl.where(incl, tl.dot(dy, tl.trans(z), input_precision=PREC)
+                     + tl.dot(d_rp, tl.trans(wa), input_precision=PREC), 0.0)
+    d_qrk = tl.where(incl, tl.dot(dy, tl.trans(vv), input_precision=PREC), 0.0)
+    dz = tl.dot(tl.trans(q_rb), dy, input_precision=PREC) + tl.dot(bl, dD, input_precision=PREC)
+    dv = tl.dot(tl.trans(q_rk), dy, input_precision=PREC) + tl.dot(kl, dD, input_precision=PREC)
+    dwa = tl.dot(tl.trans(q_rb), d_rp, input_precision=PREC) + tl.dot(bl, dA, input_precision=PREC)
+    dbl = tl.where(last, tl.dot(wa, tl.trans(dA), input_precision=PREC)
+                   + tl.dot(z, tl.trans(dD), input_precision=PREC), 0.0)
+    dkl = tl.where(last, tl.dot(vv, tl.trans(dD), input_precision=PREC), 0.0)
+    diag_dA = tl.sum(tl.where(j[:, None] == j[None, :], dA, 0.0), axis=1)
+    dgl = keep_end * diag_dA * tl.exp(g_last) + tl.sum(dbl * bl + dkl * kl, axis=0)
+    # W_a = inv a^0,  Z = inv X,  X = M_ak V,  inv = (I - M_ab)^-1
+    inv_t = tl.trans(inv)
+    dahat0 = tl.dot(inv_t, dwa, input_precision=PREC)
+    dinv = tl.dot(dwa, tl.trans(ahat0), input_precision=PREC) + tl.dot(dz, tl.trans(x), input_precision=PREC)
+    dx = tl.dot(inv_t, dz, input_precision=PREC)
+    dm_ak = tl.where(strict, tl.dot(dx, tl.trans(vv), input_precision=PREC), 0.0)
+    dv += tl.dot(tl.trans(m_ak), dx, input_precision=PREC)
+    dm_ab = tl.where(strict, tl.dot(tl.dot(inv_t, dinv, input_precision=PREC), inv_t, input_precision=PREC), 0.0)
+    # the four products of decay-scaled keys
+    dahat = tl.where(first, dahat0, 0.0) + tl.dot(dm_ab, btil, input_precision=PREC) + tl.dot(dm_ak, ktil,
+                                                                                              input_precision=PREC)
+    dbtil = tl.dot(tl.trans(dm_ab), ahat, input_precision=PREC) + tl.dot(tl.trans(d_qrb), rhat, input_precision=PREC)
+    dktil = tl.dot(tl.trans(dm_ak), ahat, input_precision=PREC) + tl.dot(tl.trans(d_qrk), rhat, input_precision=PREC)
+    drhat = tl.where(first, d_rp, 0.0) + tl.dot(d_qrb, btil, input_precision=PREC) + tl.dot(d_qrk, ktil,
+                                                                                            input_precision=PREC)
+    # the decay scalings, then G = cumsum(log d), G_{t-1} = G - log d, g_last = sum(log d), log d = -e^-0.5 sigmoid(w)
+    gx = G - logd
+    da = dahat * tl.exp(gx)
+    d_gx = dahat * ahat
+    dr = drhat * tl.exp(G)
+    dG = drhat * rhat - dbtil * btil - dktil * ktil - dbl * bl - dkl * kl
+    db = dbtil * tl.exp(-G) + dbl * tl.exp(g_last[None, :] - G)
+    dk = dktil * tl.exp(-G) + dkl * tl.exp(g_last[None, :] - G)
+    dlogd = (tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG  # sum over s >= t
+             + tl.sum(d_gx, axis=0)[None, :] - tl.cumsum(d_gx, axis=0)  # sum over s > t
+             + dgl[None, :])
+    sg = tl.sigmoid(tl.load(w_ptr + full, mask=m2, other=0.0).to(tl.float32))
+    dw = dlogd * (-0.6065306597126334) * sg * (1.0 - sg)
+    tl.store(dr_ptr + full, dr.to(dr_ptr.dtype.element_ty), mask=m2)
+    tl.store(dw_ptr + full, dw.to(dw_ptr.dtype.element_ty), mask=m2)
+    tl.store(dk_ptr + full, dk.to(dk_ptr.dtype.element_ty), mask=m2)
+    tl.store(dv_ptr + full, dv.to(dv_ptr.dtype.element_ty), mask=m2)
+    tl.store(da_ptr + full, da.to(da_ptr.dtype.element_ty), mask=m2)
+    tl.store(db_ptr + full, db.to(db_ptr.dtype.element_ty), mask=m2)
