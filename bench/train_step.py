@@ -81,9 +81,11 @@ def profile_steps(step, device: torch.device, steps: int, top: int, title: str) 
           flush=True)
 
 
-def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
+def bench_ours(args, device, vocab: int, frac: float | None, wkv: str | None = None) -> dict:
     torch.manual_seed(0)
     model = RWKV7(from_preset(args.preset, vocab)).to(device)
+    if wkv is not None:
+        model.wkv_backend = wkv
     if args.bf16_weights:  # as RWKV-LM trains: bf16 parameters and optimizer state, no autocast
         model = model.bfloat16()
     model.grad_checkpoint = args.grad_checkpoint
@@ -113,6 +115,7 @@ def bench_ours(args, device, vocab: int, frac: float | None) -> dict:
     name += " compiled" if args.compile else ""
     name += " bf16 weights" if args.bf16_weights else ""
     name += f" budget {args.memory_budget:g}" if args.compile and args.memory_budget is not None else ""
+    name += f" wkv {model.backend(device).name}"
     if args.profile:
         profile_steps(step, device, args.profile, args.profile_top, name)
     return {"case": name, "ms_per_step": dt * 1e3, "tokens_per_s": B * T / dt, "peak_gib": peak,
@@ -200,6 +203,8 @@ def main() -> None:
                     help="With --compile: AOTAutograd's activation memory budget (0..1; below 1 recomputes "
                          "element-wise activations in backward to save memory).")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--wkv", nargs="+", default=[None], choices=["auto", "cuda", "triton", "torch"],
+                    help="Our model's WKV backend(s), each timed in turn [RWKV_MUSIC_WKV or auto].")
     ap.add_argument("--only", choices=["completion", "all", "fla", "rwkvlm"], action="append")
     ap.add_argument("--rwkvlm", default=None, metavar="DIR",
                     help="Also time RWKV-LM's trainer: DIR holds rwkvlm_bench.py and rwkv-lm/ (../shared/anchors).")
@@ -216,16 +221,12 @@ def main() -> None:
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), math.nan)
     only = set(args.only or ["completion", "all", "fla"])
     rows = []
-    if "completion" in only:
-        rows.append(bench_ours(args, device, vocab, args.completion_frac))
-        print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if "all" in only:
-        rows.append(bench_ours(args, device, vocab, None))
-        print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for frac in [args.completion_frac] * ("completion" in only) + [None] * ("all" in only):
+        for wkv in args.wkv:
+            rows.append(bench_ours(args, device, vocab, frac, wkv))
+            print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if "fla" in only and not args.no_fla:
         r = bench_fla(args, device, vocab)
         if r:
