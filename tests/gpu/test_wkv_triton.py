@@ -2,7 +2,7 @@
 every output, the final state and every gradient (the initial state's included) within relative L2 error 2e-3,
 with tf32 products, at T = 1 .. 4096, with and without a state, with resets, at both ends of the decay range,
 for each row tile. Needs a CUDA device; the CPU interpreter runs of the same kernels are
-tests/model/test_wkv_triton.py."""
+tests/model/test_wkv_triton_interpreter.py."""
 
 from __future__ import annotations
 
