@@ -1,6 +1,6 @@
 """The Triton WKV backend against the float64 reference and against the PyTorch model, run under
-TRITON_INTERPRET=1 (test_wkv_triton_interpreter.py starts it in a subprocess, as the interpreter must be chosen before triton
-is imported). Prints one JSON object: every case's relative L2 errors."""
+TRITON_INTERPRET=1 (test_wkv_triton_interpreter.py starts it in a subprocess, as the interpreter must be chosen
+before triton is imported). Prints one JSON object: every case's relative L2 errors."""
 
 from __future__ import annotations
 
