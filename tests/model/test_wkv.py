@@ -92,7 +92,7 @@ def test_env_var_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RWKV_MUSIC_WKV", "torch")
     y, _ = wkv(*x)
     assert rel_err(y, wkv_reference(*x)[0]) < 1e-5
-    monkeypatch.setenv("RWKV_MUSIC_WKV", "triton")
+    monkeypatch.setenv("RWKV_MUSIC_WKV", "fla")
     with pytest.raises(ValueError, match="RWKV_MUSIC_WKV"):
         wkv(*x)
 
