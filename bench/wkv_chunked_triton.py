@@ -242,7 +242,7 @@ def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16
     _bwd_scan[(B * H, N // bv)](rp, A, dy, dst, dSn, ds0, T, NC, H=H, N=N, L=chunk, BV=bv, HAS_DST=dsT is not None,
                                 PREC=precision)
     grads = [torch.empty_like(x) for x in xs]
-    _bwd_chunk[(B * H, NC)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=int(math.log2(chunk)),
+    _bwd_chunk[(B * H * NC,)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=int(math.log2(chunk)),
                             HAS_ST=starts is not None, PREC=precision,
                             num_warps=8)  # a dozen live [L, 64] / [64, 64] fp32 tiles: 4 warps spill more
     return (*grads, ds0)
@@ -264,7 +264,7 @@ def wkv_bwd_1pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16
                                 BV=bv, LOG2L=int(math.log2(chunk)), HAS_DST=dsT is not None,
                                 HAS_ST=starts is not None, PREC=precision, num_warps=_walk_warps(bv))
     grads = [torch.empty_like(x) for x in xs]
-    _bwd_chunk[(B * H, NC)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=int(math.log2(chunk)),
+    _bwd_chunk[(B * H * NC,)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=int(math.log2(chunk)),
                             HAS_ST=starts is not None, PREC=precision, num_warps=8)
     return (*grads, ds0)
 

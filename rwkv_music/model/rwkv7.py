@@ -39,9 +39,9 @@ def _wkv_torch_outside_compile(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Te
 
 def _wkv_heads(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None,
                starts: Tensor | None, backend: WkvBackend) -> tuple[Tensor, Tensor]:
-    """WKV on [B, T, H, N] heads, y back as [B, T, C]. The CUDA backend is a torch custom op, which
+    """WKV on [B, T, H, N] heads, y back as [B, T, C]. The CUDA and Triton backends are torch custom ops, which
     torch.compile keeps inside its graph (no break between the gates before and the norm after)."""
-    if backend.name == "cuda":
+    if backend.name in ("cuda", "triton"):
         y, s = wkv(r, w, k, v, a, b, state=state, starts=starts, backend=backend)
         return y.flatten(2), s
     return _wkv_torch_outside_compile(r, w, k, v, a, b, state, starts, backend)

@@ -109,8 +109,8 @@ def _fwd_walk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, s0_ptr, y_ptr, s
 def _bwd_walk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr, dSn_ptr, ds0_ptr, T, NC, H,
               N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr, HAS_DST: tl.constexpr,
               HAS_ST: tl.constexpr, PREC: tl.constexpr):
-    """The reverse scan of `_bwd_scan` with the chunk algebra made again in registers instead of read from R' and A
-    buffers: dS_c^T = r^0^T dY + keep e^gl dS_{c+1}^T + W_a^T (Q_rb^T dY + bl dS_{c+1}^T), W_a = inv a^0."""
+    """The reverse walk over chunks, carrying the state's gradient with the chunk algebra made again in registers:
+    dS_c^T = r^0^T dY + keep e^gl dS_{c+1}^T + W_a^T (Q_rb^T dY + bl dS_{c+1}^T), W_a = inv a^0."""
     bh = tl.program_id(0)
     iv = tl.program_id(1)
     b = bh // H
@@ -149,8 +149,9 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
                HAS_ST: tl.constexpr, PREC: tl.constexpr):
     """Backward pass 3, every chunk at once (all 64 value channels per program): the gradients of the chunk's inputs
     from dY, its initial state S_c and dS_{c+1}, by the chain rule through the forward's chunk algebra."""
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
+    pid = tl.program_id(0)  # one grid axis (chunk-major within a head): the y axis would cap T at 65535 chunks
+    bh = pid // NC
+    c = pid % NC
     b = bh // H
     h = bh % H
     tt = tl.arange(0, L)
@@ -215,8 +216,8 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     dlogd = (tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG  # sum over s >= t
              + tl.sum(d_gx, axis=0)[None, :] - tl.cumsum(d_gx, axis=0)  # sum over s > t
              + dgl[None, :])
-    sg = tl.sigmoid(tl.load(w_ptr + full, mask=m2, other=0.0).to(tl.float32))
-    dw = dlogd * (-0.6065306597126334) * sg * (1.0 - sg)
+    wr = tl.load(w_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    dw = dlogd * (-0.6065306597126334) * tl.sigmoid(wr) * tl.sigmoid(-wr)  # not s (1 - s): 0 in fp32 at w >= 17
     tl.store(dr_ptr + full, dr.to(dr_ptr.dtype.element_ty), mask=m2)
     tl.store(dw_ptr + full, dw.to(dw_ptr.dtype.element_ty), mask=m2)
     tl.store(dk_ptr + full, dk.to(dk_ptr.dtype.element_ty), mask=m2)

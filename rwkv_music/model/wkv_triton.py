@@ -40,6 +40,7 @@ from torch import Tensor
 HEAD_SIZE = 64
 CHUNK = 16  # tokens per chunk: L = 32 spills registers (bench/NOTES-wkv.md)
 PRECISIONS = ("tf32", "ieee", "tf32x3")
+ROW_TILES = (16, 32, 64)  # tl.dot needs 16 or more; 64 rows is the whole state
 
 
 @functools.cache
@@ -136,7 +137,7 @@ def _wkv7c_bwd(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
         r, w, k, a, b, st, dy, ds0 if dsT is None else dsT, dSn, ds0, T, nc, H, N=N, L=CHUNK, BV=bv, LOG2L=log2l,
         HAS_DST=dsT is not None, HAS_ST=starts is not None, PREC=prec, num_warps=_walk_warps(bv))
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
-    kern._bwd_chunk[(B * H, nc)](
+    kern._bwd_chunk[(B * H * nc,)](
         r, w, k, v, a, b, st, S, dSn, dy, *grads, T, nc, H, N=N, L=CHUNK, LOG2L=log2l, HAS_ST=starts is not None,
         PREC=prec, num_warps=8)
     return (*grads, ds0)
@@ -176,6 +177,8 @@ def wkv_triton(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
         raise ValueError(f"wkv_triton expects [B, T, H, {HEAD_SIZE}] inputs, got {tuple(r.shape)}")
     B, _, H, _ = r.shape
     bv = row_tile(B, H) if bv is None else bv
+    if bv not in ROW_TILES:
+        raise ValueError(f"bv (state rows per program) must be one of {ROW_TILES}, got {bv}")
     dt = _dtype_in(r)
     xs = [x.to(dt).contiguous() for x in (r, w, k, v, a, b)]
     s0 = None if state is None else state.float().contiguous()
