@@ -25,7 +25,8 @@ float64, is `bench/wkv_chunked_reference.py`.
 API: `wkv_triton(r, w, k, v, a, b, state=None, starts=None)` as `wkv_cuda.wkv_cuda`, differentiable in all
 seven inputs; the kernels are torch custom ops (``rwkv_music::wkv7c_fwd`` / ``wkv7c_bwd``) so torch.compile
 keeps the model in one graph. Products run in tf32 on tensor cores (``RWKV_MUSIC_WKV_PRECISION=ieee``: exact
-fp32, for tests); all other arithmetic and the state are fp32.
+fp32, for tests); all other arithmetic and the state are fp32. ``RWKV_MUSIC_WKV_RECOMPUTE=1`` trades the saved
+chunk states for a second forward walk in backward (memory for time).
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ def precision() -> str:
     if p not in PRECISIONS:
         raise ValueError(f"RWKV_MUSIC_WKV_PRECISION must be one of {PRECISIONS}, got {p!r}")
     return p
+
+
+def recompute() -> bool:
+    """``RWKV_MUSIC_WKV_RECOMPUTE=1``: training keeps no chunk states (16 KiB per chunk and head, fp32: 400 MB a
+    layer at B16 T2048 H12) but walks the forward again in backward, one layer at a time."""
+    return os.environ.get("RWKV_MUSIC_WKV_RECOMPUTE", "").strip() == "1"
 
 
 def row_tile(batch: int, heads: int) -> int:
@@ -151,13 +158,15 @@ def _(r, w, k, v, a, b, S, dy, dsT, starts, bv, prec):
 
 def _setup(ctx, inputs, output) -> None:
     r, w, k, v, a, b, s0, starts, _save, bv, prec = inputs
-    ctx.save_for_backward(r, w, k, v, a, b, output[2], starts)
+    ctx.save_for_backward(r, w, k, v, a, b, output[2], starts, s0)
     ctx.has_s0 = s0 is not None
     ctx.tile = (bv, prec)
 
 
 def _backward(ctx, dy, dsT, _dS):
-    r, w, k, v, a, b, S, starts = ctx.saved_tensors
+    r, w, k, v, a, b, S, starts, s0 = ctx.saved_tensors
+    if S.numel() == 0:  # the forward saved no states (recompute mode): walk it again now
+        _, _, S = _wkv7c_fwd(r, w, k, v, a, b, s0, starts, True, *ctx.tile)
     dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
     dsT = None if dsT is None else dsT.float().contiguous()
     grads = _wkv7c_bwd(r, w, k, v, a, b, S, dy, dsT, starts, *ctx.tile)
@@ -184,6 +193,6 @@ def wkv_triton(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
     s0 = None if state is None else state.float().contiguous()
     st = None if starts is None else starts.to(torch.bool).contiguous()
     tensors = (r, w, k, v, a, b) + (() if state is None else (state,))
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not recompute()
     y, sT, _ = _wkv7c_fwd(*xs, s0, st, save, bv, precision())
     return y.to(r.dtype), sT

@@ -112,6 +112,20 @@ def test_fp32_products_are_exact(wkv_triton, monkeypatch) -> None:
     assert max(errs.values()) < TOL_IEEE, errs
 
 
+def test_recompute_gives_the_same_gradients(wkv_triton, monkeypatch) -> None:
+    """RWKV_MUSIC_WKV_RECOMPUTE=1 walks the same forward again in backward: the same numbers, bit for bit."""
+    xs, s0, dy, dsT = _inputs(2, 300, 3, torch.bfloat16, seed=13)
+    grads = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RWKV_MUSIC_WKV_RECOMPUTE", flag)
+        ins = [x.clone().requires_grad_() for x in xs] + [s0.clone().requires_grad_()]
+        y, sT = wkv_triton.wkv_triton(*ins)
+        torch.autograd.backward([y, sT], [dy, dsT])
+        grads.append([y, sT] + [t.grad for t in ins])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_no_grad_forward_equals_training_forward(wkv_triton) -> None:
     xs, s0, _, _ = _inputs(2, 77, 3, torch.bfloat16, seed=11)
     with torch.no_grad():

@@ -28,7 +28,7 @@ def results() -> dict:
 
 
 @pytest.mark.parametrize("case", ["T1", "T16 state B1 H3", "T21 state resets B3 H1", "T37 no state bv64",
-                                  "T37 state resets bv32", "T33 extreme decays"])
+                                  "T37 state resets bv32", "T33 extreme decays", "T37 state resets recompute"])
 def test_outputs_and_gradients_match_float64(results: dict, case: str) -> None:
     errs = results[case]
     assert "r" in errs and "b" in errs

@@ -46,6 +46,18 @@ def wkv_case(T: int, with_state: bool, resets: bool, w_scale: float, bv: int | N
     return {n: rel_err(a, b) for n, a, b in zip(NAMES, got, want, strict=False)}
 
 
+def recompute_case() -> dict:
+    """RWKV_MUSIC_WKV_RECOMPUTE=1: nothing saved but the inputs, the forward walked again in backward."""
+    from rwkv_music.model.wkv_triton import recompute
+
+    os.environ["RWKV_MUSIC_WKV_RECOMPUTE"] = "1"
+    try:
+        assert recompute()
+        return wkv_case(37, True, True, 1.0, None, 8, B=2, H=3)
+    finally:
+        del os.environ["RWKV_MUSIC_WKV_RECOMPUTE"]
+
+
 def model_case() -> dict:
     """A small model on the triton backend against the same model on the chunked PyTorch WKV: logits of packed
     rows and every parameter's gradient, eager and compiled (the aot_eager backend: inductor's kernels are for a
@@ -88,6 +100,7 @@ def main() -> None:
         "T37 no state bv64": wkv_case(37, False, False, 1.0, 64, 3),
         "T37 state resets bv32": wkv_case(37, True, True, 1.0, 32, 4),
         "T33 extreme decays": wkv_case(33, True, False, 15.0, None, 5),
+        "T37 state resets recompute": recompute_case(),
         "model": model_case(),
     }
     print(json.dumps(cases))
