@@ -43,6 +43,7 @@ from rwkv_music.model.wkv_chunk_kernels import (
     _chunk_products,
     _chunk_terms,
     _fwd_walk,
+    _walk_start,
 )
 
 DECAY_SCALE = math.exp(-0.5)
@@ -201,18 +202,7 @@ def wkv_fwd_3pass(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16, p
 def _bwd_scan(rp_ptr, A_ptr, dy_ptr, dsT_ptr, dSn_ptr, ds0_ptr, T, NC, H, N: tl.constexpr,
               L: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
     """Backward pass 2, chunk after chunk from the end: dS_c^T = R'_c^T dY_c + A_c^T dS_{c+1}^T; keeps each dS_{c+1}."""
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tt = tl.arange(0, L)
-    j = tl.arange(0, N)
-    i = iv * BV + tl.arange(0, BV)
-    s_base = bh.to(tl.int64) * N * N
-    if HAS_DST:
-        dST = tl.load(dsT_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
-    else:
-        dST = tl.zeros((N, BV), dtype=tl.float32)
+    bh, b, h, tt, j, i, s_base, dST = _walk_start(dsT_ptr, H, N, L, BV, HAS_DST)
     for cc in range(0, NC):
         c = NC - 1 - cc
         mb = (bh.to(tl.int64) * NC + c) * N * N

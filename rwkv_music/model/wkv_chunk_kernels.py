@@ -63,6 +63,21 @@ def _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L: tl.constexpr, P
     return m_ab, m_ak, q_rb, q_rk, inv
 
 
+@triton.jit
+def _walk_start(x_ptr, H, N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, HAS_X: tl.constexpr):
+    """A walking program's head (bh, b, h), index vectors (steps tt, keys j, its state rows i), the head's offset
+    in [B*H, N, N] tensors, and its rows of x_ptr (a state or its gradient) transposed, [N, BV] fp32, or zeros."""
+    bh = tl.program_id(0)
+    i = tl.program_id(1) * BV + tl.arange(0, BV)
+    j = tl.arange(0, N)
+    s_base = bh.to(tl.int64) * N * N
+    if HAS_X:  # XT[j, i] = X[i, j]
+        XT = tl.load(x_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
+    else:
+        XT = tl.zeros((N, BV), dtype=tl.float32)
+    return bh, bh // H, bh % H, tl.arange(0, L), j, i, s_base, XT
+
+
 @triton.jit(do_not_specialize=["T", "NC", "H"])
 def _fwd_walk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, s0_ptr, y_ptr, sT_ptr, S_ptr, T, NC,
               H, N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, LOG2L: tl.constexpr,
@@ -70,18 +85,7 @@ def _fwd_walk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, s0_ptr, y_ptr, s
     """One program per head and tile of BV state rows walks the chunks, the state in registers: per chunk
     U = inv (a^0 S^T + M_ak V), Y = r^0 S^T + Q_rb U + Q_rk V, S'^T = keep e^gl S^T + bl^T U + kl^T V (the masks of
     `_chunk_masks` for resets). SAVE: the state at each chunk's start goes to S [B*H, NC, key, value] (backward)."""
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tt = tl.arange(0, L)
-    j = tl.arange(0, N)
-    i = iv * BV + tl.arange(0, BV)
-    s_base = bh.to(tl.int64) * N * N
-    if HAS_S0:  # ST[j, i] = S[i, j]: the tile's rows of the state, transposed
-        ST = tl.load(s0_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
-    else:
-        ST = tl.zeros((N, BV), dtype=tl.float32)
+    bh, b, h, tt, j, i, s_base, ST = _walk_start(s0_ptr, H, N, L, BV, HAS_S0)  # ST[j, i] = S[i, j]
     for c in range(0, NC):
         t = c * L + tt
         valid = t < T
@@ -111,18 +115,7 @@ def _bwd_walk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr, dSn_pt
               HAS_ST: tl.constexpr, PREC: tl.constexpr):
     """The reverse walk over chunks, carrying the state's gradient with the chunk algebra made again in registers:
     dS_c^T = r^0^T dY + keep e^gl dS_{c+1}^T + W_a^T (Q_rb^T dY + bl dS_{c+1}^T), W_a = inv a^0."""
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tt = tl.arange(0, L)
-    j = tl.arange(0, N)
-    i = iv * BV + tl.arange(0, BV)
-    s_base = bh.to(tl.int64) * N * N
-    if HAS_DST:
-        dST = tl.load(dsT_ptr + s_base + i[None, :] * N + j[:, None]).to(tl.float32)
-    else:
-        dST = tl.zeros((N, BV), dtype=tl.float32)
+    bh, b, h, tt, j, i, s_base, dST = _walk_start(dsT_ptr, H, N, L, BV, HAS_DST)
     for cc in range(0, NC):
         c = NC - 1 - cc
         tl.store(dSn_ptr + (bh.to(tl.int64) * NC + c) * N * N + j[:, None] * N + i[None, :], dST)
