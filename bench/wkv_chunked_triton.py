@@ -1,21 +1,9 @@
-"""A chunked WKV7 kernel in Triton (forward; backward in the three-pass form): a prototype for issue 12 and for
-the prefill, not used by the package.
-
-Today's CUDA forward (`model/cuda/wkv7_kernels.cu`) steps through time one token at a time; at batch 1 that
-scan is most of a prefill (about 3.0 of 4.3 ms of device time for 1024 tokens on an H200, docs/benchmarks.md).
-Here each program owns one head and a tile of BV state rows (value channels; rows are independent given the
-keys) and walks the sequence L tokens at a time. Per chunk, with the state S_0 at its start, the cumulative log
-decay G_t (inclusive) and G_{t-1} (exclusive), and u_t = S_{t-1} a_t:
-
-    a^_t = a_t e^{G_{t-1}},  r^_t = r_t e^{G_t},  b~_s = b_s e^{-G_s},  k~_s = k_s e^{-G_s}
-    U    = (I - M_ab)^{-1} (A^ S_0^T + M_ak V)       M_ab[t,s] = a^_t . b~_s,  M_ak[t,s] = a^_t . k~_s   (s < t)
-    Y    = R^ S_0^T + Q_rb U + Q_rk V                Q_rb[t,s] = r^_t . b~_s,  Q_rk[t,s] = r^_t . k~_s   (s <= t)
-    S_L^T = e^{G_L} (S_0^T + B~^T U + K~^T V)
-
-so a chunk is a few L x 64 matrix products and one unit lower-triangular inverse, (I - M)^{-1} = (I + M)(I + M^2)
-(I + M^4)... (M is nilpotent), instead of L dependent steps. The three-pass form (`wkv_fwd_3pass`) also takes
-packed-row resets and has a backward (`wkv_bwd_3pass`: a reverse scan over chunks, then every chunk's input
-gradients at once by the chain rule through the same algebra).
+"""The chunked WKV7 in Triton, checked and timed: the one-pass walk (`1pass`, the kernels of the package's
+`RWKV_MUSIC_WKV=triton` backend, `model/wkv_chunk_kernels.py`, whose docstring and `model/wkv_triton.py`'s give
+the math) and a three-pass form kept here as a prototype (`3pass`: every chunk's state-free terms at once, a scan
+of one 64 x 64 product per chunk, every chunk's output at once; with a backward, `wkv_bwd_3pass`: a reverse scan
+over chunks, then every chunk's input gradients by the chain rule through the same algebra). Both take
+packed-row resets. docs/benchmarks.md has the first GPU figures (2026-12-06); bench/NOTES-wkv.md the reasoning.
 
     TRITON_INTERPRET=1 python bench/wkv_chunked_triton.py --check          # on the CPU, against float64
     python bench/wkv_chunked_triton.py --check --bench                     # on a GPU, beside our CUDA kernels
