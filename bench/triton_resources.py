@@ -21,7 +21,9 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import wkv_chunked_triton as m
+import wkv_chunked_triton as m  # the three-pass prototype's kernels (and sys.path for the package)
+
+from rwkv_music.model import wkv_chunk_kernels as kern  # the backend's
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 BF, F32 = "*bf16", "*fp32"
@@ -61,13 +63,13 @@ def main() -> None:
                 bwalk.update({"st_ptr": "*u8", "dy_ptr": BF, "dsT_ptr": F32, "dSn_ptr": F32, "ds0_ptr": F32,
                               "T": "i32", "NC": "i32", "H": "i32"})
                 kernels = {
-                    "fwd_walk": (m._fwd_walk, walk, {**c, "BV": args.bv, "HAS_S0": True, "HAS_ST": True,
+                    "fwd_walk": (kern._fwd_walk, walk, {**c, "BV": args.bv, "HAS_S0": True, "HAS_ST": True,
                                                      "SAVE": True}),
-                    "bwd_walk": (m._bwd_walk, bwalk, {**c, "BV": args.bv, "HAS_DST": True, "HAS_ST": True}),
+                    "bwd_walk": (kern._bwd_walk, bwalk, {**c, "BV": args.bv, "HAS_DST": True, "HAS_ST": True}),
                     "prep": (m._prep, {**SEQ, "st_ptr": "*u8", "y0_ptr": F32, "rp_ptr": F32, "A_ptr": F32,
                                        "D_ptr": F32, "T": "i32", "NC": "i32", "H": "i32"},
                              {**c, "BV": args.bv, "HAS_ST": True}),
-                    "bwd_chunk": (m._bwd_chunk, {**SEQ, "st_ptr": "*u8", "S_ptr": F32, "dSn_ptr": F32, "dy_ptr": BF,
+                    "bwd_chunk": (kern._bwd_chunk, {**SEQ, "st_ptr": "*u8", "S_ptr": F32, "dSn_ptr": F32, "dy_ptr": BF,
                                                  **grads, "T": "i32", "NC": "i32", "H": "i32"}, {**c, "HAS_ST": True}),
                 }
                 kernels = {k: v for k, v in kernels.items() if not args.kernels or k in args.kernels}

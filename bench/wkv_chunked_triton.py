@@ -24,43 +24,20 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_music.model.wkv import wkv_reference
-from rwkv_music.model.wkv_chunk_kernels import (
-    _bwd_chunk,
-    _bwd_walk,
-    _chunk_masks,
-    _chunk_products,
-    _chunk_terms,
-    _fwd_walk,
-    _walk_start,
-)
+from rwkv_music.model.wkv_chunk_kernels import _bwd_chunk, _chunk_masks, _chunk_products, _chunk_terms, _walk_start
+from rwkv_music.model.wkv_triton import starts_u8, walk_backward, walk_forward
 
 DECAY_SCALE = math.exp(-0.5)
-
-
-def _walk_warps(bv: int) -> int:
-    """Warps of a walking program: 8 for the whole state (BV 64: 4 spill, bench/triton_resources.py), else 4."""
-    return 8 if bv >= 64 else 4
-
-
-def _starts_arg(starts, placeholder: torch.Tensor) -> torch.Tensor:
-    """The resets as the kernels read them (uint8 [B, T]), or a placeholder pointer that is never read."""
-    return placeholder if starts is None else starts.to(torch.uint8).contiguous()
 
 
 def wkv_fwd_1pass(r, w, k, v, a, b, state=None, chunk: int = 16, bv: int = 16, precision: str = "ieee",
                   starts=None, save: bool = False):
     """y (input dtype) and the final state (fp32) for inputs [B, T, H, 64] and a state [B, H, 64, 64] or None, one
-    program per head and row tile walking the chunks. `starts` and `save` as in `wkv_fwd_3pass`."""
-    B, T, H, N = r.shape
-    NC = -(-T // chunk)
+    program per head and row tile walking the chunks (the package's launch, any chunk length). `starts` and `save`
+    as in `wkv_fwd_3pass`."""
     xs = [x.contiguous() for x in (r, w, k, v, a, b)]
-    y = torch.empty_like(xs[0])
-    sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-    S = torch.empty(B * H, NC, N, N, device=r.device, dtype=torch.float32) if save else sT
-    s0 = sT if state is None else state.float().contiguous()
-    _fwd_walk[(B * H, N // bv)](*xs, _starts_arg(starts, sT), s0, y, sT, S, T, NC, H=H, N=N, L=chunk, BV=bv,
-                                LOG2L=int(math.log2(chunk)), HAS_S0=state is not None, HAS_ST=starts is not None,
-                                SAVE=save, PREC=precision, num_warps=_walk_warps(bv))
+    s0 = None if state is None else state.float().contiguous()
+    y, sT, S = walk_forward(*xs, s0, starts, save, bv, precision, chunk=chunk)
     return (y, sT, S) if save else (y, sT)
 
 
@@ -161,7 +138,7 @@ def _run_prep(xs: list, starts, chunk: int, bv: int, precision: str):
     rp = torch.empty_like(y0)
     A = torch.empty(B * H, NC, N, N, device=xs[0].device, dtype=torch.float32)
     D = torch.empty_like(A)
-    st = _starts_arg(starts, y0)
+    st = starts_u8(starts, y0)
     _prep[(B * H, NC, N // bv)](*xs, st, y0, rp, A, D, T, NC, H=H, N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)),
                                 HAS_ST=starts is not None, PREC=precision, num_warps=8)  # 4 warps spill at L >= 32
     return y0, rp, A, D, st
@@ -228,23 +205,11 @@ def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16
 
 def wkv_bwd_1pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16, bv: int = 16,
                   precision: str = "ieee", starts=None):
-    """Gradients as in `wkv_bwd_3pass`, for `wkv_fwd_1pass(..., save=True)`: the reverse scan walks the chunks with
-    their algebra made again in registers (no R' or A buffers), then `_bwd_chunk` as in the three-pass form."""
-    B, T, H, N = r.shape
+    """Gradients as in `wkv_bwd_3pass`, for `wkv_fwd_1pass(..., save=True)`: the reverse walk (the chunk algebra made
+    again in registers, no R' or A buffers), then the per-chunk gradients; the package's launch."""
     xs = [x.contiguous() for x in (r, w, k, v, a, b)]
-    NC = S.shape[1]
-    dSn = torch.empty_like(S)
-    ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-    dy = dy.contiguous()
-    st = _starts_arg(starts, ds0)
-    dst = ds0 if dsT is None else dsT.float().contiguous()
-    _bwd_walk[(B * H, N // bv)](xs[0], xs[1], xs[2], xs[4], xs[5], st, dy, dst, dSn, ds0, T, NC, H=H, N=N, L=chunk,
-                                BV=bv, LOG2L=int(math.log2(chunk)), HAS_DST=dsT is not None,
-                                HAS_ST=starts is not None, PREC=precision, num_warps=_walk_warps(bv))
-    grads = [torch.empty_like(x) for x in xs]
-    _bwd_chunk[(B * H * NC,)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=int(math.log2(chunk)),
-                            HAS_ST=starts is not None, PREC=precision, num_warps=8)
-    return (*grads, ds0)
+    return walk_backward(*xs, S, dy.contiguous(), None if dsT is None else dsT.float().contiguous(), starts, bv,
+                         precision, chunk=chunk)
 
 
 IMPLS = {"1pass": wkv_fwd_1pass, "3pass": wkv_fwd_3pass}

@@ -3,7 +3,8 @@ registers, and its backward. The math is in `model/wkv_triton.py`'s docstring; t
 
 Imported only where triton is installed (CUDA builds of torch ship it; on the CPU it runs under
 TRITON_INTERPRET=1 for the tests). Every kernel computes in fp32 whatever the input dtype; products take
-`PREC` ("tf32": tensor cores, within 2e-3 of float64; "ieee": exact fp32 on the FMA units, for tests).
+`PREC` ("tf32": tensor cores; "tf32x3": three tf32 products, near fp32; "ieee": fp32 on the FMA units, for tests;
+`model/wkv_triton.py` gives each one's measured error).
 """
 
 import triton
@@ -140,8 +141,8 @@ def _bwd_walk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr, dSn_pt
 def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr, dy_ptr, dr_ptr, dw_ptr, dk_ptr,
                dv_ptr, da_ptr, db_ptr, T, NC, H, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
                HAS_ST: tl.constexpr, PREC: tl.constexpr):
-    """Backward pass 3, every chunk at once (all 64 value channels per program): the gradients of the chunk's inputs
-    from dY, its initial state S_c and dS_{c+1}, by the chain rule through the forward's chunk algebra."""
+    """The backward's per-chunk kernel, every chunk at once (all 64 value channels per program): the gradients of
+    the chunk's inputs from dY, its initial state S_c and dS_{c+1}, by the chain rule through the chunk algebra."""
     pid = tl.program_id(0)  # one grid axis (chunk-major within a head): the y axis would cap T at 65535 chunks
     bh = pid // NC
     c = pid % NC

@@ -154,7 +154,8 @@ def default_config(batch: int, heads: int, device: torch.device | None = None) -
     return 2, 2, 6
 
 
-def _prep(r: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+def kernel_inputs(r: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+    """r and xs contiguous in r's dtype where the kernels read it (bf16, fp32), else fp32 (also the Triton WKV's)."""
     dt = r.dtype if r.dtype in (torch.bfloat16, torch.float32) else torch.float32
     return tuple(x.to(dt).contiguous() for x in (r, *xs))
 
@@ -248,7 +249,7 @@ def wkv_cuda(
     if cfg is None:
         cfg = default_config(r.shape[0], r.shape[2], r.device)
     out_dtype = r.dtype
-    r_, w_, k_, v_, a_, b_ = _prep(r, w, k, v, a, b)
+    r_, w_, k_, v_, a_, b_ = kernel_inputs(r, w, k, v, a, b)
     s0 = None if state is None else state.float().contiguous()
     st = None if starts is None else starts.to(torch.bool).contiguous()
     tensors = (r, w, k, v, a, b) + (() if state is None else (state,))
@@ -276,7 +277,7 @@ def wkv_cuda_step(
     in place, which keeps buffers fixed for CUDA-graph capture. Not differentiable."""
     if r.dim() != 3 or r.shape[-1] != HEAD_SIZE:
         raise ValueError(f"wkv_cuda_step expects [B, H, {HEAD_SIZE}] inputs, got {tuple(r.shape)}")
-    r_, w_, k_, v_, a_, b_ = _prep(r, w, k, v, a, b)
+    r_, w_, k_, v_, a_, b_ = kernel_inputs(r, w, k, v, a, b)
     s0 = None if state is None else state.float().contiguous()
     if out is not None and (out.dtype != torch.float32 or not out.is_contiguous()):
         raise ValueError("out must be a contiguous float32 tensor")
@@ -307,7 +308,7 @@ def wkv_cuda_step_fn(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: T
     if r.dim() != 3 or r.shape[-1] != HEAD_SIZE:
         raise ValueError(f"wkv step expects [B, H, {HEAD_SIZE}] inputs, got {tuple(r.shape)}")
     out_dtype = r.dtype
-    r_, w_, k_, v_, a_, b_ = _prep(r, w, k, v, a, b)
+    r_, w_, k_, v_, a_, b_ = kernel_inputs(r, w, k, v, a, b)
     s0 = None if state is None else state.float().contiguous()
     y, s = _wkv7_step(r_, w_, k_, v_, a_, b_, s0)
     return y.to(out_dtype), s

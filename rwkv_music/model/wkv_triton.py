@@ -44,10 +44,16 @@ import os
 import torch
 from torch import Tensor
 
+from rwkv_music.model.wkv_cuda import kernel_inputs
+
 HEAD_SIZE = 64
 CHUNK = 16  # tokens per chunk: L = 32 spills registers (bench/NOTES-wkv.md)
 PRECISIONS = ("tf32", "ieee", "tf32x3")
 ROW_TILES = (16, 32, 64)  # tl.dot needs 16 or more; 64 rows is the whole state
+# State rows per walking program: 32 was the fastest of the three at every shape timed (B x T x H of 1x1024x12 to
+# 8x4096x64, one H200, 2026-12-06, docs/benchmarks.md): 16 repeats each chunk's algebra four times per head, 64
+# leaves too few programs and spills in the reverse walk.
+ROW_TILE = 32
 
 
 @functools.cache
@@ -87,40 +93,60 @@ def recompute() -> bool:
     return os.environ.get("RWKV_MUSIC_WKV_RECOMPUTE", "").strip() == "1"
 
 
-def row_tile(batch: int, heads: int) -> int:
-    """State rows per walking program. 32 was the fastest of 16, 32 and 64 at every shape timed (B x T x H of
-    1x1024x12 to 8x4096x64, one H200, 2026-12-06, docs/benchmarks.md): 16 repeats each chunk's algebra four times
-    per head, 64 leaves too few programs and spills in the reverse walk."""
-    del batch, heads
-    return 32
+def walk_warps(bv: int) -> int:
+    """Warps of a walking program: 8 for the whole state (64 rows in 4 warps spill registers), else 4."""
+    return 8 if bv >= 64 else 4
 
 
-def _walk_warps(bv: int) -> int:
-    return 8 if bv >= 64 else 4  # the whole state in 4 warps spills registers
-
-
-def _dtype_in(r: Tensor) -> torch.dtype:
-    return r.dtype if r.dtype in (torch.bfloat16, torch.float32) else torch.float32
-
-
-def _starts_u8(starts: Tensor | None, placeholder: Tensor) -> Tensor:
+def starts_u8(starts: Tensor | None, placeholder: Tensor) -> Tensor:
+    """The resets as the kernels read them (uint8 [B, T]), or a placeholder pointer that is never read."""
     return placeholder if starts is None else starts.to(torch.uint8).contiguous()
+
+
+def walk_forward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None,
+                 starts: Tensor | None, save: bool, bv: int, prec: str,
+                 chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward walk on contiguous inputs [B, T, H, 64] (s0: fp32 or None): (y, final state, the state
+    at each chunk's start [B*H, NC, 64, 64] fp32, empty unless `save`). `chunk` other than CHUNK: benchmarks."""
+    B, T, H, N = r.shape
+    nc = -(-T // chunk)
+    y = torch.empty_like(r)
+    sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+    S = torch.empty((B * H, nc, N, N) if save else (0,), device=r.device, dtype=torch.float32)
+    _kernels()._fwd_walk[(B * H, N // bv)](
+        r, w, k, v, a, b, starts_u8(starts, sT), sT if s0 is None else s0, y, sT, S if save else sT, T, nc, H,
+        N=N, L=chunk, BV=bv, LOG2L=int(math.log2(chunk)), HAS_S0=s0 is not None, HAS_ST=starts is not None,
+        SAVE=save, PREC=prec, num_warps=walk_warps(bv))
+    return y, sT, S
+
+
+def walk_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor, dy: Tensor,
+                  dsT: Tensor | None, starts: Tensor | None, bv: int, prec: str,
+                  chunk: int = CHUNK) -> tuple[Tensor, ...]:
+    """Launch the reverse walk, then the per-chunk gradients, for `walk_forward(..., save=True)`'s S: the gradients
+    of r, w, k, v, a, b (input dtype) and of the initial state (fp32). dy contiguous; dsT fp32 or None."""
+    B, T, H, N = r.shape
+    nc = S.shape[1]
+    kern = _kernels()
+    dSn = torch.empty_like(S)
+    ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+    st = starts_u8(starts, ds0)
+    log2l = int(math.log2(chunk))
+    kern._bwd_walk[(B * H, N // bv)](
+        r, w, k, a, b, st, dy, ds0 if dsT is None else dsT, dSn, ds0, T, nc, H, N=N, L=chunk, BV=bv, LOG2L=log2l,
+        HAS_DST=dsT is not None, HAS_ST=starts is not None, PREC=prec, num_warps=walk_warps(bv))
+    grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
+    kern._bwd_chunk[(B * H * nc,)](
+        r, w, k, v, a, b, st, S, dSn, dy, *grads, T, nc, H, N=N, L=chunk, LOG2L=log2l, HAS_ST=starts is not None,
+        PREC=prec, num_warps=8)
+    return (*grads, ds0)
 
 
 @torch.library.custom_op("rwkv_music::wkv7c_fwd", mutates_args=())
 def _wkv7c_fwd(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None,
                starts: Tensor | None, save: bool, bv: int, prec: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, final state, the state at each chunk's start [B*H, NC, 64, 64] fp32, empty unless `save`)."""
-    B, T, H, N = r.shape
-    nc = -(-T // CHUNK)
-    y = torch.empty_like(r)
-    sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-    S = torch.empty((B * H, nc, N, N) if save else (0,), device=r.device, dtype=torch.float32)
-    _kernels()._fwd_walk[(B * H, N // bv)](
-        r, w, k, v, a, b, _starts_u8(starts, sT), sT if s0 is None else s0, y, sT, S if save else sT, T, nc, H,
-        N=N, L=CHUNK, BV=bv, LOG2L=int(math.log2(CHUNK)), HAS_S0=s0 is not None, HAS_ST=starts is not None,
-        SAVE=save, PREC=prec, num_warps=_walk_warps(bv))
-    return y, sT, S
+    return walk_forward(r, w, k, v, a, b, s0, starts, save, bv, prec)
 
 
 @_wkv7c_fwd.register_fake
@@ -136,21 +162,7 @@ def _wkv7c_bwd(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
                dsT: Tensor | None, starts: Tensor | None, bv: int,
                prec: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of r, w, k, v, a, b (input dtype) and of the initial state (fp32)."""
-    B, T, H, N = r.shape
-    nc = S.shape[1]
-    kern = _kernels()
-    dSn = torch.empty_like(S)
-    ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-    st = _starts_u8(starts, ds0)
-    log2l = int(math.log2(CHUNK))
-    kern._bwd_walk[(B * H, N // bv)](
-        r, w, k, a, b, st, dy, ds0 if dsT is None else dsT, dSn, ds0, T, nc, H, N=N, L=CHUNK, BV=bv, LOG2L=log2l,
-        HAS_DST=dsT is not None, HAS_ST=starts is not None, PREC=prec, num_warps=_walk_warps(bv))
-    grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
-    kern._bwd_chunk[(B * H * nc,)](
-        r, w, k, v, a, b, st, S, dSn, dy, *grads, T, nc, H, N=N, L=CHUNK, LOG2L=log2l, HAS_ST=starts is not None,
-        PREC=prec, num_warps=8)
-    return (*grads, ds0)
+    return walk_backward(r, w, k, v, a, b, S, dy, dsT, starts, bv, prec)
 
 
 @_wkv7c_bwd.register_fake
@@ -184,15 +196,13 @@ def wkv_triton(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
     """WKV over a sequence with the chunked Triton kernels. r, w, k, v, a, b: [B, T, H, 64] (w = raw decay logit);
     state [B, H, 64, 64] or None; starts bool [B, T] or None (state reset before marked steps). Returns (y in
     r.dtype, final state fp32); differentiable w.r.t. all inputs and the state. `bv` (state rows per program) is
-    for benchmarks; the default depends on B*H."""
+    for benchmarks (default ROW_TILE)."""
     if r.dim() != 4 or r.shape[-1] != HEAD_SIZE:
         raise ValueError(f"wkv_triton expects [B, T, H, {HEAD_SIZE}] inputs, got {tuple(r.shape)}")
-    B, _, H, _ = r.shape
-    bv = row_tile(B, H) if bv is None else bv
+    bv = ROW_TILE if bv is None else bv
     if bv not in ROW_TILES:
         raise ValueError(f"bv (state rows per program) must be one of {ROW_TILES}, got {bv}")
-    dt = _dtype_in(r)
-    xs = [x.to(dt).contiguous() for x in (r, w, k, v, a, b)]
+    xs = kernel_inputs(r, w, k, v, a, b)
     s0 = None if state is None else state.float().contiguous()
     st = None if starts is None else starts.to(torch.bool).contiguous()
     tensors = (r, w, k, v, a, b) + (() if state is None else (state,))
