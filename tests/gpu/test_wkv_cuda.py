@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fast_testutil import rel
+from wkv_testutil import reset_marks, wkv_inputs
 
 from rwkv_music.model.wkv import wkv_reference
 
@@ -17,7 +19,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-N = 64
 TOL_BF16 = 3e-3
 TOL_F32 = 1e-4
 
@@ -31,30 +32,11 @@ def wkv_cuda():
     return wkv_cuda
 
 
-def _inputs(B, T, H, dtype, seed, state=True):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def rn(scale=1.0):
-        return torch.randn(B, T, H, N, generator=g, device="cuda") * scale
-
-    kk = F.normalize(rn(), dim=-1)
-    iclr = torch.sigmoid(rn())
-    xs = [rn(), rn(2.0), rn(), rn(), -kk, kk * iclr]
-    s0 = torch.randn(B, H, N, N, generator=g, device="cuda") * 0.5 if state else None
-    dy = rn().to(dtype)
-    dsT = torch.randn(B, H, N, N, generator=g, device="cuda")
-    return [x.to(dtype) for x in xs], s0, dy, dsT
-
-
-def _rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("B", "T", "H", "state"), [(2, 100, 3, True), (1, 1, 2, True), (3, 257, 2, False)])
 @pytest.mark.parametrize("cfg", [None, (0, 0, 4), (2, 2, 6)])
 def test_kernel_matches_float64(wkv_cuda, B, T, H, state, dtype, cfg) -> None:
-    xs, s0, dy, dsT = _inputs(B, T, H, dtype, seed=B * 1000 + T, state=state)
+    xs, s0, dy, dsT = wkv_inputs(B, T, H, dtype, seed=B * 1000 + T, state=state)
     ref_in = [x.double().requires_grad_() for x in xs]
     ref_s0 = s0.double().requires_grad_() if state else None
     y_ref, sT_ref = wkv_reference(*ref_in, ref_s0)
@@ -71,13 +53,13 @@ def test_kernel_matches_float64(wkv_cuda, B, T, H, state, dtype, cfg) -> None:
     pairs.update({n: (a.grad, b.grad) for n, a, b in zip("rwkvab", ins, ref_in, strict=True)})
     if state:
         pairs["s0"] = (st.grad, ref_s0.grad)
-    errs = {n: _rel(a, b) for n, (a, b) in pairs.items()}
+    errs = {n: rel(a, b) for n, (a, b) in pairs.items()}
     assert max(errs.values()) < tol, errs
 
 
 def test_no_grad_forward_and_final_state_only(wkv_cuda) -> None:
     """Inference forward (no checkpoints) equals the training forward; a loss on the state alone works."""
-    xs, s0, _, dsT = _inputs(2, 37, 2, torch.bfloat16, seed=5)
+    xs, s0, _, dsT = wkv_inputs(2, 37, 2, torch.bfloat16, seed=5)
     with torch.no_grad():
         y0, s_0 = wkv_cuda.wkv_cuda(*xs, s0)
     ins = [x.clone().requires_grad_() for x in xs]
@@ -91,21 +73,21 @@ def test_no_grad_forward_and_final_state_only(wkv_cuda) -> None:
         if b.grad is None:  # the final state does not depend on r
             assert a.grad is None or not a.grad.any()
         else:
-            assert _rel(a.grad, b.grad) < TOL_BF16
+            assert rel(a.grad, b.grad) < TOL_BF16
 
 
 def test_step_matches_reference_and_inplace(wkv_cuda) -> None:
-    xs, s0, _, _ = _inputs(4, 1, 3, torch.bfloat16, seed=9)
+    xs, s0, _, _ = wkv_inputs(4, 1, 3, torch.bfloat16, seed=9)
     one = [x[:, 0].contiguous() for x in xs]
     y_ref, s_ref = wkv_reference(*xs, s0)
     y, s = wkv_cuda.wkv_cuda_step(*one, s0)
-    assert _rel(y, y_ref[:, 0]) < TOL_BF16 and _rel(s, s_ref) < 1e-5
+    assert rel(y, y_ref[:, 0]) < TOL_BF16 and rel(s, s_ref) < 1e-5
     buf = s0.clone()
     y2, s2 = wkv_cuda.wkv_cuda_step(*one, buf, out=buf)
     assert s2.data_ptr() == buf.data_ptr() and torch.equal(s2, s) and torch.equal(y2, y)
     y0, _ = wkv_cuda.wkv_cuda_step(*one, None)
     y0_ref, _ = wkv_reference(*xs, None)
-    assert _rel(y0, y0_ref[:, 0]) < TOL_BF16
+    assert rel(y0, y0_ref[:, 0]) < TOL_BF16
 
 
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
@@ -144,28 +126,16 @@ def test_base_preset_matches_cpu_fp32(wkv_cuda, monkeypatch, impl) -> None:
     def flat(gs):
         return torch.cat([x.flatten() for x in gs])
 
-    total = _rel(flat(grads), flat(ref_grads))
-    errs = [(_rel(a, r), _rel(b, r), n) for a, b, r, n in zip(grads, torch_grads, ref_grads, names, strict=True)
+    total = rel(flat(grads), flat(ref_grads))
+    errs = [(rel(a, r), rel(b, r), n) for a, b, r, n in zip(grads, torch_grads, ref_grads, names, strict=True)
             if r.norm() > 0]
     worst = sorted(errs, reverse=True)[:3]
     print(f"base preset: loss {loss:.6f} vs cpu fp32 {ref_loss:.6f}; grad rel L2 all {total:.2e} "
-          f"(chunked bf16 {_rel(flat(torch_grads), flat(ref_grads)):.2e}); worst (kernel, chunked, name) {worst}")
+          f"(chunked bf16 {rel(flat(torch_grads), flat(ref_grads)):.2e}); worst (kernel, chunked, name) {worst}")
     assert abs(loss - ref_loss) < 1e-2 * abs(ref_loss)
     assert total < 5e-2
     for e_kernel, e_torch, name in errs:
         assert e_kernel < 3 * e_torch + 1e-2, (name, e_kernel, e_torch)
-
-
-def _starts(B: int, T: int, seed: int) -> torch.Tensor:
-    """Resets inside chunks, at chunk boundaries, adjacent, at t = 0 (row 0) and none at all (last row)."""
-    g = torch.Generator().manual_seed(seed)
-    st = torch.rand(B, T, generator=g) < 0.03
-    st[0, 0] = True
-    for t in (15, 16, 17, 33, 34):
-        if t < T:
-            st[0, t] = True
-    st[-1] = False
-    return st.cuda()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -173,8 +143,8 @@ def _starts(B: int, T: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("cfg", [None, (0, 0, 4), (2, 2, 6)])
 def test_resets_match_float64(wkv_cuda, B, T, H, dtype, cfg) -> None:
     """Packed rows: y, the final state and every gradient (initial state included) against float64."""
-    xs, s0, dy, dsT = _inputs(B, T, H, dtype, seed=7 * T + B)
-    starts = _starts(B, T, seed=T)
+    xs, s0, dy, dsT = wkv_inputs(B, T, H, dtype, seed=7 * T + B)
+    starts = reset_marks(B, T, seed=T)
     ref_in = [x.double().requires_grad_() for x in xs]
     ref_s0 = s0.double().requires_grad_()
     y_ref, sT_ref = wkv_reference(*ref_in, ref_s0, starts=starts)
@@ -185,7 +155,7 @@ def test_resets_match_float64(wkv_cuda, B, T, H, dtype, cfg) -> None:
     torch.autograd.backward([y, sT], [dy, dsT])
     pairs = {"y": (y, y_ref), "sT": (sT, sT_ref), "s0": (st.grad, ref_s0.grad)}
     pairs.update({n: (a.grad, b.grad) for n, a, b in zip("rwkvab", ins, ref_in, strict=True)})
-    errs = {n: _rel(a, b) for n, (a, b) in pairs.items()}
+    errs = {n: rel(a, b) for n, (a, b) in pairs.items()}
     tol = TOL_BF16 if dtype == torch.bfloat16 else TOL_F32
     assert max(errs.values()) < tol, errs
     assert not st.grad[0].any()  # row 0 resets at t = 0: its initial state gets no gradient
@@ -194,7 +164,7 @@ def test_resets_match_float64(wkv_cuda, B, T, H, dtype, cfg) -> None:
 @pytest.mark.parametrize("w_raw", [-30.0, 30.0])
 def test_decay_extremes_stay_finite_and_exact(wkv_cuda, w_raw) -> None:
     """w as the model can produce it at both ends: decay -> 1 (sigmoid -> 0) and decay = 0.545."""
-    xs, s0, dy, dsT = _inputs(2, 300, 2, torch.float32, seed=int(w_raw))
+    xs, s0, dy, dsT = wkv_inputs(2, 300, 2, torch.float32, seed=int(w_raw))
     xs[1] = torch.full_like(xs[1], w_raw)
     ref_in = [x.double().requires_grad_() for x in xs]
     y_ref, sT_ref = wkv_reference(*ref_in, s0.double())
@@ -221,7 +191,7 @@ def test_compiled_model_with_kernel_matches_eager(wkv_cuda) -> None:
             p.add_(torch.randn_like(p) * 0.05)
     g = torch.Generator().manual_seed(4)
     idx = torch.randint(0, 200, (4, 190), generator=g).cuda()
-    starts = _starts(4, 190, seed=5)
+    starts = reset_marks(4, 190, seed=5)
     mask = (torch.rand(4, 190, generator=g) > 0.6).cuda()
     tgt = torch.randint(0, 200, (int(mask.sum()),), generator=g).cuda()
 
@@ -239,4 +209,4 @@ def test_compiled_model_with_kernel_matches_eager(wkv_cuda) -> None:
     loss_c, g_c = run(compiled)
     loss_c2, _ = run(compiled)  # a second call reuses the graph
     assert abs(loss_c - loss_e) < 1e-2 * abs(loss_e) and loss_c2 == pytest.approx(loss_c, rel=1e-6)
-    assert _rel(g_c, g_e) < 3e-2
+    assert rel(g_c, g_e) < 3e-2

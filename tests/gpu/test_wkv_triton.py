@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from fast_testutil import rel
+from wkv_testutil import reset_marks, wkv_inputs
 
 from rwkv_music.model.wkv import wkv_reference
 
@@ -22,7 +23,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-N = 64
 TOL = {("tf32x3", torch.float32): 1e-4, ("tf32x3", torch.bfloat16): 3e-3,
        ("tf32", torch.float32): 5e-3, ("tf32", torch.bfloat16): 5e-3}
 TOL_IEEE = 1e-4  # fp32 products, fp32 inputs
@@ -35,22 +35,6 @@ def wkv_triton():
     if not wkv_triton.is_available():
         pytest.fail(f"CUDA present but the Triton WKV cannot run: {wkv_triton.load_error()}")
     return wkv_triton
-
-
-def _inputs(B, T, H, dtype, seed, w_scale=2.0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def rn(scale=1.0):
-        return torch.randn(B, T, H, N, generator=g, device="cuda") * scale
-
-    kk = F.normalize(rn(), dim=-1)
-    xs = [rn(), rn(w_scale), rn(), rn(), -kk, kk * torch.sigmoid(rn())]
-    s0 = torch.randn(B, H, N, N, generator=g, device="cuda") * 0.5
-    return [x.to(dtype) for x in xs], s0, rn().to(dtype), torch.randn(B, H, N, N, generator=g, device="cuda")
-
-
-def _rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def _errors(fn, xs, s0, dy, dsT, starts=None):
@@ -70,7 +54,7 @@ def _errors(fn, xs, s0, dy, dsT, starts=None):
         pairs["s0"] = (st.grad, ref_s0.grad)
     for n, (a, _) in pairs.items():
         assert torch.isfinite(a).all(), n
-    return {n: _rel(a, b) for n, (a, b) in pairs.items()}
+    return {n: rel(a, b) for n, (a, b) in pairs.items()}
 
 
 @pytest.fixture(params=["tf32", "tf32x3"])
@@ -85,7 +69,7 @@ def precision(request, monkeypatch) -> str:
                                                     (1, 4096, 2, True), (1, 4096, 2, False)])
 @pytest.mark.parametrize("bv", [None, 16, 64])
 def test_matches_float64(wkv_triton, precision, B, T, H, state, dtype, bv) -> None:
-    xs, s0, dy, dsT = _inputs(B, T, H, dtype, seed=B * 1000 + T)
+    xs, s0, dy, dsT = wkv_inputs(B, T, H, dtype, seed=B * 1000 + T)
     errs = _errors(lambda *a, **k: wkv_triton.wkv_triton(*a, **k, bv=bv), xs, s0 if state else None, dy, dsT)
     assert max(errs.values()) < TOL[precision, dtype], errs
 
@@ -94,22 +78,16 @@ def test_matches_float64(wkv_triton, precision, B, T, H, state, dtype, bv) -> No
 @pytest.mark.parametrize("bv", [16, 64])
 def test_resets_match_float64(wkv_triton, precision, B, T, H, bv) -> None:
     """Packed rows: resets inside chunks, at chunk starts, adjacent, at t = 0 (row 0) and none (the last row)."""
-    xs, s0, dy, dsT = _inputs(B, T, H, torch.bfloat16, seed=7 * T + B)
-    g = torch.Generator().manual_seed(T)
-    starts = torch.rand(B, T, generator=g) < 0.03
-    starts[0, 0] = True
-    for t in (15, 16, 17, 33, 34):
-        if t < T:
-            starts[0, t] = True
-    starts[-1] = False
-    errs = _errors(lambda *a, **k: wkv_triton.wkv_triton(*a, **k, bv=bv), xs, s0, dy, dsT, starts=starts.cuda())
+    xs, s0, dy, dsT = wkv_inputs(B, T, H, torch.bfloat16, seed=7 * T + B)
+    errs = _errors(lambda *a, **k: wkv_triton.wkv_triton(*a, **k, bv=bv), xs, s0, dy, dsT,
+                   starts=reset_marks(B, T, seed=T))
     assert max(errs.values()) < TOL[precision, torch.bfloat16], errs
 
 
 @pytest.mark.parametrize("w_raw", [-30.0, 30.0])
 def test_decay_extremes_stay_finite(wkv_triton, precision, w_raw) -> None:
     """w at both ends of what the model produces: decay -> 1 and decay = 0.545 at every step."""
-    xs, s0, dy, dsT = _inputs(2, 300, 2, torch.float32, seed=int(w_raw) + 100)
+    xs, s0, dy, dsT = wkv_inputs(2, 300, 2, torch.float32, seed=int(w_raw) + 100)
     xs[1] = torch.full_like(xs[1], w_raw)
     errs = _errors(wkv_triton.wkv_triton, xs, s0, dy, dsT)
     assert max(errs.values()) < TOL[precision, torch.float32], errs
@@ -118,14 +96,14 @@ def test_decay_extremes_stay_finite(wkv_triton, precision, w_raw) -> None:
 def test_fp32_products_are_exact(wkv_triton, monkeypatch) -> None:
     """RWKV_MUSIC_WKV_PRECISION=ieee: the same algebra in fp32 throughout lands far under the tf32 bound."""
     monkeypatch.setenv("RWKV_MUSIC_WKV_PRECISION", "ieee")
-    xs, s0, dy, dsT = _inputs(2, 257, 2, torch.float32, seed=3)
+    xs, s0, dy, dsT = wkv_inputs(2, 257, 2, torch.float32, seed=3)
     errs = _errors(wkv_triton.wkv_triton, xs, s0, dy, dsT)
     assert max(errs.values()) < TOL_IEEE, errs
 
 
 def test_recompute_gives_the_same_gradients(wkv_triton, monkeypatch) -> None:
     """RWKV_MUSIC_WKV_RECOMPUTE=1 walks the same forward again in backward: the same numbers, bit for bit."""
-    xs, s0, dy, dsT = _inputs(2, 300, 3, torch.bfloat16, seed=13)
+    xs, s0, dy, dsT = wkv_inputs(2, 300, 3, torch.bfloat16, seed=13)
     grads = []
     for flag in ("0", "1"):
         monkeypatch.setenv("RWKV_MUSIC_WKV_RECOMPUTE", flag)
@@ -138,7 +116,7 @@ def test_recompute_gives_the_same_gradients(wkv_triton, monkeypatch) -> None:
 
 
 def test_no_grad_forward_equals_training_forward(wkv_triton) -> None:
-    xs, s0, _, _ = _inputs(2, 77, 3, torch.bfloat16, seed=11)
+    xs, s0, _, _ = wkv_inputs(2, 77, 3, torch.bfloat16, seed=11)
     with torch.no_grad():
         y0, s_0 = wkv_triton.wkv_triton(*xs, s0)
     y1, s_1 = wkv_triton.wkv_triton(*[x.clone().requires_grad_() for x in xs], s0)
@@ -155,5 +133,5 @@ def test_compiled_model_keeps_the_op_in_its_graph(wkv_triton) -> None:
     idx = torch.randint(0, 64, (2, 50), device="cuda")
     eager = model(idx)
     compiled = torch.compile(model)(idx)
-    assert _rel(compiled, eager) < 1e-3
+    assert rel(compiled, eager) < 1e-3
     assert torch._dynamo.explain(model)(idx).graph_count <= 2  # the one break: resolving the backend
