@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from rwkv_music.model import RWKV7, from_preset
 from rwkv_music.model.compile import compile_for_training
+from rwkv_music.model.wkv import BACKENDS
 from rwkv_music.remi.tokenizer import build_tokenizer
 from rwkv_music.train.config import TrainConfig
 from rwkv_music.train.optim import make_optimizer
@@ -203,7 +204,7 @@ def main() -> None:
                     help="With --compile: AOTAutograd's activation memory budget (0..1; below 1 recomputes "
                          "element-wise activations in backward to save memory).")
     ap.add_argument("--no-fla", action="store_true")
-    ap.add_argument("--wkv", nargs="+", default=[None], choices=["auto", "cuda", "triton", "torch"],
+    ap.add_argument("--wkv", nargs="+", default=[None], choices=BACKENDS,
                     help="Our model's WKV backend(s), each timed in turn [RWKV_MUSIC_WKV or auto].")
     ap.add_argument("--only", choices=["completion", "all", "fla", "rwkvlm"], action="append")
     ap.add_argument("--rwkvlm", default=None, metavar="DIR",

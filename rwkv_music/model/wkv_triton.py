@@ -25,14 +25,16 @@ float64, is `bench/wkv_chunked_reference.py`.
 API: `wkv_triton(r, w, k, v, a, b, state=None, starts=None)` as `wkv_cuda.wkv_cuda`, differentiable in all
 seven inputs; the kernels are torch custom ops (``rwkv_music::wkv7c_fwd`` / ``wkv7c_bwd``) so torch.compile
 keeps the model in one graph. Products run in tf32 on tensor cores; all other arithmetic and the state are fp32.
-``RWKV_MUSIC_WKV_PRECISION`` picks the products: ``tf32`` (the default; on an H200 its outputs and gradients are
-within 3.4e-3 of float64, the in-context-rate gradients da and db the worst), ``tf32x3`` (three tf32 products
-each, within 1e-4 for fp32 inputs at T = 257, about 2.7x slower) or ``ieee`` (fp32 on the FMA units, for tests).
-``RWKV_MUSIC_WKV_RECOMPUTE=1`` trades the saved chunk states for a second forward walk in backward.
+``RWKV_MUSIC_WKV_PRECISION`` picks the products: ``tf32`` (the default; on an H200, 2026-12-06, its outputs and
+gradients are within 3.4e-3 of float64, the in-context-rate gradients da and db the worst), ``tf32x3`` (three
+tf32 products each, within 1e-4 for fp32 inputs at T = 257, about 2.7x slower) or ``ieee`` (fp32 on the FMA
+units, for tests). ``RWKV_MUSIC_WKV_RECOMPUTE=1`` trades the saved chunk states for a second forward walk in
+backward.
 
-Speed beside the CUDA scan (`wkv_cuda`, docs/benchmarks.md, one H200): faster forward and backward at few heads
-(B x H <= 48: 1.58 against 1.92 ms at B4 T2048 H12), slower at the training shapes (5.06 against 3.45 ms at B16
-T2048 H12), where the per-chunk backward reaches about 21 TFLOP/s. So it is an opt-in backend, not the default.
+Speed beside the CUDA scan (`wkv_cuda`; one H200, 2026-12-06, the command in docs/benchmarks.md): faster forward
+and backward at few heads (B x H <= 48: 1.58 against 1.92 ms at B4 T2048 H12), slower at the training shapes
+(5.06 against 3.45 ms at B16 T2048 H12), where the per-chunk backward reaches about 21 TFLOP/s. So it is an opt-in
+backend, not the default.
 """
 
 from __future__ import annotations
