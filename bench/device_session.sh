@@ -38,6 +38,10 @@
 #               bg:anchorbuild so that wkvanchor / tscompare start built
 #   tscompare   bench/train_step.py --compile at B16 T2048: ours on the CUDA scan and on the chunked Triton WKV, and
 #               RWKV-LM's trainer, one table (needs .anchors)
+#   recompute   bench/train_step.py --compile at B16 T2048: ours keeping all activations and recomputing the element-wise
+#               work, with fp32 master weights and with bf16 weights, and RWKV-LM's trainer, one table (RC_ARGS adds
+#               arguments, e.g. --profile 2)
+#   kerneltests pytest tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_triton.py (both WKV kernels, the compiled model)
 #   tritontests pytest tests/gpu/test_wkv_triton.py and the base-preset test on both kernels (the chunked Triton WKV)
 #   fasttests   pytest tests/gpu/test_fast_step.py and test_fast_prefill.py (the fused step and prefill against the readable model)
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
@@ -62,7 +66,7 @@ declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compi
                   [complete32]=90 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
                   [budget]=240 [losscurve]=420 [sweep]=400
                   [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180
-                  [anchorbuild]=240 [tritontests]=240 [tscompare]=360)
+                  [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
@@ -89,6 +93,8 @@ declare -A command=(
     [anchorbuild]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY -c \"import os, sys; sys.path[:0] = [os.getcwd(), '../..']; import rwkvlm_bench as m; m.prebuild('${ANCHOR_WHAT:-kernels}')\""
     [tscompare]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --wkv cuda triton --json $results/tscompare.json"
     [tritontests]="$PY -m pytest -q -rs tests/gpu/test_wkv_triton.py tests/gpu/test_wkv_cuda.py -k 'triton or base_preset'"
+    [recompute]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --recompute none elementwise --weights fp32 bf16 --json $results/recompute.json ${RC_ARGS:-}"
+    [kerneltests]="$PY -m pytest -q -rs tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_triton.py"
     [wkvanchor]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"
 )
 

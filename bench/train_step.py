@@ -20,6 +20,7 @@ model FLOPs = 6 x (non-embedding matmul parameters) x tokens + 6 x n_embd x voca
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from rwkv_music.model import RWKV7, from_preset
 from rwkv_music.model.compile import compile_for_training
+from rwkv_music.model.recompute import RECOMPUTE
 from rwkv_music.model.wkv import BACKENDS
 from rwkv_music.remi.tokenizer import build_tokenizer
 from rwkv_music.train.config import TrainConfig
@@ -82,14 +84,15 @@ def profile_steps(step, device: torch.device, steps: int, top: int, title: str) 
           flush=True)
 
 
-def bench_ours(args, device, vocab: int, frac: float | None, wkv: str | None = None) -> dict:
+def bench_ours(args, device, vocab: int, frac: float | None, wkv: str | None = None, recompute: str = "none",
+               bf16_weights: bool = False) -> dict:
     torch.manual_seed(0)
     model = RWKV7(from_preset(args.preset, vocab)).to(device)
     if wkv is not None:
         model.wkv_backend = wkv
-    if args.bf16_weights:  # as RWKV-LM trains: bf16 parameters and optimizer state, no autocast
+    if bf16_weights:  # as RWKV-LM trains: bf16 parameters and optimizer state, no autocast
         model = model.bfloat16()
-    model.grad_checkpoint = args.grad_checkpoint
+    model.recompute = recompute
     cfg = TrainConfig(lr=1e-4, warmup_steps=0)
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
     fwd = compile_for_training(model, memory_budget=args.memory_budget) if args.compile else model
@@ -99,7 +102,7 @@ def bench_ours(args, device, vocab: int, frac: float | None, wkv: str | None = N
     if frac is not None:
         mask[:, : T - max(1, round(frac * T))] = False
     targets = torch.randint(0, vocab, (int(mask.sum()),), device=device)
-    amp = device.type == "cuda" and not args.bf16_weights
+    amp = device.type == "cuda" and not bf16_weights
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -114,8 +117,9 @@ def bench_ours(args, device, vocab: int, frac: float | None, wkv: str | None = N
     flops = model_flops_per_step(model, B, T, int(mask.sum()))
     name = "ours/all" if frac is None else f"ours/completion {frac:.2f}"
     name += " compiled" if args.compile else ""
-    name += " bf16 weights" if args.bf16_weights else ""
+    name += " bf16 weights" if bf16_weights else ""
     name += f" budget {args.memory_budget:g}" if args.compile and args.memory_budget is not None else ""
+    name += f" recompute {model.recompute}" if model.recompute != "none" else ""
     name += f" wkv {model.backend(device).name}"
     if args.profile:
         profile_steps(step, device, args.profile, args.profile_top, name)
@@ -196,10 +200,15 @@ def main() -> None:
                     help="Share of positions given logits in ours/completion (2 of 6 bars in default windows).")
     ap.add_argument("--vocab", type=int, default=None, help="Vocabulary size [the project's REMI tokenizer's].")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--grad-checkpoint", action="store_true")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="The same as --recompute blocks.")
+    ap.add_argument("--recompute", nargs="+", choices=RECOMPUTE, default=["none"],
+                    help="What backward recomputes in our model (model/recompute.py); several: each timed in turn.")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
     ap.add_argument("--bf16-weights", action="store_true",
                     help="Ours with bf16 parameters and no autocast (RWKV-LM's way) instead of fp32 master weights.")
+    ap.add_argument("--weights", nargs="+", choices=["fp32", "bf16"], default=None,
+                    help="Ours with fp32 master weights under bf16 autocast, bf16 weights (--bf16-weights), or both "
+                         "in turn.")
     ap.add_argument("--memory-budget", type=float, default=None, metavar="F",
                     help="With --compile: AOTAutograd's activation memory budget (0..1; below 1 recomputes "
                          "element-wise activations in backward to save memory).")
@@ -221,11 +230,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), math.nan)
     only = set(args.only or ["completion", "all", "fla"])
+    recomputes = ["blocks"] if args.grad_checkpoint else args.recompute
+    weights = args.weights or (["bf16"] if args.bf16_weights else ["fp32"])
     rows = []
     for frac in [args.completion_frac] * ("completion" in only) + [None] * ("all" in only):
-        for wkv in args.wkv:
-            rows.append(bench_ours(args, device, vocab, frac, wkv))
+        for wkv, recompute, w in itertools.product(args.wkv, recomputes, weights):
+            rows.append(bench_ours(args, device, vocab, frac, wkv, recompute, bf16_weights=w == "bf16"))
             print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
+            torch._dynamo.reset()  # frees the compiled case's graphs (and the model they hold) before the next
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if "fla" in only and not args.no_fla:
@@ -245,7 +257,7 @@ def main() -> None:
 
     print(f"\n{args.preset} preset, vocab {vocab}, batch {args.batch} x {args.seq}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {name}, torch {torch.__version__}"
-          f"{', grad checkpoint' if args.grad_checkpoint else ''}{', compiled' if args.compile else ''}")
+          f"{', compiled' if args.compile else ''}")
     print("| case | params | ms/step | tokens/s | peak GiB | model TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

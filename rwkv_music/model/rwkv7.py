@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from rwkv_music.model.config import RWKV7Config
+from rwkv_music.model.recompute import check_recompute, run_block
 from rwkv_music.model.state import RWKV7State
 from rwkv_music.model.wkv import WkvBackend, default_backend, resolve_backend, wkv
 
@@ -236,7 +236,8 @@ class RWKV7(nn.Module):
     a completion mask never materialises [B, T, V]. ``starts`` (bool [B, T]) packs several sequences into
     one row: at each marked position token shift and WKV state restart from zero.
 
-    Runtime switches (not part of the saved config): ``grad_checkpoint`` recomputes each block in backward;
+    Runtime switches (not part of the saved config): ``recompute`` (none | elementwise | blocks, see
+    `model/recompute.py`) trades backward time for activation memory (``grad_checkpoint = True`` is "blocks");
     ``wkv_backend`` (auto | torch | cuda | triton) picks the WKV implementation, resolved once per device.
     """
 
@@ -248,7 +249,7 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.grad_checkpoint = False
+        self.recompute = "none"
         self.wkv_backend = default_backend()
         self._backends: dict[tuple[str, torch.device], WkvBackend] = {}
         if init_weights:
@@ -273,6 +274,14 @@ class RWKV7(nn.Module):
         self.head.weight[start:] = head[start:].to(self.head.weight)
 
     @property
+    def grad_checkpoint(self) -> bool:
+        return self.recompute == "blocks"
+
+    @grad_checkpoint.setter
+    def grad_checkpoint(self, on: bool) -> None:
+        self.recompute = "blocks" if on else "none"
+
+    @property
     def device(self) -> torch.device:
         return self.emb.weight.device
 
@@ -295,14 +304,10 @@ class RWKV7(nn.Module):
         x = self.emb(idx)
         v_first: Tensor | None = None
         att_xs, wkvs, ffn_xs = [], [], []
-        use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        recompute = check_recompute(self.recompute) if self.training and torch.is_grad_enabled() else "none"
         for i, block in enumerate(self.blocks):
             layer_state = (None, None, None) if state is None else (state.att_x[i], state.wkv[i], state.ffn_x[i])
-            if use_ckpt:
-                x, v_first, att_x, s, ffn_x = checkpoint(block, x, v_first, *layer_state, starts, backend,
-                                                         use_reentrant=False)
-            else:
-                x, v_first, att_x, s, ffn_x = block(x, v_first, *layer_state, starts, backend)
+            x, v_first, att_x, s, ffn_x = run_block(block, recompute, x, v_first, *layer_state, starts, backend)
             att_xs.append(att_x)
             wkvs.append(s)
             ffn_xs.append(ffn_x)

@@ -133,7 +133,11 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
       "DDP processes.")
 @_opt("--shuffle-buffer", type=int, help="Samples in each stream's shuffle buffer.")
 @_opt("--bucket-pool", type=int, help="Batches per length-bucketing pool; 1 disables bucketing.")
-@_opt("--grad-checkpoint/--no-grad-checkpoint", help="Recompute blocks in backward (less memory).")
+@_opt("--recompute", type=click.Choice(["none", "elementwise", "blocks"]), help="What backward recomputes "
+      "instead of keeping: elementwise keeps only the matrix products' and WKV kernels' outputs (much less "
+      "activation memory, a little slower when compiled); blocks keeps only each block's input (least memory, "
+      "the slowest). docs/training.md has the figures.")
+@_opt("--grad-checkpoint/--no-grad-checkpoint", help="The same as --recompute blocks.")
 @_opt("--compile/--no-compile", help="torch.compile the model (fuses its element-wise work around the CUDA WKV "
       "kernel: about 2.4x faster steps on an H200; the first step waits for the compile).",
       unset="on with CUDA, off on the CPU")
@@ -162,6 +166,8 @@ def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, acc
     if accept_new_data and not resume:
         raise UsageFailure("--accept-new-data only applies with --resume")
     overrides = {k: v for k, v in opts.items() if v is not None}
+    if "grad_checkpoint" in overrides:  # the older flag: blocks or nothing, unless --recompute says otherwise
+        overrides.setdefault("recompute", "blocks" if overrides["grad_checkpoint"] else "none")
     overrides["shards"], overrides["out"] = str(shards), str(out)
     if overrides.get("init_from") is not None:
         overrides["init_from"] = str(overrides["init_from"])

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rwkv_music.model.recompute import RECOMPUTE
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -58,7 +60,8 @@ class TrainConfig:
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
-    grad_checkpoint: bool = False
+    grad_checkpoint: bool = False  # the older spelling of recompute = "blocks"
+    recompute: str = "none"  # none | elementwise | blocks: what backward recomputes (model/recompute.py)
     compile: bool | None = None  # None: on with CUDA (the fast path), off on the CPU
     memory_budget: float | None = None  # compiled only: AOTAutograd's activation memory budget (None: all saved)
     precision: str = "bf16"  # bf16: bf16 autocast over fp32 master weights on CUDA | fp32 (the reference path)
@@ -75,6 +78,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.format not in ("parquet", "webdataset"):
             raise ValueError(f"format must be parquet or webdataset, not {self.format!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, not {self.recompute!r}")
+        if self.grad_checkpoint and self.recompute == "none":
+            self.recompute = "blocks"
+        self.grad_checkpoint = self.recompute == "blocks"
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, not {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -105,7 +113,7 @@ class TrainConfig:
         return cls(**d)
 
     def model_overrides(self) -> dict[str, Any]:
-        """Shape fields for `from_preset` (grad_checkpoint is a trainer option: fit.set_grad_checkpoint)."""
+        """Shape fields for `from_preset` (recompute is a trainer option: fit.set_recompute)."""
         keys = ("n_layer", "n_embd", "head_size", "dim_ffn")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 

@@ -59,8 +59,9 @@ class BadFitInput(TrainingError):
 # RuntimeError ("DefaultCPUAllocator: can't allocate memory ..."; "not enough memory" in other builds).
 _CPU_OOM_MARKERS = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory", "std::bad_alloc")
 
-OOM_ADVICE = ("lower --batch-size and raise --grad-accum to keep the global batch, add --grad-checkpoint, or train "
-              "a smaller model (--preset, --n-layer, --n-embd) or on shards built with a smaller --max-seq-len")
+OOM_ADVICE = ("lower --batch-size and raise --grad-accum to keep the global batch, add --recompute elementwise "
+              "(or blocks), or train a smaller model (--preset, --n-layer, --n-embd) or on shards built with a smaller "
+              "--max-seq-len")
 
 
 def out_of_memory_kind(e: BaseException) -> str | None:
@@ -208,10 +209,10 @@ def _batches(stream, epoch: int, consumed: int, num_workers: int, pin: bool) -> 
         epoch, consumed = epoch + 1, 0
 
 
-def set_grad_checkpoint(model: nn.Module, on: bool) -> None:
-    """Recompute blocks in backward or not: a trainer option, set on the model after it is built or loaded (so
-    `--grad-checkpoint` applies to resumed and --init-from models too)."""
-    model.grad_checkpoint = on
+def set_recompute(model: nn.Module, mode: str) -> None:
+    """What backward recomputes: a trainer option, set on the model after it is built or loaded (so
+    `--recompute` applies to resumed and --init-from models too)."""
+    model.recompute = mode
 
 
 def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log: Callable[[str], None]) -> nn.Module:
@@ -396,7 +397,7 @@ class Trainer:
             self.log(f"resuming from {ckpt} (step {saved.step})")
         else:
             self.raw = _build_model(cfg, len(tokenizer), self.tok_hash, self.log)
-        set_grad_checkpoint(self.raw, cfg.grad_checkpoint)
+        set_recompute(self.raw, cfg.recompute)
         self.raw.to(device)
         use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
         if cfg.memory_budget is not None and not use_compile:

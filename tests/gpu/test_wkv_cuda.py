@@ -180,10 +180,13 @@ def test_decay_extremes_stay_finite_and_exact(wkv_cuda, w_raw) -> None:
         assert err <= 1e-3 * b.double().norm().item() + 1e-9
 
 
-def test_compiled_model_with_kernel_matches_eager(wkv_cuda) -> None:
-    """torch.compile traces through the custom ops (packed rows included): same loss and gradients."""
+@pytest.mark.parametrize("recompute", ["none", "elementwise"])
+def test_compiled_model_with_kernel_matches_eager(wkv_cuda, recompute) -> None:
+    """torch.compile traces through the custom ops (packed rows included): same loss and gradients, also when
+    backward recomputes the element-wise work (the compiled run's `recompute`; the eager run keeps all)."""
     from rwkv_music.model import RWKV7, RWKV7Config
 
+    torch._dynamo.reset()
     torch.manual_seed(3)
     model = RWKV7(RWKV7Config(vocab_size=200, n_layer=2, n_embd=128)).cuda()
     with torch.no_grad():
@@ -206,7 +209,36 @@ def test_compiled_model_with_kernel_matches_eager(wkv_cuda) -> None:
     from rwkv_music.model.compile import compile_for_training
 
     compiled = compile_for_training(model)
+    model.recompute = recompute
     loss_c, g_c = run(compiled)
     loss_c2, _ = run(compiled)  # a second call reuses the graph
     assert abs(loss_c - loss_e) < 1e-2 * abs(loss_e) and loss_c2 == pytest.approx(loss_c, rel=1e-6)
     assert rel(g_c, g_e) < 3e-2
+
+
+def test_recompute_elementwise_keeps_less(wkv_cuda) -> None:
+    """A compiled training step that recomputes the element-wise work peaks lower than one that keeps it."""
+    from rwkv_music.model import RWKV7, RWKV7Config
+    from rwkv_music.model.compile import compile_for_training
+
+    idx = torch.randint(0, 200, (8, 1024), device="cuda")
+    peaks = {}
+    for mode in ("none", "elementwise"):
+        torch._dynamo.reset()
+        torch.manual_seed(3)
+        model = RWKV7(RWKV7Config(vocab_size=200, n_layer=4, n_embd=256)).cuda()
+        model.recompute = mode
+        compiled = compile_for_training(model)
+        for _ in range(2):  # the first step compiles
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(idx).float().square().mean()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        peaks[mode] = torch.cuda.max_memory_allocated() - base
+        del model, compiled, loss
+    print(f"peak growth of a step (MiB): {({k: v / 2**20 for k, v in peaks.items()})}")
+    assert peaks["elementwise"] < 0.85 * peaks["none"]

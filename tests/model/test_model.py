@@ -147,16 +147,38 @@ def test_training_changes_every_parameter(tiny_cfg: RWKV7Config) -> None:
     assert losses[-1] < losses[0]
 
 
-def test_grad_checkpoint_gives_same_gradients(tiny_cfg: RWKV7Config) -> None:
-    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(6))
-    grads = []
-    for ckpt in (False, True):
+@pytest.mark.parametrize("mode", ["elementwise", "blocks"])
+def test_recompute_gives_same_gradients(tiny_cfg: RWKV7Config, mode: str) -> None:
+    """Recomputing in backward changes what is kept, not the function: the same loss and gradients as keeping
+    everything, with packed-row resets and an initial state in play."""
+    gen = torch.Generator().manual_seed(6)
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 20), generator=gen)
+    starts = torch.zeros(2, 20, dtype=torch.bool)
+    starts[1, 9] = True
+    results = []
+    for m in ("none", mode):
         model = randomised_model(tiny_cfg, seed=7).train()
-        model.grad_checkpoint = ckpt
-        model(idx).square().mean().backward()
-        grads.append([p.grad for p in model.parameters()])
-    for a, b in zip(*grads, strict=True):
+        model.recompute = m
+        with torch.no_grad():
+            _, state = model(idx[:, :7], return_state=True)
+        loss = model(idx, state=state, starts=starts).square().mean()
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss0, g0), (loss1, g1) = results
+    assert torch.equal(loss0, loss1)
+    for a, b in zip(g0, g1, strict=True):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+
+
+def test_grad_checkpoint_is_recompute_blocks(tiny_cfg: RWKV7Config) -> None:
+    model = RWKV7(tiny_cfg)
+    model.grad_checkpoint = True
+    assert model.recompute == "blocks" and model.grad_checkpoint is True
+    model.recompute = "elementwise"
+    assert model.grad_checkpoint is False
+    model.recompute = "sometimes"
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        model.train()(torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_bad_positions_are_rejected(tiny_model: RWKV7) -> None:

@@ -241,3 +241,18 @@ def test_max_tokens_stops_once_the_budget_is_seen(small_shards: Path, tmp_path: 
     assert rows[-1]["tokens"] >= 2000 > rows[-2]["tokens"]
     planned = json.loads((run / "config.json").read_text())["total_steps"]
     assert abs(planned - rows[-1]["step"]) <= max(2, planned // 3)  # the schedule was planned from the manifest
+
+
+def test_recompute_options_reach_the_run(small_shards: Path, tmp_path: Path):
+    """--recompute picks what backward recomputes; the older --grad-checkpoint means blocks, also on --resume."""
+    def train(run: Path, *opts: str) -> str:
+        res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--batch-size", "4", "--eval-batches", "1",
+                              *opts)
+        assert res.exit_code == 0, res.output
+        return json.loads((run / "config.json").read_text())["train"]["recompute"]
+
+    assert train(tmp_path / "a", "--max-steps", "1", "--recompute", "elementwise") == "elementwise"
+    assert train(tmp_path / "b", "--max-steps", "1", "--grad-checkpoint") == "blocks"
+    assert train(tmp_path / "b", "--max-steps", "2", "--resume", "--no-grad-checkpoint") == "none"
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "c", *TINY, "--recompute", "some")
+    assert res.exit_code == 2 and "--recompute" in res.output and not (tmp_path / "c").exists()

@@ -86,7 +86,7 @@ def test_cpu_out_of_memory_stops_with_one_line_and_keeps_the_last_checkpoint(sma
     assert len(errors) == 1, proc.stderr
     msg = errors[0]
     assert re.match(r"Error: CPU out of memory at step 3 \(batch 256 x \d+ tokens\): ", msg), msg
-    for option in ("--batch-size", "--grad-accum", "--grad-checkpoint", "--preset", "--max-seq-len"):
+    for option in ("--batch-size", "--grad-accum", "--recompute", "--preset", "--max-seq-len"):
         assert option in msg, (option, msg)
     assert msg.endswith(f"the last good checkpoint is {good}"), msg
 

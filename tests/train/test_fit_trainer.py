@@ -19,11 +19,13 @@ def tiny_config(shards: Path, out: Path, **kw) -> TrainConfig:
                        tensorboard=False, batch_size=4, eval_batches=1, shuffle_buffer=256, **kw)
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_grad_checkpoint_option_recomputes_blocks_in_backward(small_shards: Path, tmp_path: Path, on: bool):
-    trainer = Trainer(tiny_config(small_shards, tmp_path / "run", grad_checkpoint=on, max_steps=1),
+@pytest.mark.parametrize("opts", [{"grad_checkpoint": True}, {"recompute": "elementwise"}, {}])
+def test_recompute_option_reruns_blocks_in_backward(small_shards: Path, tmp_path: Path, opts: dict):
+    trainer = Trainer(tiny_config(small_shards, tmp_path / "run", max_steps=1, **opts),
                       DistInfo(), torch.device("cpu"))
-    assert trainer.raw.grad_checkpoint is on
+    mode = opts.get("recompute", "blocks" if opts else "none")
+    assert trainer.raw.recompute == mode and trainer.cfg.recompute == mode
+    on = mode != "none"
     calls = []
     # a pre-hook: the recomputation stops early once it has what backward needs, before forward hooks would run
     trainer.raw.blocks[0].register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))

@@ -1,0 +1,50 @@
+"""What backward recomputes instead of keeping from the forward: the model's `recompute` switch.
+
+- ``none``: keep what the forward made (fastest, most memory).
+- ``elementwise``: keep only the outputs of the matrix products and of the WKV kernels (and each block's
+  input); every element-wise op, norm and cast between them is run again in backward. Compiled, the
+  recomputation fuses into the backward's own element-wise kernels, so it costs little time, while the
+  many [B, T, C] intermediates of the token shift, gates and norms (in fp32 under autocast) are not kept.
+  This is selective activation checkpointing (`torch.utils.checkpoint.create_selective_checkpoint_contexts`)
+  with a policy by op.
+- ``blocks``: keep only each block's input and run the whole block again in backward (least memory; the
+  matrix products and the WKV forward run twice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+RECOMPUTE = ("none", "elementwise", "blocks")
+
+_aten = torch.ops.aten
+_PRODUCTS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
+
+
+def _keep_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Keep matrix products and this package's kernels (the WKV forward ops); recompute the rest."""
+    if op in _PRODUCTS or getattr(op, "namespace", None) == "rwkv_music":
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def check_recompute(mode: str) -> str:
+    if mode not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {mode!r}")
+    return mode
+
+
+def run_block(block: Callable[..., Any], mode: str, *args: Any) -> Any:
+    """``block(*args)`` under the recompute mode (a training forward with grad enabled)."""
+    if mode == "none":
+        return block(*args)
+    if mode == "blocks":
+        return checkpoint(block, *args, use_reentrant=False)
+    check_recompute(mode)
+    return checkpoint(block, *args, use_reentrant=False,
+                      context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
