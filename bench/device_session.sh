@@ -26,6 +26,9 @@
 #   budget      bench/train_step.py --compile at activation memory budgets $BUDGETS [0.5 0.3] (B16 T2048)
 #   losscurve   bench/loss_curve.py: 300 steps of `fit` on .shards-music21, the reference path (PyTorch WKV,
 #               fp32, eager) against the fast path, same seed
+#   lcfloor     bench/loss_curve.py --noise-floor --parallel: the reference, the fast path and the fp32 math through the
+#               CUDA kernel (compiled) at once, 300 steps each; how far fp32 rounding alone carries a run from the
+#               reference is the floor the fast path's distance is read against (LOSSCURVE_ARGS adds arguments)
 #   lceval      the losscurve step's two runs scored alike: `musictrain eval` (float32, 2000 val windows
 #               teacher-forced) of each run's checkpoint, so their val difference is not the evaluation's precision
 #   wkvwarm     compile every variant of the chunked Triton WKV that wkvcheck and wkvtriton use, 16 processes at once
@@ -45,6 +48,8 @@
 #   tritontests pytest tests/gpu/test_wkv_triton.py and the base-preset test on both kernels (the chunked Triton WKV)
 #   fasttests   pytest tests/gpu/test_fast_step.py and test_fast_prefill.py (the fused step and prefill against the readable model)
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
+#   proof5      bench/e2e_proof.sh with a 300 s training budget on the path FIT_PATH [fast] (or reference), training
+#               only (EVAL=0): issue 11's "which path reaches the better val loss in the same 5 minutes"
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
 # A step written bg:STEP runs in the background (e.g. bg:build while Triton compiles); the step `wait` waits for them.
 # Limits per step (seconds) come from LIMIT_<STEP>, e.g. LIMIT_TRAINSTEP=200. RESULTS/summary.txt lists each
@@ -65,8 +70,9 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=240
                   [complete32]=90 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
                   [budget]=240 [losscurve]=420 [sweep]=400
-                  [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180
-                  [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300)
+                  [lcfloor]="$PY bench/loss_curve.py .shards-music21 /tmp/lcfloor --noise-floor --parallel --timeout 380 ${LOSSCURVE_ARGS:-}"
+    [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180
+                  [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300 [proof5]=400 [lcfloor]=420)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
@@ -84,6 +90,7 @@ declare -A command=(
     [budget]="for b in ${BUDGETS:-0.5 0.3}; do $PY bench/train_step.py --only completion --no-fla --compile --memory-budget \$b; done"
     [sweep]="$PY bench/sampling_sweep.py /tmp/issue16/run .shards-music21 /tmp/sweep --report-test /tmp/sweep-test ${SWEEP_ARGS:-}; rc=\$?; tar czf $results/sweep.tgz -C /tmp sweep/sweep.json sweep-test; exit \$rc"
     [losscurve]="$PY bench/loss_curve.py .shards-music21 /tmp/losscurve ${LOSSCURVE_ARGS:-}"
+    [lcfloor]="$PY bench/loss_curve.py .shards-music21 /tmp/lcfloor --noise-floor --parallel --timeout 380 ${LOSSCURVE_ARGS:-}"
     [lceval]="for r in reference fast; do $PY -m rwkv_music.train.cli eval /tmp/losscurve/\$r .shards-music21 --num-windows 0 --choice-windows 0 --piano-rolls 0 -q -o /tmp/lceval-\$r && $PY -c \"import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], r.get('checkpoint'), 'teacher-forced loss', r['teacher_forced']['loss'], 'windows', r['teacher_forced'].get('windows'))\" /tmp/lceval-\$r/report.json \$r; done"
     [fasttests]="$PY -m pytest -q -rs tests/gpu/test_fast_step.py tests/gpu/test_fast_prefill.py"
     [ddp]="PY=$PY OUT=/tmp/ddp-scaling bash bench/ddp_scaling.sh '' 2"
@@ -93,6 +100,7 @@ declare -A command=(
     [anchorbuild]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY -c \"import os, sys; sys.path[:0] = [os.getcwd(), '../..']; import rwkvlm_bench as m; m.prebuild('${ANCHOR_WHAT:-kernels}')\""
     [tscompare]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --wkv cuda triton --json $results/tscompare.json"
     [tritontests]="$PY -m pytest -q -rs tests/gpu/test_wkv_triton.py tests/gpu/test_wkv_cuda.py -k 'triton or base_preset'"
+    [proof5]="TIME_BUDGET_S=300 EVAL_EVERY=${EVAL_EVERY:-50} EVAL=0 FIT_PATH=${FIT_PATH:-fast} PY=$PY bash bench/e2e_proof.sh /tmp/proof5-${FIT_PATH:-fast}"
     [recompute]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --recompute none elementwise --weights fp32 bf16 --json $results/recompute.json ${RC_ARGS:-}"
     [kerneltests]="$PY -m pytest -q -rs tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_triton.py"
     [wkvanchor]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"

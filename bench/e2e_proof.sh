@@ -10,6 +10,10 @@
 #   PRESET [small]  STEPS [1500]  TIME_BUDGET_S [330]  BATCH [16]  LR [1e-3]  WARMUP [100]  EVAL_EVERY [150]
 #   EVAL_WINDOWS [64]  MAX_TF_WINDOWS [2000]  DEVICE [cuda]  SEED [0]  SPLIT_SEED [0]  VAL_FRACTION [0.15]
 #   EXTRA_CORPUS (a folder of more MIDI files)  PY (python interpreter)
+#   FIT_PATH [fast]: fast = fit's defaults on CUDA (CUDA WKV kernel, bf16 autocast, compiled); reference = the
+#     readable path (PyTorch WKV, fp32, eager), for "which reaches the better val loss in the same time"
+#   BATCH_TOKENS (unset): packed batches of this many positions per step (fit --batch-tokens) instead of BATCH
+#   EVAL [1]: 0 stops after training (the val losses are in run/metrics.jsonl and the summary)
 # Training stops at STEPS or after TIME_BUDGET_S seconds, whichever comes first; a checkpoint is written every
 # EVAL_EVERY steps, and eval reads the best one (lowest val loss), so a stop by the time budget loses at most
 # EVAL_EVERY steps. The corpus is tiny (28 distinct pieces): SPLIT_SEED 0 with VAL_FRACTION 0.15 puts five whole
@@ -37,6 +41,15 @@ EVAL_EVERY="${EVAL_EVERY:-150}"
 EVAL_WINDOWS="${EVAL_WINDOWS:-64}"
 MAX_TF_WINDOWS="${MAX_TF_WINDOWS:-2000}"
 DEVICE="${DEVICE:-cuda}"
+FIT_PATH="${FIT_PATH:-fast}"
+EVAL="${EVAL:-1}"
+fit_extra=()
+if [[ -n "${BATCH_TOKENS:-}" ]]; then fit_extra+=(--batch-tokens "$BATCH_TOKENS"); fi
+case "$FIT_PATH" in
+    fast) ;;
+    reference) export RWKV_MUSIC_WKV=torch; fit_extra+=(--precision fp32 --no-compile) ;;
+    *) echo "FIT_PATH must be fast or reference, not $FIT_PATH" >&2; exit 2 ;;
+esac
 SEED="${SEED:-0}"
 SPLIT_SEED="${SPLIT_SEED:-0}"
 VAL_FRACTION="${VAL_FRACTION:-0.15}"
@@ -108,20 +121,32 @@ if [[ "$DEVICE" == cuda ]]; then
 print('CUDA WKV available:', ok, wkv_cuda.load_error() or '', f'({time.time() - t:.0f}s)')" 2>&1 | tee -a "$log"
 fi
 
-say "== 2/3 train the $PRESET preset on $DEVICE: at most $STEPS steps or ${TIME_BUDGET_S}s"
+say "== 2/3 train the $PRESET preset on $DEVICE ($FIT_PATH path): at most $STEPS steps or ${TIME_BUDGET_S}s"
 rm -rf "$work/run"
 t0=$(date +%s)
 set +e
 run timeout --signal=KILL "$TIME_BUDGET_S" "$PY" -m rwkv_music.train.cli fit "$work/shards" -o "$work/run" \
     --preset "$PRESET" --device "$DEVICE" --max-steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
     --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --save-every "$EVAL_EVERY" --keep-last 1 --seed "$SEED" \
-    --no-progress
+    --no-progress ${fit_extra[@]+"${fit_extra[@]}"}
 fit_rc=${PIPESTATUS[0]}
 set -e
 say "fit exit code $fit_rc after $(($(date +%s) - t0))s (137: stopped by the time budget)"
 if [[ ! -f "$work/run/checkpoints/latest.json" ]]; then
     say "no checkpoint was written; see $log"
     exit 1
+fi
+
+"$PY" - "$work/run/metrics.jsonl" <<'PY' | tee -a "$log"
+import json, sys
+rows = [json.loads(x) for x in open(sys.argv[1]) if x.strip()]
+vals = [(r["step"], round(r["val_loss"], 4), r["tokens"]) for r in rows if r.get("val_loss") is not None]
+print(f"fit: {max((r['step'] for r in rows), default=0)} steps logged; val loss (step, loss, tokens seen): {vals}")
+print(f"best val loss {min((v for _, v, _ in vals), default=float('nan'))}")
+PY
+if [[ "$EVAL" == 0 ]]; then
+    say "EVAL=0: no evaluation report"
+    exit 0
 fi
 
 say "== 3/3 evaluate the best checkpoint on the val split"

@@ -4,6 +4,7 @@ autocast, torch.compile: fit's defaults on CUDA). Prints both loss curves side b
 
     python bench/loss_curve.py SHARDS WORK [--steps 300] [--preset small] [--batch-tokens 16384]
     python bench/loss_curve.py SHARDS WORK --metrics reference=REF/metrics.jsonl   # reuse a finished run
+    python bench/loss_curve.py SHARDS WORK --noise-floor --parallel   # + the fp32 math through the CUDA kernel
 
 bf16 rounding makes the two runs drift apart step by step (their batches are the same, their weights soon
 are not), so single steps are compared only as a mean over a window of logged steps: the curves "follow"
@@ -23,7 +24,27 @@ from pathlib import Path
 RUNS = {
     "reference": ({"RWKV_MUSIC_WKV": "torch"}, ["--precision", "fp32", "--no-compile"]),
     "fast": ({}, []),
+    # with --noise-floor: the same fp32 math through other code (the CUDA kernel, compiled), so it differs from the
+    # reference only by fp32 rounding; how far training carries that apart is the floor any comparison stands on
+    "fp32-kernel": ({"RWKV_MUSIC_WKV": "cuda"}, ["--precision", "fp32", "--compile"]),
 }
+
+
+def compare(ref: tuple[dict, dict], other: tuple[dict, dict], window: int) -> tuple[list[dict], list[dict], float]:
+    """Window means of train loss and val losses of `other` against `ref`: (windows, vals, worst relative)."""
+    (rt, rv), (ot, ov) = ref, other
+    steps = sorted(set(rt) & set(ot))
+    windows = []
+    for i in range(0, len(steps) - window + 1, window):
+        w = steps[i: i + window]
+        r = sum(rt[s] for s in w) / len(w)
+        o = sum(ot[s] for s in w) / len(w)
+        windows.append({"steps": f"{w[0]}-{w[-1]}", "reference": round(r, 4), "other": round(o, 4),
+                        "rel": round(abs(o - r) / r, 4)})
+    vals = [{"step": s, "reference": round(rv[s], 4), "other": round(ov[s], 4),
+             "rel": round(abs(ov[s] - rv[s]) / rv[s], 4)} for s in sorted(set(rv) & set(ov))]
+    worst = max([w["rel"] for w in windows] + [v["rel"] for v in vals] + [0.0])
+    return windows, vals, worst
 
 
 def read(path: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -66,6 +87,9 @@ def main() -> None:
     ap.add_argument("--parallel", action="store_true",
                     help="Run the two fits at once on the same device (their output goes to WORK/NAME.log). Their "
                          "numbers do not depend on it; their speed does.")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="Also train the fp32 math through the CUDA kernel, compiled (run fp32-kernel): its distance "
+                         "from the reference is what fp32 rounding alone does over the same steps.")
     ap.add_argument("--metrics", action="append", default=[], metavar="NAME=FILE",
                     help="Take run NAME (reference or fast) from this metrics.jsonl of a finished run with the same "
                          "options instead of running it (on a time-limited machine, one run per command).")
@@ -80,7 +104,9 @@ def main() -> None:
     curves, seconds = {}, {}
     args.work.mkdir(parents=True, exist_ok=True)
     running = {}
-    for name, (env, extra) in RUNS.items():
+    names = ["reference", "fast"] + (["fp32-kernel"] if args.noise_floor or "fp32-kernel" in given else [])
+    for name in names:
+        env, extra = RUNS[name]
         if name in given:
             curves[name] = read(Path(given[name]))
             continue
@@ -95,27 +121,25 @@ def main() -> None:
             finish(running.pop(name), name, args, curves, seconds)
     for name in list(running):
         finish(running.pop(name), name, args, curves, seconds)
-    (rt, rv), (ft, fv) = curves["reference"], curves["fast"]
-    steps = sorted(set(rt) & set(ft))
-    windows = []
-    for i in range(0, len(steps) - args.window + 1, args.window):
-        w = steps[i: i + args.window]
-        r = sum(rt[s] for s in w) / len(w)
-        f = sum(ft[s] for s in w) / len(w)
-        windows.append({"steps": f"{w[0]}-{w[-1]}", "reference": round(r, 4), "fast": round(f, 4),
-                        "rel": round(abs(f - r) / r, 4)})
-    vals = [{"step": s, "reference": round(rv[s], 4), "fast": round(fv[s], 4),
-             "rel": round(abs(fv[s] - rv[s]) / rv[s], 4)} for s in sorted(set(rv) & set(fv))]
-    print(f"{'steps':>10} {'reference':>10} {'fast':>10} {'rel':>7}")
-    for w in windows:
-        print(f"{w['steps']:>10} {w['reference']:10.4f} {w['fast']:10.4f} {w['rel']:7.4f}")
-    for v in vals:
-        print(f"{'val ' + str(v['step']):>10} {v['reference']:10.4f} {v['fast']:10.4f} {v['rel']:7.4f}")
-    worst = max([w["rel"] for w in windows] + [v["rel"] for v in vals] + [0.0])
+    windows, vals, worst = compare(curves["reference"], curves["fast"], args.window)
+    floor = compare(curves["reference"], curves["fp32-kernel"], args.window) if "fp32-kernel" in curves else None
+    head = f"{'steps':>10} {'reference':>10} {'fast':>10} {'rel':>7}"
+    print(head + (f" {'fp32-kernel':>11} {'rel':>7}" if floor else ""))
+    rows = [(w["steps"], w) for w in windows] + [(f"val {v['step']}", v) for v in vals]
+    by_label = ({w["steps"]: w for w in floor[0]} | {f"val {v['step']}": v for v in floor[1]}) if floor else {}
+    for label, r in rows:
+        f = by_label.get(label)
+        line = f"{label:>10} {r['reference']:10.4f} {r['other']:10.4f} {r['rel']:7.4f}"
+        print(line + (f" {f['other']:11.4f} {f['rel']:7.4f}" if f else ""))
     follows = bool(windows) and bool(vals) and worst <= args.tol
-    print(json.dumps({"steps": args.steps, "preset": args.preset, "batch_tokens": args.batch_tokens, "seed": args.seed,
-                      "seconds": seconds, "worst_rel": worst, "tol": args.tol, "follows": follows,
-                      "windows": windows, "val": vals}))
+    result = {"steps": args.steps, "preset": args.preset, "batch_tokens": args.batch_tokens, "seed": args.seed,
+              "seconds": seconds, "worst_rel": worst, "tol": args.tol, "follows": follows,
+              "windows": windows, "val": vals}
+    if floor:
+        result.update(noise_floor_worst_rel=floor[2], noise_floor_windows=floor[0], noise_floor_val=floor[1])
+        print(f"[loss-curve] fast vs reference: worst {worst:.4f}; fp32 through the kernel vs reference (the noise "
+              f"floor): worst {floor[2]:.4f}")
+    print(json.dumps(result))
     sys.exit(0 if follows else 1)
 
 

@@ -35,6 +35,7 @@ from rwkv_music.model.recompute import RECOMPUTE
 from rwkv_music.model.wkv import BACKENDS
 from rwkv_music.remi.tokenizer import build_tokenizer
 from rwkv_music.train.config import TrainConfig
+from rwkv_music.train.master_weights import BF16Compute
 from rwkv_music.train.optim import make_optimizer
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
@@ -90,12 +91,12 @@ def bench_ours(args, device, vocab: int, frac: float | None, wkv: str | None = N
     model = RWKV7(from_preset(args.preset, vocab)).to(device)
     if wkv is not None:
         model.wkv_backend = wkv
-    if bf16_weights:  # as RWKV-LM trains: bf16 parameters and optimizer state, no autocast
-        model = model.bfloat16()
-    model.recompute = recompute
+    bf16 = BF16Compute(model) if bf16_weights else None  # fit --precision bf16-weights: fp32 masters for AdamW
+    compute = model if bf16 is None else bf16.model
+    compute.recompute = recompute
     cfg = TrainConfig(lr=1e-4, warmup_steps=0)
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
-    fwd = compile_for_training(model, memory_budget=args.memory_budget) if args.compile else model
+    fwd = compile_for_training(compute, memory_budget=args.memory_budget) if args.compile else compute
     B, T = args.batch, args.seq
     idx = torch.randint(0, vocab, (B, T), device=device)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
@@ -109,9 +110,13 @@ def bench_ours(args, device, vocab: int, frac: float | None, wkv: str | None = N
             logits = fwd(idx, positions=mask)
         loss = F.cross_entropy(logits.float(), targets)
         loss.backward()
+        if bf16 is not None:
+            bf16.grads_to_master()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if bf16 is not None:
+            bf16.master_to_compute()
 
     dt, peak = time_steps(step, device, args.warmup, args.steps)
     flops = model_flops_per_step(model, B, T, int(mask.sum()))
@@ -119,7 +124,7 @@ def bench_ours(args, device, vocab: int, frac: float | None, wkv: str | None = N
     name += " compiled" if args.compile else ""
     name += " bf16 weights" if bf16_weights else ""
     name += f" budget {args.memory_budget:g}" if args.compile and args.memory_budget is not None else ""
-    name += f" recompute {model.recompute}" if model.recompute != "none" else ""
+    name += f" recompute {recompute}" if recompute != "none" else ""
     name += f" wkv {model.backend(device).name}"
     if args.profile:
         profile_steps(step, device, args.profile, args.profile_top, name)
@@ -205,7 +210,8 @@ def main() -> None:
                     help="What backward recomputes in our model (model/recompute.py); several: each timed in turn.")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
     ap.add_argument("--bf16-weights", action="store_true",
-                    help="Ours with bf16 parameters and no autocast (RWKV-LM's way) instead of fp32 master weights.")
+                    help="Ours computing with bf16 weights and no autocast (RWKV-LM's way), AdamW on fp32 masters "
+                         "(fit --precision bf16-weights), instead of bf16 autocast over the fp32 weights.")
     ap.add_argument("--weights", nargs="+", choices=["fp32", "bf16"], default=None,
                     help="Ours with fp32 master weights under bf16 autocast, bf16 weights (--bf16-weights), or both "
                          "in turn.")

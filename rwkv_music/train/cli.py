@@ -145,8 +145,10 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
       "compiled step may keep for backward; below 1 it recomputes element-wise work instead (less memory, "
       "somewhat slower steps: docs/training.md).",
       unset="keep all (1)")
-@_opt("--precision", type=click.Choice(["bf16", "fp32"]), help="Activations on CUDA: bf16 autocast over fp32 "
-      "master weights (fast), or fp32 throughout (the reference path; the CPU always runs fp32).")
+@_opt("--precision", type=click.Choice(["bf16", "bf16-weights", "fp32"]), help="bf16: bf16 autocast over fp32 "
+      "weights on CUDA (the CPU runs fp32); bf16-weights: a bf16 copy of the weights computes without autocast, "
+      "as RWKV-LM trains, while AdamW steps fp32 master weights (checkpoints hold those); fp32: fp32 throughout "
+      "(the reference path).")
 @_opt("--progress/--no-progress", help="Progress bar on stderr.")
 @_opt("--tensorboard/--no-tensorboard", help="TensorBoard event files in OUT/tb.")
 def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, accept_new_data: bool,

@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 # Fields whose change would alter the data order, so a resumed run must keep them.
+PRECISIONS = ("bf16", "bf16-weights", "fp32")
 DATA_FIELDS = ("seed", "batch_size", "batch_tokens", "pack_len", "streams", "num_workers", "shuffle_buffer",
                "bucket_pool", "format")
 
@@ -64,7 +65,9 @@ class TrainConfig:
     recompute: str = "none"  # none | elementwise | blocks: what backward recomputes (model/recompute.py)
     compile: bool | None = None  # None: on with CUDA (the fast path), off on the CPU
     memory_budget: float | None = None  # compiled only: AOTAutograd's activation memory budget (None: all saved)
-    precision: str = "bf16"  # bf16: bf16 autocast over fp32 master weights on CUDA | fp32 (the reference path)
+    # bf16: bf16 autocast over fp32 weights on CUDA | bf16-weights: a bf16 copy of the weights computes, AdamW steps
+    # fp32 masters (train/master_weights.py; also on the CPU) | fp32 (the reference path)
+    precision: str = "bf16"
     # evaluation, checkpoints, logging
     eval_every: int = 500
     eval_batches: int | None = None  # None: the whole val split
@@ -83,8 +86,8 @@ class TrainConfig:
         if self.grad_checkpoint and self.recompute == "none":
             self.recompute = "blocks"
         self.grad_checkpoint = self.recompute == "blocks"
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be bf16 or fp32, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         for name in ("batch_size", "grad_accum", "streams", "eval_every", "save_every", "log_every", "keep_last"):

@@ -43,6 +43,7 @@ from . import checkpoints as ck
 from .config import DATA_FIELDS, TrainConfig, load_run_config, save_config
 from .device import DeviceUnavailable, pick_device
 from .logging import RunLogger, truncate_metrics
+from .master_weights import BF16Compute
 from .optim import make_optimizer, make_scheduler
 from .stop import StopRequest, graceful_stop
 
@@ -367,7 +368,10 @@ class Trainer:
         self.cfg, self.di, self.device = cfg, di, device
         self.stop = stop or StopRequest()
         self.run_dir = Path(cfg.out)
-        self.amp = device.type == "cuda" and cfg.precision == "bf16"
+        # evaluation runs the fp32 model under bf16 autocast on CUDA unless --precision fp32; training does too with
+        # --precision bf16, while bf16-weights computes with a bf16 copy of the weights (train/master_weights.py)
+        self.amp = device.type == "cuda" and cfg.precision != "fp32"
+        self.train_amp = device.type == "cuda" and cfg.precision == "bf16"
         ckpt = self._checkpoint_to_resume(resume)
 
         # data
@@ -397,13 +401,15 @@ class Trainer:
             self.log(f"resuming from {ckpt} (step {saved.step})")
         else:
             self.raw = _build_model(cfg, len(tokenizer), self.tok_hash, self.log)
-        set_recompute(self.raw, cfg.recompute)
         self.raw.to(device)
+        self.bf16 = BF16Compute(self.raw) if cfg.precision == "bf16-weights" else None
+        compute = self.raw if self.bf16 is None else self.bf16.model
+        set_recompute(compute, cfg.recompute)
         use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
         if cfg.memory_budget is not None and not use_compile:
             self.log("--memory-budget applies to compiled training only; it is ignored without --compile")
-        self.model: nn.Module = (compile_for_training(self.raw, memory_budget=cfg.memory_budget) if use_compile
-                                 else self.raw)
+        self.model: nn.Module = (compile_for_training(compute, memory_budget=cfg.memory_budget) if use_compile
+                                 else compute)
         if di.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -523,17 +529,21 @@ class Trainer:
             for j, b in enumerate(micro):
                 last = j == len(micro) - 1
                 with contextlib.nullcontext() if not di.enabled or last else self.model.no_sync():
-                    s, _ = completion_loss_sum(self.model, b, self.device, self.amp)
+                    s, _ = completion_loss_sum(self.model, b, self.device, self.train_amp)
                     (s * (di.world_size / n_global)).backward()
                 loss_sum += s.detach().double()
             all_sum(loss_sum, di)
             loss = loss_sum.item() / n_global
+            if self.bf16 is not None:
+                self.bf16.grads_to_master()
             gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
             if not math.isfinite(loss) or not torch.isfinite(gnorm):
                 raise TrainingError(f"loss is {loss} (grad norm {gnorm.item()}) at step {st.step + 1}; stopping "
                                     f"without saving{self._last_good()}. Lower --lr or raise --warmup-steps.")
             lr = self.opt.param_groups[0]["lr"]
             self.opt.step()  # allocates AdamW's moments on the first step
+            if self.bf16 is not None:
+                self.bf16.master_to_compute()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         st.step += 1

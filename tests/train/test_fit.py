@@ -181,7 +181,7 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
     assert res.exit_code == 2 and "manifest.json" in res.output
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--precision", "fp16")
     assert res.exit_code == 2 and "fp16" in res.output and not (tmp_path / "r1").exists()
-    with pytest.raises(ValueError, match="precision must be bf16 or fp32"):
+    with pytest.raises(ValueError, match="precision must be one of bf16, bf16-weights, fp32"):
         TrainConfig(precision="fp16")
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--memory-budget", "1.5")
     assert res.exit_code == 2 and "--memory-budget" in res.output and not (tmp_path / "r1").exists()

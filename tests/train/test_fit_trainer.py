@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rwkv_music.model import load
 from rwkv_music.train.checkpoints import latest_checkpoint, read_trainer_state
 from rwkv_music.train.config import TrainConfig
 from rwkv_music.train.fit import DistInfo, Trainer, _batches
@@ -48,3 +49,35 @@ def test_run_state_is_what_the_checkpoint_saves(small_shards: Path, tmp_path: Pa
     assert saved.val_loss == st.val_loss == res.val_loss and st.val_step == 3
     assert saved.best_val_loss == st.best_val_loss <= st.val_loss
     assert saved.build_id == trainer.build_id
+
+
+def test_bf16_weights_compute_in_bf16_and_step_fp32_masters(small_shards: Path, tmp_path: Path):
+    """--precision bf16-weights: forward and backward on a bf16 copy, AdamW on the fp32 model; after every step
+    the copy is the masters rounded, the checkpoint holds the fp32 masters, and training follows the fp32 run."""
+    runs = {}
+    for precision in ("fp32", "bf16-weights"):
+        trainer = Trainer(tiny_config(small_shards, tmp_path / precision, max_steps=3, precision=precision,
+                                      eval_every=3), DistInfo(), torch.device("cpu"))
+        losses = []
+        batches = _batches(trainer.stream, 0, 0, 0, pin=False)
+        for _ in range(3):
+            before = [p.detach().clone() for p in trainer.raw.parameters()]
+            losses.append(trainer.train_step(batches).loss)
+            if precision == "bf16-weights":
+                compute = list(trainer.bf16.model.parameters())
+                assert all(c.dtype == torch.bfloat16 and c.grad is None for c in compute)
+                kept = 0
+                for m, c, b in zip(trainer.raw.parameters(), compute, before, strict=True):
+                    assert m.dtype == torch.float32 and torch.equal(c, m.detach().to(torch.bfloat16))
+                    # updates too small to change the bf16 weight, which only the fp32 master keeps
+                    kept += int(((m != b) & (m.to(torch.bfloat16) == b.to(torch.bfloat16))).sum())
+                assert kept > 0
+        trainer.save()
+        runs[precision] = (losses, trainer)
+    (ref, _), (got, trainer) = runs["fp32"], runs["bf16-weights"]
+    assert trainer.bf16 is not None and runs["fp32"][1].bf16 is None
+    for a, b in zip(got, ref, strict=True):
+        assert a == pytest.approx(b, rel=3e-2)
+    saved = load(latest_checkpoint(tmp_path / "bf16-weights"))
+    for (name, p), q in zip(saved.named_parameters(), trainer.raw.parameters(), strict=True):
+        assert p.dtype == torch.float32 and torch.equal(p, q.detach()), name
