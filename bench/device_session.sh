@@ -50,6 +50,8 @@
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
 #   proof5      bench/e2e_proof.sh with a 300 s training budget on the path FIT_PATH [fast] (or reference), training
 #               only (EVAL=0): issue 11's "which path reaches the better val loss in the same 5 minutes"
+#   proof5pair  proof5 on both paths at the same time on the one GPU (fast and reference, each its own 300 s), when
+#               device time allows no two runs one after the other; RESULTS/proof5-{fast,reference}.log
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
 # A step written bg:STEP runs in the background (e.g. bg:build while Triton compiles); the step `wait` waits for them.
 # Limits per step (seconds) come from LIMIT_<STEP>, e.g. LIMIT_TRAINSTEP=200. RESULTS/summary.txt lists each
@@ -72,7 +74,7 @@ declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compi
                   [budget]=240 [losscurve]=420 [sweep]=400
                   [lcfloor]="$PY bench/loss_curve.py .shards-music21 /tmp/lcfloor --noise-floor --parallel --timeout 380 ${LOSSCURVE_ARGS:-}"
     [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180
-                  [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300 [proof5]=400 [lcfloor]=420)
+                  [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300 [proof5]=400 [lcfloor]=420 [proof5pair]=420)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
@@ -101,6 +103,7 @@ declare -A command=(
     [tscompare]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --wkv cuda triton --json $results/tscompare.json"
     [tritontests]="$PY -m pytest -q -rs tests/gpu/test_wkv_triton.py tests/gpu/test_wkv_cuda.py -k 'triton or base_preset'"
     [proof5]="TIME_BUDGET_S=300 EVAL_EVERY=${EVAL_EVERY:-50} EVAL=0 FIT_PATH=${FIT_PATH:-fast} PY=$PY bash bench/e2e_proof.sh /tmp/proof5-${FIT_PATH:-fast}"
+    [proof5pair]="for p in fast reference; do TIME_BUDGET_S=300 EVAL_EVERY=\${EVAL_EVERY:-50} EVAL=0 FIT_PATH=\$p PY=$PY bash bench/e2e_proof.sh /tmp/proof5-\$p > $results/proof5-\$p.log 2>&1 & done; wait; grep -H 'fit exit\\|best val\\|val loss (step' $results/proof5-*.log"
     [recompute]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --recompute none elementwise --weights fp32 bf16 --json $results/recompute.json ${RC_ARGS:-}"
     [kerneltests]="$PY -m pytest -q -rs tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_triton.py"
     [wkvanchor]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"
