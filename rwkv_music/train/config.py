@@ -19,8 +19,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-# Fields whose change would alter the data order, so a resumed run must keep them.
 PRECISIONS = ("bf16", "bf16-weights", "fp32")
+# Fields whose change would alter the data order, so a resumed run must keep them.
 DATA_FIELDS = ("seed", "batch_size", "batch_tokens", "pack_len", "streams", "num_workers", "shuffle_buffer",
                "bucket_pool", "format")
 
