@@ -2,11 +2,12 @@
 
 - ``none``: keep what the forward made (fastest, most memory).
 - ``elementwise``: keep only the outputs of the matrix products and of the WKV kernels (and each block's
-  input); every element-wise op, norm and cast between them is run again in backward. Compiled, the
-  recomputation fuses into the backward's own element-wise kernels, so it costs little time, while the
-  many [B, T, C] intermediates of the token shift, gates and norms (in fp32 under autocast) are not kept.
-  This is selective activation checkpointing (`torch.utils.checkpoint.create_selective_checkpoint_contexts`)
-  with a policy by op.
+  input); every element-wise op, norm and cast between them is run again in backward. Those many [B, T, C]
+  intermediates of the token shift, gates and norms (fp32 under autocast) are most of what the forward
+  keeps, while running them again is cheap next to the products and the WKV: compiled, the recomputation
+  fuses into the backward's own element-wise kernels. This is selective activation checkpointing
+  (`torch.utils.checkpoint.create_selective_checkpoint_contexts`) with a policy by op; docs/benchmarks.md
+  has what it saves and costs.
 - ``blocks``: keep only each block's input and run the whole block again in backward (least memory; the
   matrix products and the WKV forward run twice).
 """
