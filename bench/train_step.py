@@ -218,6 +218,9 @@ def main() -> None:
     ap.add_argument("--memory-budget", type=float, default=None, metavar="F",
                     help="With --compile: AOTAutograd's activation memory budget (0..1; below 1 recomputes "
                          "element-wise activations in backward to save memory).")
+    ap.add_argument("--case", action="append", default=None, metavar="WEIGHTS:RECOMPUTE",
+                    help="Time ours with these weights (fp32 | bf16) and recompute mode, e.g. bf16:elementwise; "
+                         "repeatable, in the order given (instead of every --weights x --recompute pair).")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--wkv", nargs="+", default=[None], choices=BACKENDS,
                     help="Our model's WKV backend(s), each timed in turn [RWKV_MUSIC_WKV or auto].")
@@ -238,9 +241,15 @@ def main() -> None:
     only = set(args.only or ["completion", "all", "fla"])
     recomputes = ["blocks"] if args.grad_checkpoint else args.recompute
     weights = args.weights or (["bf16"] if args.bf16_weights else ["fp32"])
+    pairs = list(itertools.product(weights, recomputes))
+    if args.case:
+        pairs = [(c.partition(":")[0], c.partition(":")[2]) for c in args.case]
+        bad = [c for c, (w, r) in zip(args.case, pairs, strict=True) if w not in ("fp32", "bf16") or r not in RECOMPUTE]
+        if bad:
+            ap.error(f"--case takes WEIGHTS:RECOMPUTE, weights fp32|bf16, recompute {'|'.join(RECOMPUTE)}: {bad}")
     rows = []
     for frac in [args.completion_frac] * ("completion" in only) + [None] * ("all" in only):
-        for wkv, recompute, w in itertools.product(args.wkv, recomputes, weights):
+        for wkv, (w, recompute) in itertools.product(args.wkv, pairs):
             rows.append(bench_ours(args, device, vocab, frac, wkv, recompute, bf16_weights=w == "bf16"))
             print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
             torch._dynamo.reset()  # frees the compiled case's graphs (and the model they hold) before the next
