@@ -44,7 +44,8 @@
 #   recompute   bench/train_step.py --compile at B16 T2048: ours keeping all activations and recomputing the element-wise
 #               work, with fp32 master weights and with bf16 weights, and RWKV-LM's trainer, one table (RC_ARGS adds
 #               arguments, e.g. --profile 2; RC_CASES picks the cases, WEIGHTS:RECOMPUTE each)
-#   kerneltests pytest tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_triton.py (both WKV kernels, the compiled model)
+#   kerneltests pytest tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_triton.py (both WKV kernels, the compiled model;
+#               KT_ARGS adds pytest arguments, e.g. -k recompute)
 #   tritontests pytest tests/gpu/test_wkv_triton.py and the base-preset test on both kernels (the chunked Triton WKV)
 #   fasttests   pytest tests/gpu/test_fast_step.py and test_fast_prefill.py (the fused step and prefill against the readable model)
 #   proof       bench/e2e_proof.sh with a 240 s training budget (piano rolls of a GPU-trained model)
@@ -105,7 +106,7 @@ declare -A command=(
     [proof5]="TIME_BUDGET_S=300 EVAL_EVERY=${EVAL_EVERY:-50} EVAL=0 FIT_PATH=${FIT_PATH:-fast} PY=$PY bash bench/e2e_proof.sh /tmp/proof5-${FIT_PATH:-fast}"
     [proof5pair]="for p in fast reference; do TIME_BUDGET_S=300 EVAL_EVERY=\${EVAL_EVERY:-50} EVAL=0 FIT_PATH=\$p PY=$PY bash bench/e2e_proof.sh /tmp/proof5-\$p > $results/proof5-\$p.log 2>&1 & done; wait; grep -H 'fit exit\\|best val\\|val loss (step' $results/proof5-*.log"
     [recompute]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile \$(for c in ${RC_CASES:-fp32:none fp32:elementwise bf16:none bf16:elementwise}; do echo --case \$c; done) --json $results/recompute.json ${RC_ARGS:-}"
-    [kerneltests]="$PY -m pytest -q -rs tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_triton.py"
+    [kerneltests]="$PY -m pytest -q -rs tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_triton.py ${KT_ARGS:-}"
     [wkvanchor]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"
 )
 
