@@ -73,8 +73,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=240
                   [complete32]=90 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
                   [budget]=240 [losscurve]=420 [sweep]=400
-                  [lcfloor]="$PY bench/loss_curve.py .shards-music21 /tmp/lcfloor --noise-floor --parallel --timeout 380 ${LOSSCURVE_ARGS:-}"
-    [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180
+                  [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180
                   [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300 [proof5]=400 [lcfloor]=420 [proof5pair]=420)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"

@@ -137,7 +137,8 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
       "instead of keeping: elementwise keeps only the matrix products' and WKV kernels' outputs (much less "
       "activation memory, a little slower when compiled); blocks keeps only each block's input (least memory, "
       "the slowest). docs/training.md has the figures.")
-@_opt("--grad-checkpoint/--no-grad-checkpoint", help="The same as --recompute blocks.")
+@_opt("--grad-checkpoint/--no-grad-checkpoint", help="The older spelling of --recompute blocks (or none).",
+      unset="--recompute decides")
 @_opt("--compile/--no-compile", help="torch.compile the model (fuses its element-wise work around the CUDA WKV "
       "kernel: about 2.4x faster steps on an H200; the first step waits for the compile).",
       unset="on with CUDA, off on the CPU")
@@ -168,8 +169,6 @@ def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, acc
     if accept_new_data and not resume:
         raise UsageFailure("--accept-new-data only applies with --resume")
     overrides = {k: v for k, v in opts.items() if v is not None}
-    if "grad_checkpoint" in overrides:  # the older flag: blocks or nothing, unless --recompute says otherwise
-        overrides.setdefault("recompute", "blocks" if overrides["grad_checkpoint"] else "none")
     overrides["shards"], overrides["out"] = str(shards), str(out)
     if overrides.get("init_from") is not None:
         overrides["init_from"] = str(overrides["init_from"])

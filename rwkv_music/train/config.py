@@ -61,7 +61,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
-    grad_checkpoint: bool = False  # the older spelling of recompute = "blocks"
+    grad_checkpoint: bool | None = None  # the older spelling: true = recompute "blocks" (folded in, then None)
     recompute: str = "none"  # none | elementwise | blocks: what backward recomputes (model/recompute.py)
     compile: bool | None = None  # None: on with CUDA (the fast path), off on the CPU
     memory_budget: float | None = None  # compiled only: AOTAutograd's activation memory budget (None: all saved)
@@ -85,7 +85,7 @@ class TrainConfig:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, not {self.recompute!r}")
         if self.grad_checkpoint and self.recompute == "none":
             self.recompute = "blocks"
-        self.grad_checkpoint = self.recompute == "blocks"
+        self.grad_checkpoint = None  # recompute says it all from here on (and in the saved config)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -137,11 +137,17 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def resolve(file: str | os.PathLike | None, overrides: dict[str, Any], base: dict[str, Any] | None = None
             ) -> TrainConfig:
-    """defaults < base (a saved run config) < file < overrides (explicit CLI options)."""
-    d: dict[str, Any] = dict(base or {})
-    if file is not None:
-        d.update(read_config_file(file))
-    d.update(overrides)
+    """defaults < base (a saved run config) < file < overrides (explicit CLI options).
+
+    Each layer's older ``grad_checkpoint`` becomes its ``recompute`` before the layers merge, so a later layer's
+    choice wins either way (a run saved with "blocks" resumes with --recompute none as asked)."""
+    d: dict[str, Any] = {}
+    for layer in (base or {}, read_config_file(file) if file is not None else {}, overrides):
+        layer = dict(layer)
+        gc = layer.pop("grad_checkpoint", None)
+        if gc is not None:
+            layer.setdefault("recompute", "blocks" if gc else "none")
+        d.update(layer)
     return TrainConfig.from_dict(d)
 
 

@@ -254,5 +254,11 @@ def test_recompute_options_reach_the_run(small_shards: Path, tmp_path: Path):
     assert train(tmp_path / "a", "--max-steps", "1", "--recompute", "elementwise") == "elementwise"
     assert train(tmp_path / "b", "--max-steps", "1", "--grad-checkpoint") == "blocks"
     assert train(tmp_path / "b", "--max-steps", "2", "--resume", "--no-grad-checkpoint") == "none"
+    assert train(tmp_path / "b", "--max-steps", "3", "--resume", "--recompute", "blocks") == "blocks"
+    assert train(tmp_path / "b", "--max-steps", "4", "--resume", "--recompute", "none") == "none"
+    # an explicit --recompute wins over the older flag given with it
+    assert train(tmp_path / "d", "--max-steps", "1", "--grad-checkpoint", "--recompute", "elementwise") == "elementwise"
+    (tmp_path / "old.toml").write_text("grad_checkpoint = true\n")  # a config file of the older spelling
+    assert train(tmp_path / "e", "--max-steps", "1", "--config", str(tmp_path / "old.toml")) == "blocks"
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "c", *TINY, "--recompute", "some")
     assert res.exit_code == 2 and "--recompute" in res.output and not (tmp_path / "c").exists()
