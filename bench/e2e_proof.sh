@@ -66,6 +66,7 @@ say() { echo "$@" | tee -a "$log"; }
 cmds="$work/commands.sh"
 printf '#!/usr/bin/env bash\n# Commands of the proof run of %s (cwd: %s)\nset -euo pipefail\nexport PYTHONPATH=%q\n' \
     "$(date -u +%FT%TZ)" "$root" "$PYTHONPATH" >"$cmds"
+[[ "$FIT_PATH" == reference ]] && printf 'export RWKV_MUSIC_WKV=torch\n' >>"$cmds"
 run() {
     printf '%q ' "$@" >>"$cmds"
     printf '\n' >>"$cmds"
@@ -79,7 +80,7 @@ if ! "$PY" -c "import miditok, symusic, dask.distributed, webdataset, pyarrow, m
         say "missing Python packages (miditok, symusic, dask, webdataset, ...) and no wheels in $root/.whl"
         exit 1
     fi
-    site="${TMPDIR:-/tmp}/rwkv-music-site"
+    site="$work/site"  # per run: two runs at once must not install into one folder
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
         "$root"/.whl/*.whl
     export PYTHONPATH="$root:$site"

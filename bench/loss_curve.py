@@ -91,8 +91,8 @@ def main() -> None:
                     help="Also train the fp32 math through the CUDA kernel, compiled (run fp32-kernel): its distance "
                          "from the reference is what fp32 rounding alone does over the same steps.")
     ap.add_argument("--metrics", action="append", default=[], metavar="NAME=FILE",
-                    help="Take run NAME (reference or fast) from this metrics.jsonl of a finished run with the same "
-                         "options instead of running it (on a time-limited machine, one run per command).")
+                    help="Take run NAME (reference, fast, fp32-kernel) from the metrics.jsonl of a finished run "
+                         "with the same options instead of running it (a time-limited machine: one run per command).")
     args = ap.parse_args()
     given = dict(m.split("=", 1) for m in args.metrics)
     if set(given) - set(RUNS):

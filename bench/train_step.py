@@ -220,7 +220,8 @@ def main() -> None:
                          "element-wise activations in backward to save memory).")
     ap.add_argument("--case", action="append", default=None, metavar="WEIGHTS:RECOMPUTE",
                     help="Time ours with these weights (fp32 | bf16) and recompute mode, e.g. bf16:elementwise; "
-                         "repeatable, in the order given (instead of every --weights x --recompute pair).")
+                         "repeatable, in the order given (replaces --weights, --recompute, --bf16-weights and "
+                         "--grad-checkpoint).")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--wkv", nargs="+", default=[None], choices=BACKENDS,
                     help="Our model's WKV backend(s), each timed in turn [RWKV_MUSIC_WKV or auto].")
@@ -271,7 +272,8 @@ def main() -> None:
         r["mfu"] = r["tflops"] / peak if math.isfinite(peak) else None
 
     print(f"\n{args.preset} preset, vocab {vocab}, batch {args.batch} x {args.seq}, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {name}, torch {torch.__version__}"
+          f"{'bf16 (autocast, or bf16 weights where the case says)' if device.type == 'cuda' else 'fp32'}, {name}, "
+          f"torch {torch.__version__}"
           f"{', compiled' if args.compile else ''}")
     print("| case | params | ms/step | tokens/s | peak GiB | model TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|")

@@ -134,9 +134,9 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
 @_opt("--shuffle-buffer", type=int, help="Samples in each stream's shuffle buffer.")
 @_opt("--bucket-pool", type=int, help="Batches per length-bucketing pool; 1 disables bucketing.")
 @_opt("--recompute", type=click.Choice(["none", "elementwise", "blocks"]), help="What backward recomputes "
-      "instead of keeping: elementwise keeps only the matrix products' and WKV kernels' outputs (much less "
-      "activation memory, a little slower when compiled); blocks keeps only each block's input (least memory, "
-      "the slowest). docs/training.md has the figures.")
+      "instead of keeping: elementwise keeps only the matrix products' and WKV kernels' outputs and runs the "
+      "element-wise work again (less activation memory, more backward work); blocks keeps only each block's input "
+      "(least memory, the most work). docs/training.md says more.")
 @_opt("--grad-checkpoint/--no-grad-checkpoint", help="The older spelling of --recompute blocks (or none).",
       unset="--recompute decides")
 @_opt("--compile/--no-compile", help="torch.compile the model (fuses its element-wise work around the CUDA WKV "

@@ -402,6 +402,9 @@ class Trainer:
         else:
             self.raw = _build_model(cfg, len(tokenizer), self.tok_hash, self.log)
         self.raw.to(device)
+        if di.enabled and cfg.precision == "bf16-weights":  # DDP syncs the bf16 copy it wraps; the masters come first
+            for p in self.raw.parameters():
+                dist.broadcast(p.data, 0)
         self.bf16 = BF16Compute(self.raw) if cfg.precision == "bf16-weights" else None
         compute = self.raw if self.bf16 is None else self.bf16.model
         set_recompute(compute, cfg.recompute)
