@@ -234,3 +234,35 @@ def test_packed_rows_equal_separate_sequences(tiny_cfg: RWKV7Config) -> None:
     assert rel_err(y_p, y_s) < 1e-5
     for a, b in zip(g_p, g_s, strict=True):
         assert rel_err(a, b) < 1e-4
+
+
+def test_recompute_elementwise_keeps_products_and_reruns_the_rest(tiny_cfg: RWKV7Config) -> None:
+    """What runs in backward, op by op: "elementwise" runs no matrix product again (the forward's are kept) but
+    runs element-wise work again; "blocks" runs the products again too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.products = self.others = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm):
+                self.products += 1
+            else:
+                self.others += 1
+            return func(*args, **(kwargs or {}))
+
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(6))
+    counts = {}
+    for mode in ("none", "elementwise", "blocks"):
+        model = randomised_model(tiny_cfg, seed=7).train()
+        model.recompute = mode
+        loss = model(idx).square().mean()
+        with Count() as c:
+            loss.backward()
+        counts[mode] = (c.products, c.others)
+    print(f"backward ops (products, others): {counts}")
+    (p_none, o_none), (p_elem, o_elem), (p_blocks, _) = counts.values()
+    assert p_elem == p_none < p_blocks, counts
+    assert o_elem > o_none, counts
