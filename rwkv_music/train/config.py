@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from rwkv_music.model.recompute import RECOMPUTE
-
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -81,6 +79,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.format not in ("parquet", "webdataset"):
             raise ValueError(f"format must be parquet or webdataset, not {self.format!r}")
+        from rwkv_music.model.recompute import RECOMPUTE  # here: the CLI imports this module and must stay light
+
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, not {self.recompute!r}")
         if self.grad_checkpoint and self.recompute == "none":
