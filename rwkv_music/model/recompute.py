@@ -34,18 +34,13 @@ def _keep_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPo
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def check_recompute(mode: str) -> str:
-    if mode not in RECOMPUTE:
-        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {mode!r}")
-    return mode
-
-
 def run_block(block: Callable[..., Any], mode: str, *args: Any) -> Any:
     """``block(*args)`` under the recompute mode (a training forward with grad enabled)."""
     if mode == "none":
         return block(*args)
     if mode == "blocks":
         return checkpoint(block, *args, use_reentrant=False)
-    check_recompute(mode)
-    return checkpoint(block, *args, use_reentrant=False,
-                      context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
+    if mode == "elementwise":
+        return checkpoint(block, *args, use_reentrant=False,
+                          context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
+    raise ValueError(f"recompute must be one of {RECOMPUTE}, got {mode!r}")

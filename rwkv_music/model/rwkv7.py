@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_music.model.config import RWKV7Config
-from rwkv_music.model.recompute import check_recompute, run_block
+from rwkv_music.model.recompute import run_block
 from rwkv_music.model.state import RWKV7State
 from rwkv_music.model.wkv import WkvBackend, default_backend, resolve_backend, wkv
 
@@ -304,7 +304,7 @@ class RWKV7(nn.Module):
         x = self.emb(idx)
         v_first: Tensor | None = None
         att_xs, wkvs, ffn_xs = [], [], []
-        recompute = check_recompute(self.recompute) if self.training and torch.is_grad_enabled() else "none"
+        recompute = self.recompute if self.training and torch.is_grad_enabled() else "none"
         for i, block in enumerate(self.blocks):
             layer_state = (None, None, None) if state is None else (state.att_x[i], state.wkv[i], state.ffn_x[i])
             x, v_first, att_x, s, ffn_x = run_block(block, recompute, x, v_first, *layer_state, starts, backend)
