@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,6 +27,18 @@ def run_build(corpus: Path, out: Path, *extra: str, check: bool = True) -> subpr
     if check and proc.returncode != 0:
         raise AssertionError(f"build-shards failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def bench_module() -> Callable[[str], object]:
+    """Import a script of bench/ by name (``bench_module("sampling_sweep")``); its path is the module's __file__."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,6 @@ bench/saved_activations.py's trace, which stops before anything runs."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 ELEMENTWISE = {"sigmoid", "sub.Tensor", "relu", "pow.Tensor_Scalar", "div.Tensor", "_to_copy", "mul.Tensor", "neg",
@@ -14,12 +11,8 @@ ELEMENTWISE = {"sigmoid", "sub.Tensor", "relu", "pow.Tensor_Scalar", "div.Tensor
 
 
 @pytest.fixture(scope="module")
-def tracer():
-    path = Path(__file__).resolve().parents[2] / "bench" / "saved_activations.py"
-    spec = importlib.util.spec_from_file_location("saved_activations", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def tracer(bench_module):
+    return bench_module("saved_activations")
 
 
 def test_elementwise_keeps_products_and_kernel_outputs_only(tracer) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -245,20 +244,9 @@ def test_forced_choice_report(report_dir, report):
     assert "forced choice on 40 windows" in report_dir[1]
 
 
-def _bench_script(name: str) -> Path:
-    return Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
-
-
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, _bench_script(name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_sampling_sweep_scores_a_real_report(report):
+def test_sampling_sweep_scores_a_real_report(report, bench_module):
     """bench/sampling_sweep.py's ranking reads eval's 9 closeness metrics and counts wins as the report has them."""
-    sweep = _bench_module("sampling_sweep")
+    sweep = bench_module("sampling_sweep")
     c = sweep.closeness(report)
     systems = report["generative"]["systems"]
     assert set(c) == {"model", "repeat", "random"} and all(len(c[s]) == len(M.METRIC_NAMES) == 9 for s in c)
@@ -270,17 +258,17 @@ def test_sampling_sweep_scores_a_real_report(report):
     assert sc["metrics"] == 9 and sc["rel_error_sum"] >= 0
 
 
-def test_choice_by_source_regroups_the_report(report_dir, report):
+def test_choice_by_source_regroups_the_report(report_dir, report, bench_module):
     """bench/choice_by_source.py (docs/results.md's table by collection) counts every window once, and its
     per-collection shares add up to the report's own count of wins."""
-    proc = subprocess.run([sys.executable, str(_bench_script("choice_by_source")), str(report_dir[0] / "report.json"),
+    mod = bench_module("choice_by_source")
+    proc = subprocess.run([sys.executable, mod.__file__, str(report_dir[0] / "report.json"),
                            "--min-windows", "0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     rows = {r[0].strip(): r[1:] for r in (line.strip("|").split("|") for line in proc.stdout.splitlines()[2:])}
     fc = report["forced_choice"]
     assert sum(int(r[0]) for r in rows.values()) == CHOICE
-    mod = _bench_module("choice_by_source")
     for imp, col in (("repeat", 1), ("random", 2)):
         compared: dict[str, int] = {}
         for w in fc["per_window"]:
