@@ -311,12 +311,45 @@ class RunState:
 
 @dataclass
 class StepStats:
-    """One optimiser step, as metrics.jsonl records it."""
+    """One optimiser step, as metrics.jsonl records it.
 
-    loss: float
-    grad_norm: float
+    The loss and the grad norm stay on the device until read: reading them makes the host wait for the GPU,
+    which then idles while the next batch is built and launched. `Trainer.run` reads them only on logged steps.
+    """
+
+    loss_sum: torch.Tensor  # float64 scalar: summed cross-entropy over the global batch's completion tokens
+    n_targets: float  # completion tokens of the global batch
+    grad_norm_t: torch.Tensor  # before clipping
     lr: float
     tokens: int  # global unpadded input tokens of the step
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum.item() / self.n_targets
+
+    @property
+    def grad_norm(self) -> float:
+        return self.grad_norm_t.item()
+
+
+class NonFiniteWatch:
+    """The first step whose loss or grad norm was not finite, kept on the device so no step waits to check.
+
+    A bad step is found at the next check (a logged step, a checkpoint, the end), so a few more steps may
+    run on bad weights; nothing is saved after it, and the error names the step that went bad.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.zeros(3, dtype=torch.float64, device=device)  # step (0: none yet), loss, grad norm
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        row = torch.stack([self.first.new_full((), float(step)), loss.double(), grad_norm.double()])  # no copy
+        bad = (self.first[0] == 0) & ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.first = torch.where(bad, row, self.first)
+
+    def bad_step(self) -> tuple[int, float, float] | None:
+        step, loss, gnorm = self.first.tolist()
+        return (int(step), loss, gnorm) if step else None
 
 
 @dataclass
@@ -406,6 +439,7 @@ class Trainer:
             for p in self.raw.parameters():
                 dist.broadcast(p.data, 0)
         self.bf16 = BF16Compute(self.raw) if cfg.precision == "bf16-weights" else None
+        self.nonfinite = NonFiniteWatch(device)
         compute = self.raw if self.bf16 is None else self.bf16.model
         set_recompute(compute, cfg.recompute)
         use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
@@ -524,10 +558,7 @@ class Trainer:
                 item = next(batches)
                 st.epoch, st.consumed = item.epoch, item.consumed
                 micro.append(item.batch)
-            counts = torch.tensor([sum(b["n_targets"] for b in micro), sum(b["n_tokens"] for b in micro)],
-                                  dtype=torch.float64, device=self.device)
-            all_sum(counts, di)
-            n_global, tok_global = counts.tolist()
+            n_global, tok_global = self._global_counts(micro)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             for j, b in enumerate(micro):
                 last = j == len(micro) - 1
@@ -536,13 +567,10 @@ class Trainer:
                     (s * (di.world_size / n_global)).backward()
                 loss_sum += s.detach().double()
             all_sum(loss_sum, di)
-            loss = loss_sum.item() / n_global
             if self.bf16 is not None:
                 self.bf16.grads_to_master()
             gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
-            if not math.isfinite(loss) or not torch.isfinite(gnorm):
-                raise TrainingError(f"loss is {loss} (grad norm {gnorm.item()}) at step {st.step + 1}; stopping "
-                                    f"without saving{self._last_good()}. Lower --lr or raise --warmup-steps.")
+            self.nonfinite.add(st.step + 1, loss_sum, gnorm)
             lr = self.opt.param_groups[0]["lr"]
             self.opt.step()  # allocates AdamW's moments on the first step
             if self.bf16 is not None:
@@ -551,8 +579,26 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         st.step += 1
         st.tokens_seen += int(tok_global)
-        st.loss = loss
-        return StepStats(loss=loss, grad_norm=gnorm.item(), lr=lr, tokens=int(tok_global))
+        return StepStats(loss_sum=loss_sum, n_targets=n_global, grad_norm_t=gnorm.detach(), lr=lr,
+                         tokens=int(tok_global))
+
+    def _global_counts(self, micro: list[dict]) -> tuple[float, float]:
+        """(completion tokens, input tokens) of the step over all ranks; only DDP needs the device for it."""
+        n = float(sum(b["n_targets"] for b in micro))
+        tok = float(sum(b["n_tokens"] for b in micro))
+        if not self.di.enabled:
+            return n, tok
+        counts = torch.tensor([n, tok], dtype=torch.float64, device=self.device)
+        n, tok = all_sum(counts, self.di).tolist()
+        return n, tok
+
+    def check_finite(self) -> None:
+        """Stops the run (no checkpoint) if any step so far had a non-finite loss or grad norm."""
+        bad = self.nonfinite.bad_step()
+        if bad is not None:
+            step, loss, gnorm = bad
+            raise TrainingError(f"loss is {loss} (grad norm {gnorm}) at step {step}; stopping without saving"
+                                f"{self._last_good()}. Lower --lr or raise --warmup-steps.")
 
     def evaluate(self) -> float | None:
         """Val loss of the current weights (None without a val split); updates last and best."""
@@ -571,6 +617,7 @@ class Trainer:
     def save(self, with_eval: bool = True) -> Path | None:
         """Checkpoint the current step (evaluated first unless it was, or with_eval is False); all ranks call it."""
         st = self.state
+        self.check_finite()
         if with_eval and st.step != st.val_step:
             self.evaluate()
         path = None
@@ -590,12 +637,15 @@ class Trainer:
 
     def stop_signal(self) -> int | None:
         """The signal any rank received (all ranks agree: all-reduced every step), or None to go on."""
+        if not self.di.enabled:
+            return self.stop.signum or None
         flag = torch.tensor([self.stop.signum or 0], dtype=torch.int64, device=self.device)
         signum = int(all_max(flag, self.di).item())
         return signum or None
 
     def _record(self, stats: StepStats, speed: Throughput) -> dict[str, Any]:
         st = self.state
+        self.check_finite()
         return {"step": st.step, "loss": stats.loss, "lr": stats.lr, "tokens_per_s": speed.take(self.device),
                 "tokens": st.tokens_seen, "epoch": st.epoch, "grad_norm": stats.grad_norm}
 
@@ -620,8 +670,9 @@ class Trainer:
 
             pbar = tqdm(total=self.total_steps, initial=st.step, unit="step", dynamic_ncols=True, file=sys.stderr)
         try:
+            last: StepStats | None = None
             while not self.done():
-                stats = self.train_step(batches)
+                stats = last = self.train_step(batches)
                 speed.add(stats.tokens)
                 evaluates = st.step % cfg.eval_every == 0 or self.done()
                 record = None
@@ -643,14 +694,16 @@ class Trainer:
                     speed.restart_clock()
                 if pbar is not None:
                     pbar.update(1)
-                    post = {"loss": f"{stats.loss:.4f}"}
-                    if st.val_loss is not None:
-                        post["val"] = f"{st.val_loss:.4f}"
-                    if record is not None:
-                        post["tok/s"] = f"{record['tokens_per_s']:.0f}"
-                    pbar.set_postfix(post, refresh=False)
+                    if record is not None:  # only logged steps read the loss (reading it waits for the GPU)
+                        post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                        if st.val_loss is not None:
+                            post["val"] = f"{st.val_loss:.4f}"
+                        pbar.set_postfix(post, refresh=False)
                 if st.stopped_by:
                     break
+            self.check_finite()
+            if last is not None:
+                st.loss = last.loss
         finally:
             if pbar is not None:
                 pbar.close()
