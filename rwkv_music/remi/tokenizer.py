@@ -28,7 +28,7 @@ TIME_SIGNATURE_RANGE: dict[int, list[int]] = {
 }
 
 DEFAULT_TOKENIZER_PARAMS: dict = {
-    "pitch_range": (21, 109),  # piano keys A0..C8 (upper bound exclusive)
+    "pitch_range": (21, 109),  # piano keys A0..C8; miditok includes the upper end, so Pitch_109 exists too
     "beat_res": {(0, 4): 8, (4, 12): 4},
     "num_velocities": 32,
     "special_tokens": ["PAD", "BOS", "EOS"],

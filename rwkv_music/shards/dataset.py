@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from rwkv_music.remi.transpose import PitchShift
+
 from .manifest import ManifestError, iter_shard, read_manifest, shard_entries
 from .parquet import parquet_tokenizer_hash
 
@@ -101,6 +103,7 @@ class DataSpec:
     pad_id: int = 0
     batch_tokens: int | None = None  # packed batches of this many positions (None: batch_size windows)
     pack_len: int = 2048  # positions per packed row
+    transpose: int = 0  # key augmentation: each window moved by a random shift in +-transpose semitones
 
     def __post_init__(self):
         if self.batch_size < 1 or self.streams < 1 or self.batch_size % self.streams:
@@ -110,6 +113,8 @@ class DataSpec:
                                  f"{self.pack_len} (>= 16) per stream ({self.streams})")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if not 0 <= self.transpose <= 24:
+            raise ValueError(f"transpose must be 0..24 semitones, got {self.transpose}")
 
     @property
     def roles(self) -> int:
@@ -267,10 +272,13 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, root: str | os.PathLike, shards: list[ShardRef], fmt: str, spec: DataSpec,
-                 mean_len: float | None = None):
+                 mean_len: float | None = None, pitch_shift: PitchShift | None = None):
         super().__init__()
         if spec.packed and not mean_len:
             raise DataError("packed batches need the split's mean window length (from the manifest)")
+        if spec.transpose and pitch_shift is None:
+            raise ValueError("spec.transpose needs the tokenizer's pitch ids (pitch_shift)")
+        self.pitch_shift = pitch_shift
         self.root = Path(root)
         self.shards = shards
         self.fmt = fmt
@@ -346,8 +354,9 @@ class ShardStream(IterableDataset):
         rows: list[list[dict]] = []
         for lap in range(1 << 30):
             rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/pack{lap}")
+            key_rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/transpose{lap}")
             empty = True
-            for s in self._shuffled(plan, rng):
+            for s in self._transposed(self._shuffled(plan, rng), key_rng):
                 empty = False
                 packer.add(s)
                 while packer.count >= target:
@@ -370,6 +379,16 @@ class ShardStream(IterableDataset):
             yield s
         rng.shuffle(buf)
         yield from buf
+
+    def _transposed(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        """Each sample moved by its own random number of semitones (spec.transpose > 0), else as it is."""
+        if not self.spec.transpose:
+            yield from samples
+            return
+        ps, most = self.pitch_shift, self.spec.transpose
+        for s in samples:
+            k = ps.draw(s["tokens"], most, rng)
+            yield {**s, "tokens": ps.apply(s["tokens"], k)} if k else s
 
     def _slot_samples(self, plan: SlotPlan) -> Iterator[dict]:
         i = 0
@@ -398,7 +417,8 @@ class ShardStream(IterableDataset):
             rng.shuffle(batches)
             return batches
 
-        for s in self._shuffled(plan, rng):
+        key_rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/transpose")
+        for s in self._transposed(self._shuffled(plan, rng), key_rng):
             pool.append(s)
             if len(pool) == pool_size:
                 yield from flush(pool)
@@ -467,8 +487,8 @@ def open_split(root: str | os.PathLike, split: str, fmt: str = "parquet",
     return ShardSet(root, split, fmt, refs, mhash, mean_len)
 
 
-def make_stream(shard_set: ShardSet, spec: DataSpec) -> ShardStream:
-    return ShardStream(shard_set.root, shard_set.shards, shard_set.fmt, spec, shard_set.mean_len)
+def make_stream(shard_set: ShardSet, spec: DataSpec, pitch_shift: PitchShift | None = None) -> ShardStream:
+    return ShardStream(shard_set.root, shard_set.shards, shard_set.fmt, spec, shard_set.mean_len, pitch_shift)
 
 
 def iter_eval_batches(shard_set: ShardSet, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -132,6 +132,8 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
 @_opt("--streams", type=int, help="Sample streams per process: 1 process with --streams K sees the data of K "
       "DDP processes.")
 @_opt("--shuffle-buffer", type=int, help="Samples in each stream's shuffle buffer.")
+@_opt("--transpose", type=int, help="Key augmentation: move each training window by a random number of semitones "
+      "within +-N (only shifts that keep every pitch on the keyboard; validation is never moved). 0: off.")
 @_opt("--bucket-pool", type=int, help="Batches per length-bucketing pool; 1 disables bucketing.")
 @_opt("--recompute", type=click.Choice(["none", "elementwise", "blocks"]), help="What backward recomputes "
       "instead of keeping: elementwise keeps only the matrix products' and WKV kernels' outputs and runs the "

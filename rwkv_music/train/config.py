@@ -20,7 +20,9 @@ except ModuleNotFoundError:  # Python 3.10
 PRECISIONS = ("bf16", "bf16-weights", "fp32")
 # Fields whose change would alter the data order, so a resumed run must keep them.
 DATA_FIELDS = ("seed", "batch_size", "batch_tokens", "pack_len", "streams", "num_workers", "shuffle_buffer",
-               "bucket_pool", "format")
+               "bucket_pool", "format", "transpose")
+# What a run saved before a data field existed trained with (its default then).
+DATA_FIELD_DEFAULTS = {"transpose": 0}
 
 
 @dataclass
@@ -56,6 +58,7 @@ class TrainConfig:
     num_workers: int = 0
     shuffle_buffer: int = 2048
     bucket_pool: int = 8
+    transpose: int = 0  # key augmentation: each training window moved by a random shift in +-transpose semitones
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
@@ -101,6 +104,8 @@ class TrainConfig:
             raise ValueError("give max_steps or max_tokens, not both")
         if self.memory_budget is not None and not 0.0 <= self.memory_budget <= 1.0:
             raise ValueError(f"memory_budget must be in [0, 1], got {self.memory_budget}")
+        if not 0 <= self.transpose <= 24:
+            raise ValueError(f"transpose must be 0..24 semitones, got {self.transpose}")
         if self.lr <= 0 or self.lr_final < 0 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, lr_final >= 0, warmup_steps >= 0")
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from rwkv_music.atomic import write_bytes_atomic
 from rwkv_music.model.compile import compile_for_training
+from rwkv_music.remi.transpose import PitchShift
 from rwkv_music.shards.dataset import (
     PACK_EPOCH_FILL,
     DataSpec,
@@ -40,7 +41,7 @@ from rwkv_music.shards.dataset import (
 )
 
 from . import checkpoints as ck
-from .config import DATA_FIELDS, TrainConfig, load_run_config, save_config
+from .config import DATA_FIELD_DEFAULTS, DATA_FIELDS, TrainConfig, load_run_config, save_config
 from .device import DeviceUnavailable, pick_device
 from .logging import RunLogger, truncate_metrics
 from .master_weights import BF16Compute
@@ -416,6 +417,7 @@ class Trainer:
             self.val = None
         self.tok_path = Path(cfg.shards) / TOKENIZER
         tokenizer = tokenizer_from_file(self.tok_path)
+        pitch_shift = PitchShift(tokenizer.vocab) if cfg.transpose else None
         self.tok_hash = tokenizer_hash(tokenizer)
         if self.tok_hash != self.train.tokenizer_hash:
             raise BadFitInput(f"{self.tok_path} hashes to {self.tok_hash[:12]} but the manifest says "
@@ -456,8 +458,8 @@ class Trainer:
         spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=di.world_size, rank=di.rank,
                         streams=cfg.streams, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
                         bucket_pool=cfg.bucket_pool, pad_id=self.pad_id, batch_tokens=cfg.batch_tokens,
-                        pack_len=cfg.pack_len)
-        self.stream = make_stream(self.train, spec)
+                        pack_len=cfg.pack_len, transpose=cfg.transpose)
+        self.stream = make_stream(self.train, spec, pitch_shift)
         self.steps_per_epoch = self.stream.batches_per_epoch(0) // cfg.grad_accum
         if self.steps_per_epoch == 0:
             raise BadFitInput(f"{self.train.nsamples} training samples give no full step of {cfg.batch_size} x "
@@ -496,7 +498,7 @@ class Trainer:
             return None
         if (run_dir / "config.json").is_file():
             saved = load_run_config(run_dir)["train"]
-            changed = [f for f in DATA_FIELDS if saved.get(f) != getattr(cfg, f)]
+            changed = [f for f in DATA_FIELDS if saved.get(f, DATA_FIELD_DEFAULTS.get(f)) != getattr(cfg, f)]
             if changed:
                 raise BadFitInput(f"--resume with changed {', '.join(changed)} would change the data order; "
                                   f"keep the run's values ({', '.join(f'{f}={saved.get(f)}' for f in changed)})")

@@ -240,3 +240,41 @@ def test_packed_ranks_get_equal_batches_of_their_own_windows(train_set):
     mine = [set(plans[specs[r].slot(0, 0)].shards) for r in range(2)]
     if plans[0].stride == 1:  # whole shards per slot: the ranks read different shards
         assert not mine[0] & mine[1]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_transposed_stream_moves_each_window_by_one_shift_and_resumes(train_set, packed: bool):
+    """Key augmentation changes only pitch ids, one shift per window within +-N, reproducibly and on resume."""
+    from rwkv_music.remi.tokenizer import tokenizer_from_file
+    from rwkv_music.remi.transpose import PitchShift
+    from rwkv_music.shards import TOKENIZER
+
+    vocab = tokenizer_from_file(train_set.root / TOKENIZER).vocab
+    pitch = {i: int(t.split("_")[1]) for t, i in vocab.items() if t.startswith("Pitch_")}
+    shape = {"batch_tokens": 2 * 2048, "batch_size": 1} if packed else {"batch_size": 8}
+    plain = make_stream(train_set, DataSpec(seed=2, shuffle_buffer=64, **shape))
+    spec = DataSpec(seed=2, shuffle_buffer=64, transpose=4, **shape)
+    moved = make_stream(train_set, spec, PitchShift(vocab))
+    a, b = _epoch(plain, 0), _epoch(moved, 0)
+    assert len(a) == len(b) > 3
+    shifts = Counter()
+    for x, y in zip(a, b, strict=True):
+        for key in ("mask", "starts") if packed else ("mask",):
+            assert torch.equal(x[key], y[key])  # the same windows in the same places
+        xi, yi = x["input_ids"], y["input_ids"]
+        rows = x["starts"].cumsum(1) if packed else torch.zeros_like(xi)  # window number within its row
+        for r in range(xi.shape[0]):
+            for w in rows[r].unique().tolist():
+                at = (rows[r] == w).nonzero().flatten().tolist()
+                ks = {pitch[int(yi[r, p])] - pitch[int(xi[r, p])] for p in at if int(xi[r, p]) in pitch}
+                others = [p for p in at if int(xi[r, p]) not in pitch]
+                assert all(int(yi[r, p]) == int(xi[r, p]) for p in others)
+                assert len(ks) <= 1 and all(-4 <= k <= 4 for k in ks)
+                shifts.update(ks)
+    assert len(shifts) == 9 and shifts[0] < 0.3 * sum(shifts.values())  # every shift used, most windows moved
+    assert [_rows(x) for x in _epoch(make_stream(train_set, spec, PitchShift(vocab)), 0)] == [_rows(x) for x in b]
+    assert [_rows(x) for x in _epoch(moved, 0, 2)] == [_rows(x) for x in b[2:]]
+    with pytest.raises(ValueError, match="pitch_shift"):
+        make_stream(train_set, spec)
+    with pytest.raises(ValueError, match=r"0\.\.24"):
+        DataSpec(batch_size=8, transpose=25)

@@ -262,3 +262,26 @@ def test_recompute_options_reach_the_run(small_shards: Path, tmp_path: Path):
     assert train(tmp_path / "e", "--max-steps", "1", "--config", str(tmp_path / "old.toml")) == "blocks"
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "c", *TINY, "--recompute", "some")
     assert res.exit_code == 2 and "--recompute" in res.output and not (tmp_path / "c").exists()
+
+
+def test_transpose_trains_is_kept_on_resume_and_old_runs_resume(small_shards: Path, tmp_path: Path):
+    """--transpose (key augmentation) is part of the data order: saved, kept on --resume, off for older runs."""
+    args = (*TINY, "--batch-size", "4", "--eval-batches", "1", "--log-every", "1")
+    run = tmp_path / "run"
+    res = musictrain_here("fit", small_shards, "-o", run, *args, "--max-steps", "2", "--transpose", "5")
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["train"]["transpose"] == 5
+    assert all(math.isfinite(r["loss"]) for r in metrics(run))
+    res = musictrain_here("fit", small_shards, "-o", run, *args, "--max-steps", "3", "--resume", "--transpose", "0")
+    assert res.exit_code == 2 and "transpose=5" in res.output, res.output
+    assert musictrain_here("fit", small_shards, "-o", run, *args, "--max-steps", "3", "--resume").exit_code == 0
+    # a run saved before the option existed trained without it, and resumes
+    old = tmp_path / "old"
+    assert musictrain_here("fit", small_shards, "-o", old, *args, "--max-steps", "1").exit_code == 0
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["train"]["transpose"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    res = musictrain_here("fit", small_shards, "-o", old, *args, "--max-steps", "2", "--resume")
+    assert res.exit_code == 0, res.output
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "bad", *args, "--transpose", "30")
+    assert res.exit_code == 2 and "transpose" in res.output
