@@ -6,7 +6,8 @@
 #
 #   bash bench/issue16_run.sh SHARDS WORK RESULTS
 #   env: STAGES ("fit eval"; one of them alone runs that stage on WORK/run), TRAIN_S, PRESET, MAX_STEPS,
-#        BATCH_TOKENS, LR, EVAL_EVERY, SAVE_EVERY, EVAL_WINDOWS, EVAL_S, PY
+#        BATCH_TOKENS, LR, EVAL_EVERY, SAVE_EVERY, FIT_ARGS (more fit options, e.g. "--transpose 5"), EVAL_WINDOWS,
+#        EVAL_S, PY
 set -uo pipefail
 shards="${1:?usage: bench/issue16_run.sh SHARDS WORK RESULTS}"
 work="${2:?}"
@@ -19,6 +20,8 @@ if [[ " $stages " == *" fit "* ]]; then
     fit=(fit "$shards" -o "$work/run" --preset "${PRESET:-base}" --batch-tokens "${BATCH_TOKENS:-32768}"
          --max-steps "${MAX_STEPS:-2600}" --lr "${LR:-6e-4}" --eval-every "${EVAL_EVERY:-200}" --eval-batches 100
          --save-every "${SAVE_EVERY:-400}" --log-every 25 --no-progress --no-tensorboard)
+    # shellcheck disable=SC2206
+    fit+=(${FIT_ARGS:-})
     echo "musictrain ${fit[*]}" > "$results/fit.log"
     timeout -s TERM -k 30 "${TRAIN_S:-470}" "$PY" -m rwkv_music.train.cli "${fit[@]}" >> "$results/fit.log" 2>&1
     echo "fit rc=$?"
