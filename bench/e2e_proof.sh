@@ -101,7 +101,7 @@ corpus="$work/corpus"
 rm -rf "$corpus"
 mkdir -p "$corpus"
 cp -r "$root/examples/demo-corpus" "$corpus/demo"
-for c in "$root/../shared/corpus/miditok-tests" "$root/shared/corpus/miditok-tests"; do
+for c in "$root/../shared/corpus/miditok-tests" "$root/shared/corpus/miditok-tests" "$root/tests/data/miditok-tests"; do
     if [[ -d "$c" ]]; then
         cp -r "$c" "$corpus/miditok-tests"
         break
