@@ -2,10 +2,11 @@
 
     python bench/batch_build.py SHARDS [--batch-tokens 32768] [--pack-len 2048] [--batches 30]
 
-fit reads the loss and the grad norm after every step, so it waits for the GPU there; with no data workers the
-next batch is then built while the GPU idles. This times that: the trainer's own data stream (`Trainer.stream`,
-through `fit._batches`, as `Trainer.run` iterates it), one torch thread, after one untimed batch. Padded batches
-with --batch-tokens 0.
+Before 2026-12-07 fit read the loss and the grad norm after every step, so it waited for the GPU there, and
+with no data workers the next batch was then built while the GPU idled; now a step queues its work and returns,
+and the batch is built while the GPU runs the step before. This times that build: the trainer's own data stream
+(`Trainer.stream`, through `fit._batches`, as `Trainer.run` iterates it), one torch thread, after one untimed
+batch. Padded batches with --batch-tokens 0.
 """
 
 from __future__ import annotations

@@ -103,11 +103,12 @@ def bench_ours(args, device, vocab: int, frac: float | None, wkv: str | None = N
     if frac is not None:
         mask[:, : T - max(1, round(frac * T))] = False
     targets = torch.randint(0, vocab, (int(mask.sum()),), device=device)
+    flat = mask.flatten().nonzero().flatten()  # as fit selects them: flat indices, found once (collate's job there)
     amp = device.type == "cuda" and not bf16_weights
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = fwd(idx, positions=mask)
+            logits = fwd(idx, flat_positions=flat)
         loss = F.cross_entropy(logits.float(), targets)
         loss.backward()
         if bf16 is not None:

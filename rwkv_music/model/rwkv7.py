@@ -228,6 +228,9 @@ class RWKV7(nn.Module):
     Call conventions (idx: LongTensor [B, T]):
       ``model(idx)``                                -> logits [B, T, V]
       ``model(idx, positions=mask)``                -> logits [n_selected, V]  (mask: bool [B, T])
+      ``model(idx, flat_positions=i)``              -> logits [N, V], the rows i (long [N]) of the [B * T]
+                                                       positions: a mask's rows found on the host, so
+                                                       selecting them needs no device sync (training)
       ``model(idx, positions=pos)``                 -> logits [B, V] for pos: long [B],
                                                        [B, K, V] for pos: long [B, K]
       ``model(idx, state, ..., return_state=True)`` -> (logits, RWKV7State)
@@ -338,13 +341,16 @@ class RWKV7(nn.Module):
         positions: Tensor | None = None,
         return_state: bool = False,
         starts: Tensor | None = None,
+        flat_positions: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, RWKV7State]:
         """Parallel mode. Returns logits (see the class docstring), or (logits, state) if return_state."""
-        if return_state:
-            h, new_state = self.hidden(idx, state, return_state=True, starts=starts)
-            return self.head(self.select(h, positions)), new_state
-        h = self.hidden(idx, state, starts=starts)
-        return self.head(self.select(h, positions))
+        if flat_positions is not None and positions is not None:
+            raise ValueError("give positions or flat_positions, not both")
+        out = self.hidden(idx, state, return_state=return_state, starts=starts)
+        h, new_state = out if return_state else (out, None)
+        h = (self.select(h, positions) if flat_positions is None
+             else h.flatten(0, 1).index_select(0, flat_positions))
+        return (self.head(h), new_state) if return_state else self.head(h)
 
     def step(self, tokens: Tensor, state: RWKV7State | None) -> tuple[Tensor, RWKV7State]:
         """RNN mode: one token per row (tokens: long [B]). O(1) in the sequence length."""

@@ -9,8 +9,12 @@ back an octave). Training draws one shift per window, so a corpus in few keys te
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from miditok import MusicTokenizer
 
 
 class PitchShift:
@@ -61,3 +65,19 @@ class PitchShift:
         lo, hi = max(lo, -max_semitones), min(hi, max_semitones)
         u = rng.random()
         return lo + min(int(u * (hi - lo + 1)), hi - lo)
+
+
+def pitch_shift_for(tokenizer: MusicTokenizer) -> PitchShift:
+    """The PitchShift of a tokenizer whose ids can be transposed one by one; ValueError says why not.
+
+    Refused: a trained (BPE/Unigram) vocabulary, whose ids stand for several tokens, and token kinds that carry a
+    pitch in another form (pitch intervals, chord roots) or a drum under a Pitch id (programs with drums)."""
+    cfg = tokenizer.config
+    if getattr(tokenizer, "is_trained", False):
+        raise ValueError("the tokenizer's vocabulary is trained (BPE/Unigram); its ids cannot be transposed one by one")
+    for flag, what in (("use_pitch_intervals", "pitch intervals"), ("use_chords", "chord tokens")):
+        if getattr(cfg, flag, False):
+            raise ValueError(f"the tokenizer writes {what}, which transposing Pitch ids would not move")
+    if getattr(cfg, "use_programs", False) and -1 in getattr(cfg, "programs", ()):
+        raise ValueError("the tokenizer keeps drums (program -1) as Pitch ids; transposing would move them")
+    return PitchShift(tokenizer.vocab)

@@ -113,7 +113,7 @@ class DataSpec:
                                  f"{self.pack_len} (>= 16) per stream ({self.streams})")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
-        if not 0 <= self.transpose <= 24:
+        if isinstance(self.transpose, bool) or not isinstance(self.transpose, int) or not 0 <= self.transpose <= 24:
             raise ValueError(f"transpose must be 0..24 semitones, got {self.transpose}")
 
     @property
@@ -171,10 +171,17 @@ def collate(samples: list[dict], pad_id: int = 0) -> dict:
     return {
         "input_ids": torch.from_numpy(inp),
         "mask": mask_t,
+        "flat_index": _flat_index(mask),
         "targets": targets,
         "n_tokens": int(sum(lengths)) - B,  # real (unpadded) input tokens
         "n_targets": n_completion,
     }
+
+
+def _flat_index(mask: np.ndarray) -> torch.Tensor:
+    """The mask's positions as indices into the flattened [B * T] (row-major, the order of `targets`): found here
+    on the host, so the model selects them without the device sync a boolean index costs."""
+    return torch.from_numpy(np.flatnonzero(mask))
 
 
 def _check_sample(s: dict) -> tuple[np.ndarray, int, int]:
@@ -216,7 +223,7 @@ def collate_packed(rows: list[list[dict]], pack_len: int, pad_id: int = 0) -> di
     targets = torch.from_numpy(tgt)[mask_t]
     if targets.numel() != n_completion:
         raise ValueError(f"completion mask ({targets.numel()}) and targets ({n_completion}) disagree")
-    return {"input_ids": torch.from_numpy(inp), "mask": mask_t, "targets": targets,
+    return {"input_ids": torch.from_numpy(inp), "mask": mask_t, "flat_index": _flat_index(mask), "targets": targets,
             "starts": torch.from_numpy(starts), "n_tokens": n_tokens, "n_targets": n_completion,
             "n_windows": sum(len(r) for r in rows)}
 

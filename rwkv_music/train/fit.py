@@ -30,7 +30,7 @@ from torch import nn
 
 from rwkv_music.atomic import write_bytes_atomic
 from rwkv_music.model.compile import compile_for_training
-from rwkv_music.remi.transpose import PitchShift
+from rwkv_music.remi.transpose import pitch_shift_for
 from rwkv_music.shards.dataset import (
     PACK_EPOCH_FILL,
     DataSpec,
@@ -147,15 +147,19 @@ def all_max(t: torch.Tensor, di: DistInfo) -> torch.Tensor:
 
 
 def completion_loss_sum(model: nn.Module, batch: dict, device: torch.device, amp: bool) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the batch's completion tokens (logits computed only there)."""
+    """Summed cross-entropy over the batch's completion tokens (logits computed only there).
+
+    The completion positions go to the model as flat indices found by collate, not as the boolean mask: a boolean
+    index makes the host wait for the GPU (forward and backward), which then idles while the rest is launched."""
     inp = batch["input_ids"].to(device, non_blocking=True)
-    mask = batch["mask"].to(device, non_blocking=True)
+    flat = batch["flat_index"].to(device, non_blocking=True)
+    torch._dynamo.maybe_mark_dynamic(flat, 0)  # their number changes every batch: compile for any, once
     targets = batch["targets"].to(device, non_blocking=True)
     starts = batch.get("starts")  # packed rows: windows back to back, state reset at each start
     if starts is not None:
         starts = starts.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(inp, positions=mask, starts=starts)
+        logits = model(inp, flat_positions=flat, starts=starts)
     if logits.shape[0] != targets.shape[0]:
         raise AssertionError(f"{logits.shape[0]} selected positions but {targets.shape[0]} targets")
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.shape[0])
@@ -417,7 +421,10 @@ class Trainer:
             self.val = None
         self.tok_path = Path(cfg.shards) / TOKENIZER
         tokenizer = tokenizer_from_file(self.tok_path)
-        pitch_shift = PitchShift(tokenizer.vocab) if cfg.transpose else None
+        try:
+            pitch_shift = pitch_shift_for(tokenizer) if cfg.transpose else None
+        except ValueError as e:
+            raise BadFitInput(f"--transpose: {e}") from None
         self.tok_hash = tokenizer_hash(tokenizer)
         if self.tok_hash != self.train.tokenizer_hash:
             raise BadFitInput(f"{self.tok_path} hashes to {self.tok_hash[:12]} but the manifest says "
@@ -500,8 +507,9 @@ class Trainer:
             saved = load_run_config(run_dir)["train"]
             changed = [f for f in DATA_FIELDS if saved.get(f, DATA_FIELD_DEFAULTS.get(f)) != getattr(cfg, f)]
             if changed:
+                was = ", ".join(f"{f}={saved.get(f, DATA_FIELD_DEFAULTS.get(f))}" for f in changed)
                 raise BadFitInput(f"--resume with changed {', '.join(changed)} would change the data order; "
-                                  f"keep the run's values ({', '.join(f'{f}={saved.get(f)}' for f in changed)})")
+                                  f"keep the run's values ({was})")
         return ckpt
 
     def _check_resumed_data(self, ckpt: Path, saved: ck.TrainerState, accept_new_data: bool) -> None:
@@ -572,7 +580,7 @@ class Trainer:
             if self.bf16 is not None:
                 self.bf16.grads_to_master()
             gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
-            self.nonfinite.add(st.step + 1, loss_sum, gnorm)
+            self.nonfinite.add(st.step + 1, loss_sum / n_global, gnorm)
             lr = self.opt.param_groups[0]["lr"]
             self.opt.step()  # allocates AdamW's moments on the first step
             if self.bf16 is not None:

@@ -115,6 +115,15 @@ def test_logit_slicing_values_and_gradients(tiny_cfg: RWKV7Config) -> None:
     grads_sliced = torch.autograd.grad(loss_sliced, list(model.parameters()))
     for a, b in zip(grads_full, grads_sliced, strict=True):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+    # the same rows as flat indices (what fit passes: found on the host, no device sync), the same gradients
+    flat = torch.tensor([i for i, m in enumerate(mask.flatten().tolist()) if m])
+    by_index = model(idx, flat_positions=flat)
+    assert torch.equal(by_index, sliced)
+    grads_flat = torch.autograd.grad(F.cross_entropy(by_index, targets), list(model.parameters()))
+    for a, b in zip(grads_flat, grads_sliced, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(idx, positions=mask, flat_positions=flat)
 
     pos = torch.tensor([29, 4])
     assert torch.allclose(model(idx, positions=pos), full[torch.arange(2), pos], atol=1e-6)

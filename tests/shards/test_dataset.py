@@ -53,6 +53,7 @@ def test_collate_masks_exactly_the_completion(built_shards: Path):
     expected = np.concatenate([s["tokens"][s["ctx_len"]:] for s in samples])
     assert b["targets"].tolist() == expected.tolist()
     assert b["n_targets"] == int(b["mask"].sum()) == sum(s["completion_len"] for s in samples)
+    assert b["flat_index"].tolist() == [i for i, m in enumerate(b["mask"].flatten().tolist()) if m]
     for i, s in enumerate(samples):
         L = len(s["tokens"])
         assert b["input_ids"][i, : L - 1].tolist() == s["tokens"][:-1].tolist()
@@ -207,6 +208,7 @@ def test_packed_epoch_rows_windows_and_resume(train_set):
     for b in epoch:
         assert b["input_ids"].shape == b["mask"].shape == b["starts"].shape == (2, 2048)
         assert int(b["mask"].sum()) == b["targets"].numel() == b["n_targets"]
+        assert torch.equal(b["flat_index"], b["mask"].flatten().nonzero().flatten())
         # every row starts with a window; the mask never covers a window's first position
         assert b["starts"][:, 0].all() and not (b["mask"] & b["starts"]).any()
         fill.append(b["n_tokens"] / b["input_ids"].numel())
