@@ -209,6 +209,12 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
                           "--max-steps", "3", "--device", "cpu", "--no-progress")
     assert res.exit_code == 1 and "loss is nan" in res.output and "at step 1" in res.output
     assert not (nan_run / "checkpoints").exists()
+    # a checkpoint due before the next logged step is what finds it (the check before every save)
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "r4", "--init-from", poisoned, "--batch-size", "4",
+                          "--max-steps", "3", "--device", "cpu", "--no-progress", "--save-every", "1",
+                          "--log-every", "100")
+    assert res.exit_code == 1 and "loss is nan" in res.output and "at step 1" in res.output
+    assert not (tmp_path / "r4" / "checkpoints").exists()
 
 
 def test_grad_accum_workers_and_webdataset(small_shards: Path, tmp_path: Path):

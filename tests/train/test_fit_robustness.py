@@ -116,6 +116,18 @@ def test_allocation_failures_are_recognised_and_others_pass_through():
     assert out_of_memory_kind(TrainingError("CPU out of memory at step 1")) is None
 
 
+def test_non_finite_watch_keeps_the_first_bad_step():
+    """The watch fit keeps on the device (no sync per step): the first step with a NaN/inf loss or grad norm."""
+    from rwkv_music.train.fit import NonFiniteWatch
+
+    w = NonFiniteWatch(torch.device("cpu"))
+    w.add(1, torch.tensor(2.5, dtype=torch.float64), torch.tensor(0.7))
+    assert w.bad_step() is None
+    w.add(2, torch.tensor(3.0, dtype=torch.float64), torch.tensor(float("inf")))  # finite loss, inf grad norm
+    w.add(3, torch.tensor(float("nan"), dtype=torch.float64), torch.tensor(1.0))
+    assert w.bad_step() == (2, 3.0, float("inf"))  # later bad steps do not overwrite the first
+
+
 # ---------------------------------------------------------------------------------------------- --compile
 
 def test_compile_trains_like_eager_and_saves_plain_keys(small_shards: Path, tmp_path: Path):

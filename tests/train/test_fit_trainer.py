@@ -36,6 +36,17 @@ def test_recompute_option_reruns_blocks_in_backward(small_shards: Path, tmp_path
     assert trainer.state.step == 1 and trainer.state.consumed == 1 and trainer.state.tokens_seen > 0
 
 
+def test_transpose_reaches_the_training_stream_only(small_shards: Path, tmp_path: Path):
+    """--transpose moves training windows (some pitch ids differ from the unmoved stream's); val is never moved."""
+    moved = Trainer(tiny_config(small_shards, tmp_path / "a", max_steps=1, transpose=6), DistInfo(),
+                    torch.device("cpu"))
+    plain = Trainer(tiny_config(small_shards, tmp_path / "b", max_steps=1), DistInfo(), torch.device("cpu"))
+    assert moved.stream.spec.transpose == 6 and plain.stream.spec.transpose == 0
+    a = [next(_batches(t.stream, 0, 0, 0, pin=False)).batch for t in (moved, plain)]
+    assert torch.equal(a[0]["mask"], a[1]["mask"]) and not torch.equal(a[0]["input_ids"], a[1]["input_ids"])
+    assert moved.evaluate() == plain.evaluate()  # the same initial weights score the same, unmoved, val windows
+
+
 def test_run_state_is_what_the_checkpoint_saves(small_shards: Path, tmp_path: Path):
     trainer = Trainer(tiny_config(small_shards, tmp_path / "run", max_steps=3, grad_accum=2, eval_every=2),
                       DistInfo(), torch.device("cpu"))
