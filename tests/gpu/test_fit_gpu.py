@@ -78,7 +78,7 @@ def test_a_training_step_never_waits_for_the_gpu(shards, tmp_path, precision) ->
     trainer = Trainer(cfg, DistInfo(), torch.device("cuda"))
     batches = (item for item in _batches(trainer.stream, 0, 0, 0, pin=True))
     items = [next(batches) for _ in range(6)]
-    for item in items[:3]:  # compile (first sizes, then dynamic) and AdamW's first step outside the check
+    for item in items[:3]:  # the compile (one: the number of positions is marked dynamic) and AdamW's first step
         trainer.train_step(iter([item]))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
