@@ -16,6 +16,15 @@ import numpy as np
 if TYPE_CHECKING:
     from miditok import MusicTokenizer
 
+MAX_TRANSPOSE = 24  # semitones: two octaves either way is more than any key augmentation needs
+
+
+def check_transpose(n: object) -> int:
+    """`n` as a largest shift in semitones (an int in 0..MAX_TRANSPOSE), else ValueError."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TRANSPOSE:
+        raise ValueError(f"transpose must be 0..{MAX_TRANSPOSE} semitones, got {n}")
+    return n
+
 
 class PitchShift:
     """Id remapping for transpositions under one tokenizer's vocabulary (token string -> id)."""
@@ -34,24 +43,30 @@ class PitchShift:
             self.pitch[i] = p
             self.id_of[p - self.low] = i
 
-    def bounds(self, tokens: np.ndarray) -> tuple[int, int]:
-        """(lowest, highest) shift in semitones that keeps every pitch of `tokens` in range ((-inf, inf) as
-        (-128, 128) for a window without pitches)."""
-        p = self.pitch.take(np.asarray(tokens, dtype=np.int64), mode="clip")
+    def _pitches(self, tokens: np.ndarray) -> np.ndarray:
+        """The pitch of each token, -1 where it is no Pitch token."""
+        return self.pitch.take(np.asarray(tokens).astype(np.int64, copy=False), mode="clip")
+
+    def _bounds(self, p: np.ndarray) -> tuple[int, int]:
         p = p[p >= 0]
         if p.size == 0:
             return -128, 128
         return self.low - int(p.min()), self.high - int(p.max())
+
+    def bounds(self, tokens: np.ndarray) -> tuple[int, int]:
+        """(lowest, highest) shift in semitones that keeps every pitch of `tokens` in range ((-inf, inf) as
+        (-128, 128) for a window without pitches)."""
+        return self._bounds(self._pitches(tokens))
 
     def apply(self, tokens: np.ndarray, semitones: int) -> np.ndarray:
         """A copy of `tokens` transposed by `semitones` (ValueError if a pitch would leave the range)."""
         tokens = np.asarray(tokens)
         if semitones == 0:
             return tokens.copy()
-        lo, hi = self.bounds(tokens)
+        p = self._pitches(tokens)
+        lo, hi = self._bounds(p)
         if not lo <= semitones <= hi:
             raise ValueError(f"a shift of {semitones} semitones takes pitches outside {self.low}..{self.high}")
-        p = self.pitch.take(tokens.astype(np.int64), mode="clip")
         out = tokens.copy()
         is_pitch = p >= 0
         out[is_pitch] = self.id_of[p[is_pitch] + semitones - self.low].astype(tokens.dtype)

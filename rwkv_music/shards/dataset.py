@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from rwkv_music.remi.transpose import PitchShift
+from rwkv_music.remi.transpose import PitchShift, check_transpose
 
 from .manifest import ManifestError, iter_shard, read_manifest, shard_entries
 from .parquet import parquet_tokenizer_hash
@@ -113,8 +113,7 @@ class DataSpec:
                                  f"{self.pack_len} (>= 16) per stream ({self.streams})")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
-        if isinstance(self.transpose, bool) or not isinstance(self.transpose, int) or not 0 <= self.transpose <= 24:
-            raise ValueError(f"transpose must be 0..24 semitones, got {self.transpose}")
+        check_transpose(self.transpose)
 
     @property
     def roles(self) -> int:

@@ -104,8 +104,9 @@ class TrainConfig:
             raise ValueError("give max_steps or max_tokens, not both")
         if self.memory_budget is not None and not 0.0 <= self.memory_budget <= 1.0:
             raise ValueError(f"memory_budget must be in [0, 1], got {self.memory_budget}")
-        if isinstance(self.transpose, bool) or not isinstance(self.transpose, int) or not 0 <= self.transpose <= 24:
-            raise ValueError(f"transpose must be 0..24 semitones, got {self.transpose}")
+        from rwkv_music.remi.transpose import check_transpose  # here too: `musictrain --help` loads no numpy
+
+        check_transpose(self.transpose)
         if self.lr <= 0 or self.lr_final < 0 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, lr_final >= 0, warmup_steps >= 0")
 
