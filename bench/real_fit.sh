@@ -30,9 +30,9 @@ declare -A cases=(
     [base-packed]="--preset base --batch-tokens 32768 --compile --max-steps 50"
     [small-packed]="--preset small --batch-tokens 65536 --compile --max-steps 60"
     [small-padded]="--preset small --batch-size 16 --max-steps 150"
-    # fit syncs with the GPU every step (the loss and the grad norm are read), so with no workers the next batch is
-    # packed while the GPU waits (`python bench/batch_build.py .shards-music21`: 3.6 ms per 32768-position batch on
-    # the 2-vCPU development VM, 2026-12-06, CI running beside it); workers pack ahead
+    # workers pack ahead in other processes (`python bench/batch_build.py .shards-music21`: 3.6 ms per 32768-position
+    # batch in fit's main thread on the 2-vCPU development VM, 2026-12-06, CI running beside it); since 2026-12-07 a
+    # step no longer waits for the GPU, so without workers the main thread packs while the GPU runs the step before
     [base-packed-w2]="--preset base --batch-tokens 32768 --compile --max-steps 50 --num-workers 2"
     [base-packed-lean]="--preset base --batch-tokens 32768 --compile --max-steps 50 --num-workers 2 --recompute elementwise --precision bf16-weights"
 )
