@@ -14,6 +14,10 @@
 #     readable path (PyTorch WKV, fp32, eager), for "which reaches the better val loss in the same time"
 #   BATCH_TOKENS (unset): packed batches of this many positions per step (fit --batch-tokens) instead of BATCH
 #   EVAL [1]: 0 stops after training (the val losses are in run/metrics.jsonl and the summary)
+#   SHARDS (unset): train on this existing shard build instead of building the small corpus (stage 1 is skipped),
+#     e.g. the music21 build, where 5 minutes are far from one epoch and the tiny corpus's overfitting (its val
+#     loss is lowest near step 550) does not hide a difference in speed
+#   EVAL_BATCHES (unset): evaluate on the first N val batches only (fit --eval-batches), for a large val split
 # Training stops at STEPS or after TIME_BUDGET_S seconds, whichever comes first; a checkpoint is written every
 # EVAL_EVERY steps, and eval reads the best one (lowest val loss), so a stop by the time budget loses at most
 # EVAL_EVERY steps. The corpus is tiny (28 distinct pieces): SPLIT_SEED 0 with VAL_FRACTION 0.15 puts five whole
@@ -45,6 +49,7 @@ FIT_PATH="${FIT_PATH:-fast}"
 EVAL="${EVAL:-1}"
 fit_extra=()
 if [[ -n "${BATCH_TOKENS:-}" ]]; then fit_extra+=(--batch-tokens "$BATCH_TOKENS"); fi
+if [[ -n "${EVAL_BATCHES:-}" ]]; then fit_extra+=(--eval-batches "$EVAL_BATCHES"); fi
 case "$FIT_PATH" in
     fast) ;;
     reference) export RWKV_MUSIC_WKV=torch; fit_extra+=(--precision fp32 --no-compile) ;;
@@ -96,24 +101,30 @@ torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_availa
     git -C "$root" rev-parse --short HEAD 2>/dev/null || true
 } 2>&1 | tee -a "$log"
 
-say "== 1/3 corpus and shards"
-corpus="$work/corpus"
-rm -rf "$corpus"
-mkdir -p "$corpus"
-cp -r "$root/examples/demo-corpus" "$corpus/demo"
-for c in "$root/../shared/corpus/miditok-tests" "$root/shared/corpus/miditok-tests" "$root/tests/data/miditok-tests"; do
-    if [[ -d "$c" ]]; then
-        cp -r "$c" "$corpus/miditok-tests"
-        break
-    fi
-done
-[[ -n "${EXTRA_CORPUS:-}" ]] && cp -r "$EXTRA_CORPUS" "$corpus/extra"
-say "corpus: $(find "$corpus" -iname '*.mid*' | wc -l) MIDI files (duplicates are skipped by content)"
-workers="$(nproc 2>/dev/null || echo 2)"
-((workers > 8)) && workers=8
-run "$PY" -m rwkv_music.pipeline.cli build-shards "$corpus" -o "$work/shards" --format parquet \
-    --val-fraction "$VAL_FRACTION" --seed "$SPLIT_SEED" --workers "$workers" --dashboard-address "" --no-progress \
-    --overwrite
+shards="$work/shards"
+if [[ -n "${SHARDS:-}" ]]; then
+    shards="$(cd "$SHARDS" && pwd)"
+    say "== 1/3 shards: the existing build $shards (SHARDS)"
+else
+    say "== 1/3 corpus and shards"
+    corpus="$work/corpus"
+    rm -rf "$corpus"
+    mkdir -p "$corpus"
+    cp -r "$root/examples/demo-corpus" "$corpus/demo"
+    for c in "$root/../shared/corpus/miditok-tests" "$root/shared/corpus/miditok-tests" "$root/tests/data/miditok-tests"; do
+        if [[ -d "$c" ]]; then
+            cp -r "$c" "$corpus/miditok-tests"
+            break
+        fi
+    done
+    [[ -n "${EXTRA_CORPUS:-}" ]] && cp -r "$EXTRA_CORPUS" "$corpus/extra"
+    say "corpus: $(find "$corpus" -iname '*.mid*' | wc -l) MIDI files (duplicates are skipped by content)"
+    workers="$(nproc 2>/dev/null || echo 2)"
+    ((workers > 8)) && workers=8
+    run "$PY" -m rwkv_music.pipeline.cli build-shards "$corpus" -o "$shards" --format parquet \
+        --val-fraction "$VAL_FRACTION" --seed "$SPLIT_SEED" --workers "$workers" --dashboard-address "" --no-progress \
+        --overwrite
+fi
 
 if [[ "$DEVICE" == cuda ]]; then
     # Build (or load from its cache) the CUDA WKV kernel now, so compiling does not eat the training budget.
@@ -126,7 +137,7 @@ say "== 2/3 train the $PRESET preset on $DEVICE ($FIT_PATH path): at most $STEPS
 rm -rf "$work/run"
 t0=$(date +%s)
 set +e
-run timeout --signal=KILL "$TIME_BUDGET_S" "$PY" -m rwkv_music.train.cli fit "$work/shards" -o "$work/run" \
+run timeout --signal=KILL "$TIME_BUDGET_S" "$PY" -m rwkv_music.train.cli fit "$shards" -o "$work/run" \
     --preset "$PRESET" --device "$DEVICE" --max-steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
     --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --save-every "$EVAL_EVERY" --keep-last 1 --seed "$SEED" \
     --no-progress ${fit_extra[@]+"${fit_extra[@]}"}
@@ -151,7 +162,7 @@ if [[ "$EVAL" == 0 ]]; then
 fi
 
 say "== 3/3 evaluate the best checkpoint on the val split"
-run "$PY" -m rwkv_music.train.cli eval "$work/run" "$work/shards" --split val --num-windows "$EVAL_WINDOWS" \
+run "$PY" -m rwkv_music.train.cli eval "$work/run" "$shards" --split val --num-windows "$EVAL_WINDOWS" \
     --max-tf-windows "$MAX_TF_WINDOWS" --device "$DEVICE" --seed "$SEED" --piano-rolls 4 -o "$work/report"
 
 "$PY" - "$work" <<'PY' | tee -a "$log"
