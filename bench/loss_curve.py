@@ -5,6 +5,7 @@ autocast, torch.compile: fit's defaults on CUDA). Prints both loss curves side b
     python bench/loss_curve.py SHARDS WORK [--steps 300] [--preset small] [--batch-tokens 16384]
     python bench/loss_curve.py SHARDS WORK --metrics reference=REF/metrics.jsonl   # reuse a finished run
     python bench/loss_curve.py SHARDS WORK --noise-floor --parallel   # + the fp32 math through the CUDA kernel
+    python bench/loss_curve.py SHARDS WORK --lean --parallel   # + bf16 weights and recomputed element-wise work
 
 bf16 rounding makes the two runs drift apart step by step (their batches are the same, their weights soon
 are not), so single steps are compared only as a mean over a window of logged steps: the curves "follow"
@@ -27,6 +28,9 @@ RUNS = {
     # with --noise-floor: the same fp32 math through other code (the CUDA kernel, compiled), so it differs from the
     # reference only by fp32 rounding; how far training carries that apart is the floor any comparison stands on
     "fp32-kernel": ({"RWKV_MUSIC_WKV": "cuda"}, ["--precision", "fp32", "--compile"]),
+    # with --lean: the fast path's low-memory form (bf16 weights with fp32 masters, element-wise work recomputed),
+    # which has to train like the reference before it can be fit's default
+    "lean": ({}, ["--precision", "bf16-weights", "--recompute", "elementwise"]),
 }
 
 
@@ -90,8 +94,11 @@ def main() -> None:
     ap.add_argument("--noise-floor", action="store_true",
                     help="Also train the fp32 math through the CUDA kernel, compiled (run fp32-kernel): its distance "
                          "from the reference is what fp32 rounding alone does over the same steps.")
+    ap.add_argument("--lean", action="store_true",
+                    help="Also train the low-memory fast path (run lean: --precision bf16-weights --recompute "
+                         "elementwise) and compare it with the reference like the fast run.")
     ap.add_argument("--metrics", action="append", default=[], metavar="NAME=FILE",
-                    help="Take run NAME (reference, fast, fp32-kernel) from the metrics.jsonl of a finished run "
+                    help="Take run NAME (reference, fast, fp32-kernel, lean) from the metrics.jsonl of a finished run "
                          "with the same options instead of running it (a time-limited machine: one run per command).")
     args = ap.parse_args()
     given = dict(m.split("=", 1) for m in args.metrics)
@@ -104,7 +111,8 @@ def main() -> None:
     curves, seconds = {}, {}
     args.work.mkdir(parents=True, exist_ok=True)
     running = {}
-    names = ["reference", "fast"] + (["fp32-kernel"] if args.noise_floor or "fp32-kernel" in given else [])
+    names = ["reference", "fast"] + (["fp32-kernel"] if args.noise_floor or "fp32-kernel" in given else []) + (
+        ["lean"] if args.lean or "lean" in given else [])
     for name in names:
         env, extra = RUNS[name]
         if name in given:
@@ -122,23 +130,31 @@ def main() -> None:
     for name in list(running):
         finish(running.pop(name), name, args, curves, seconds)
     windows, vals, worst = compare(curves["reference"], curves["fast"], args.window)
-    floor = compare(curves["reference"], curves["fp32-kernel"], args.window) if "fp32-kernel" in curves else None
+    extra = {name: compare(curves["reference"], curves[name], args.window) for name in names[2:]}
     head = f"{'steps':>10} {'reference':>10} {'fast':>10} {'rel':>7}"
-    print(head + (f" {'fp32-kernel':>11} {'rel':>7}" if floor else ""))
+    print(head + "".join(f" {name:>11} {'rel':>7}" for name in extra))
     rows = [(w["steps"], w) for w in windows] + [(f"val {v['step']}", v) for v in vals]
-    by_label = ({w["steps"]: w for w in floor[0]} | {f"val {v['step']}": v for v in floor[1]}) if floor else {}
+    by_label = {name: {w["steps"]: w for w in e[0]} | {f"val {v['step']}": v for v in e[1]}
+                for name, e in extra.items()}
     for label, r in rows:
-        f = by_label.get(label)
         line = f"{label:>10} {r['reference']:10.4f} {r['other']:10.4f} {r['rel']:7.4f}"
-        print(line + (f" {f['other']:11.4f} {f['rel']:7.4f}" if f else ""))
+        for name in extra:
+            f = by_label[name].get(label)
+            line += f" {f['other']:11.4f} {f['rel']:7.4f}" if f else f" {'-':>11} {'-':>7}"
+        print(line)
     follows = bool(windows) and bool(vals) and worst <= args.tol
     result = {"steps": args.steps, "preset": args.preset, "batch_tokens": args.batch_tokens, "seed": args.seed,
               "seconds": seconds, "worst_rel": worst, "tol": args.tol, "follows": follows,
               "windows": windows, "val": vals}
-    if floor:
+    if "fp32-kernel" in extra:
+        floor = extra["fp32-kernel"]
         result.update(noise_floor_worst_rel=floor[2], noise_floor_windows=floor[0], noise_floor_val=floor[1])
         print(f"[loss-curve] fast vs reference: worst {worst:.4f}; fp32 through the kernel vs reference (the noise "
               f"floor): worst {floor[2]:.4f}")
+    if "lean" in extra:
+        lean = extra["lean"]
+        result.update(lean_worst_rel=lean[2], lean_windows=lean[0], lean_val=lean[1])
+        print(f"[loss-curve] lean vs reference: worst {lean[2]:.4f} (fast: {worst:.4f})")
     print(json.dumps(result))
     sys.exit(0 if follows else 1)
 
