@@ -7,6 +7,11 @@ model. This measures it: for each window of the split's pieces, the notes of the
 (bar of the completion, Position, Pitch) sets, velocities and durations left out, and their Jaccard overlap
 (shared notes / all notes of the two). Prints the share of windows with identical tokens and identical notes,
 and quantiles of the overlap.
+
+It also asks where else in the context the truth could have been copied from: the truth against every run of as
+many consecutive context bars as it has (the last run is the repeat), the best-matching run per window, and how
+often that run is not the last one. A window whose truth restates earlier bars (a tune's opening phrase coming
+back) is one a model can only get right by knowing which bars come back.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkv_music.remi.tokenizer import tokenizer_from_file
-from rwkv_music.remi.windows import Vocab
+from rwkv_music.remi.windows import Vocab, index_bars
 from rwkv_music.shards import TOKENIZER
 from rwkv_music.train.eval_choice import completion_bars, repeat_tokens
 from rwkv_music.train.eval_data import PIECE_PARTS, load_split, select_pieces
@@ -36,6 +41,13 @@ def note_set(tokens: list[int], names: dict[int, str]) -> set[tuple[int, str, st
     return out
 
 
+def context_runs(sample, n_bars: int, vocab: Vocab) -> list[list[int]]:
+    """Every run of `n_bars` consecutive context bars, as tokens, first run first (the last one is the repeat)."""
+    body = list(sample.tokens[sample.meta_len:sample.ctx_len])
+    bars = index_bars(body, vocab)
+    return [body[bars.at(f):bars.at(f + n_bars)] for f in range(bars.n_bars - n_bars + 1)] if n_bars >= 1 else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("shards", type=Path)
@@ -47,15 +59,22 @@ def main() -> None:
     vocab, names = Vocab(tok), {i: t for t, i in tok.vocab.items()}
     samples = select_pieces(load_split(args.shards, args.split, args.format), args.pieces)
     overlap, same_tokens, same_notes = [], 0, 0
+    best, best_is_last = [], []
     for s in samples:
         truth = s.tokens[s.ctx_len:]
-        rep = repeat_tokens(s, completion_bars(s, vocab), vocab)
+        nb = completion_bars(s, vocab)
+        rep = repeat_tokens(s, nb, vocab)
         if rep is None:
             continue
         a, b = note_set(truth, names), note_set(rep, names)
         same_tokens += rep == truth
         same_notes += a == b
         overlap.append(len(a & b) / max(1, len(a | b)))
+        runs = context_runs(s, nb, vocab)
+        if runs:
+            j = [len(a & note_set(r, names)) / max(1, len(a | note_set(r, names))) for r in runs]
+            best.append(max(j))
+            best_is_last.append(j[-1] == max(j))
     x = np.array(overlap)
     qs = np.quantile(x, [0.1, 0.25, 0.5, 0.75, 0.9]).round(3).tolist()
     q = dict(zip(("p10", "p25", "median", "p75", "p90"), qs, strict=True))
@@ -63,6 +82,15 @@ def main() -> None:
           f"identical notes {same_notes}")
     print(f"note overlap (Jaccard) of truth and repeat: {q}; mean {x.mean():.3f}; "
           f"share >= 0.5: {(x >= 0.5).mean():.3f}, >= 0.8: {(x >= 0.8).mean():.3f}")
+    y, last = np.array(best), np.array(best_is_last)
+    qy = dict(zip(("p10", "p25", "median", "p75", "p90"), np.quantile(y, [0.1, 0.25, 0.5, 0.75, 0.9]).round(3).tolist(),
+                  strict=True))
+    print(f"best-matching run of context bars (windows with a whole run: {len(y)}): overlap {qy}; mean {y.mean():.3f}; "
+          f"share >= 0.5: {(y >= 0.5).mean():.3f}, >= 0.8: {(y >= 0.8).mean():.3f}")
+    for t in (0.5, 0.8):
+        hit = y >= t
+        print(f"  of the {int(hit.sum())} windows whose best run overlaps >= {t}: that run is the last bars (the "
+              f"repeat) in {last[hit].mean():.3f}, earlier bars in {1 - last[hit].mean():.3f}")
 
 
 if __name__ == "__main__":
