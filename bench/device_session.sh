@@ -52,7 +52,9 @@
 #   proof5      bench/e2e_proof.sh with a 300 s training budget on the path FIT_PATH [fast] (or reference), training
 #               only (EVAL=0): issue 11's "which path reaches the better val loss in the same 5 minutes"
 #   proof5pair  proof5 on both paths at the same time on the one GPU (fast and reference, each its own 300 s), when
-#               device time allows no two runs one after the other; RESULTS/proof5-{fast,reference}.log
+#               device time allows no two runs one after the other; RESULTS/proof5-{fast,reference}.log. On the
+#               script's own 28 pieces both paths overfit within two minutes (2026-12-07), so for a verdict on speed
+#               train on the music21 build: SHARDS=.shards-music21 EVAL_BATCHES=40 EVAL_EVERY=100 STEPS=20000
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
 # A step written bg:STEP runs in the background (e.g. bg:build while Triton compiles); the step `wait` waits for them.
 # Limits per step (seconds) come from LIMIT_<STEP>, e.g. LIMIT_TRAINSTEP=200. RESULTS/summary.txt lists each
