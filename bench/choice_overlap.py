@@ -11,7 +11,8 @@ and quantiles of the overlap.
 It also asks where else in the context the truth could have been copied from: the truth against every run of as
 many consecutive context bars as it has (the last run is the repeat), the best-matching run per window, and how
 often that run is not the last one. A window whose truth restates earlier bars (a tune's opening phrase coming
-back) is one a model can only get right by knowing which bars come back.
+back) is one a model can only get right by knowing which bars come back. Last, the same by the completion's
+first bar in the piece, modulo 8 (`--period`): where in an eight-bar phrase the returns fall.
 """
 
 from __future__ import annotations
@@ -48,18 +49,23 @@ def context_runs(sample, n_bars: int, vocab: Vocab) -> list[list[int]]:
     return [body[bars.at(f):bars.at(f + n_bars)] for f in range(bars.n_bars - n_bars + 1)] if n_bars >= 1 else []
 
 
+def bars_before_completion(sample, vocab: Vocab) -> int:
+    return index_bars(list(sample.tokens[sample.meta_len:sample.ctx_len]), vocab).n_bars
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("shards", type=Path)
     ap.add_argument("--split", default="val")
     ap.add_argument("--pieces", choices=PIECE_PARTS, default="test")
     ap.add_argument("--format", default="parquet")
+    ap.add_argument("--period", type=int, default=8, help="Phrase length (bars) for the table by phrase position.")
     args = ap.parse_args()
     tok = tokenizer_from_file(args.shards / TOKENIZER)
     vocab, names = Vocab(tok), {i: t for t, i in tok.vocab.items()}
     samples = select_pieces(load_split(args.shards, args.split, args.format), args.pieces)
     overlap, same_tokens, same_notes = [], 0, 0
-    best, best_is_last = [], []
+    best, best_is_last, phase, earlier = [], [], [], []
     for s in samples:
         truth = s.tokens[s.ctx_len:]
         nb = completion_bars(s, vocab)
@@ -75,6 +81,8 @@ def main() -> None:
             j = [len(a & note_set(r, names)) / max(1, len(a | note_set(r, names))) for r in runs]
             best.append(max(j))
             best_is_last.append(j[-1] == max(j))
+            phase.append((s.first_bar + bars_before_completion(s, vocab)) % args.period)
+            earlier.append(max(j[:-1], default=0.0))
     x = np.array(overlap)
     qs = np.quantile(x, [0.1, 0.25, 0.5, 0.75, 0.9]).round(3).tolist()
     q = dict(zip(("p10", "p25", "median", "p75", "p90"), qs, strict=True))
@@ -91,6 +99,13 @@ def main() -> None:
         hit = y >= t
         print(f"  of the {int(hit.sum())} windows whose best run overlaps >= {t}: that run is the last bars (the "
               f"repeat) in {last[hit].mean():.3f}, earlier bars in {1 - last[hit].mean():.3f}")
+    ph, ea = np.array(phase), np.array(earlier)
+    print(f"by the completion's first bar in the piece, modulo {args.period}: windows, and the share whose truth "
+          f"restates earlier context bars (overlap >= 0.8)")
+    for k in range(args.period):
+        at = ph == k
+        if at.any():
+            print(f"  {k}: {int(at.sum())} windows, {(ea[at] >= 0.8).mean():.3f}")
 
 
 if __name__ == "__main__":
