@@ -13,7 +13,9 @@
 #   anchors     RWKV-LM's fused x070 trainer at the same shapes (carry a copy of ../shared/anchors as .anchors/)
 #   compare     ours compiled beside RWKV-LM's trainer at B16 T2048, one table
 #   issue16     bench/issue16_run.sh: the real-corpus training run and its evaluation (docs/results.md; STAGES=fit
-#               or STAGES=eval runs one of the two)
+#               or STAGES=eval runs one of the two; ISSUE16_SHARDS=.shards-music21-phase8 trains on a --bar-phase 8
+#               build of the same corpus instead, carried in place of .shards-music21: both do not fit in 64 MiB
+#               with the wheels)
 #   sweep       bench/sampling_sweep.py on the issue16 step's run: temperature x top-p x min-p on the dev val
 #               pieces, then the winner's full eval on the test pieces (RESULTS/sweep.tgz)
 #   realfit     `musictrain fit` on real packed windows (carry a parquet build as .shards-music21/): base and
@@ -84,7 +86,7 @@ declare -A command=(
     [trainstep]="$PY bench/train_step.py --only completion --no-fla --profile 3"
     [compile]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile; $PY bench/train_step.py --only completion --no-fla --compile --bf16-weights; $PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --batch 8 --seq 4096"
     [compare]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile"
-    [issue16]="PY=$PY bash bench/issue16_run.sh .shards-music21 /tmp/issue16 $results"
+    [issue16]="PY=$PY bash bench/issue16_run.sh ${ISSUE16_SHARDS:-.shards-music21} /tmp/issue16 $results"
     [anchors]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py model"
     [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
     [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --steps 300 --json $results/complete.json"

@@ -64,6 +64,10 @@ def main() -> None:
                    "to the network ('' disables it).")
 @click.option("--tokenizer-config", type=click.Path(path_type=Path, dir_okay=False),
               help="JSON/TOML file of miditok TokenizerConfig overrides.")
+@click.option("--bar-phase", default=0, show_default=True, type=click.IntRange(0, 64),
+              help="Start every window with a BarPhase token: its first bar in the piece modulo N (8 for eight-bar "
+                   "phrases), so the model knows where in a phrase it is. Adds N tokens to the vocabulary; "
+                   "`musictrain complete --first-bar` sets it for a prompt. 0: off.")
 @click.option("--files-per-batch", default=None, type=int,
               help="Files per Dask task (fixed; part of the output identity) [default: 16].")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT built with a different configuration.")
@@ -90,7 +94,8 @@ def main() -> None:
 def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars: int, stride_bars: int,
                      max_seq_len: int, fmt: str, samples_per_shard: int, val_fraction: float, seed: int,
                      workers: int | None, scheduler: str | None, scheduler_file: Path | None,
-                     dashboard_address: str, tokenizer_config: Path | None, files_per_batch: int | None,
+                     dashboard_address: str, tokenizer_config: Path | None, bar_phase: int,
+                     files_per_batch: int | None,
                      overwrite: bool, no_progress: bool, performance_report: str | None, near_dedup: str,
                      minhash_threshold: float, min_notes: int, min_bars: int, max_polyphony: int,
                      max_notes_per_beat: float, max_silence_beats: float, file_timeout: float, retries: int) -> None:
@@ -98,7 +103,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
     from .lean import skip_miditok_torch
 
     skip_miditok_torch()  # this process only tokenizes (see lean.py); a no-op if miditok is already loaded
-    from rwkv_music.remi.tokenizer import load_tokenizer_overrides
+    from rwkv_music.remi.tokenizer import load_tokenizer_overrides, with_bar_phase
 
     from .build import BuildError, NothingUsable, build_shards, summary_table
     from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Filters, Runtime
@@ -107,6 +112,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
 
     try:
         overrides = load_tokenizer_overrides(tokenizer_config) if tokenizer_config else None
+        overrides = with_bar_phase(overrides, bar_phase)
         spec = WindowSpec(context_bars, completion_bars, stride_bars, max_seq_len)
         cfg = BuildConfig(corpus=corpus, out=out, spec=spec,
                           formats=FORMATS if fmt == "both" else (fmt,), samples_per_shard=samples_per_shard,

@@ -30,6 +30,7 @@ from miditok import REMI
 # Token classes: defined once, in windows.py (re-exported here, where most users look for them).
 from rwkv_music.remi.windows import (  # noqa: F401
     BAR,
+    BARPHASE,
     CLASS_NAMES,
     DURATION,
     N_CLASSES,
@@ -252,16 +253,27 @@ class RemiGrammar:
         return st
 
     def run(self, tokens, meta_len: int = 2, strict: bool = False, st: GrammarState | None = None) -> GrammarState:
-        """Feed a window (meta + bars) through the machine; GrammarError names the first bad token's index."""
+        """Feed a window (meta + bars) through the machine; GrammarError names the first bad token's index.
+
+        Meta is [TimeSig, Tempo], or [TimeSig, Tempo, BarPhase] with a bar-phase tokenizer: the BarPhase token
+        only has to be one (it says where the window starts, nothing the bars' timing depends on)."""
+        skip = -1
         if st is None:
             st = self.initial()
             if meta_len == 0:
                 st.state = S_BODY
+            elif meta_len == 3:
+                skip = 2
             elif meta_len != 2:
-                raise ValueError("windows have 0 or 2 meta tokens")
+                raise ValueError("windows have 0, 2 or 3 (with BarPhase) meta tokens")
         else:
             st = replace(st)
         for i, t in enumerate(tokens):
+            if i == skip:
+                if not (0 <= int(t) < self.vocab_size and self._cls[int(t)] == BARPHASE):
+                    raise GrammarError(f"at token {i}: token {int(t)} is not a BarPhase token (the third meta token)")
+                st.tokens += 1
+                continue
             try:
                 self._step(st, int(t), strict)
             except GrammarError as e:

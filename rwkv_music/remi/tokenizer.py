@@ -106,6 +106,28 @@ def load_tokenizer_overrides(path: str | os.PathLike) -> dict:
     return data
 
 
+MAX_BAR_PHASE = 64
+
+
+def with_bar_phase(overrides: dict | None, period: int) -> dict | None:
+    """Tokenizer overrides that add BarPhase_0 .. BarPhase_{period-1} to the special tokens (0: unchanged).
+
+    Every window then starts with the phase of its first bar in the piece (remi/windows.py); the tokens live in
+    the tokenizer, which travels with the shards and checkpoints, so nothing else has to remember the option."""
+    from rwkv_music.remi.windows import BAR_PHASE
+
+    if isinstance(period, bool) or not isinstance(period, int) or not 0 <= period <= MAX_BAR_PHASE:
+        raise ValueError(f"the bar phase period must be an integer in 0..{MAX_BAR_PHASE}, not {period!r}")
+    if period == 0:
+        return overrides
+    out = dict(overrides or {})
+    special = [t for t in out.get("special_tokens", DEFAULT_TOKENIZER_PARAMS["special_tokens"])]
+    if any(str(t).startswith(BAR_PHASE) for t in special):
+        raise ValueError(f"the tokenizer configuration already has {BAR_PHASE} tokens; give the period once")
+    out["special_tokens"] = [*special, *(f"{BAR_PHASE}_{k}" for k in range(period))]
+    return out
+
+
 def tokenizer_from_file(path: str | os.PathLike) -> REMI:
     """Load a tokenizer saved by `save_tokenizer` (miditok's own JSON format)."""
     return REMI(params=Path(path))

@@ -1,7 +1,10 @@
 """Bar-aligned windows over a REMI token stream: the one sample format of the project.
 
 A window is `[meta][context bars][completion bars]`. `meta` is the TimeSig and Tempo tokens in force at the
-window's first bar, so a window cut from the middle of a piece still says its meter and speed. Training
+window's first bar, so a window cut from the middle of a piece still says its meter and speed; with a tokenizer
+that has BarPhase tokens (`musicprep build-shards --bar-phase P`), also `BarPhase_k`, k the window's first bar in
+the piece modulo P, so the model knows where in a phrase it starts (in the music21 folk tunes, the phrase's opening
+bars come back at its fifth bar far more often than elsewhere: docs/results.md). Training
 samples (`make_windows`, or `window_spans` for the pipeline's array slicing) and generation prompts
 (`build_prompt`) are all located by `_locate`, so the model sees the same format in both.
 """
@@ -17,7 +20,8 @@ if TYPE_CHECKING:  # only annotations: importing miditok here would load it (and
     import symusic
     from miditok import REMI
 
-META_LEN = 2  # TimeSig, Tempo
+META_LEN = 2  # TimeSig, Tempo (+ BarPhase where the tokenizer has those tokens)
+BAR_PHASE = "BarPhase"  # BarPhase_0 .. BarPhase_{P-1}: special tokens of the tokenizer, present or not
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,17 @@ class WindowSpan:
     The pipeline slices samples straight from the piece's token array with it, instead of building each
     overlapping window's token list (about 6x the piece with the default stride)."""
 
-    meta: tuple[int, int]  # TimeSig, Tempo ids in force at the first kept bar
+    meta: tuple[int, ...]  # TimeSig, Tempo ids in force at the first kept bar (+ its BarPhase id)
     start: int  # token index of the first kept context bar
     end: int  # token index where the completion ends
     ctx_len: int
     completion_len: int
     window: int
     first_bar: int
-    meta_len: int = META_LEN
+
+    @property
+    def meta_len(self) -> int:
+        return len(self.meta)
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,14 @@ class BarIndex:
     starts: list[int]  # token index of each Bar token
     end: int  # len(ids)
     meta: list[tuple[int, int]]  # (TimeSig id, Tempo id) in force at each bar
+    phase_ids: tuple[int, ...] = ()  # BarPhase_0 .. BarPhase_{P-1} ids, or none
+
+    def meta_at(self, bar: int, bar_offset: int = 0) -> tuple[int, ...]:
+        """The meta tokens of a window whose first bar is `bar` (`bar_offset` bars into the piece before it)."""
+        meta = self.meta[min(bar, self.n_bars - 1)]
+        if self.phase_ids:
+            meta = (*meta, self.phase_ids[(bar + bar_offset) % len(self.phase_ids)])
+        return meta
 
     @property
     def n_bars(self) -> int:
@@ -87,11 +102,12 @@ class BarIndex:
 
 
 # Token classes: the one classification of token ids (the grammar, the windows and the evaluation use it).
-OTHER, BAR, TIMESIG, POSITION, TEMPO, PITCH, VELOCITY, DURATION, REST, PEDAL, PEDALOFF, PAD = range(12)
-N_CLASSES = 12
+OTHER, BAR, TIMESIG, POSITION, TEMPO, PITCH, VELOCITY, DURATION, REST, PEDAL, PEDALOFF, PAD, BARPHASE = range(13)
+N_CLASSES = 13
 CLASS_OF_PREFIX = {
     "Bar": BAR, "TimeSig": TIMESIG, "Position": POSITION, "Tempo": TEMPO, "Pitch": PITCH,
     "Velocity": VELOCITY, "Duration": DURATION, "Rest": REST, "Pedal": PEDAL, "PedalOff": PEDALOFF, "PAD": PAD,
+    BAR_PHASE: BARPHASE,
 }
 CLASS_NAMES = {v: k for k, v in CLASS_OF_PREFIX.items()} | {OTHER: "Other"}
 
@@ -129,6 +145,23 @@ class Vocab:
         self.default_timesig = tokenizer.vocab.get("TimeSig_4/4", min(self.timesig_ids))
         tempos = {i: float(t.split("_", 1)[1]) for t, i in tokenizer.vocab.items() if t.startswith("Tempo_")}
         self.default_tempo = min(tempos, key=lambda i: abs(tempos[i] - 120.0))
+        self.phase_ids = bar_phase_ids(tokenizer.vocab)
+        self.meta_len = META_LEN + (1 if self.phase_ids else 0)
+
+
+def bar_phase_ids(vocab: dict[str, int]) -> tuple[int, ...]:
+    """The ids of BarPhase_0 .. BarPhase_{P-1} in order (empty without them); a gap or stray name is an error."""
+    phases = {}
+    for name, i in vocab.items():
+        if token_class(name) == BARPHASE:
+            value = name.partition("_")[2]
+            if not value.isdigit():
+                raise ValueError(f"bad bar-phase token {name!r}: expected {BAR_PHASE}_<n>")
+            phases[int(value)] = i
+    if sorted(phases) != list(range(len(phases))):
+        raise ValueError(f"the tokenizer's {BAR_PHASE} tokens must be {BAR_PHASE}_0 .. {BAR_PHASE}_<P-1>, "
+                         f"found {sorted(phases)}")
+    return tuple(phases[k] for k in range(len(phases)))
 
 
 def index_bars(ids: list[int] | np.ndarray, vocab: Vocab) -> BarIndex:
@@ -164,7 +197,7 @@ def index_bars(ids: list[int] | np.ndarray, vocab: Vocab) -> BarIndex:
     for ts, tp in meta:
         resolved.append((ts if ts is not None else vocab.default_timesig,
                          tp if tp is not None else (first_tempo or vocab.default_tempo)))
-    return BarIndex(starts, len(ids), resolved)
+    return BarIndex(starts, len(ids), resolved, vocab.phase_ids)
 
 
 def _at_bar_start(ids: list[int] | np.ndarray, bar_at: int, tempo_at: int, vocab: Vocab) -> bool:
@@ -174,28 +207,30 @@ def _at_bar_start(ids: list[int] | np.ndarray, bar_at: int, tempo_at: int, vocab
 
 
 def _locate(bars: BarIndex, first: int, ctx_end: int, end: int, max_seq_len: int,
-            index: int = 0) -> WindowSpan | None:
+            index: int = 0, bar_offset: int = 0) -> WindowSpan | None:
     """The span of bars first..end-1 (context up to ctx_end), leading context bars dropped until it fits."""
+    meta_len = META_LEN + (1 if bars.phase_ids else 0)
     c0, c1 = bars.at(ctx_end), bars.at(end)
-    if META_LEN + (c1 - c0) > max_seq_len:
+    if meta_len + (c1 - c0) > max_seq_len:
         return None
-    while first < ctx_end and META_LEN + (c1 - bars.at(first)) > max_seq_len:
+    while first < ctx_end and meta_len + (c1 - bars.at(first)) > max_seq_len:
         first += 1
     ctx_start = bars.at(first)
-    return WindowSpan(meta=bars.meta[min(first, bars.n_bars - 1)], start=ctx_start, end=c1,
-                      ctx_len=META_LEN + (c0 - ctx_start), completion_len=c1 - c0, window=index, first_bar=first)
+    return WindowSpan(meta=bars.meta_at(first, bar_offset), start=ctx_start, end=c1,
+                      ctx_len=meta_len + (c0 - ctx_start), completion_len=c1 - c0, window=index, first_bar=first)
 
 
 def _window(ids: list[int], span: WindowSpan) -> Window:
-    return Window(tokens=[*span.meta, *ids[span.start:span.end]], meta_len=META_LEN, ctx_len=span.ctx_len,
+    return Window(tokens=[*span.meta, *ids[span.start:span.end]], meta_len=span.meta_len, ctx_len=span.ctx_len,
                   completion_len=span.completion_len, window=span.window, first_bar=span.first_bar)
 
 
 def assemble(ids: list[int], bars: BarIndex, first: int, ctx_end: int, end: int,
-             max_seq_len: int) -> Window | None:
+             max_seq_len: int, bar_offset: int = 0) -> Window | None:
     """Meta + bars first..ctx_end-1 (context) + bars ctx_end..end-1 (completion), truncated to max_seq_len
-    by dropping whole leading context bars; None if meta + completion alone do not fit."""
-    span = _locate(bars, first, ctx_end, end, max_seq_len)
+    by dropping whole leading context bars; None if meta + completion alone do not fit. `bar_offset`: bars of
+    the piece before `ids` begins (for the BarPhase token)."""
+    span = _locate(bars, first, ctx_end, end, max_seq_len, bar_offset=bar_offset)
     return None if span is None else _window(ids, span)
 
 
@@ -224,11 +259,13 @@ def make_windows(ids: list[int], vocab: Vocab, spec: WindowSpec, stats: WindowSt
     return [_window(ids, span) for span in window_spans(index_bars(ids, vocab), spec, stats)]
 
 
-def build_prompt(ids: list[int], vocab: Vocab, context_bars: int | None, max_seq_len: int) -> Window:
+def build_prompt(ids: list[int], vocab: Vocab, context_bars: int | None, max_seq_len: int,
+                 first_bar: int = 0) -> Window:
     """The model input for completing a piece: meta + its last `context_bars` bars (None = all).
 
-    Same assembly as training windows with an empty completion, so train and inference agree. Raises
-    ValueError when the piece has fewer bars than asked for.
+    Same assembly as training windows with an empty completion, so train and inference agree. `first_bar`: the
+    piece's bar number where `ids` begins (0: the prompt is the piece's start), which sets the BarPhase token of
+    tokenizers that have one. Raises ValueError when the piece has fewer bars than asked for.
     """
     bars = index_bars(ids, vocab)
     if bars.n_bars == 0:
@@ -236,13 +273,16 @@ def build_prompt(ids: list[int], vocab: Vocab, context_bars: int | None, max_seq
     n = bars.n_bars if context_bars is None else context_bars
     if n > bars.n_bars:
         raise ValueError(f"the prompt has {bars.n_bars} bar(s), fewer than the {n} context bars asked for")
-    w = assemble(ids, bars, bars.n_bars - n, bars.n_bars, bars.n_bars, max_seq_len)
+    if first_bar < 0:
+        raise ValueError(f"first_bar must be >= 0, not {first_bar}")
+    w = assemble(ids, bars, bars.n_bars - n, bars.n_bars, bars.n_bars, max_seq_len, bar_offset=first_bar)
     assert w is not None  # an empty completion always fits
     return w
 
 
 def decodable_tokens(tokens: list[int], meta_len: int, vocab: Vocab) -> list[int]:
-    """Rewrite `[TimeSig, Tempo] Bar ...` as the stream miditok decodes: `Bar TimeSig Position_0 Tempo ...`."""
+    """Rewrite `[TimeSig, Tempo(, BarPhase)] Bar ...` as the stream miditok decodes: `Bar TimeSig Position_0 Tempo
+    ...` (a BarPhase token says nothing about the notes and is left out)."""
     if meta_len == 0:
         return list(tokens)
     timesig, tempo = tokens[0], tokens[1]

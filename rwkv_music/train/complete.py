@@ -49,6 +49,7 @@ class CompleteConfig:
     cuda_graph: bool = True  # capture the decode step on CUDA
     compile_step: bool = False  # torch.compile the model step (slow first call; faster steps)
     fast_step: bool = True  # CUDA: the fused prefill and decode kernels (model/fast_step.py); False: readable
+    first_bar: int = 0  # the prompt's first bar number in the piece (the BarPhase token of tokenizers with one)
 
     def __post_init__(self):
         if self.bars < 1:
@@ -57,6 +58,8 @@ class CompleteConfig:
             raise ValueError("context_bars must be at least 1 (or None for all)")
         if self.num_samples < 1:
             raise ValueError("num_samples must be at least 1")
+        if self.first_bar < 0:
+            raise ValueError("first_bar must be >= 0")
 
     @property
     def budget(self) -> int:
@@ -108,10 +111,11 @@ def tokenize_prompt(prompt: str | os.PathLike | bytes | PianoScore | symusic.Sco
     return ids
 
 
-def prompt_window(ids: list[int], tokenizer: REMI, context_bars: int | None, max_seq_len: int) -> Window:
+def prompt_window(ids: list[int], tokenizer: REMI, context_bars: int | None, max_seq_len: int,
+                  first_bar: int = 0) -> Window:
     """The model input, built exactly like a training window."""
     try:
-        return build_prompt(ids, Vocab(tokenizer), context_bars, max_seq_len)
+        return build_prompt(ids, Vocab(tokenizer), context_bars, max_seq_len, first_bar)
     except ValueError as e:
         raise CompletionError(str(e)) from None
 
@@ -271,7 +275,7 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
     vocab = Vocab(tokenizer)
     check_vocab(model, tokenizer)
     ids = list(prompt) if isinstance(prompt, list) else tokenize_prompt(prompt, tokenizer)
-    window = prompt_window(ids, tokenizer, config.context_bars, config.max_seq_len)
+    window = prompt_window(ids, tokenizer, config.context_bars, config.max_seq_len, config.first_bar)
     try:
         start = grammar.run(window.tokens, window.meta_len, strict=False)
         full = grammar.run(ids, 0, strict=False)

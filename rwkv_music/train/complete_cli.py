@@ -39,6 +39,10 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
 @click.option("--bars", type=click.IntRange(min=1), default=2, show_default=True, help="Bars to add.")
 @click.option("--context-bars", default="4", show_default=True,
               help="How many of the prompt's last bars condition the model, or 'all'.")
+@click.option("--first-bar", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The prompt's first bar number in the piece (0: the prompt is the piece's opening). Models trained "
+                   "on shards built with --bar-phase use it to know where in a phrase the prompt ends; others ignore "
+                   "it.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=4, show_default=True,
               help="Variations, generated as one batch.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=_SAMPLING.temperature, show_default=True,
@@ -70,7 +74,7 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none anyway when stderr is not a "
               "terminal).")
 def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: int, context_bars: str,
-             num_samples: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: int,
+             first_bar: int, num_samples: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: int,
              max_tokens: int | None, device: str, dtype: str, cuda_graph: bool, fast_step: bool, compile_step: bool,
              plot: bool, quiet: bool) -> None:
     """Continue PROMPT (a MIDI file) by --bars bars with the model in CHECKPOINT (a run directory: its best
@@ -103,7 +107,7 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
                             sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                                     min_p=min_p), seed=seed,
                             max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step,
-                            fast_step=fast_step)
+                            fast_step=fast_step, first_bar=first_bar)
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype != "float32":
