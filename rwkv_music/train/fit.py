@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -462,10 +463,14 @@ class Trainer:
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
 
         # the data stream and the length of training
-        spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=di.world_size, rank=di.rank,
-                        streams=cfg.streams, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                        bucket_pool=cfg.bucket_pool, pad_id=self.pad_id, batch_tokens=cfg.batch_tokens,
-                        pack_len=cfg.pack_len, transpose=cfg.transpose)
+        try:
+            spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=di.world_size, rank=di.rank,
+                            streams=cfg.streams, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+                            bucket_pool=cfg.bucket_pool, pad_id=self.pad_id, batch_tokens=cfg.batch_tokens,
+                            pack_len=cfg.pack_len, transpose=cfg.transpose)
+        except ValueError as e:  # named as the options are spelt on the command line
+            raise BadFitInput(re.sub(r"\b(batch_tokens|pack_len|batch_size|streams|shuffle_buffer|bucket_pool)\b",
+                                     lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
         self.stream = make_stream(self.train, spec, pitch_shift)
         self.steps_per_epoch = self.stream.batches_per_epoch(0) // cfg.grad_accum
         if self.steps_per_epoch == 0:

@@ -185,6 +185,11 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
         TrainConfig(precision="fp16")
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--memory-budget", "1.5")
     assert res.exit_code == 2 and "--memory-budget" in res.output and not (tmp_path / "r1").exists()
+    # a packed batch smaller than one row: one line in the options' own spelling, no traceback, no run directory
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--batch-tokens", "64", "--pack-len",
+                          "96")
+    assert res.exit_code == 2 and "--batch-tokens 64 must hold at least one row of --pack-len 96" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "r1").exists()
     # a finished run is not overwritten without --resume (its first run also shows --memory-budget ignored)
     run = tmp_path / "r2"
     res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--batch-size", "4", "--max-steps", "1",
