@@ -14,8 +14,9 @@
 #   compare     ours compiled beside RWKV-LM's trainer at B16 T2048, one table
 #   issue16     bench/issue16_run.sh: the real-corpus training run and its evaluation (docs/results.md; STAGES=fit
 #               or STAGES=eval runs one of the two; ISSUE16_SHARDS=.shards-music21-phase8 trains on a --bar-phase 8
-#               build of the same corpus instead, carried in place of .shards-music21: both do not fit in 64 MiB
-#               with the wheels)
+#               build of the same corpus instead. A finished build's .build/ folder (its resume state, 16 MB of
+#               the music21 build's 26) is not read by training: delete it before carrying, and both builds and
+#               the wheels fit the 64 MiB carry limit)
 #   sweep       bench/sampling_sweep.py on the issue16 step's run: temperature x top-p x min-p on the dev val
 #               pieces, then the winner's full eval on the test pieces (RESULTS/sweep.tgz)
 #   realfit     `musictrain fit` on real packed windows (carry a parquet build as .shards-music21/): base and
