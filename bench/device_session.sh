@@ -95,7 +95,7 @@ declare -A command=(
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
     [wkv]="$PY bench/wkv.py --no-check --impl ours --configs --starts-every 137 --json $results/wkv.json; cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"
     [budget]="for b in ${BUDGETS:-0.5 0.3}; do $PY bench/train_step.py --only completion --no-fla --compile --memory-budget \$b; done"
-    [sweep]="$PY bench/sampling_sweep.py /tmp/issue16/run .shards-music21 /tmp/sweep --report-test /tmp/sweep-test ${SWEEP_ARGS:-}; rc=\$?; tar czf $results/sweep.tgz -C /tmp sweep/sweep.json sweep-test; exit \$rc"
+    [sweep]="$PY bench/sampling_sweep.py /tmp/issue16/run ${ISSUE16_SHARDS:-.shards-music21} /tmp/sweep --report-test /tmp/sweep-test ${SWEEP_ARGS:-}; rc=\$?; tar czf $results/sweep.tgz -C /tmp sweep/sweep.json sweep-test; exit \$rc"
     [losscurve]="$PY bench/loss_curve.py .shards-music21 /tmp/losscurve ${LOSSCURVE_ARGS:-}"
     [lcfloor]="$PY bench/loss_curve.py .shards-music21 /tmp/lcfloor --noise-floor --parallel --timeout 380 ${LOSSCURVE_ARGS:-}"
     [lceval]="for r in reference fast; do $PY -m rwkv_music.train.cli eval /tmp/losscurve/\$r .shards-music21 --num-windows 0 --choice-windows 0 --piano-rolls 0 -q -o /tmp/lceval-\$r && $PY -c \"import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], r.get('checkpoint'), 'teacher-forced loss', r['teacher_forced']['loss'], 'windows', r['teacher_forced'].get('windows'))\" /tmp/lceval-\$r/report.json \$r; done"

@@ -49,14 +49,15 @@ def pick_samples(out: str | os.PathLike, n: int, split: str, seed: int) -> list[
 
 
 def completion_meta(tokens: list[int], meta_len: int, ctx_len: int, vocab: Vocab) -> list[int]:
-    """The TimeSig and Tempo in force where the completion starts (the window's meta, updated by the context)."""
+    """The window's meta as it stands where the completion starts: TimeSig and Tempo updated by the context (a
+    BarPhase token, if any, is kept: it only labels the window)."""
     timesig, tempo = tokens[0], tokens[1]
     for t in tokens[meta_len:ctx_len]:
         if t in vocab.timesig_ids:
             timesig = t
         elif t in vocab.tempo_ids:
             tempo = t
-    return [timesig, tempo]
+    return [timesig, tempo, *tokens[2:meta_len]]
 
 
 def _dump(score, path: Path) -> None:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # only annotations: importing miditok here would load it (and
     import symusic
     from miditok import REMI
 
-META_LEN = 2  # TimeSig, Tempo (+ BarPhase where the tokenizer has those tokens)
+META_LEN = 2  # TimeSig, Tempo; a tokenizer with BarPhase tokens adds a third (Vocab.meta_len)
 BAR_PHASE = "BarPhase"  # BarPhase_0 .. BarPhase_{P-1}: special tokens of the tokenizer, present or not
 
 

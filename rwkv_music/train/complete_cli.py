@@ -41,8 +41,8 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
               help="How many of the prompt's last bars condition the model, or 'all'.")
 @click.option("--first-bar", type=click.IntRange(min=0), default=0, show_default=True,
               help="The prompt's first bar number in the piece (0: the prompt is the piece's opening). Models trained "
-                   "on shards built with --bar-phase use it to know where in a phrase the prompt ends; others ignore "
-                   "it.")
+                   "on shards built with --bar-phase are told the phrase position of the first context bar from it; "
+                   "others ignore it.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=4, show_default=True,
               help="Variations, generated as one batch.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=_SAMPLING.temperature, show_default=True,

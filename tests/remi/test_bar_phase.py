@@ -14,6 +14,7 @@ from rwkv_music.remi.windows import (
     META_LEN,
     Vocab,
     WindowSpec,
+    WindowStats,
     bar_phase_ids,
     build_prompt,
     decode_window,
@@ -71,10 +72,11 @@ def test_the_option_adds_period_tokens_once():
 def test_windows_start_with_their_phase_and_are_otherwise_unchanged():
     plain, phased = tokenizers()
     # Short windows, so some lose leading bars; one token less for the plain ones, whose meta is one token shorter
+    stats = WindowStats()
     a = make_windows(encode(plain), Vocab(plain), WindowSpec(max_seq_len=159))
-    b = make_windows(encode(phased), Vocab(phased), WindowSpec(max_seq_len=160))
+    b = make_windows(encode(phased), Vocab(phased), WindowSpec(max_seq_len=160), stats)
     assert len(a) == len(b) > 2 * PERIOD
-    assert any(w.first_bar != w.window for w in b)  # truncated windows: the phase follows the first kept bar
+    assert stats.truncated > 0  # truncated windows: the phase follows the first kept bar
     phases = bar_phase_ids(phased.vocab)
     decoded = 0
     for x, y in zip(a, b, strict=True):
@@ -96,6 +98,8 @@ def test_prompt_phase_counts_from_the_given_first_bar():
         w = build_prompt(ids, vocab, 4, 2048, first_bar=first_bar)
         assert w.meta_len == META_LEN + 1 and w.completion_len == 0
         assert w.tokens[META_LEN] == vocab.phase_ids[(n_bars - 4 + first_bar) % PERIOD]
+    w = build_prompt(ids, vocab, None, 200, first_bar=3)  # the whole prompt does not fit: leading bars dropped
+    assert 0 < w.first_bar < n_bars and w.tokens[META_LEN] == vocab.phase_ids[(w.first_bar + 3) % PERIOD]
     with pytest.raises(ValueError, match="first_bar"):
         build_prompt(ids, vocab, 4, 2048, first_bar=-1)
     plain = tokenizers()[0]
@@ -104,13 +108,22 @@ def test_prompt_phase_counts_from_the_given_first_bar():
 
 
 def test_grammar_reads_the_phase_and_never_samples_it():
-    _, phased = tokenizers()
+    plain, phased = tokenizers()
     grammar, vocab = RemiGrammar(phased), Vocab(phased)
     w = make_windows(encode(phased), vocab, WindowSpec())[5]
+    x = make_windows(encode(plain), Vocab(plain), WindowSpec())[5]
     st = grammar.run(w.tokens, w.meta_len)
     assert st.bars == 6
+    # after the prompt, the machine stands where it stands without the phase token (ids differ by the P tokens)
+    a, b = grammar.run(w.tokens[:w.ctx_len], w.meta_len), RemiGrammar(plain).run(x.tokens[:x.ctx_len], x.meta_len)
+    fields = ("state", "cur", "cur_min", "bar_start", "bar_len", "tpb", "note_end", "pedal", "bars")
+    assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields] and a.tokens == w.ctx_len
     with pytest.raises(GrammarError, match=r"at token 2: .* not a BarPhase token"):
         grammar.run([*w.tokens[:2], vocab.bar, *w.tokens[3:]], w.meta_len)
+    with pytest.raises(GrammarError, match="at token 2"):  # a phased window read as if it had two meta tokens
+        grammar.run(w.tokens, 2)
+    with pytest.raises(GrammarError, match=f"at token {w.ctx_len + 1}"):  # a phase token inside the bars
+        grammar.run([*w.tokens[:w.ctx_len + 1], vocab.phase_ids[0], *w.tokens[w.ctx_len + 1:]], w.meta_len)
     with pytest.raises(ValueError, match="0, 2 or 3"):
         grammar.run(w.tokens, 4)
     start = grammar.run(w.tokens[:w.ctx_len], w.meta_len)

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import symusic
+from click.testing import CliRunner
 from fit_testutil import SMALL_BUILD_ARGS, TINY, musictrain
 
+from rwkv_music.pipeline.cli import main as prep_main
 from rwkv_music.remi.tokenizer import tokenizer_from_file
 from rwkv_music.remi.windows import META_LEN, Vocab
 from rwkv_music.shards import TOKENIZER, iter_samples
@@ -61,3 +63,15 @@ def test_phase_tokens_reach_the_shards_the_model_and_the_prompt(corpus_dir: Path
                "--piano-rolls", "0", "--tokens-per-bar", "48", "--choice-windows", "8", "--no-fast-step", "-o", report)
     r = json.loads((report / "report.json").read_text())
     assert r["teacher_forced"]["windows"] == 16 and r["forced_choice"]["windows"] == 8
+    assert r["generative"]["valid_midi_rate"] == r["generative"]["bars_ok_rate"] == 1.0
+
+    # `musicprep sample`: the completion file holds the full window's last notes, shifted to start at 0
+    listen = tmp_path / "listen"
+    res = CliRunner().invoke(prep_main, ["sample", str(shards), "-n", "4", "-o", str(listen), "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    for item in json.loads((listen / "index.json").read_text()):
+        full, cont = (sorted((n.time, n.pitch, n.duration) for t in symusic.Score(str(listen / item["files"][p])).tracks
+                             for n in t.notes) for p in ("full", "completion"))
+        assert cont and [(p, d) for _, p, d in full[-len(cont):]] == [(p, d) for _, p, d in cont]
+        shift = full[-len(cont)][0] - cont[0][0]
+        assert shift >= 0 and [t - shift for t, _, _ in full[-len(cont):]] == [t for t, _, _ in cont]
