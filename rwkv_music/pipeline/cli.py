@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -107,7 +108,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
 
     from .build import BuildError, NothingUsable, build_shards, summary_table
     from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Filters, Runtime
-    from .driver import ClusterLost
+    from .driver import ClusterLost, SchedulerUnreachable
     from .scan import CorpusError
 
     try:
@@ -124,6 +125,11 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
             raise ValueError("--workers must be >= 1")
         if scheduler and scheduler_file:
             raise ValueError("give --scheduler or --scheduler-file, not both")
+        for name, v in (("--val-fraction", val_fraction), ("--minhash-threshold", minhash_threshold),
+                        ("--max-notes-per-beat", max_notes_per_beat), ("--max-silence-beats", max_silence_beats),
+                        ("--file-timeout", file_timeout)):
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, not {v}")
         if file_timeout < 0:
             raise ValueError("--file-timeout must be >= 0")
         rt = Runtime(workers=workers or os.cpu_count() or 1, scheduler=scheduler,
@@ -136,7 +142,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
     t0 = time.perf_counter()
     try:
         manifest = build_shards(cfg, rt, log=_echo_err)
-    except (CorpusError, BuildError) as e:
+    except (CorpusError, BuildError, SchedulerUnreachable) as e:
         raise UsageFailure(str(e)) from e
     except NothingUsable as e:
         raise BuildFailure(str(e)) from e

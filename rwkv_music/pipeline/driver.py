@@ -102,6 +102,10 @@ def cluster_in_background(rt: Runtime, n_workers: int) -> Iterator[Callable[[], 
                 started.result().close()
 
 
+class SchedulerUnreachable(Exception):
+    """--scheduler / --scheduler-file name no scheduler this process can connect to (a usage error)."""
+
+
 @contextlib.contextmanager
 def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = None,
                 cluster: Callable[[], object] | None = None) -> Iterator[object]:
@@ -115,7 +119,12 @@ def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = N
 
     if rt.scheduler or rt.scheduler_file:
         kwargs = {"address": rt.scheduler} if rt.scheduler else {"scheduler_file": rt.scheduler_file}
-        with Client(**kwargs) as client:
+        try:
+            client = Client(**kwargs)
+        except (OSError, ValueError, TimeoutError) as e:  # a malformed address, or nothing listening there
+            where = rt.scheduler or f"of {rt.scheduler_file}"
+            raise SchedulerUnreachable(f"cannot connect to the Dask scheduler {where}: {e}") from None
+        with client:
             n = len(client.scheduler_info(n_workers=-1)["workers"])
             log(f"Dask scheduler {client.scheduler.address} ({n} worker(s)); dashboard: {client.dashboard_link}")
             yield client

@@ -165,6 +165,9 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
     Accepts: RUN, RUN/checkpoints, RUN/checkpoints/step-N, or any directory written by `rwkv_music.model.save`.
     """
     p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: {'not a directory' if p.exists() else 'does not exist'} (expected a run "
+                                "directory or a checkpoint directory)")
     if (p / "model.safetensors").is_file() and (p / "config.json").is_file():
         return p
     ckpts = p / CKPT_DIR if (p / CKPT_DIR).is_dir() else p

@@ -176,9 +176,9 @@ def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, acc
     if overrides.get("init_from") is not None:
         overrides["init_from"] = str(overrides["init_from"])
     base = None
-    if resume and (out / "config.json").is_file():
-        base = load_run_config(out)["train"]
     try:
+        if resume and (out / "config.json").is_file():
+            base = load_run_config(out)["train"]
         cfg = resolve(config_file, overrides, base)
     except (ValueError, TypeError) as e:
         raise UsageFailure(f"bad configuration: {e}") from e

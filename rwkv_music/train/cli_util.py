@@ -7,7 +7,9 @@ sample-3.mid next to a new sample-0.mid), and long jobs printed nothing for minu
 from __future__ import annotations
 
 import fnmatch
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,12 +17,21 @@ from tqdm import tqdm
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless `overwrite`; ValueError says why (one line)."""
+    """Refuse a non-empty output directory unless `overwrite`, or one that cannot be created; ValueError says why
+    (one line)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} is not empty (an earlier run's output?): pass --overwrite to replace its files, "
                          "or choose another directory")
+    # Now, not after the work, and without leaving anything behind: can the nearest existing ancestor hold it?
+    base = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(f"{base} is not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=base))
+    except OSError as e:
+        raise ValueError(f"cannot create the output directory {out}: {e.strerror or e}") from None
 
 
 def clear_own_files(out: Path, patterns: Sequence[str]) -> list[Path]:

@@ -103,11 +103,14 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
         model, tokenizer, info = load_for_inference(checkpoint, device)
     except (FileNotFoundError, ValueError) as e:
         raise UsageFailure(_one_line(f"cannot load checkpoint {checkpoint}: {e}")) from None
-    config = CompleteConfig(bars=bars, context_bars=ctx, num_samples=num_samples,
-                            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                    min_p=min_p), seed=seed,
-                            max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step,
-                            fast_step=fast_step, first_bar=first_bar)
+    try:
+        config = CompleteConfig(bars=bars, context_bars=ctx, num_samples=num_samples,
+                                sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                        min_p=min_p), seed=seed,
+                                max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step,
+                                fast_step=fast_step, first_bar=first_bar)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from None
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype != "float32":

@@ -7,6 +7,7 @@ config is written to RUN/config.json, and `--resume` starts from that file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -80,6 +81,7 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.format not in ("parquet", "webdataset"):
             raise ValueError(f"format must be parquet or webdataset, not {self.format!r}")
         from rwkv_music.model.recompute import RECOMPUTE  # here: the CLI imports this module and must stay light
@@ -107,8 +109,39 @@ class TrainConfig:
         from rwkv_music.remi.transpose import check_transpose  # here too: `musictrain --help` loads no numpy
 
         check_transpose(self.transpose)
-        if self.lr <= 0 or self.lr_final < 0 or self.warmup_steps < 0:
-            raise ValueError("need lr > 0, lr_final >= 0, warmup_steps >= 0")
+        if not (0 < self.lr < math.inf and 0 <= self.lr_final < math.inf) or self.warmup_steps < 0:
+            raise ValueError(f"need a finite lr > 0, a finite lr_final >= 0 and warmup_steps >= 0, got lr {self.lr}, "
+                             f"lr_final {self.lr_final}, warmup_steps {self.warmup_steps}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in 0 .. 2**63 - 1, got {self.seed}")
+        for name in ("num_workers", "max_tokens", "batch_tokens", "pack_len", "shuffle_buffer", "bucket_pool",
+                     "eval_batches", "eval_batch_size", "n_layer", "n_embd", "head_size", "dim_ffn"):
+            v = getattr(self, name)
+            if v is not None and v < (0 if name == "num_workers" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'num_workers' else 1}, got {v}")
+        for name, lo, hi in (("weight_decay", 0.0, math.inf), ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0),
+                             ("grad_clip", 0.0, math.inf), ("adam_eps", 0.0, math.inf)):
+            v = getattr(self, name)
+            if not (lo <= v < hi) or (name in ("grad_clip", "adam_eps") and v == 0):
+                raise ValueError(f"{name} must be in {'(' if name in ('grad_clip', 'adam_eps') else '['}{lo}, {hi}), "
+                                 f"got {v}")
+        if not self.init_from:  # the model's shape: a preset and overrides that make a valid model
+            from rwkv_music.model.config import from_preset
+
+            from_preset(self.preset, 1, **self.model_overrides())
+
+    def _check_types(self) -> None:
+        """Each field's value has its annotated type (a config file can hold anything; an int is a float)."""
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+        for f in fields(self):
+            names = [n.strip() for n in str(f.type).split("|")]
+            v = getattr(self, f.name)
+            if v is None and "None" in names:
+                continue
+            ok = tuple(t for n in names if n != "None" for t in kinds.get(n, (object,)))
+            if not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok):
+                want = " or ".join(n if n != "None" else "null" for n in names)
+                raise ValueError(f"{f.name} must be {want}, not {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +165,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     text = p.read_text()
     data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of TrainConfig keys, not a {type(data).__name__}")
     flat: dict[str, Any] = {}
     for k, v in data.items():
         if isinstance(v, dict):
@@ -167,4 +202,12 @@ def save_config(cfg: TrainConfig, run_dir: str | os.PathLike, extra: dict[str, A
 
 
 def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "config.json").read_text())
+    """RUN/config.json; ValueError if it is not one `save_config` wrote (unreadable JSON, no train table)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable run configuration: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("train"), dict):
+        raise ValueError(f"{path} is not a run configuration (no 'train' table): is {run_dir} a musictrain run?")
+    return d

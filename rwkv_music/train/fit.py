@@ -407,6 +407,8 @@ class Trainer:
         self.cfg, self.di, self.device = cfg, di, device
         self.stop = stop or StopRequest()
         self.run_dir = Path(cfg.out)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise BadFitInput(f"-o {self.run_dir} is a file, not a run directory")
         # evaluation runs the fp32 model under bf16 autocast on CUDA unless --precision fp32; training does too with
         # --precision bf16, while bf16-weights computes with a bf16 copy of the weights (train/master_weights.py)
         self.amp = device.type == "cuda" and cfg.precision != "fp32"
@@ -509,7 +511,10 @@ class Trainer:
             self.log(f"--resume: no checkpoint in {run_dir}; starting a new run")
             return None
         if (run_dir / "config.json").is_file():
-            saved = load_run_config(run_dir)["train"]
+            try:
+                saved = load_run_config(run_dir)["train"]
+            except ValueError as e:
+                raise BadFitInput(str(e)) from None
             changed = [f for f in DATA_FIELDS if saved.get(f, DATA_FIELD_DEFAULTS.get(f)) != getattr(cfg, f)]
             if changed:
                 was = ", ".join(f"{f}={saved.get(f, DATA_FIELD_DEFAULTS.get(f))}" for f in changed)
@@ -532,7 +537,10 @@ class Trainer:
 
     def _open_run_dir(self, resumed: bool) -> RunLogger:
         """Rank 0: config.json, the tokenizer copy, metrics cut back to the resumed step, and the logger."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadFitInput(f"cannot create the run directory {self.run_dir}: {e.strerror or e}") from None
         if resumed:
             truncate_metrics(self.run_dir, self.state.step)
         write_bytes_atomic(self.run_dir / "tokenizer.json", self.tok_path.read_bytes())

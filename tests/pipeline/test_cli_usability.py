@@ -41,10 +41,16 @@ def test_every_option_has_a_help_line():
 
 @pytest.mark.parametrize("args", [["build-shards"], ["build-shards", ".", "-o", "x", "--no-such-option"],
                                   ["build-shards", ".", "-o", "x", "--format", "csv"],
-                                  ["sample", ".", "-n", "0", "-o", "x"], ["no-such-command"]])
-def test_usage_errors_exit_2(args):
+                                  ["sample", ".", "-n", "0", "-o", "x"], ["no-such-command"],
+                                  ["build-shards", "CORPUS", "-o", "OUT", "--file-timeout", "nan"],
+                                  ["build-shards", "CORPUS", "-o", "OUT", "--val-fraction", "nan"],
+                                  ["build-shards", "CORPUS", "-o", "OUT", "--scheduler", "no-port-given"],
+                                  ["build-shards", "CORPUS", "-o", "OUT", "--bar-phase", "65"]])
+def test_usage_errors_exit_2(args, corpus_dir: Path, tmp_path: Path):
+    args = [{"CORPUS": str(corpus_dir / "MIDIs_one_track"), "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
 
 
 def test_a_build_where_every_file_is_rejected_exits_1_naming_reason_and_rejects(tmp_path: Path, build_cli):

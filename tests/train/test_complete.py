@@ -211,14 +211,20 @@ def _invoke(*args: str):
     return CliRunner().invoke(main, ["complete", *args, "--device", "cpu"])
 
 
-@pytest.mark.parametrize("case", ["unreadable", "no-notes", "short", "missing-prompt", "missing-checkpoint"])
+@pytest.mark.parametrize("case", ["unreadable", "no-notes", "short", "missing-prompt", "missing-checkpoint",
+                                  "checkpoint-is-a-file", "nan-temperature", "nan-top-p", "out-under-a-file"])
 def test_cli_input_errors_are_one_line_exit_2(case: str, run_dir: Path, corpus_dir: Path, tmp_path: Path):
     prompt = {"unreadable": corpus_dir / "MIDIs_corrupted" / "ValueError_Control168.mid",
               "no-notes": corpus_dir / "MIDIs_one_track" / "empty.mid",
               "missing-prompt": tmp_path / "nope.mid"}.get(case, corpus_dir / PROMPT)
-    ckpt = tmp_path / "no-run" if case == "missing-checkpoint" else run_dir
-    extra = ["--context-bars", "999"] if case == "short" else []
+    ckpt = {"missing-checkpoint": tmp_path / "no-run",
+            "checkpoint-is-a-file": run_dir / "checkpoints" / "latest.json"}.get(case, run_dir)
+    extra = {"short": ["--context-bars", "999"], "nan-temperature": ["--temperature", "nan"],
+             "nan-top-p": ["--top-p", "nan"]}.get(case, [])
     out = tmp_path / "out"
+    if case == "out-under-a-file":
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "out"
     res = _invoke(str(ckpt), str(prompt), "-o", str(out), *extra)
     assert res.exit_code == 2, res.output
     lines = [x for x in res.output.splitlines() if x.strip()]

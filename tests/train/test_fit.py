@@ -185,6 +185,24 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
         TrainConfig(precision="fp16")
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--memory-budget", "1.5")
     assert res.exit_code == 2 and "--memory-budget" in res.output and not (tmp_path / "r1").exists()
+    # values of the right option type but no meaning, and config files of the wrong shape or types
+    bad_cfg = {"list.json": "[1, 2]", "types.toml": 'seed = "seven"\n', "float.toml": "max_steps = 2.5\n"}
+    for name, text in bad_cfg.items():
+        (tmp_path / name).write_text(text)
+    for args, says in ((["--lr", "nan"], "finite lr"), (["--head-size", "5"], "not a multiple of head_size=5"),
+                       (["--shuffle-buffer", "0"], "shuffle_buffer must be >= 1"), (["--seed", "-1"], "seed must be"),
+                       (["--config", tmp_path / "list.json"], "expected a table"),
+                       (["--config", tmp_path / "types.toml"], "seed must be int, not 'seven'"),
+                       (["--config", tmp_path / "float.toml"], "max_steps must be int or null, not 2.5"),
+                       (["-o", tmp_path / "list.json"], "is a file, not a run directory")):
+        res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, *args)
+        lines = [x for x in res.output.splitlines() if x.startswith("Error:")]
+        assert res.exit_code == 2 and len(lines) == 1 and says in lines[0], (args, res.output)
+        assert not (tmp_path / "r1").exists()
+    (tmp_path / "r3").mkdir()
+    (tmp_path / "r3" / "config.json").write_text('{"model": {}}')
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "r3", *TINY, "--resume")
+    assert res.exit_code == 2 and "no 'train' table" in res.output, res.output
     # a packed batch smaller than one row: one line in the options' own spelling, no traceback, no run directory
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--batch-tokens", "64", "--pack-len",
                           "96")
