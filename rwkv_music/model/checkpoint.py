@@ -49,10 +49,15 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> R
     src = Path(path)
     if not (src / CONFIG_NAME).is_file() or not (src / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{src} is not a checkpoint directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    doc = json.loads((src / CONFIG_NAME).read_text())
-    cfg = RWKV7Config.from_dict(doc["config"])
+    try:
+        doc = json.loads((src / CONFIG_NAME).read_text())
+        cfg = RWKV7Config.from_dict(doc["config"])
+        weights = load_file(src / WEIGHTS_NAME, device="cpu")
+    except Exception as e:  # safetensors raises its own error type; any failure here means unreadable
+        raise ValueError(f"{src} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     model = _empty_model(cfg)
-    model.load_state_dict(load_file(src / WEIGHTS_NAME, device="cpu"), strict=True)
+    model.load_state_dict(weights, strict=True)
     return model.to(map_location)
 
 

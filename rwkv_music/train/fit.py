@@ -247,7 +247,10 @@ def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log: Callable
     h = read_meta(ckpt).get("tokenizer_hash")
     if h is not None and h != tok_hash:
         raise BadFitInput(f"--init-from {ckpt} was trained with tokenizer {h[:12]}, the shards use {tok_hash[:12]}")
-    model = load(ckpt)
+    try:
+        model = load(ckpt)
+    except ValueError as e:
+        raise BadFitInput(f"--init-from {e}") from None
     if model.cfg.vocab_size != vocab_size:
         raise BadFitInput(f"--init-from {ckpt} has vocabulary {model.cfg.vocab_size}, tokenizer {vocab_size}")
     log(f"init from {ckpt}")
@@ -409,6 +412,10 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise BadFitInput(f"-o {self.run_dir} is a file, not a run directory")
+        shards_dir, out_dir = Path(cfg.shards).resolve(), self.run_dir.resolve()
+        if out_dir == shards_dir or shards_dir in out_dir.parents or (out_dir / "manifest.json").exists():
+            raise BadFitInput(f"-o {self.run_dir} is (inside) a shard build; the run would write over its files: "
+                              "choose a directory outside it")
         # evaluation runs the fp32 model under bf16 autocast on CUDA unless --precision fp32; training does too with
         # --precision bf16, while bf16-weights computes with a bf16 copy of the weights (train/master_weights.py)
         self.amp = device.type == "cuda" and cfg.precision != "fp32"
@@ -507,6 +514,10 @@ class Trainer:
                 raise BadFitInput(f"{run_dir} already holds a run; add --resume to continue it or choose another -o")
             return None
         ckpt = ck.latest_checkpoint(run_dir)
+        if ckpt is None and (run_dir / ck.CKPT_DIR / ck.LATEST).exists():
+            raise BadFitInput(f"--resume: {run_dir / ck.CKPT_DIR / ck.LATEST} exists but does not name a readable "
+                              "checkpoint; point it at one of the step-* directories there (or move the run away to "
+                              "start over)")
         if ckpt is None:
             self.log(f"--resume: no checkpoint in {run_dir}; starting a new run")
             return None

@@ -212,7 +212,8 @@ def _invoke(*args: str):
 
 
 @pytest.mark.parametrize("case", ["unreadable", "no-notes", "short", "missing-prompt", "missing-checkpoint",
-                                  "checkpoint-is-a-file", "nan-temperature", "nan-top-p", "out-under-a-file"])
+                                  "checkpoint-is-a-file", "corrupt-checkpoint", "nan-temperature", "nan-top-p",
+                                  "out-under-a-file"])
 def test_cli_input_errors_are_one_line_exit_2(case: str, run_dir: Path, corpus_dir: Path, tmp_path: Path):
     prompt = {"unreadable": corpus_dir / "MIDIs_corrupted" / "ValueError_Control168.mid",
               "no-notes": corpus_dir / "MIDIs_one_track" / "empty.mid",
@@ -225,6 +226,13 @@ def test_cli_input_errors_are_one_line_exit_2(case: str, run_dir: Path, corpus_d
     if case == "out-under-a-file":
         (tmp_path / "a-file").write_text("x")
         out = tmp_path / "a-file" / "out"
+    if case == "corrupt-checkpoint":  # a copy of the run whose weights file was cut short
+        import shutil
+
+        ckpt = tmp_path / "run"
+        shutil.copytree(run_dir, ckpt)
+        for w in ckpt.rglob("model.safetensors"):
+            w.write_bytes(w.read_bytes()[:100])
     res = _invoke(str(ckpt), str(prompt), "-o", str(out), *extra)
     assert res.exit_code == 2, res.output
     lines = [x for x in res.output.splitlines() if x.strip()]

@@ -199,9 +199,13 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
         lines = [x for x in res.output.splitlines() if x.startswith("Error:")]
         assert res.exit_code == 2 and len(lines) == 1 and says in lines[0], (args, res.output)
         assert not (tmp_path / "r1").exists()
-    (tmp_path / "r3").mkdir()
-    (tmp_path / "r3" / "config.json").write_text('{"model": {}}')
-    res = musictrain_here("fit", small_shards, "-o", tmp_path / "r3", *TINY, "--resume")
+    for out in (small_shards, small_shards / "run"):  # a run inside the build would write over its tokenizer.json
+        res = musictrain_here("fit", small_shards, "-o", out, *TINY)
+        assert res.exit_code == 2 and "is (inside) a shard build" in res.output, res.output
+    assert not (small_shards / "run").exists()
+    (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "not-a-run" / "config.json").write_text('{"model": {}}')
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "not-a-run", *TINY, "--resume")
     assert res.exit_code == 2 and "no 'train' table" in res.output, res.output
     # a packed batch smaller than one row: one line in the options' own spelling, no traceback, no run directory
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--batch-tokens", "64", "--pack-len",
@@ -219,6 +223,17 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
     # --resume must not change what decides the data order
     res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--max-steps", "2", "--batch-size", "8", "--resume")
     assert res.exit_code == 2 and "batch_size=4" in res.output
+    # a run whose latest.json cannot be read is refused, never started over (its metrics would mix two runs)
+    import shutil
+
+    broken = tmp_path / "broken-pointer"
+    shutil.copytree(run, broken)
+    (broken / "checkpoints" / "latest.json").write_text("{oops")
+    before = (broken / "metrics.jsonl").read_text()
+    res = musictrain_here("fit", small_shards, "-o", broken, *TINY, "--batch-size", "4", "--max-steps", "2",
+                          "--resume")
+    assert res.exit_code == 2 and "does not name a readable checkpoint" in res.output, res.output
+    assert (broken / "metrics.jsonl").read_text() == before
     # NaN weights -> NaN loss at the first step: stop, name the step, write no checkpoint
     ckpt = resolve_checkpoint(run)
     poisoned = tmp_path / "poisoned"
