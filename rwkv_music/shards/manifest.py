@@ -28,7 +28,12 @@ def read_manifest(out: str | os.PathLike) -> dict:
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{out}: no {MANIFEST} (not a finished musicprep build)")
-    m = json.loads(path.read_text())
+    try:
+        m = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path} is not readable JSON ({e}): a damaged build; build it again") from None
+    if not isinstance(m, dict):
+        raise ManifestError(f"{path} is not a build manifest (a JSON {type(m).__name__}, not an object)")
     if m.get("format_version") not in READABLE_VERSIONS:
         raise ManifestError(f"{path}: format version {m.get('format_version')!r}, this code reads "
                             f"{', '.join(map(str, READABLE_VERSIONS))}")

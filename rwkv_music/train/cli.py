@@ -183,6 +183,13 @@ def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, acc
     except (ValueError, TypeError) as e:
         raise UsageFailure(f"bad configuration: {e}") from e
     main_rank = os.environ.get("RANK", "0") == "0"
+    shape = [k for k in ("preset", "n_layer", "n_embd", "head_size", "dim_ffn") if k in overrides]
+    if shape and main_rank:
+        from .checkpoints import latest_checkpoint
+
+        if cfg.init_from or (resume and latest_checkpoint(out) is not None):
+            click.echo(f"note: {', '.join('--' + k.replace('_', '-') for k in shape)} ignored: the model's shape "
+                       f"comes from {'--init-from' if cfg.init_from else 'the run being resumed'}", err=True)
     try:
         res = fit(cfg, resume=resume, accept_new_data=accept_new_data)
     except (DataError, BadFitInput) as e:

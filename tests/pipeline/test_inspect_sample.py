@@ -43,6 +43,10 @@ def test_inspect_reports_bytes_per_token_and_webdataset_stays_within_3x_parquet(
 def test_inspect_rejects_a_non_build(tmp_path):
     res = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert res.exit_code == 2 and "manifest.json" in res.output
+    for text, says in (("{cut short", "not readable JSON"), ("[1, 2]", "not a build manifest")):
+        (tmp_path / "manifest.json").write_text(text)
+        res = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+        assert res.exit_code == 2 and says in res.output and res.exception.__class__ is SystemExit, res.output
 
 
 def test_sample_decodes_context_completion_and_full(built_shards, tmp_path):

@@ -223,6 +223,11 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
     # --resume must not change what decides the data order
     res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--max-steps", "2", "--batch-size", "8", "--resume")
     assert res.exit_code == 2 and "batch_size=4" in res.output
+    # a shape option on a resumed run cannot apply: said, not silently dropped
+    res = musictrain_here("fit", small_shards, "-o", run, *TINY, "--batch-size", "4", "--max-steps", "1", "--resume",
+                          "--n-layer", "3")
+    [note] = [x for x in res.output.splitlines() if x.startswith("note:")]
+    assert res.exit_code == 0 and "--n-layer" in note and "ignored: the model's shape comes from the run" in note
     # a run whose latest.json cannot be read is refused, never started over (its metrics would mix two runs)
     import shutil
 
