@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ def main() -> None:
               help="Start every window with a BarPhase token: its first bar in the piece modulo N (8 for eight-bar "
                    "phrases), so the model knows where in a phrase it is. Adds N tokens to the vocabulary; "
                    "`musictrain complete --first-bar` sets it for a prompt. 0: off.")
-@click.option("--files-per-batch", default=None, type=int,
+@click.option("--files-per-batch", default=None, type=click.IntRange(min=1),
               help="Files per Dask task (fixed; part of the output identity) [default: 16].")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT built with a different configuration.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -125,6 +126,8 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
             raise ValueError("--workers must be >= 1")
         if scheduler and scheduler_file:
             raise ValueError("give --scheduler or --scheduler-file, not both")
+        if dashboard_address and not re.fullmatch(r"(\[[0-9a-fA-F:.]*\]|[^:\s]*):\d{1,5}", dashboard_address):
+            raise ValueError(f"--dashboard-address must be HOST:PORT (or '' for none), not {dashboard_address!r}")
         for name, v in (("--val-fraction", val_fraction), ("--minhash-threshold", minhash_threshold),
                         ("--max-notes-per-beat", max_notes_per_beat), ("--max-silence-beats", max_silence_beats),
                         ("--file-timeout", file_timeout)):

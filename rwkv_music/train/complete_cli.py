@@ -18,9 +18,10 @@ def _context_bars(value: str) -> int | None:
     try:
         n = int(value)
     except ValueError:
-        raise click.BadParameter(f"expected a number of bars or 'all', got {value!r}") from None
+        raise click.BadParameter(f"expected a number of bars or 'all', got {value!r}",
+                                 param_hint="'--context-bars'") from None
     if n < 1:
-        raise click.BadParameter("must be at least 1")
+        raise click.BadParameter(f"must be at least 1 (or 'all'), got {n}", param_hint="'--context-bars'")
     return n
 
 
@@ -53,7 +54,7 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
               help="Draw from the K most likely tokens only (0 = off).")
 @click.option("--min-p", type=click.FloatRange(min=0, max=1), default=_SAMPLING.min_p, show_default=True,
               help="Draw only from tokens at least this fraction as likely as the most likely one (0 = off).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sample K uses seed + K.")
+@click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True, help="Sample K uses seed + K.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Token budget per sample [384 per bar]; samples are closed off to fit.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

@@ -34,7 +34,7 @@ def _f(x, nd: int = 3) -> str:
                    "identity): tune sampling on dev, report on test.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the model runs (auto: CUDA if available).")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**62),
               help="Seed of the window choice, the forced-choice impostors and sampling.")
 @click.option("--piano-rolls", default=4, show_default=True, type=click.IntRange(min=0),
               help="Piano-roll plots of completions next to the truth.")

@@ -45,7 +45,9 @@ def test_every_option_has_a_help_line():
                                   ["build-shards", "CORPUS", "-o", "OUT", "--file-timeout", "nan"],
                                   ["build-shards", "CORPUS", "-o", "OUT", "--val-fraction", "nan"],
                                   ["build-shards", "CORPUS", "-o", "OUT", "--scheduler", "no-port-given"],
-                                  ["build-shards", "CORPUS", "-o", "OUT", "--bar-phase", "65"]])
+                                  ["build-shards", "CORPUS", "-o", "OUT", "--bar-phase", "65"],
+                                  ["build-shards", "CORPUS", "-o", "OUT", "--dashboard-address", "no-port"],
+                                  ["build-shards", "CORPUS", "-o", "OUT", "--files-per-batch", "0"]])
 def test_usage_errors_exit_2(args, corpus_dir: Path, tmp_path: Path):
     args = [{"CORPUS": str(corpus_dir / "MIDIs_one_track"), "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
     res = CliRunner().invoke(main, args)

@@ -240,6 +240,13 @@ def test_cli_input_errors_are_one_line_exit_2(case: str, run_dir: Path, corpus_d
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_cli_out_of_range_options_name_themselves(run_dir: Path, corpus_dir: Path, tmp_path: Path):
+    for args, option in ((["--context-bars", "0"], "--context-bars"), (["--seed", str(2**64)], "--seed")):
+        res = _invoke(str(run_dir), str(corpus_dir / PROMPT), "-o", str(tmp_path / "out"), *args)
+        assert res.exit_code == 2 and f"Invalid value for '{option}'" in res.output, res.output
+        assert not (tmp_path / "out").exists()
+
+
 def test_cli_tokenizer_mismatch(run_dir: Path, corpus_dir: Path, tmp_path: Path):
     """A checkpoint whose tokenizer.json is not the one the model was trained with."""
     import shutil
