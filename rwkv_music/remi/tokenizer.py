@@ -121,7 +121,7 @@ def with_bar_phase(overrides: dict | None, period: int) -> dict | None:
     if period == 0:
         return overrides
     out = dict(overrides or {})
-    special = [t for t in out.get("special_tokens", DEFAULT_TOKENIZER_PARAMS["special_tokens"])]
+    special = list(out.get("special_tokens", DEFAULT_TOKENIZER_PARAMS["special_tokens"]))
     if any(str(t).startswith(BAR_PHASE) for t in special):
         raise ValueError(f"the tokenizer configuration already has {BAR_PHASE} tokens; give the period once")
     out["special_tokens"] = [*special, *(f"{BAR_PHASE}_{k}" for k in range(period))]

@@ -85,6 +85,10 @@ class BarIndex:
     meta: list[tuple[int, int]]  # (TimeSig id, Tempo id) in force at each bar
     phase_ids: tuple[int, ...] = ()  # BarPhase_0 .. BarPhase_{P-1} ids, or none
 
+    @property
+    def meta_len(self) -> int:
+        return meta_len_of(self.phase_ids)
+
     def meta_at(self, bar: int, bar_offset: int = 0) -> tuple[int, ...]:
         """The meta tokens of a window whose first bar is `bar` (`bar_offset` bars into the piece before it)."""
         meta = self.meta[min(bar, self.n_bars - 1)]
@@ -146,7 +150,15 @@ class Vocab:
         tempos = {i: float(t.split("_", 1)[1]) for t, i in tokenizer.vocab.items() if t.startswith("Tempo_")}
         self.default_tempo = min(tempos, key=lambda i: abs(tempos[i] - 120.0))
         self.phase_ids = bar_phase_ids(tokenizer.vocab)
-        self.meta_len = META_LEN + (1 if self.phase_ids else 0)
+
+    @property
+    def meta_len(self) -> int:
+        return meta_len_of(self.phase_ids)
+
+
+def meta_len_of(phase_ids: tuple[int, ...]) -> int:
+    """Meta tokens of a window: TimeSig and Tempo, and the BarPhase where the tokenizer has those tokens."""
+    return META_LEN + (1 if phase_ids else 0)
 
 
 def bar_phase_ids(vocab: dict[str, int]) -> tuple[int, ...]:
@@ -209,7 +221,7 @@ def _at_bar_start(ids: list[int] | np.ndarray, bar_at: int, tempo_at: int, vocab
 def _locate(bars: BarIndex, first: int, ctx_end: int, end: int, max_seq_len: int,
             index: int = 0, bar_offset: int = 0) -> WindowSpan | None:
     """The span of bars first..end-1 (context up to ctx_end), leading context bars dropped until it fits."""
-    meta_len = META_LEN + (1 if bars.phase_ids else 0)
+    meta_len = bars.meta_len
     c0, c1 = bars.at(ctx_end), bars.at(end)
     if meta_len + (c1 - c0) > max_seq_len:
         return None

@@ -119,12 +119,12 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < (0 if name == "num_workers" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'num_workers' else 1}, got {v}")
-        for name, lo, hi in (("weight_decay", 0.0, math.inf), ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0),
-                             ("grad_clip", 0.0, math.inf), ("adam_eps", 0.0, math.inf)):
+        for name, lo, hi, low_open in (("weight_decay", 0.0, math.inf, False), ("beta1", 0.0, 1.0, False),
+                                       ("beta2", 0.0, 1.0, False), ("grad_clip", 0.0, math.inf, True),
+                                       ("adam_eps", 0.0, math.inf, True)):
             v = getattr(self, name)
-            if not (lo <= v < hi) or (name in ("grad_clip", "adam_eps") and v == 0):
-                raise ValueError(f"{name} must be in {'(' if name in ('grad_clip', 'adam_eps') else '['}{lo}, {hi}), "
-                                 f"got {v}")
+            if not ((lo < v) if low_open else (lo <= v)) or not v < hi:
+                raise ValueError(f"{name} must be in {'(' if low_open else '['}{lo}, {hi}), got {v}")
         if not self.init_from:  # the model's shape: a preset and overrides that make a valid model
             from rwkv_music.model.config import from_preset
 
