@@ -169,20 +169,22 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     wa = tl.dot(inv, ahat0, input_precision=PREC)
     x = tl.dot(m_ak, vv, input_precision=PREC)
     z = tl.dot(inv, x, input_precision=PREC)
-    # Y = R' S^T + Y0,  S_next^T = A S^T + D:  dR' = dY S,  dA = dS_next S^T (as [key, key]),  dD = dS_next
+    # Y = R' S^T + Y0,  S_next^T = A S^T + D:  dR' = dY S,  dA = dS_next S^T (as [key, key]),  dD = dS_next.
+    # dA (64 x 64 x 64) is never formed: it enters only as bl dA = (bl dD) S^T, wa dA^T = (wa S^T) dD^T and its
+    # diagonal, an element-wise product; that is a third fewer multiply-adds and no 64 x 64 tile held.
     d_rp = tl.dot(dy, tl.trans(ST), input_precision=PREC)
-    dA = tl.dot(dD, tl.trans(ST), input_precision=PREC)
     # Y0 = Q_rb Z + Q_rk V,  R' = r^0 + Q_rb W_a,  A = diag(e^gl) + bl^T W_a,  D = bl^T Z + kl^T V
     d_qrb = tl.where(incl, tl.dot(dy, tl.trans(z), input_precision=PREC)
                      + tl.dot(d_rp, tl.trans(wa), input_precision=PREC), 0.0)
     d_qrk = tl.where(incl, tl.dot(dy, tl.trans(vv), input_precision=PREC), 0.0)
-    dz = tl.dot(tl.trans(q_rb), dy, input_precision=PREC) + tl.dot(bl, dD, input_precision=PREC)
+    bl_dD = tl.dot(bl, dD, input_precision=PREC)  # [L, value]
+    dz = tl.dot(tl.trans(q_rb), dy, input_precision=PREC) + bl_dD
     dv = tl.dot(tl.trans(q_rk), dy, input_precision=PREC) + tl.dot(kl, dD, input_precision=PREC)
-    dwa = tl.dot(tl.trans(q_rb), d_rp, input_precision=PREC) + tl.dot(bl, dA, input_precision=PREC)
-    dbl = tl.where(last, tl.dot(wa, tl.trans(dA), input_precision=PREC)
-                   + tl.dot(z, tl.trans(dD), input_precision=PREC), 0.0)
+    dwa = tl.dot(tl.trans(q_rb), d_rp, input_precision=PREC) + tl.dot(bl_dD, tl.trans(ST), input_precision=PREC)
+    u = tl.dot(wa, ST, input_precision=PREC) + z  # the forward's U = W_a S^T + Z, [L, value]
+    dbl = tl.where(last, tl.dot(u, tl.trans(dD), input_precision=PREC), 0.0)
     dkl = tl.where(last, tl.dot(vv, tl.trans(dD), input_precision=PREC), 0.0)
-    diag_dA = tl.sum(tl.where(j[:, None] == j[None, :], dA, 0.0), axis=1)
+    diag_dA = tl.sum(dD * ST, axis=1)
     dgl = keep_end * diag_dA * tl.exp(g_last) + tl.sum(dbl * bl + dkl * kl, axis=0)
     # W_a = inv a^0,  Z = inv X,  X = M_ak V,  inv = (I - M_ab)^-1
     inv_t = tl.trans(inv)
