@@ -126,6 +126,13 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
             raise ValueError("--workers must be >= 1")
         if scheduler and scheduler_file:
             raise ValueError("give --scheduler or --scheduler-file, not both")
+        if scheduler_file:  # checked before anything is written (dask_client reads it again to connect)
+            from .driver import SchedulerUnreachable, scheduler_file_address
+
+            try:
+                scheduler_file_address(scheduler_file)
+            except SchedulerUnreachable as e:
+                raise ValueError(str(e)) from None
         if dashboard_address and not re.fullmatch(r"(\[[0-9a-fA-F:.]*\]|[^:\s]*):\d{1,5}", dashboard_address):
             raise ValueError(f"--dashboard-address must be HOST:PORT (or '' for none), not {dashboard_address!r}")
         for name, v in (("--val-fraction", val_fraction), ("--minhash-threshold", minhash_threshold),
@@ -159,16 +166,21 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
 @click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--verify", is_flag=True, help="Re-hash every shard against the manifest.")
 def inspect_cmd(out: Path, verify: bool) -> None:
-    """Print a build's manifest summary and sample length statistics."""
+    """Print a build's manifest summary and sample length statistics.
+
+    A shard that cannot be read is named on stderr and left out of the statistics; the exit status is then 1
+    (as it is when --verify finds a problem)."""
     from ..shards.manifest import ManifestError
     from .inspect import inspect_report
 
     try:
-        text, ok = inspect_report(out, verify=verify)
+        report = inspect_report(out, verify=verify)
     except ManifestError as e:
         raise UsageFailure(str(e)) from e
-    click.echo(text)
-    if not ok:
+    click.echo(report.text)
+    for line in report.damaged:
+        _echo_err(f"Error: {line}")
+    if not report.ok:
         sys.exit(1)
 
 

@@ -106,6 +106,27 @@ class SchedulerUnreachable(Exception):
     """--scheduler / --scheduler-file name no scheduler this process can connect to (a usage error)."""
 
 
+def scheduler_file_address(path: str | os.PathLike) -> str:
+    """The scheduler address a `dask scheduler --scheduler-file` wrote; SchedulerUnreachable if there is none.
+
+    Read here, not by distributed.Client: it waits, without end, for a missing file to appear."""
+    import json
+
+    p = Path(path)
+    if not p.exists():
+        raise SchedulerUnreachable(f"--scheduler-file {p} does not exist: start the scheduler first (`dask "
+                                   f"scheduler --scheduler-file {p}`, and its workers), then run the build")
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        raise SchedulerUnreachable(f"--scheduler-file {p} is not a Dask scheduler file ({why})") from None
+    address = d.get("address") if isinstance(d, dict) else None
+    if not isinstance(address, str) or not address:
+        raise SchedulerUnreachable(f"--scheduler-file {p} is not a Dask scheduler file (no \"address\")")
+    return address
+
+
 @contextlib.contextmanager
 def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = None,
                 cluster: Callable[[], object] | None = None) -> Iterator[object]:
@@ -118,9 +139,9 @@ def dask_client(rt: Runtime, log: Callable[[str], None], n_tasks: int | None = N
     from distributed import Client
 
     if rt.scheduler or rt.scheduler_file:
-        kwargs = {"address": rt.scheduler} if rt.scheduler else {"scheduler_file": rt.scheduler_file}
+        address = rt.scheduler or scheduler_file_address(rt.scheduler_file)
         try:
-            client = Client(**kwargs)
+            client = Client(address)  # bounded: distributed.comm.timeouts.connect (30 s by default)
         except (OSError, ValueError, TimeoutError) as e:  # a malformed address, or nothing listening there
             where = rt.scheduler or f"of {rt.scheduler_file}"
             raise SchedulerUnreachable(f"cannot connect to the Dask scheduler {where}: {e}") from None

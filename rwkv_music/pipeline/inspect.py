@@ -5,35 +5,58 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..shards.manifest import REJECTS, available_format, iter_shard, read_manifest, shard_entries, verify_shards
+from ..shards.manifest import (
+    REJECTS,
+    available_format,
+    iter_shard,
+    read_manifest,
+    shard_entries,
+    unreadable_shard,
+    verify_shards,
+)
 from ..shards.schema import SPLITS
 from .build import summary_table
 
 
-def split_lengths(out: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
-    """Total, context and completion lengths of every sample of a split (Parquet: metadata columns only)."""
+def split_lengths(out: str | os.PathLike, split: str, damaged: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Total, context and completion lengths of every sample of a split (Parquet: metadata columns only).
+
+    A shard that cannot be read raises ValueError naming it; with a `damaged` list, its one-line message is
+    appended there instead and the other shards still count (so one bad file does not hide the rest)."""
     out = Path(out)
     m = read_manifest(out)
     fmt = available_format(m)
     cols: dict[str, list] = {"length": [], "ctx_len": [], "completion_len": []}
     for e in shard_entries(m, split, fmt):
-        if fmt == "parquet":
-            t = pq.read_table(out / e["path"], columns=["tokens", "ctx_len", "completion_len"])
-            cols["length"].append(pc.list_value_length(t.column("tokens")).to_numpy())
-            cols["ctx_len"].append(t.column("ctx_len").to_numpy())
-            cols["completion_len"].append(t.column("completion_len").to_numpy())
-        else:
-            rows = list(iter_shard(out / e["path"], fmt))
-            cols["length"].append(np.array([len(r["tokens"]) for r in rows]))
-            cols["ctx_len"].append(np.array([r["ctx_len"] for r in rows]))
-            cols["completion_len"].append(np.array([r["completion_len"] for r in rows]))
+        try:
+            got = _shard_lengths(out / e["path"], fmt)
+        except Exception as err:  # pyarrow, tarfile, gzip, a missing file: whatever the damage, name the shard
+            msg = unreadable_shard(out / e["path"], err)
+            if damaged is None:
+                raise ValueError(msg) from err
+            damaged.append(msg)
+            continue
+        for k, v in got.items():
+            cols[k].append(v)
     return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in cols.items()}
+
+
+def _shard_lengths(path: Path, fmt: str) -> dict[str, np.ndarray]:
+    if fmt == "parquet":
+        t = pq.read_table(path, columns=["tokens", "ctx_len", "completion_len"])
+        return {"length": pc.list_value_length(t.column("tokens")).to_numpy(),
+                "ctx_len": t.column("ctx_len").to_numpy(), "completion_len": t.column("completion_len").to_numpy()}
+    rows = list(iter_shard(path, fmt))
+    return {"length": np.array([len(r["tokens"]) for r in rows], dtype=np.int64),
+            "ctx_len": np.array([r["ctx_len"] for r in rows], dtype=np.int64),
+            "completion_len": np.array([r["completion_len"] for r in rows], dtype=np.int64)}
 
 
 def _stats_line(name: str, x: np.ndarray) -> str:
@@ -44,8 +67,21 @@ def _stats_line(name: str, x: np.ndarray) -> str:
             f"max {x.max():>6}  mean {x.mean():>8.1f}")
 
 
-def inspect_report(out: str | os.PathLike, verify: bool = False) -> tuple[str, bool]:
-    """The report text, and False if verification found a problem."""
+@dataclass
+class Report:
+    """What `musicprep inspect` prints, and what makes it exit 1: shards it could not read, --verify's findings."""
+
+    text: str
+    damaged: list[str] = field(default_factory=list)  # one line per shard that could not be read
+    verify_problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not self.verify_problems
+
+
+def inspect_report(out: str | os.PathLike, verify: bool = False) -> Report:
+    """The report; a damaged shard is left out of the statistics (and named in `damaged`), the rest still count."""
     out = Path(out)
     m = read_manifest(out)
     a = m["args"]
@@ -74,9 +110,12 @@ def inspect_report(out: str | os.PathLike, verify: bool = False) -> tuple[str, b
                          f"(tokens stored as {m.get('token_dtype', 'int32')})")
     if len(per_token) == 2:
         lines.append(f"webdataset / parquet bytes: {per_token['webdataset'] / per_token['parquet']:.2f}")
+    damaged: list[str] = []
     for split in SPLITS:
-        lens = split_lengths(out, split)
-        lines.append(f"\n{split}: {len(lens['length'])} samples (tokens per sample)")
+        before = len(damaged)
+        lens = split_lengths(out, split, damaged)
+        left_out = f"; {len(damaged) - before} damaged shard(s) left out" if len(damaged) > before else ""
+        lines.append(f"\n{split}: {len(lens['length'])} samples (tokens per sample){left_out}")
         if len(lens["length"]):
             at_max = int((lens["length"] >= a["max_seq_len"] - 16).sum())
             lines += [_stats_line(k, v) for k, v in lens.items()]
@@ -86,10 +125,10 @@ def inspect_report(out: str | os.PathLike, verify: bool = False) -> tuple[str, b
         reasons = Counter(json.loads(line)["reason"] for line in rejects_path.read_text().splitlines() if line)
         if reasons:
             lines.append("\nrejects: " + ", ".join(f"{r} {n}" for r, n in reasons.most_common()))
-    ok = True
+    problems: list[str] = []
     if verify:
         problems = verify_shards(out)
-        ok = not problems
-        lines.append("\nverify: " + ("all shard sha256s match the manifest" if ok else f"{len(problems)} problem(s)"))
+        lines.append("\nverify: " + ("all shard sha256s match the manifest" if not problems
+                                     else f"{len(problems)} problem(s)"))
         lines += [f"  {p}" for p in problems]
-    return "\n".join(lines), ok
+    return Report("\n".join(lines), damaged, problems)

@@ -11,7 +11,7 @@ from rwkv_music.atomic import atomic_path, write_json_atomic
 from rwkv_music.remi.tokenizer import tokenizer_from_file
 from rwkv_music.remi.windows import Vocab, decode_window
 
-from ..shards.manifest import TOKENIZER, available_format, iter_shard, read_manifest, shard_entries
+from ..shards.manifest import TOKENIZER, available_format, iter_shard, read_manifest, shard_entries, unreadable_shard
 from ..shards.parquet import read_parquet_rows
 
 
@@ -37,14 +37,17 @@ def pick_samples(out: str | os.PathLike, n: int, split: str, seed: int) -> list[
     got: dict[int, dict] = {}
     for s, rows in where.items():
         path = out / entries[s]["path"]
-        if fmt == "parquet":
-            for (_, order), row in zip(rows, read_parquet_rows(path, [r for r, _ in rows]), strict=True):
-                got[order] = row
-        else:
-            wanted = dict(rows)
-            for i, row in enumerate(iter_shard(path, fmt)):
-                if i in wanted:
-                    got[wanted[i]] = row
+        try:
+            if fmt == "parquet":
+                for (_, order), row in zip(rows, read_parquet_rows(path, [r for r, _ in rows]), strict=True):
+                    got[order] = row
+            else:
+                wanted = dict(rows)
+                for i, row in enumerate(iter_shard(path, fmt)):
+                    if i in wanted:
+                        got[wanted[i]] = row
+        except Exception as e:  # pyarrow, tarfile, gzip, a missing file: whatever the damage, name the shard
+            raise ValueError(unreadable_shard(path, e)) from e
     return [got[i] for i in range(len(picks))]
 
 

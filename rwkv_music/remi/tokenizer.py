@@ -66,16 +66,59 @@ class PianoScore:
 
 
 def build_tokenizer(overrides: dict | None = None) -> REMI:
-    """REMI with the project's defaults; `overrides` replace individual TokenizerConfig fields."""
+    """REMI with the project's defaults; `overrides` replace individual TokenizerConfig fields.
+
+    ValueError for overrides miditok cannot build a tokenizer from, naming the parameter where one alone is to
+    blame (miditok itself fails with whatever its code meets first, e.g. AttributeError on a number for a dict)."""
     params = dict(DEFAULT_TOKENIZER_PARAMS)
     if overrides:
-        unknown = set(overrides) - set(TokenizerConfig().__dict__)
-        if unknown:
-            raise ValueError(f"unknown tokenizer parameter(s): {', '.join(sorted(unknown))}")
+        _check_override_types(overrides)
         params.update(overrides)
+    try:
+        return _remi(params)
+    except Exception as e:
+        if not overrides:
+            raise
+        for key in overrides:  # the first parameter that fails on its own over the defaults
+            alone = _build_error({**DEFAULT_TOKENIZER_PARAMS, key: overrides[key]})
+            if alone is not None:
+                raise ValueError(f"tokenizer parameter {key} = {overrides[key]!r} is not valid: "
+                                 f"{_first_line(alone)}") from e
+        raise ValueError(f"tokenizer parameters {', '.join(sorted(overrides))} do not fit together: "
+                         f"{_first_line(e)}") from e
+
+
+def _check_override_types(overrides: dict) -> None:
+    """Unknown names, and values miditok would silently misread: any non-empty string is a true flag to it."""
+    defaults = TokenizerConfig().__dict__
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown tokenizer parameter(s): {', '.join(sorted(unknown))}")
+    for key, v in overrides.items():
+        if isinstance(defaults[key], bool) and not isinstance(v, bool):
+            raise ValueError(f"tokenizer parameter {key} must be true or false, not {v!r}")
+        if type(defaults[key]) is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"tokenizer parameter {key} must be an integer, not {v!r}")
+
+
+def _remi(params: dict) -> REMI:
+    params = dict(params)
     params["beat_res"] = {tuple(k): v for k, v in _beat_res_items(params["beat_res"])}
     params["time_signature_range"] = {int(k): list(v) for k, v in params["time_signature_range"].items()}
     return REMI(TokenizerConfig(**params))
+
+
+def _build_error(params: dict) -> Exception | None:
+    try:
+        _remi(params)
+    except Exception as e:
+        return e
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _beat_res_items(beat_res) -> list[tuple[tuple[int, int], int]]:
@@ -90,19 +133,27 @@ def _beat_res_items(beat_res) -> list[tuple[tuple[int, int], int]]:
 
 
 def load_tokenizer_overrides(path: str | os.PathLike) -> dict:
-    """Read a JSON (or TOML) file of TokenizerConfig overrides for `--tokenizer-config`."""
+    """Read a JSON (or TOML) file of TokenizerConfig overrides for `--tokenizer-config`, checked by building the
+    tokenizer once: ValueError naming the file (and the parameter, where one is to blame) for anything unusable."""
     p = Path(path)
     text = p.read_text()
-    if p.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        data = tomllib.loads(text)
-    else:
-        data = json.loads(text)
+    try:
+        if p.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as e:  # JSONDecodeError, TOMLDecodeError
+        raise ValueError(f"{path} is not readable {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of tokenizer parameters")
+    try:
+        build_tokenizer(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return data
 
 

@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from rwkv_music.remi.transpose import PitchShift, check_transpose
 
-from .manifest import ManifestError, iter_shard, read_manifest, shard_entries
+from .manifest import ManifestError, iter_shard, read_manifest, shard_entries, unreadable_shard
 from .parquet import parquet_tokenizer_hash
 
 SHARD_SPLIT_MAX_WASTE = 0.05
@@ -53,6 +53,12 @@ PACK_EPOCH_FILL = 0.9
 
 class DataError(ValueError):
     """The shard directory cannot feed training (missing, empty, unreadable, mixed tokenizers)."""
+
+
+def shard_error(path: str | os.PathLike, e: Exception) -> DataError:
+    """One line naming a shard that cannot be read and why (the first line of the reader's message)."""
+    return DataError(f"{unreadable_shard(path, e)}; the file is damaged or was changed after the build (`musicprep "
+                     "inspect --verify` checks every shard; build again)")
 
 
 @dataclass(frozen=True)
@@ -409,7 +415,7 @@ class ShardStream(IterableDataset):
             except DataError:
                 raise
             except Exception as e:  # pyarrow, tarfile, numpy: whatever the damage, name the shard
-                raise DataError(f"cannot read shard {path}: {type(e).__name__}: {e}") from e
+                raise shard_error(path, e) from e
 
     def _slot_batches(self, plan: SlotPlan, slot: int) -> Iterator[list[dict]]:
         """Shuffle buffer, then pools of `bucket_pool` sub-batches sorted by length; drops the last partial."""
@@ -479,7 +485,7 @@ def open_split(root: str | os.PathLike, split: str, fmt: str = "parquet",
             try:
                 h = parquet_tokenizer_hash(p)
             except Exception as err:  # pyarrow raises its own ArrowInvalid for garbage
-                raise DataError(f"cannot read shard {p}: {type(err).__name__}: {err}") from err
+                raise shard_error(p, err) from err
             if h is not None and h != mhash:
                 raise DataError(f"shard {p} was written with tokenizer {h[:12]}, the manifest says {mhash[:12]}: "
                                 "shards from different tokenizers cannot be mixed")
@@ -516,6 +522,6 @@ def iter_eval_batches(shard_set: ShardSet, batch_size: int, rank: int = 0, world
                             return
                 i += 1
         except Exception as e:
-            raise DataError(f"cannot read shard {path}: {type(e).__name__}: {e}") from e
+            raise shard_error(path, e) from e
     if pending:
         yield collate(pending, pad_id)

@@ -57,6 +57,12 @@ def iter_shard(path: str | os.PathLike, fmt: str) -> Iterator[dict]:
     return iter_parquet_samples(path) if fmt == "parquet" else iter_webdataset_samples(path)
 
 
+def unreadable_shard(path: str | os.PathLike, e: BaseException) -> str:
+    """One line naming a shard a reader failed on and why (the first line of the reader's own message)."""
+    why = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else ""
+    return f"cannot read shard {path}: {type(e).__name__}{': ' + why if why else ''}"
+
+
 def iter_samples(out: str | os.PathLike, split: str, fmt: str = "parquet") -> Iterator[dict]:
     """Every sample of a split, shard after shard in manifest order."""
     out = Path(out)

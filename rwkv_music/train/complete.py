@@ -31,6 +31,12 @@ from rwkv_music.train.sampling import SamplingConfig, draw_uniforms, sample
 Progress = Callable[[int, list[int]], None]
 
 DEFAULT_TOKENS_PER_BAR = 384  # budget per requested bar; dense piano bars in the test corpus stay well below
+# Samples decoded as one batch; more are generated in batches of this many one after the other. The decode state
+# grows with the batch (about 6 MB a sample for the large preset in float32), and 100000 samples at once would not
+# fit in memory; sample k depends only on its seed, so the split changes no sample.
+MAX_BATCH = 256
+# Samples of one call: each is held (three scores, ~100 KB) until all are written, and makes two or three files.
+MAX_SAMPLES = 10000
 
 
 class CompletionError(Exception):
@@ -50,16 +56,20 @@ class CompleteConfig:
     compile_step: bool = False  # torch.compile the model step (slow first call; faster steps)
     fast_step: bool = True  # CUDA: the fused prefill and decode kernels (model/fast_step.py); False: readable
     first_bar: int = 0  # the prompt's first bar number in the piece (the BarPhase token of tokenizers with one)
+    max_batch: int = MAX_BATCH  # samples decoded together; more are generated in batches of this many
 
     def __post_init__(self):
         if self.bars < 1:
             raise ValueError("bars must be at least 1")
         if self.context_bars is not None and self.context_bars < 1:
             raise ValueError("context_bars must be at least 1 (or None for all)")
-        if self.num_samples < 1:
-            raise ValueError("num_samples must be at least 1")
+        if not 1 <= self.num_samples <= MAX_SAMPLES:
+            raise ValueError(f"num_samples must be in 1 .. {MAX_SAMPLES}, got {self.num_samples} (every sample is "
+                             f"held in memory until all are returned; for more, call again with seed + {MAX_SAMPLES})")
         if self.first_bar < 0:
             raise ValueError("first_bar must be >= 0")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
 
     @property
     def budget(self) -> int:
@@ -284,10 +294,18 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
     if not grammar.next_class[start.state, BAR]:
         raise CompletionError("the prompt ends inside an event and cannot be continued")
     model.eval()
-    conts = generate(model, grammar, window.tokens, start, bars=config.bars, num_samples=config.num_samples,
-                     max_new_tokens=config.budget, sampling=config.sampling, seed=config.seed,
-                     cuda_graph=config.cuda_graph, compile_step=config.compile_step,
-                     fast_step=config.fast_step, progress=progress)
+    conts: list[list[int]] = []
+    n = config.num_samples
+    for first in range(0, n, config.max_batch):  # batches of at most max_batch samples; sample k: seed + k
+        size = min(config.max_batch, n - first)
+
+        def part(tokens: int, done: list[int], first: int = first, size: int = size) -> None:
+            progress(tokens, [config.bars] * first + done + [0] * (n - first - size))  # bars of every sample
+
+        conts += generate(model, grammar, window.tokens, start, bars=config.bars, num_samples=size,
+                          max_new_tokens=config.budget, sampling=config.sampling, seed=config.seed + first,
+                          cuda_graph=config.cuda_graph, compile_step=config.compile_step,
+                          fast_step=config.fast_step, progress=part if progress is not None else None)
     meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
     samples = []
     for k, cont in enumerate(conts):

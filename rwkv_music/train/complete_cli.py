@@ -45,7 +45,7 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
                    "on shards built with --bar-phase are told the phrase position of the first context bar from it; "
                    "others ignore it.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Variations, generated as one batch.")
+              help="Variations: decoded in batches of up to 256, at most 10000 per call.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=_SAMPLING.temperature, show_default=True,
               help="Softmax temperature (0 = greedy).")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=_SAMPLING.top_p, show_default=True,
@@ -84,12 +84,16 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
 
     from rwkv_music.train.checkpoints import load_for_inference
     from rwkv_music.train.cli_util import check_out_dir, progress_bar, progress_enabled
-    from rwkv_music.train.complete import CompleteConfig, CompletionError
+    from rwkv_music.train.complete import MAX_SAMPLES, CompleteConfig, CompletionError
     from rwkv_music.train.complete import complete as run_complete
     from rwkv_music.train.complete_output import format_table, write_completion
     from rwkv_music.train.device import DeviceUnavailable, pick_device
 
     ctx = _context_bars(context_bars)
+    if num_samples > MAX_SAMPLES:  # before the model loads: CompleteConfig says the same, later
+        raise UsageFailure(f"--num-samples {num_samples}: at most {MAX_SAMPLES} per call (every sample is held in "
+                           f"memory until all are written); for more, run again with --seed {seed + MAX_SAMPLES} "
+                           "and another -o (sample k uses seed + k)")
     try:
         device = str(pick_device(device))
     except DeviceUnavailable as e:

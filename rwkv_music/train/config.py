@@ -22,6 +22,11 @@ PRECISIONS = ("bf16", "bf16-weights", "fp32")
 # Fields whose change would alter the data order, so a resumed run must keep them.
 DATA_FIELDS = ("seed", "batch_size", "batch_tokens", "pack_len", "streams", "num_workers", "shuffle_buffer",
                "bucket_pool", "format", "transpose")
+# The largest --lr / --lr-final: an AdamW step moves each weight by about the rate, so past 1 training only diverges
+# (and torch's AdamW cannot even take a rate past float32's range: 1e300 fails inside its step).
+MAX_LR = 1.0
+LR_WHY = (": an AdamW step moves each weight by about the learning rate, so a larger one only diverges (RWKV-LM "
+          "trains at 1e-4 .. 1e-3)")
 # What a run saved before a data field existed trained with (its default then).
 DATA_FIELD_DEFAULTS = {"transpose": 0}
 
@@ -119,12 +124,16 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < (0 if name == "num_workers" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'num_workers' else 1}, got {v}")
-        for name, lo, hi, low_open in (("weight_decay", 0.0, math.inf, False), ("beta1", 0.0, 1.0, False),
-                                       ("beta2", 0.0, 1.0, False), ("grad_clip", 0.0, math.inf, True),
-                                       ("adam_eps", 0.0, math.inf, True)):
+        # name, low, high, low open, high closed, why (the interval is [low, high) unless the flags say otherwise)
+        for name, lo, hi, low_open, high_closed, why in (
+                ("lr", 0.0, MAX_LR, True, True, LR_WHY), ("lr_final", 0.0, MAX_LR, False, True, LR_WHY),
+                ("weight_decay", 0.0, math.inf, False, False, ""), ("beta1", 0.0, 1.0, False, False, ""),
+                ("beta2", 0.0, 1.0, False, False, ""), ("grad_clip", 0.0, math.inf, True, False, ""),
+                ("adam_eps", 0.0, math.inf, True, False, "")):
             v = getattr(self, name)
-            if not ((lo < v) if low_open else (lo <= v)) or not v < hi:
-                raise ValueError(f"{name} must be in {'(' if low_open else '['}{lo}, {hi}), got {v}")
+            if not ((lo < v) if low_open else (lo <= v)) or not ((v <= hi) if high_closed else (v < hi)):
+                interval = f"{'(' if low_open else '['}{lo}, {hi}{']' if high_closed else ')'}"
+                raise ValueError(f"{name} must be in {interval}, got {v}{why}")
         if not self.init_from:  # the model's shape: a preset and overrides that make a valid model
             from rwkv_music.model.config import from_preset
 

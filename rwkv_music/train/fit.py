@@ -34,6 +34,7 @@ from rwkv_music.model.compile import compile_for_training
 from rwkv_music.remi.transpose import pitch_shift_for
 from rwkv_music.shards.dataset import (
     PACK_EPOCH_FILL,
+    DataError,
     DataSpec,
     ShardSet,
     iter_eval_batches,
@@ -44,7 +45,7 @@ from rwkv_music.shards.dataset import (
 from . import checkpoints as ck
 from .config import DATA_FIELD_DEFAULTS, DATA_FIELDS, TrainConfig, load_run_config, save_config
 from .device import DeviceUnavailable, pick_device
-from .logging import RunLogger, truncate_metrics
+from .logging import RunLogger, set_aside_earlier_logs, truncate_metrics
 from .master_weights import BF16Compute
 from .optim import make_optimizer, make_scheduler
 from .stop import StopRequest, graceful_stop
@@ -206,14 +207,28 @@ def _batches(stream, epoch: int, consumed: int, num_workers: int, pin: bool) -> 
             stream.set_position(epoch, consumed)
             loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin,
                                 **({"prefetch_factor": 4} if num_workers else {}))
-            for b in loader:
-                got, want = (b["epoch"], b["role"], b["index"]), (epoch, consumed % W, consumed // W)
-                if got != want:  # a bug, not bad input: the promised data order would silently change
-                    raise TrainingError(f"data order broken (worker round robin): got batch (epoch, role, index) "
-                                        f"{got}, expected {want}")
-                consumed += 1
-                yield DataItem(epoch, consumed, b)
+            try:
+                for b in loader:
+                    got, want = (b["epoch"], b["role"], b["index"]), (epoch, consumed % W, consumed // W)
+                    if got != want:  # a bug, not bad input: the promised data order would silently change
+                        raise TrainingError(f"data order broken (worker round robin): got batch (epoch, role, "
+                                            f"index) {got}, expected {want}")
+                    consumed += 1
+                    yield DataItem(epoch, consumed, b)
+            except DataError as e:
+                raise DataError(worker_message(e)) from None
         epoch, consumed = epoch + 1, 0
+
+
+def worker_message(e: Exception) -> str:
+    """The message of an exception a DataLoader worker raised: the worker's own last line, without the
+    "Caught X in DataLoader worker process N. Original Traceback ..." text the loader wraps it in."""
+    msg = str(e)
+    if not msg.startswith("Caught "):
+        return msg
+    tail = [line for line in msg.splitlines() if line.strip()][-1]
+    name = f"{type(e).__name__}: "
+    return tail[tail.index(name) + len(name):] if name in tail else tail
 
 
 def set_recompute(model: nn.Module, mode: str) -> None:
@@ -232,9 +247,10 @@ def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log: Callable
     if src.is_file():
         try:
             model = load_rwkv_lm(src)
-        except Exception as e:  # not a checkpoint torch can read, or not an x070 one
-            raise BadFitInput(f"--init-from {src} is not a readable RWKV-LM x070 .pth: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        except Exception as e:  # not a file torch can read, or not an x070 state dict
+            raise BadFitInput(f"--init-from {src} is neither a checkpoint directory (a run, or one of its "
+                              f"checkpoints/step-N) nor a torch .pth of an RWKV-LM x070 model: "
+                              f"{_not_a_pth_reason(e, src)}") from e
         old = model.cfg.vocab_size
         resize_vocab(model, vocab_size)
         log(f"init from RWKV-LM {src}: {model.cfg.n_layer} layers, n_embd {model.cfg.n_embd}; vocabulary "
@@ -255,6 +271,18 @@ def _build_model(cfg: TrainConfig, vocab_size: int, tok_hash: str, log: Callable
         raise BadFitInput(f"--init-from {ckpt} has vocabulary {model.cfg.vocab_size}, tokenizer {vocab_size}")
     log(f"init from {ckpt}")
     return model
+
+
+def _not_a_pth_reason(e: Exception, src: Path) -> str:
+    """A short why for `load_rwkv_lm` failing: its own ValueError (a state dict, but not an x070 one) says it;
+    torch.load's errors on other files (a KeyError of a byte value, an unpickling error) only confuse."""
+    import pickle
+
+    if isinstance(e, ValueError) and not isinstance(e, pickle.UnpicklingError):
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first.removeprefix(f"{src}: ")
+        return first if len(first) <= 200 else first[:197] + "..."
+    return "torch.load cannot read it (not a .pth file, or a damaged one)"
 
 
 def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, world: int) -> int:
@@ -554,6 +582,11 @@ class Trainer:
             raise BadFitInput(f"cannot create the run directory {self.run_dir}: {e.strerror or e}") from None
         if resumed:
             truncate_metrics(self.run_dir, self.state.step)
+        else:  # no checkpoint here (_checkpoint_to_resume): logs found are of a run that ended before its first
+            earlier = set_aside_earlier_logs(self.run_dir)
+            if earlier is not None:
+                self.log(f"{self.run_dir} held the logs of an earlier run that wrote no checkpoint; moved them to "
+                         f"{earlier} so this run's metrics.jsonl starts clean")
         write_bytes_atomic(self.run_dir / "tokenizer.json", self.tok_path.read_bytes())
         info = RunInfo(model=self.raw.cfg.to_dict(), num_params=self.raw.num_params(), world_size=self.di.world_size,
                        total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,

@@ -1,7 +1,9 @@
 """Training logs in the run directory: metrics.jsonl, TensorBoard events (RUN/tb/), loss.png.
 
 Only rank 0 creates a `RunLogger`. On resume, metrics.jsonl is cut back to the checkpoint's step so the
-file describes one continuous run.
+file describes one continuous run. A new run in a directory whose earlier run ended before its first
+checkpoint (a crash, a kill) moves that run's logs into RUN/earlier-run-N/ first (`set_aside_earlier_logs`):
+appending to them would mix two runs in one file, and deleting them would lose the only record of the failure.
 """
 
 from __future__ import annotations
@@ -36,6 +38,30 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> None:
     """Keep only records with step <= `step` (atomically)."""
     rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
     write_bytes_atomic(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+# What a run writes besides checkpoints and tokenizer.json; metrics last, so that a move cut short is found again.
+EARLIER_LOGS = (PLOT, "tb", "config.json", METRICS)
+
+
+def set_aside_earlier_logs(run_dir: str | os.PathLike) -> Path | None:
+    """Before a new run in `run_dir`: move an earlier run's logs to RUN/earlier-run-N (N: the first one free) and
+    return that directory; None when there was nothing to keep (no metrics.jsonl, or an empty one).
+
+    The caller has checked that `run_dir` holds no checkpoint, so these logs belong to no run that can go on."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / METRICS
+    if not metrics.is_file() or metrics.stat().st_size == 0:
+        return None
+    n = 1
+    while (run_dir / f"earlier-run-{n}").exists():
+        n += 1
+    dest = run_dir / f"earlier-run-{n}"
+    dest.mkdir()
+    for name in EARLIER_LOGS:  # renames within one directory: each is atomic, and nothing is copied or lost
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, dest / name)
+    return dest
 
 
 class RunLogger:

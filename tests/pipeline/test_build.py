@@ -136,14 +136,26 @@ def test_refuses_foreign_out_dir(tmp_path, corpus_dir):
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
 
 
-@pytest.mark.parametrize("content", ['{"not_a_param": 1}', "{broken json", '{"num_velocities": "many"}'])
-def test_bad_tokenizer_config_exits_2_and_writes_nothing(tmp_path, corpus_dir, content):
+@pytest.mark.parametrize(("content", "says"), [
+    ('{"not_a_param": 1}', "unknown tokenizer parameter(s): not_a_param"),
+    ("{broken json", "is not readable JSON"),
+    ('{"num_velocities": "many"}', "num_velocities must be an integer, not 'many'"),
+    ('{"num_velocities": true}', "num_velocities must be an integer, not True"),
+    # miditok would take any non-empty string as true ("no" too): refused, not silently misread
+    ('{"use_tempos": "yes"}', "use_tempos must be true or false, not 'yes'"),
+    # miditok itself fails on these with whatever its code meets first (AttributeError, TypeError)
+    ('{"beat_res": 5}', "tokenizer parameter beat_res = 5 is not valid: AttributeError"),
+    ('{"pitch_range": 5}', "tokenizer parameter pitch_range = 5 is not valid: TypeError"),
+    ('{"num_velocities": 16, "special_tokens": 3}', "tokenizer parameter special_tokens = 3 is not valid")])
+def test_bad_tokenizer_config_exits_2_names_file_and_key_and_writes_nothing(tmp_path, corpus_dir, content, says):
     cfg = tmp_path / "tok.json"
     cfg.write_text(content)
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["build-shards", str(corpus_dir), "-o", str(out), "--tokenizer-config", str(cfg),
-                                    "--no-progress"])
-    assert res.exit_code == 2, res.output
+                                    "--no-progress", "--bar-phase", "4"])
+    assert res.exit_code == 2 and res.exception.__class__ is SystemExit, res.output
+    [line] = [x for x in res.output.splitlines() if x.strip()]
+    assert line.startswith(f"Error: {cfg}") and says in line, line
     assert not out.exists()
 
 

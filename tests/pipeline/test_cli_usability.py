@@ -55,6 +55,30 @@ def test_usage_errors_exit_2(args, corpus_dir: Path, tmp_path: Path):
     assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
 
 
+def test_a_scheduler_file_without_a_scheduler_fails_at_once(corpus_dir: Path, tmp_path: Path):
+    """Dask would wait for a missing scheduler file to appear, for ever: refused up front, nothing written."""
+    corpus, out = corpus_dir / "MIDIs_one_track", tmp_path / "out"
+    missing = tmp_path / "scheduler.json"
+    res = CliRunner().invoke(main, ["build-shards", str(corpus), "-o", str(out), "--scheduler-file", str(missing)])
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert f"--scheduler-file {missing} does not exist: start the scheduler first" in lines[0]
+    for text in ("{cut", '{"type": "Scheduler"}', "[1]"):  # Dask would fail with UnboundLocalError on these
+        missing.write_text(text)
+        res = CliRunner().invoke(main, ["build-shards", str(corpus), "-o", str(out), "--scheduler-file", str(missing)])
+        lines = [x for x in res.output.splitlines() if x.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and "is not a Dask scheduler file" in lines[0], res.output
+    assert not out.exists()
+    # a file naming a scheduler that is gone: Dask's connect timeout bounds the wait (shortened here)
+    missing.write_text('{"address": "tcp://127.0.0.1:9"}')
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+    proc = _musicprep("build-shards", str(corpus), "-o", str(out), "--scheduler-file", str(missing), "--no-progress",
+                      env=env)
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("Error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot connect to the Dask scheduler of {missing}" in errors[0]
+
+
 def test_a_build_where_every_file_is_rejected_exits_1_naming_reason_and_rejects(tmp_path: Path, build_cli):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -49,6 +49,33 @@ def test_inspect_rejects_a_non_build(tmp_path):
         assert res.exit_code == 2 and says in res.output and res.exception.__class__ is SystemExit, res.output
 
 
+def test_a_damaged_shard_is_named_and_the_rest_still_reported(built_shards, tmp_path):
+    """One cut-short train shard: inspect names it on stderr, counts the other shards, exits 1; sample says it."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(built_shards, out)
+    m = read_manifest(out)
+    entries = [e for e in m["shards"] if e["split"] == "train" and e["format"] == "parquet"]
+    bad = out / entries[0]["path"]
+    bad.write_bytes(bad.read_bytes()[:10000])
+    res = CliRunner().invoke(main, ["inspect", str(out)])
+    assert res.exit_code == 1 and res.exception.__class__ is SystemExit, res.output
+    [err] = res.stderr.splitlines()
+    assert err.startswith(f"Error: cannot read shard {bad}: ArrowInvalid: "), err
+    kept = m["counts"]["samples"]["train"] - entries[0]["nsamples"]
+    assert f"train: {kept} samples (tokens per sample); 1 damaged shard(s) left out" in res.stdout
+    assert f"val: {m['counts']['samples']['val']} samples (tokens per sample)\n" in res.stdout
+    assert "rejects: " in res.stdout  # the report went on to its end
+    res = CliRunner().invoke(main, ["inspect", str(out), "--verify"])
+    assert res.exit_code == 1 and f"{entries[0]['path']}: 10000 bytes" in res.stdout
+    # `sample` drawing from that shard: one line naming it, nothing written
+    res = CliRunner().invoke(main, ["sample", str(out), "-n", "200", "-o", str(tmp_path / "listen")])
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"Error: cannot read shard {bad}: "), lines
+    assert not (tmp_path / "listen").exists()
+
+
 def test_sample_decodes_context_completion_and_full(built_shards, tmp_path):
     dest = tmp_path / "listen"
     res = CliRunner().invoke(main, ["sample", str(built_shards), "-n", "3", "-o", str(dest), "--seed", "5"])

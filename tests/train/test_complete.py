@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -119,6 +120,27 @@ def test_batch_of_four_equals_four_single_runs(loaded, prompt: Path):
                                                            sampling=cfg.sampling)).samples[0] for k in range(4)]
     assert [s.tokens for s in batch.samples] == [s.tokens for s in singles]
     assert len({tuple(s.tokens) for s in batch.samples}) > 1  # the seeds do make different variations
+
+
+def test_samples_past_max_batch_are_decoded_in_batches_to_the_same_samples(loaded, prompt: Path):
+    """Memory is bounded by max_batch, not by num_samples; splitting the samples changes none of them."""
+    model, tok = loaded
+    sampling = SamplingConfig(temperature=1.0, top_p=0.95)
+    whole = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=5, seed=3, sampling=sampling))
+    heard: list[list[int]] = []
+    split = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=5, seed=3, sampling=sampling,
+                                                        max_batch=2),
+                     progress=lambda tokens, bars: heard.append(bars))
+    assert [s.tokens for s in split.samples] == [s.tokens for s in whole.samples]
+    assert [s.seed for s in split.samples] == [3, 4, 5, 6, 7]
+    # the progress callback always sees every sample: batches done count fully, batches to come not yet
+    assert {len(b) for b in heard} == {5} and heard[-1] == [1] * 5
+    assert all(sum(a) <= sum(b) for a, b in itertools.pairwise(heard))
+    assert any(b[:2] == [1, 1] and b[4] == 0 for b in heard)  # the second batch, with the first done
+    with pytest.raises(ValueError, match="max_batch"):
+        CompleteConfig(max_batch=0)
+    with pytest.raises(ValueError, match=r"num_samples must be in 1 \.\. 10000"):
+        CompleteConfig(num_samples=10001)
 
 
 def test_unconstrained_high_temperature_still_decodes(loaded, prompt: Path):
@@ -245,6 +267,20 @@ def test_cli_out_of_range_options_name_themselves(run_dir: Path, corpus_dir: Pat
         res = _invoke(str(run_dir), str(corpus_dir / PROMPT), "-o", str(tmp_path / "out"), *args)
         assert res.exit_code == 2 and f"Invalid value for '{option}'" in res.output, res.output
         assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_more_samples_than_fit_in_memory_before_loading(run_dir: Path, corpus_dir: Path, tmp_path: Path):
+    from rwkv_music.train.complete import MAX_SAMPLES
+
+    res = _invoke(str(run_dir), str(corpus_dir / PROMPT), "-o", str(tmp_path / "out"), "--num-samples", "100000")
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith(f"Error: --num-samples 100000: at most {MAX_SAMPLES} per call") and "--seed" in lines[0]
+    assert not (tmp_path / "out").exists()
+    from rwkv_music.train.cli import main
+
+    help_text = " ".join(CliRunner().invoke(main, ["complete", "--help"]).output.split())
+    assert f"at most {MAX_SAMPLES} per call" in help_text
 
 
 def test_cli_tokenizer_mismatch(run_dir: Path, corpus_dir: Path, tmp_path: Path):

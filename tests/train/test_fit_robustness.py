@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fit_testutil import TINY, fit_env, metrics, musictrain
+from fit_testutil import TINY, fit_env, metrics, musictrain, musictrain_here
 from safetensors import safe_open
 
 from rwkv_music.model import RWKV7, RWKV7Config, load
@@ -126,6 +126,40 @@ def test_non_finite_watch_keeps_the_first_bad_step():
     w.add(2, torch.tensor(3.0, dtype=torch.float64), torch.tensor(float("inf")))  # finite loss, inf grad norm
     w.add(3, torch.tensor(float("nan"), dtype=torch.float64), torch.tensor(1.0))
     assert w.bad_step() == (2, 3.0, float("inf"))  # later bad steps do not overwrite the first
+
+
+# ---------------------------------------------------------------------------------------------- damaged shards
+
+def _damage_data_pages(path: Path) -> None:
+    """Overwrite a Parquet file's column data, keeping its footer: it opens, but its pages no longer decode."""
+    b = bytearray(path.read_bytes())
+    footer = int.from_bytes(b[-8:-4], "little")
+    b[8 : len(b) - footer - 8] = b"\x55" * (len(b) - footer - 16)
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("damage", ["cut-short", "pages-in-a-worker", "pages-in-process"])
+def test_a_damaged_shard_stops_fit_with_one_line_naming_it(damage: str, small_shards: Path, tmp_path: Path):
+    """Cut short: the footer check before training finds it. Damaged pages: found when read, also inside a
+    DataLoader worker process, whose error the loader would wrap in the worker's whole traceback."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    train = sorted((shards / "train").glob("*.parquet"))
+    for p in train:  # every one, so that the first batch meets one
+        if damage == "cut-short":
+            p.write_bytes(p.read_bytes()[:1000])
+        else:
+            _damage_data_pages(p)
+    workers = "1" if damage == "pages-in-a-worker" else "0"
+    res = musictrain_here("fit", shards, "-o", tmp_path / "run", *TINY, "--batch-size", "4", "--max-steps", "2",
+                          "--eval-batches", "1", "--num-workers", workers)
+    assert res.exit_code == 2, res.output
+    errors = [x for x in res.output.splitlines() if x.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in res.output and "Caught" not in res.output, res.output
+    assert any(f"Error: cannot read shard {p}: " in errors[0] for p in train), errors
+    assert "the file is damaged" in errors[0] and "inspect --verify" in errors[0]
 
 
 # ---------------------------------------------------------------------------------------------- --compile

@@ -17,6 +17,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
 from fit_testutil import SMALL_BUILD_ARGS, TINY, assert_same_losses, fit_env, metrics, musictrain, musictrain_here
 
 from rwkv_music.model import load
@@ -155,13 +156,60 @@ def test_usage_errors_exit_2_and_runtime_failures_1(small_shards: Path, tmp_path
     assert res.exit_code == 2 and "lower --batch-size" in res.output, res.output
     (tmp_path / "not-a-run").mkdir()
     (tmp_path / "garbage.pth").write_bytes(b"not a torch file")
-    for src, says in [(tmp_path / "not-a-run", "no checkpoint found"), (tmp_path / "garbage.pth", "not a readable")]:
+    (tmp_path / "notes.txt").write_text("hello\nthis is a text file, not a model\n")
+    torch.save({"step": 3}, tmp_path / "other.pth")  # a real torch file, but no model in it
+    not_a_model = "is neither a checkpoint directory (a run, or one of its checkpoints/step-N) nor a torch .pth of " \
+                  "an RWKV-LM x070 model: "
+    for src, says in [(tmp_path / "not-a-run", "no checkpoint found"),
+                      (tmp_path / "garbage.pth", not_a_model + "torch.load cannot read it"),
+                      (tmp_path / "notes.txt", not_a_model + "torch.load cannot read it"),
+                      (tmp_path / "other.pth", not_a_model + "not an RWKV-7 x070 state dict")]:
         res = musictrain_here("fit", small_shards, "-o", tmp_path / "init", *TINY, "--init-from", src)
         assert res.exit_code == 2 and says in res.output and res.exception.__class__ is SystemExit, res.output
-    # a runtime failure: the learning rate makes the loss explode (inf/NaN) -> 1
+        [line] = [x for x in res.output.splitlines() if x.startswith("Error:")]
+        assert "KeyError" not in line and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "init").exists()
+    # a learning rate AdamW cannot even take (1e300 overflowed float32 inside its step) is refused up front
+    for option, value in (("--lr", "1e300"), ("--lr", "1.5"), ("--lr-final", "2")):
+        res = musictrain_here("fit", small_shards, "-o", tmp_path / "lr", *TINY, option, value)
+        [line] = [x for x in res.output.splitlines() if x.startswith("Error:")]
+        assert res.exit_code == 2 and f"{option[2:].replace('-', '_')} must be in " in line, res.output
+        assert "1.0]" in line and "only diverges" in line and not (tmp_path / "lr").exists()
+    # a runtime failure: weights blown up by a huge weight decay make the loss NaN -> 1
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "nan", *TINY, "--batch-size", "4", "--max-steps",
-                          "30", "--lr", "1e30", "--warmup-steps", "0", "--eval-batches", "1")
+                          "30", "--weight-decay", "1e30", "--warmup-steps", "0", "--eval-batches", "1")
     assert res.exit_code == 1 and "loss is" in res.output, res.output
+
+
+def test_a_new_run_over_one_that_failed_before_its_first_checkpoint_keeps_its_logs_apart(small_shards: Path,
+                                                                                         tmp_path: Path):
+    """The failed run's metrics would otherwise be continued by the new run (two runs in one metrics.jsonl)."""
+    run = tmp_path / "run"
+    args = (*TINY, "--batch-size", "4", "--eval-batches", "1", "--log-every", "1", "--no-tensorboard")
+    res = musictrain_here("fit", small_shards, "-o", run, *args, "--max-steps", "5", "--weight-decay", "1e30",
+                          "--warmup-steps", "0")
+    assert res.exit_code == 1 and "no checkpoint was written" in res.output, res.output
+    failed = (run / "metrics.jsonl").read_text()
+    failed_cfg = json.loads((run / "config.json").read_text())
+    assert [r["step"] for r in metrics(run)] == [1] and failed_cfg["train"]["weight_decay"] == 1e30
+
+    res = musictrain_here("fit", small_shards, "-o", run, *args, "--max-steps", "2")  # no --resume needed
+    assert res.exit_code == 0, res.output
+    earlier = run / "earlier-run-1"
+    assert f"moved them to {earlier}" in res.output
+    assert [r["step"] for r in metrics(run)] == [1, 2]  # this run's records only (appended: 1, 1, 2)
+    assert (earlier / "metrics.jsonl").read_text() == failed  # the failed run's record, byte for byte
+    assert json.loads((earlier / "config.json").read_text()) == failed_cfg
+    assert json.loads((run / "config.json").read_text())["train"]["weight_decay"] == 0.1
+    assert latest_checkpoint(run) is not None
+
+    # a failed run that logged nothing leaves nothing worth keeping: no earlier-run directory
+    quiet = tmp_path / "quiet"
+    res = musictrain_here("fit", small_shards, "-o", quiet, *TINY, "--batch-size", "4", "--max-steps", "5",
+                          "--weight-decay", "1e30", "--warmup-steps", "0", "--no-tensorboard")
+    assert res.exit_code == 1 and (quiet / "metrics.jsonl").read_text() == ""
+    assert musictrain_here("fit", small_shards, "-o", quiet, *args, "--max-steps", "1").exit_code == 0
+    assert [r["step"] for r in metrics(quiet)] == [1] and not list(quiet.glob("earlier-run-*"))
 
 
 @pytest.fixture(scope="module")
