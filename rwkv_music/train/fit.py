@@ -537,15 +537,21 @@ class Trainer:
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
         """The checkpoint `--resume` continues from; refuses a new run over an old one, or changed data options."""
         cfg, run_dir = self.cfg, self.run_dir
+        ckpts = run_dir / ck.CKPT_DIR
+        orphans = sorted(d.name for d in ckpts.glob("step-*") if d.is_dir()) if ckpts.is_dir() else []
         if not resume:
-            if (run_dir / ck.CKPT_DIR / ck.LATEST).exists():
+            if (ckpts / ck.LATEST).exists():
                 raise BadFitInput(f"{run_dir} already holds a run; add --resume to continue it or choose another -o")
+            if orphans:  # a new run's pruning would delete these (or keep them and drop its own)
+                raise BadFitInput(f"{ckpts} holds checkpoints ({', '.join(orphans[-3:])}) but no {ck.LATEST}; "
+                                  "choose another -o, or move them away to start over here")
             return None
         ckpt = ck.latest_checkpoint(run_dir)
-        if ckpt is None and (run_dir / ck.CKPT_DIR / ck.LATEST).exists():
-            raise BadFitInput(f"--resume: {run_dir / ck.CKPT_DIR / ck.LATEST} exists but does not name a readable "
-                              "checkpoint; point it at one of the step-* directories there (or move the run away to "
-                              "start over)")
+        if ckpt is None and ((ckpts / ck.LATEST).exists() or orphans):
+            raise BadFitInput(f"--resume: {ckpts / ck.LATEST} is missing or does not name a readable checkpoint, "
+                              f"but {ckpts} holds {', '.join(orphans[-3:]) or 'no step-* directory'}; write "
+                              f'{{"path": "{orphans[-1] if orphans else "step-N"}"}} to {ck.LATEST} to resume from '
+                              "one of them (or move the run away to start over)")
         if ckpt is None:
             self.log(f"--resume: no checkpoint in {run_dir}; starting a new run")
             return None

@@ -239,6 +239,17 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
                           "--resume")
     assert res.exit_code == 2 and "does not name a readable checkpoint" in res.output, res.output
     assert (broken / "metrics.jsonl").read_text() == before
+    # checkpoints whose latest.json was deleted: neither a new run (its pruning would drop them or its own) nor a
+    # silent fresh start under --resume
+    orphaned = tmp_path / "orphaned"
+    shutil.copytree(run, orphaned)
+    (orphaned / "checkpoints" / "latest.json").unlink()
+    steps = sorted(p.name for p in (orphaned / "checkpoints").glob("step-*"))
+    for extra in ([], ["--resume"]):
+        res = musictrain_here("fit", small_shards, "-o", orphaned, *TINY, "--batch-size", "4", "--max-steps", "2",
+                              *extra)
+        assert res.exit_code == 2 and steps[-1] in res.output and "latest.json" in res.output, res.output
+    assert sorted(p.name for p in (orphaned / "checkpoints").glob("step-*")) == steps
     # NaN weights -> NaN loss at the first step: stop, name the step, write no checkpoint
     ckpt = resolve_checkpoint(run)
     poisoned = tmp_path / "poisoned"
