@@ -1,10 +1,12 @@
 """The forced-choice results of one `musictrain eval` report, grouped by the collection each window's source
 file belongs to (its name up to the first "__", trailing digits dropped: "oneills1850__1176.mid" -> "oneills").
 
-    python bench/choice_by_source.py REPORT_DIR/report.json [--min-windows 10]
+    python bench/choice_by_source.py REPORT_DIR/report.json [--min-windows 10] [--phase 8]
 
 Prints a Markdown table: per collection, windows, the share where the truth ranks first against each
-impostor, and the mean margin (nats per token) of the truth over the repeat.
+impostor, and the mean margin (nats per token) of the truth over the repeat. `--phase P` groups the windows by
+their first bar in the piece modulo P instead (the `BarPhase` token of a `--bar-phase P` build; reports written
+before 2026-12-07 lack the first bar).
 """
 
 from __future__ import annotations
@@ -24,14 +26,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("report", type=Path)
     ap.add_argument("--min-windows", type=int, default=10, help="Leave out collections with fewer windows.")
+    ap.add_argument("--phase", type=int, default=0, help="Group by first bar modulo this instead of collection.")
     args = ap.parse_args()
     windows = json.loads(args.report.read_text())["forced_choice"]["per_window"]
+    if args.phase and any("first_bar" not in w for w in windows):
+        raise SystemExit(f"{args.report}: its windows have no first_bar (a report from before 2026-12-07)")
     groups: dict[str, list[dict]] = defaultdict(list)
     for w in windows:
-        groups[collection(w["source"])].append(w)
-    print("| collection | windows | truth first vs repeat | vs random | mean margin vs repeat |")
+        groups[f"bar {w['first_bar'] % args.phase}" if args.phase else collection(w["source"])].append(w)
+    order = sorted if args.phase else (lambda items: sorted(items, key=lambda kv: -len(kv[1])))
+    group = f"first bar mod {args.phase}" if args.phase else "collection"
+    print(f"| {group} | windows | truth first vs repeat | vs random | mean margin vs repeat |")
     print("|---|---:|---:|---:|---:|")
-    for name, ws in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+    for name, ws in order(groups.items()):
         if len(ws) < args.min_windows:
             continue
         share = {}

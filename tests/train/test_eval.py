@@ -277,6 +277,15 @@ def test_choice_by_source_regroups_the_report(report_dir, report, bench_module):
                 compared[g] = compared.get(g, 0) + 1
         wins = sum(round(float(rows[g][col]) * n) for g, n in compared.items())  # shares print 2 decimals
         assert wins == fc["comparisons"][imp]["truth_first"], imp
+    # --phase 4: the same windows grouped by their first bar in the piece modulo 4
+    proc = subprocess.run([sys.executable, mod.__file__, str(report_dir[0] / "report.json"), "--min-windows", "0",
+                           "--phase", "4"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r[0].strip(): int(r[1]) for r in (line.strip("|").split("|") for line in proc.stdout.splitlines()[2:])}
+    want: dict[str, int] = {}
+    for w in fc["per_window"]:
+        want[f"bar {w['first_bar'] % 4}"] = want.get(f"bar {w['first_bar'] % 4}", 0) + 1
+    assert rows == want and len(want) > 1
 
 
 def test_forced_choice_scores_are_teacher_forced_and_seeded(trained_run: Path, small_shards: Path):
