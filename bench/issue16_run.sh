@@ -35,7 +35,11 @@ if [[ " $stages " == *" eval "* ]]; then
     echo "musictrain ${ev[*]}" > "$results/eval.log"
     timeout -k 10 "${EVAL_S:-150}" "$PY" -m rwkv_music.train.cli "${ev[@]}" >> "$results/eval.log" 2>&1
     echo "eval rc=$?"
-    tail -n 30 "$results/eval.log"
+    for by in "" "--phase 8"; do  # the forced choice by collection, then by place in an eight-bar phrase
+        # shellcheck disable=SC2086
+        "$PY" bench/choice_by_source.py "$work/report/report.json" --min-windows 0 $by >> "$results/eval.log" 2>&1
+    done
+    tail -n 50 "$results/eval.log"
 fi
 tar czf "$results/issue16.tgz" -C "$work" run/metrics.jsonl run/config.json run/loss.png report 2>/dev/null
 exit 0
