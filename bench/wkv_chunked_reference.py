@@ -99,7 +99,7 @@ def forward(r, w, k, v, a, b, s0, L: int, mm: Products):
     return (mm(c["rp"], S) + c["y0"]).reshape(BH, T, N), _t(ST), c, S
 
 
-def backward(r, w, k, v, a, b, s0, L: int, dy: Tensor, dsT: Tensor, mm: Products):
+def backward(r, w, k, v, a, b, s0, L: int, dy: Tensor, dsT: Tensor, mm: Products, form_da: bool = False):
     """Gradients of <y, dy> + <sT, dsT> w.r.t. r, w, k, v, a, b and s0, by the chain rule through `forward`."""
     BH, T, N = r.shape
     NC = T // L
@@ -112,15 +112,24 @@ def backward(r, w, k, v, a, b, s0, L: int, dy: Tensor, dsT: Tensor, mm: Products
         d_next[i] = dST
         dST = mm(_t(c["rp"][:, i]), dy[:, i]) + mm(_t(c["A"][:, i]), dST)
     dD = torch.stack(d_next, 1)
-    d_rp, dA = mm(dy, _t(S)), mm(dD, _t(S))
+    d_rp = mm(dy, _t(S))
     wa, z, x, inv, q_rb, q_rk, m_ak = (c[n] for n in ("wa", "z", "x", "inv", "q_rb", "q_rk", "m_ak"))
     ahat, rhat, btil, ktil, bl, kl = (c[n] for n in ("ahat", "rhat", "btil", "ktil", "bl", "kl"))
     d_qrb = _tril(mm(dy, _t(z)) + mm(d_rp, _t(wa)), False)
     d_qrk = _tril(mm(dy, _t(v_)), False)
-    dz = mm(_t(q_rb), dy) + mm(bl, dD)
-    dwa = mm(_t(q_rb), d_rp) + mm(bl, dA)
-    dbl, dkl = mm(wa, _t(dA)) + mm(z, _t(dD)), mm(v_, _t(dD))
-    dgl = torch.diagonal(dA, dim1=-2, dim2=-1) * c["gl"].squeeze(-2).exp() + (dbl * bl + dkl * kl).sum(-2)
+    bl_dD = mm(bl, dD)
+    dz = mm(_t(q_rb), dy) + bl_dD
+    if form_da:  # dA = dS_next S^T formed, as the kernel did before 2026-12-07
+        dA = mm(dD, _t(S))
+        dwa = mm(_t(q_rb), d_rp) + mm(bl, dA)
+        dbl = mm(wa, _t(dA)) + mm(z, _t(dD))
+        diag_dA = torch.diagonal(dA, dim1=-2, dim2=-1)
+    else:  # the kernel's form: (bl dD) S^T, U dD^T with U = W_a S^T + Z, and the diagonal as row sums
+        dwa = mm(_t(q_rb), d_rp) + mm(bl_dD, _t(S))
+        dbl = mm(mm(wa, S) + z, _t(dD))
+        diag_dA = (dD * S).sum(-1)
+    dkl = mm(v_, _t(dD))
+    dgl = diag_dA * c["gl"].squeeze(-2).exp() + (dbl * bl + dkl * kl).sum(-2)
     dx = mm(_t(inv), dz)
     dv = mm(_t(q_rk), dy) + mm(kl, dD) + mm(_t(m_ak), dx)
     dinv = mm(dwa, _t(ahat)) + mm(dz, _t(x))
@@ -135,8 +144,8 @@ def backward(r, w, k, v, a, b, s0, L: int, dy: Tensor, dsT: Tensor, mm: Products
     d_gx = dahat * ahat
     suffix = dG.flip(-2).cumsum(-2).flip(-2)  # G = cumsum(log d): sum over s >= t
     strict_suffix = d_gx.flip(-2).cumsum(-2).flip(-2) - d_gx  # G - log d: sum over s > t
-    sg = torch.sigmoid(w_)
-    dw = (suffix + strict_suffix + dgl[..., None, :]) * (-DECAY_SCALE) * sg * (1 - sg)
+    # sigmoid(w) sigmoid(-w), not s (1 - s): that is 0 in fp32 at w >= 17, where the float64 gradient is not
+    dw = (suffix + strict_suffix + dgl[..., None, :]) * (-DECAY_SCALE) * torch.sigmoid(w_) * torch.sigmoid(-w_)
     grads = (drhat * G.exp(), dw, dktil * (-G).exp() + dkl * (gl - G).exp(), dv, dahat * gx.exp(),
              dbtil * (-G).exp() + dbl * (gl - G).exp())
     return [g.reshape(BH, T, N) for g in grads], _t(dST)
@@ -154,12 +163,17 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4, help="B*H")
     ap.add_argument("--seq", type=int, default=256, help="T (a multiple of every --chunk)")
     ap.add_argument("--w-scale", type=float, default=3.0, help="Spread of the raw decay logits (30: both ends).")
+    ap.add_argument("--w-const", type=float, default=None, help="Every raw decay logit this value (30: decay 0.545).")
+    ap.add_argument("--form-da", action="store_true",
+                    help="Backward with dA = dS_next S^T formed (the kernel before 2026-12-07), to compare rounding.")
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     BH, T, N = args.heads, args.seq, 64
     r, k, v = (torch.randn(BH, T, N, generator=g, dtype=torch.float64) for _ in range(3))
     w = torch.randn(BH, T, N, generator=g, dtype=torch.float64) * args.w_scale
+    if args.w_const is not None:
+        w = torch.full_like(w, args.w_const)
     kk = torch.nn.functional.normalize(torch.randn(BH, T, N, generator=g, dtype=torch.float64), dim=-1)
     rate = torch.sigmoid(torch.randn(BH, T, N, generator=g, dtype=torch.float64))
     inputs = [r, w, k * 0.5, v, -kk, kk * rate, torch.randn(BH, N, N, generator=g, dtype=torch.float64) * 0.3]
@@ -173,7 +187,7 @@ def main() -> None:
         for kind in args.products:
             mm = Products(kind)
             y, sT, _, _ = forward(*xs, L, mm)
-            grads, ds0 = backward(*xs, L, dy[:, :, 0].to(dt), dsT[:, 0].to(dt), mm)
+            grads, ds0 = backward(*xs, L, dy[:, :, 0].to(dt), dsT[:, 0].to(dt), mm, args.form_da)
             errs = [_rel(y, y_ref[:, :, 0]), _rel(sT, s_ref[:, 0])]
             errs += [_rel(mine, ref.reshape(mine.shape)) for mine, ref in zip([*grads, ds0], want, strict=True)]
             names = ["y", "sT", "dr", "dw", "dk", "dv", "da", "db", "ds0"]
