@@ -10,7 +10,7 @@
 #   PRESET [small]  STEPS [1500]  TIME_BUDGET_S [330]  BATCH [16]  LR [1e-3]  WARMUP [100]  EVAL_EVERY [150]
 #   EVAL_WINDOWS [64]  MAX_TF_WINDOWS [2000]  DEVICE [cuda]  SEED [0]  SPLIT_SEED [0]  VAL_FRACTION [0.15]
 #   EXTRA_CORPUS (a folder of more MIDI files)  PY (python interpreter)
-#   FIT_PATH [fast]: fast = fit's defaults on CUDA (CUDA WKV kernel, bf16 autocast, compiled); reference = the
+#   FIT_PATH [fast]: fast = fit's defaults on CUDA (CUDA WKV kernel, bf16 weights, compiled); reference = the
 #     readable path (PyTorch WKV, fp32, eager), for "which reaches the better val loss in the same time"
 #   BATCH_TOKENS (unset): packed batches of this many positions per step (fit --batch-tokens) instead of BATCH
 #   EVAL [1]: 0 stops after training (the val losses are in run/metrics.jsonl and the summary)

@@ -1,6 +1,7 @@
 """Does the fast path train like the readable one? Two `musictrain fit` runs on the same shards, same seed and
-data order: the reference (PyTorch WKV, fp32 throughout, eager) and the fast path (CUDA WKV kernel, bf16
-autocast, torch.compile: fit's defaults on CUDA). Prints both loss curves side by side and one JSON line.
+data order: the reference (PyTorch WKV, fp32 throughout, eager) and the fast path (fit's defaults on CUDA: CUDA WKV
+kernel, torch.compile, and since 2026-12-07 the lean step, so `--lean` now trains the same options twice). Prints
+both loss curves side by side and one JSON line.
 
     python bench/loss_curve.py SHARDS WORK [--steps 300] [--preset small] [--batch-tokens 16384]
     python bench/loss_curve.py SHARDS WORK --metrics reference=REF/metrics.jsonl   # reuse a finished run

@@ -69,12 +69,15 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     grad_checkpoint: bool | None = None  # the older spelling: true = recompute "blocks" (folded in, then None)
-    recompute: str = "none"  # none | elementwise | blocks: what backward recomputes (model/recompute.py)
+    # none | elementwise | blocks: what backward recomputes (model/recompute.py); None: elementwise on CUDA, none on
+    # the CPU (`for_device`)
+    recompute: str | None = None
     compile: bool | None = None  # None: on with CUDA (the fast path), off on the CPU
     memory_budget: float | None = None  # compiled only: AOTAutograd's activation memory budget (None: all saved)
     # bf16: bf16 autocast over fp32 weights on CUDA | bf16-weights: a bf16 copy of the weights computes, AdamW steps
-    # fp32 masters (train/master_weights.py; also on the CPU) | fp32 (the reference path)
-    precision: str = "bf16"
+    # fp32 masters (train/master_weights.py; also on the CPU) | fp32 (the reference path); None: bf16-weights on CUDA,
+    # bf16 on the CPU (`for_device`)
+    precision: str | None = None
     # evaluation, checkpoints, logging
     eval_every: int = 500
     eval_batches: int | None = None  # None: the whole val split
@@ -91,12 +94,12 @@ class TrainConfig:
             raise ValueError(f"format must be parquet or webdataset, not {self.format!r}")
         from rwkv_music.model.recompute import RECOMPUTE  # here: the CLI imports this module and must stay light
 
-        if self.recompute not in RECOMPUTE:
+        if self.recompute is not None and self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, not {self.recompute!r}")
-        if self.grad_checkpoint and self.recompute == "none":
+        if self.grad_checkpoint and self.recompute in (None, "none"):
             self.recompute = "blocks"
         self.grad_checkpoint = None  # recompute says it all from here on (and in the saved config)
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
@@ -151,6 +154,18 @@ class TrainConfig:
             if not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok):
                 want = " or ".join(n if n != "None" else "null" for n in names)
                 raise ValueError(f"{f.name} must be {want}, not {v!r}")
+
+    def for_device(self, device_type: str) -> None:
+        """Fill in what was left to the device (None). On CUDA: the lean step, bf16 weights with fp32 masters and
+        the element-wise work recomputed. It trained like the reference path over 300 steps (within the fp32 noise
+        floor, where fp32 autocast's own run was not) as fast as autocast at about half its memory (docs/training.md).
+        On the CPU: fp32 (bf16 autocast is CUDA-only) and nothing recomputed. The saved config holds the result, so
+        a resumed run keeps it."""
+        cuda = device_type == "cuda"
+        if self.precision is None:
+            self.precision = "bf16-weights" if cuda else "bf16"
+        if self.recompute is None:
+            self.recompute = "elementwise" if cuda else "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

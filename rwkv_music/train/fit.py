@@ -444,6 +444,7 @@ class Trainer:
         if out_dir == shards_dir or shards_dir in out_dir.parents or (out_dir / "manifest.json").exists():
             raise BadFitInput(f"-o {self.run_dir} is (inside) a shard build; the run would write over its files: "
                               "choose a directory outside it")
+        cfg.for_device(device.type)  # precision and recompute left to the device
         # evaluation runs the fp32 model under bf16 autocast on CUDA unless --precision fp32; training does too with
         # --precision bf16, while bf16-weights computes with a bf16 copy of the weights (train/master_weights.py)
         self.amp = device.type == "cuda" and cfg.precision != "fp32"

@@ -1,8 +1,10 @@
-"""`musictrain fit`'s memory and precision options on a GPU, compiled: each trains like fit's default.
+"""`musictrain fit`'s memory and precision options on a GPU, compiled: each trains like bf16 autocast.
 
 `--recompute elementwise` changes what backward keeps, and `--precision bf16-weights` computes with a bf16 copy
 of the weights while AdamW steps the fp32 ones; neither should change what is learnt beyond bf16 rounding. Each
-runs six steps on real shards beside the default (bf16 autocast, everything kept), same seed and data order.
+runs six steps on real shards beside bf16 autocast with everything kept (fit's default on CUDA until 2026-12-07),
+same seed and data order; fit's default on CUDA since (None, None: both options left to the device) is the lean
+pair, bf16-weights and elementwise.
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ def _train(shards: Path, out: Path, **opts) -> tuple[list[float], float, Trainer
 
 @pytest.fixture(scope="module")
 def default_run(shards: Path, tmp_path_factory: pytest.TempPathFactory):
-    return _train(shards, tmp_path_factory.mktemp("gpu-fit") / "default")
+    return _train(shards, tmp_path_factory.mktemp("gpu-fit") / "autocast", precision="bf16", recompute="none")
 
 
 @pytest.mark.parametrize(("precision", "recompute"),
-                         [("bf16", "elementwise"), ("bf16-weights", "none"), ("bf16-weights", "elementwise")])
+                         [("bf16", "elementwise"), ("bf16-weights", "none"), ("bf16-weights", "elementwise"),
+                          (None, None)])
 def test_options_train_like_the_default(shards, tmp_path, default_run, precision, recompute) -> None:
     ref_losses, ref_val, _ = default_run
     losses, val, trainer = _train(shards, tmp_path / "run", precision=precision, recompute=recompute)
@@ -57,6 +60,9 @@ def test_options_train_like_the_default(shards, tmp_path, default_run, precision
         assert a == pytest.approx(b, rel=3e-2)
     assert val == pytest.approx(ref_val, rel=3e-2)
     assert losses[-1] < losses[0]
+    if precision is None:  # left to the device: the lean step on CUDA
+        assert (trainer.cfg.precision, trainer.cfg.recompute) == ("bf16-weights", "elementwise")
+        precision, recompute = trainer.cfg.precision, trainer.cfg.recompute
     compute = trainer.raw if trainer.bf16 is None else trainer.bf16.model
     assert compute.recompute == recompute
     if precision == "bf16-weights":  # the bf16 copy computes; the fp32 masters are what the checkpoint holds

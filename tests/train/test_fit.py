@@ -183,6 +183,16 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
     assert res.exit_code == 2 and "fp16" in res.output and not (tmp_path / "r1").exists()
     with pytest.raises(ValueError, match="precision must be one of bf16, bf16-weights, fp32"):
         TrainConfig(precision="fp16")
+    # precision and recompute left to the device: the lean step on CUDA, fp32 and nothing recomputed on the CPU;
+    # whatever was given stays
+    for device, want in (("cuda", ("bf16-weights", "elementwise")), ("cpu", ("bf16", "none"))):
+        cfg = TrainConfig()
+        cfg.for_device(device)
+        assert (cfg.precision, cfg.recompute) == want
+    cfg = TrainConfig(precision="fp32", recompute="blocks")
+    cfg.for_device("cuda")
+    assert (cfg.precision, cfg.recompute) == ("fp32", "blocks")
+    assert TrainConfig(grad_checkpoint=True).recompute == "blocks"
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--memory-budget", "1.5")
     assert res.exit_code == 2 and "--memory-budget" in res.output and not (tmp_path / "r1").exists()
     # values of the right option type but no meaning, and config files of the wrong shape or types
@@ -312,6 +322,9 @@ def test_recompute_options_reach_the_run(small_shards: Path, tmp_path: Path):
         return json.loads((run / "config.json").read_text())["train"]["recompute"]
 
     assert train(tmp_path / "a", "--max-steps", "1", "--recompute", "elementwise") == "elementwise"
+    # left to the device: nothing recomputed and fp32 on the CPU (TrainConfig.for_device), written as such
+    assert train(tmp_path / "auto", "--max-steps", "1") == "none"
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["precision"] == "bf16"
     assert train(tmp_path / "b", "--max-steps", "1", "--grad-checkpoint") == "blocks"
     assert train(tmp_path / "b", "--max-steps", "2", "--resume", "--no-grad-checkpoint") == "none"
     assert train(tmp_path / "b", "--max-steps", "3", "--resume", "--recompute", "blocks") == "blocks"
