@@ -34,7 +34,8 @@ def main() -> None:
     groups: dict[str, list[dict]] = defaultdict(list)
     for w in windows:
         groups[f"bar {w['first_bar'] % args.phase}" if args.phase else collection(w["source"])].append(w)
-    order = sorted if args.phase else (lambda items: sorted(items, key=lambda kv: -len(kv[1])))
+    order = ((lambda items: sorted(items, key=lambda kv: int(kv[0].split()[1]))) if args.phase
+             else (lambda items: sorted(items, key=lambda kv: -len(kv[1]))))
     group = f"first bar mod {args.phase}" if args.phase else "collection"
     print(f"| {group} | windows | truth first vs repeat | vs random | mean margin vs repeat |")
     print("|---|---:|---:|---:|---:|")

@@ -7,6 +7,7 @@ be tokenized differently. The tokenizer's configuration is hashed; the hash ties
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -79,11 +80,15 @@ def build_tokenizer(overrides: dict | None = None) -> REMI:
     except Exception as e:
         if not overrides:
             raise
-        for key in overrides:  # the first parameter that fails on its own over the defaults
-            alone = _build_error({**DEFAULT_TOKENIZER_PARAMS, key: overrides[key]})
-            if alone is not None:
-                raise ValueError(f"tokenizer parameter {key} = {overrides[key]!r} is not valid: "
-                                 f"{_first_line(alone)}") from e
+        if len(overrides) > 1:  # the one parameter whose removal lets the rest build is to blame
+            culprits = [k for k in overrides
+                        if _build_error({**DEFAULT_TOKENIZER_PARAMS, **{o: v for o, v in overrides.items() if o != k}})
+                        is None]
+        else:
+            culprits = list(overrides)
+        if len(culprits) == 1:
+            key = culprits[0]
+            raise ValueError(f"tokenizer parameter {key} = {overrides[key]!r} is not valid: {_first_line(e)}") from e
         raise ValueError(f"tokenizer parameters {', '.join(sorted(overrides))} do not fit together: "
                          f"{_first_line(e)}") from e
 
@@ -94,11 +99,16 @@ def _check_override_types(overrides: dict) -> None:
     unknown = set(overrides) - set(defaults)
     if unknown:
         raise ValueError(f"unknown tokenizer parameter(s): {', '.join(sorted(unknown))}")
+    # miditok's own annotations (strings: its module defers them); a default of 1 may be a float parameter
+    kinds = {k: str(prm.annotation) for k, prm in inspect.signature(TokenizerConfig.__init__).parameters.items()}
     for key, v in overrides.items():
-        if isinstance(defaults[key], bool) and not isinstance(v, bool):
+        kind = kinds.get(key)
+        if kind == "bool" and not isinstance(v, bool):
             raise ValueError(f"tokenizer parameter {key} must be true or false, not {v!r}")
-        if type(defaults[key]) is int and (isinstance(v, bool) or not isinstance(v, int)):
+        if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"tokenizer parameter {key} must be an integer, not {v!r}")
+        if kind == "float" and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise ValueError(f"tokenizer parameter {key} must be a number, not {v!r}")
 
 
 def _remi(params: dict) -> REMI:
@@ -136,7 +146,10 @@ def load_tokenizer_overrides(path: str | os.PathLike) -> dict:
     """Read a JSON (or TOML) file of TokenizerConfig overrides for `--tokenizer-config`, checked by building the
     tokenizer once: ValueError naming the file (and the parameter, where one is to blame) for anything unusable."""
     p = Path(path)
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read: {e}") from None
     try:
         if p.suffix == ".toml":
             try:

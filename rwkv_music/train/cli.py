@@ -138,10 +138,10 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
 @_opt("--recompute", type=click.Choice(["none", "elementwise", "blocks"]), help="What backward recomputes "
       "instead of keeping: elementwise keeps only the matrix products' and WKV kernels' outputs and runs the "
       "element-wise work again (less activation memory, more backward work); blocks keeps only each block's input "
-      "(least memory, the most work). On CUDA the default is elementwise with --precision bf16-weights: as fast as "
+      "(least memory, the most work). On one GPU the default is elementwise with --precision bf16-weights: as fast as "
       "bf16 autocast keeping everything, at about half its memory (base preset, B16 T2048, one H100); "
       "docs/training.md says more.",
-      unset="elementwise on CUDA, none on the CPU")
+      unset="elementwise on one CUDA process without --grad-accum, else none")
 @_opt("--grad-checkpoint/--no-grad-checkpoint", help="The older spelling of --recompute blocks (or none).",
       unset="--recompute decides")
 @_opt("--compile/--no-compile", help="torch.compile the model (fuses its element-wise work around the CUDA WKV "
@@ -155,7 +155,7 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
       "weights on CUDA (the CPU runs fp32); bf16-weights: a bf16 copy of the weights computes without autocast, "
       "as RWKV-LM trains, while AdamW steps fp32 master weights (checkpoints hold those); fp32: fp32 throughout "
       "(the reference path).",
-      unset="bf16-weights on CUDA, bf16 on the CPU")
+      unset="bf16-weights on one CUDA process without --grad-accum, else bf16")
 @_opt("--progress/--no-progress", help="Progress bar on stderr.")
 @_opt("--tensorboard/--no-tensorboard", help="TensorBoard event files in OUT/tb.")
 def fit_cmd(shards: Path, out: Path, config_file: Path | None, resume: bool, accept_new_data: bool,

@@ -123,8 +123,9 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
     with progress_bar(progress_enabled(quiet), bars * num_samples, "generating", "bar") as bar:
         def on_step(tokens: int, done: list[int]) -> None:
             bar.update(sum(done) - bar.n)
-            bar.set_postfix_str(f"tokens {tokens}/{config.budget}, bars per sample {'/'.join(map(str, done))}",
-                                refresh=False)
+            per = ("bars per sample " + "/".join(map(str, done)) if len(done) <= 16
+                   else f"samples done {sum(d >= bars for d in done)}/{len(done)}")  # one line, whatever the count
+            bar.set_postfix_str(f"tokens {tokens}/{config.budget}, {per}", refresh=False)
 
         try:
             completion = run_complete(model, tokenizer, prompt, config, progress=on_step)

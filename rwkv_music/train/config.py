@@ -69,14 +69,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     grad_checkpoint: bool | None = None  # the older spelling: true = recompute "blocks" (folded in, then None)
-    # none | elementwise | blocks: what backward recomputes (model/recompute.py); None: elementwise on CUDA, none on
-    # the CPU (`for_device`)
+    # none | elementwise | blocks: what backward recomputes (model/recompute.py); None: elementwise on one CUDA
+    # process without --grad-accum, else none (`for_device`)
     recompute: str | None = None
     compile: bool | None = None  # None: on with CUDA (the fast path), off on the CPU
     memory_budget: float | None = None  # compiled only: AOTAutograd's activation memory budget (None: all saved)
     # bf16: bf16 autocast over fp32 weights on CUDA | bf16-weights: a bf16 copy of the weights computes, AdamW steps
-    # fp32 masters (train/master_weights.py; also on the CPU) | fp32 (the reference path); None: bf16-weights on CUDA,
-    # bf16 on the CPU (`for_device`)
+    # fp32 masters (train/master_weights.py; also on the CPU) | fp32 (the reference path); None: bf16-weights on one
+    # CUDA process without --grad-accum, else bf16 (`for_device`)
     precision: str | None = None
     # evaluation, checkpoints, logging
     eval_every: int = 500
@@ -155,17 +155,19 @@ class TrainConfig:
                 want = " or ".join(n if n != "None" else "null" for n in names)
                 raise ValueError(f"{f.name} must be {want}, not {v!r}")
 
-    def for_device(self, device_type: str) -> None:
-        """Fill in what was left to the device (None). On CUDA: the lean step, bf16 weights with fp32 masters and
-        the element-wise work recomputed. It trained like the reference path over 300 steps (within the fp32 noise
-        floor, where fp32 autocast's own run was not) as fast as autocast at about half its memory (docs/training.md).
-        On the CPU: fp32 (bf16 autocast is CUDA-only) and nothing recomputed. The saved config holds the result, so
-        a resumed run keeps it."""
-        cuda = device_type == "cuda"
+    def for_device(self, device_type: str, world_size: int = 1) -> None:
+        """Fill in what was left to the device (None). On one CUDA process without gradient accumulation: the lean
+        step, bf16 weights with fp32 masters and the element-wise work recomputed. It followed the reference path
+        over 300 steps within the fp32 noise floor (bf16 autocast's own run did not quite), as fast as autocast at
+        about half its memory (docs/training.md). Not shown for DDP or --grad-accum, where the bf16 gradients are
+        averaged or summed in bf16: those keep bf16 autocast over fp32 weights, nothing recomputed, as on the CPU
+        (where "bf16" runs fp32: autocast is CUDA-only). The saved config holds the result, so a resumed run keeps
+        it (on another device too)."""
+        lean = device_type == "cuda" and world_size == 1 and self.grad_accum == 1
         if self.precision is None:
-            self.precision = "bf16-weights" if cuda else "bf16"
+            self.precision = "bf16-weights" if lean else "bf16"
         if self.recompute is None:
-            self.recompute = "elementwise" if cuda else "none"
+            self.recompute = "elementwise" if lean else "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -111,8 +111,7 @@ def forced_choice(model: torch.nn.Module, samples: Sequence, chosen: Sequence[in
         truth = list(s.tokens[s.ctx_len:])
         nb = completion_bars(s, vocab)
         rec: dict = {"piece_id": s.piece_id, "source": s.source, "window": s.window, "first_bar": s.first_bar,
-               "completion_bars": nb,
-                     "tokens": {"truth": len(truth)}, "identical": {}}
+                     "completion_bars": nb, "tokens": {"truth": len(truth)}, "identical": {}}
         cands = {"truth": truth, "repeat": repeat_tokens(s, nb, vocab), "random": None}
         others = [p for p in pieces if p != s.piece_id]
         if others:

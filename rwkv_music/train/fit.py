@@ -64,8 +64,8 @@ class BadFitInput(TrainingError):
 _CPU_OOM_MARKERS = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory", "std::bad_alloc")
 
 OOM_ADVICE = ("lower --batch-size and raise --grad-accum to keep the global batch, add --recompute elementwise "
-              "(or blocks), or train a smaller model (--preset, --n-layer, --n-embd) or on shards built with a smaller "
-              "--max-seq-len")
+              "(or blocks, if elementwise is already on), or train a smaller model (--preset, --n-layer, --n-embd) "
+              "or on shards built with a smaller --max-seq-len")
 
 
 def out_of_memory_kind(e: BaseException) -> str | None:
@@ -444,7 +444,7 @@ class Trainer:
         if out_dir == shards_dir or shards_dir in out_dir.parents or (out_dir / "manifest.json").exists():
             raise BadFitInput(f"-o {self.run_dir} is (inside) a shard build; the run would write over its files: "
                               "choose a directory outside it")
-        cfg.for_device(device.type)  # precision and recompute left to the device
+        cfg.for_device(device.type, di.world_size)  # precision and recompute left to the device
         # evaluation runs the fp32 model under bf16 autocast on CUDA unless --precision fp32; training does too with
         # --precision bf16, while bf16-weights computes with a bf16 copy of the weights (train/master_weights.py)
         self.amp = device.type == "cuda" and cfg.precision != "fp32"
@@ -548,11 +548,15 @@ class Trainer:
                                   "choose another -o, or move them away to start over here")
             return None
         ckpt = ck.latest_checkpoint(run_dir)
-        if ckpt is None and ((ckpts / ck.LATEST).exists() or orphans):
+        if ckpt is None and orphans:
             raise BadFitInput(f"--resume: {ckpts / ck.LATEST} is missing or does not name a readable checkpoint, "
-                              f"but {ckpts} holds {', '.join(orphans[-3:]) or 'no step-* directory'}; write "
-                              f'{{"path": "{orphans[-1] if orphans else "step-N"}"}} to {ck.LATEST} to resume from '
-                              "one of them (or move the run away to start over)")
+                              f"but {ckpts} holds {', '.join(orphans[-3:])}; write "
+                              f'{{"path": "{orphans[-1]}"}} to {ck.LATEST} to resume from one of them (or move the run '
+                              "away to start over)")
+        if ckpt is None and (ckpts / ck.LATEST).exists():
+            raise BadFitInput(f"--resume: {ckpts / ck.LATEST} does not name a readable checkpoint and {ckpts} holds "
+                              "no step-* directory: nothing is left to resume; move the run away (or delete "
+                              f"{ckpts / ck.LATEST}) to start over in {run_dir}")
         if ckpt is None:
             self.log(f"--resume: no checkpoint in {run_dir}; starting a new run")
             return None
@@ -590,7 +594,11 @@ class Trainer:
         if resumed:
             truncate_metrics(self.run_dir, self.state.step)
         else:  # no checkpoint here (_checkpoint_to_resume): logs found are of a run that ended before its first
-            earlier = set_aside_earlier_logs(self.run_dir)
+            try:
+                earlier = set_aside_earlier_logs(self.run_dir)
+            except OSError as e:
+                raise BadFitInput(f"cannot set aside the earlier run's logs in {self.run_dir}: "
+                                  f"{e.strerror or e}") from None
             if earlier is not None:
                 self.log(f"{self.run_dir} held the logs of an earlier run that wrote no checkpoint; moved them to "
                          f"{earlier} so this run's metrics.jsonl starts clean")

@@ -54,10 +54,13 @@ def set_aside_earlier_logs(run_dir: str | os.PathLike) -> Path | None:
     if not metrics.is_file() or metrics.stat().st_size == 0:
         return None
     n = 1
-    while (run_dir / f"earlier-run-{n}").exists():
-        n += 1
-    dest = run_dir / f"earlier-run-{n}"
-    dest.mkdir()
+    while True:  # the first free name; mkdir, not exists(), decides (a dangling link is not free)
+        dest = run_dir / f"earlier-run-{n}"
+        try:
+            dest.mkdir()
+            break
+        except FileExistsError:
+            n += 1
     for name in EARLIER_LOGS:  # renames within one directory: each is atomic, and nothing is copied or lost
         if (run_dir / name).exists():
             os.replace(run_dir / name, dest / name)

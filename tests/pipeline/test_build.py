@@ -146,10 +146,14 @@ def test_refuses_foreign_out_dir(tmp_path, corpus_dir):
     # miditok itself fails on these with whatever its code meets first (AttributeError, TypeError)
     ('{"beat_res": 5}', "tokenizer parameter beat_res = 5 is not valid: AttributeError"),
     ('{"pitch_range": 5}', "tokenizer parameter pitch_range = 5 is not valid: TypeError"),
-    ('{"num_velocities": 16, "special_tokens": 3}', "tokenizer parameter special_tokens = 3 is not valid")])
+    ('{"num_velocities": 16, "special_tokens": 3}', "tokenizer parameter special_tokens = 3 is not valid"),
+    # the key to blame is the one without which the rest builds, not the first that fails over the defaults
+    ('{"use_tempos": false, "num_tempos": 0, "beat_res": 5}', "tokenizer parameter beat_res = 5 is not valid"),
+    ('{"pitch_intervals_max_time_dist": "far"}', "pitch_intervals_max_time_dist must be a number, not 'far'"),
+    ('\xff\xfe{', "cannot be read")])
 def test_bad_tokenizer_config_exits_2_names_file_and_key_and_writes_nothing(tmp_path, corpus_dir, content, says):
     cfg = tmp_path / "tok.json"
-    cfg.write_text(content)
+    cfg.write_bytes(content.encode("latin-1") if content.startswith("\xff") else content.encode())
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["build-shards", str(corpus_dir), "-o", str(out), "--tokenizer-config", str(cfg),
                                     "--no-progress", "--bar-phase", "4"])

@@ -192,6 +192,10 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
     cfg = TrainConfig(precision="fp32", recompute="blocks")
     cfg.for_device("cuda")
     assert (cfg.precision, cfg.recompute) == ("fp32", "blocks")
+    # DDP and gradient accumulation (bf16 gradients averaged or summed in bf16) were not validated: autocast there
+    for cfg, world in ((TrainConfig(), 2), (TrainConfig(grad_accum=2), 1)):
+        cfg.for_device("cuda", world)
+        assert (cfg.precision, cfg.recompute) == ("bf16", "none")
     assert TrainConfig(grad_checkpoint=True).recompute == "blocks"
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "r1", *TINY, "--memory-budget", "1.5")
     assert res.exit_code == 2 and "--memory-budget" in res.output and not (tmp_path / "r1").exists()
@@ -260,6 +264,13 @@ def test_bad_input_is_reported_clearly(small_shards: Path, tmp_path: Path):
                               *extra)
         assert res.exit_code == 2 and steps[-1] in res.output and "latest.json" in res.output, res.output
     assert sorted(p.name for p in (orphaned / "checkpoints").glob("step-*")) == steps
+    # latest.json left with no checkpoint at all: nothing to resume, and the message says how to start over
+    for step in steps:
+        shutil.rmtree(orphaned / "checkpoints" / step)
+    (orphaned / "checkpoints" / "latest.json").write_text('{"path": "step-00000002"}')
+    res = musictrain_here("fit", small_shards, "-o", orphaned, *TINY, "--batch-size", "4", "--max-steps", "2",
+                          "--resume")
+    assert res.exit_code == 2 and "nothing is left to resume" in res.output, res.output
     # NaN weights -> NaN loss at the first step: stop, name the step, write no checkpoint
     ckpt = resolve_checkpoint(run)
     poisoned = tmp_path / "poisoned"
@@ -322,9 +333,9 @@ def test_recompute_options_reach_the_run(small_shards: Path, tmp_path: Path):
         return json.loads((run / "config.json").read_text())["train"]["recompute"]
 
     assert train(tmp_path / "a", "--max-steps", "1", "--recompute", "elementwise") == "elementwise"
-    # left to the device: nothing recomputed and fp32 on the CPU (TrainConfig.for_device), written as such
+    # left to the device: on the CPU nothing recomputed and "bf16" (which runs fp32 there), written as such
     assert train(tmp_path / "auto", "--max-steps", "1") == "none"
-    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["precision"] == "bf16"
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["precision"] == "bf16"  # fp32 on CPU
     assert train(tmp_path / "b", "--max-steps", "1", "--grad-checkpoint") == "blocks"
     assert train(tmp_path / "b", "--max-steps", "2", "--resume", "--no-grad-checkpoint") == "none"
     assert train(tmp_path / "b", "--max-steps", "3", "--resume", "--recompute", "blocks") == "blocks"

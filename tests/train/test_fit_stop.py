@@ -211,6 +211,15 @@ def test_a_new_run_over_one_that_failed_before_its_first_checkpoint_keeps_its_lo
     assert musictrain_here("fit", small_shards, "-o", quiet, *args, "--max-steps", "1").exit_code == 0
     assert [r["step"] for r in metrics(quiet)] == [1] and not list(quiet.glob("earlier-run-*"))
 
+    # a name taken by a dangling link is not free: the next one is used, no traceback
+    dangling = tmp_path / "dangling"
+    res = musictrain_here("fit", small_shards, "-o", dangling, *args, "--max-steps", "5", "--weight-decay", "1e30",
+                          "--warmup-steps", "0")
+    assert res.exit_code == 1
+    (dangling / "earlier-run-1").symlink_to(tmp_path / "nowhere")
+    res = musictrain_here("fit", small_shards, "-o", dangling, *args, "--max-steps", "1")
+    assert res.exit_code == 0 and f"moved them to {dangling / 'earlier-run-2'}" in res.output, res.output
+
 
 @pytest.fixture(scope="module")
 def other_build(corpus_dir: Path, build_cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
