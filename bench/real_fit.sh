@@ -26,8 +26,11 @@ print(json.dumps({"case": sys.argv[2], "intervals": len(steady), "median_tokens_
                   "last_loss": rows[-1]["loss"], "steps": rows[-1]["step"]}))
 PYEOF
 }
+# Cases without --precision/--recompute take fit's defaults: since 2026-12-07, on one GPU, the lean step (the same
+# options as base-packed-lean); base-packed-autocast is the earlier default.
 declare -A cases=(
     [base-packed]="--preset base --batch-tokens 32768 --compile --max-steps 50"
+    [base-packed-autocast]="--preset base --batch-tokens 32768 --compile --max-steps 50 --precision bf16 --recompute none"
     [small-packed]="--preset small --batch-tokens 65536 --compile --max-steps 60"
     [small-padded]="--preset small --batch-size 16 --max-steps 150"
     # workers pack ahead in other processes (`python bench/batch_build.py .shards-music21`: 3.6 ms per 32768-position
