@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from rwkv_music.atomic import atomic_path, write_text_atomic
+from rwkv_music.errors import error_line
 from rwkv_music.model.config import RWKV7Config
 from rwkv_music.model.rwkv7 import RWKV7
 
@@ -54,8 +55,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> R
         cfg = RWKV7Config.from_dict(doc["config"])
         weights = load_file(src / WEIGHTS_NAME, device="cpu")
     except Exception as e:  # safetensors raises its own error type; any failure here means unreadable
-        raise ValueError(f"{src} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(f"{src} is not a readable checkpoint ({error_line(e)})") from None
     model = _empty_model(cfg)
     model.load_state_dict(weights, strict=True)
     return model.to(map_location)

@@ -109,7 +109,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
 
     from .build import BuildError, NothingUsable, build_shards, summary_table
     from .config import DEFAULT_FILES_PER_BATCH, BuildConfig, Filters, Runtime
-    from .driver import ClusterLost, SchedulerUnreachable
+    from .driver import ClusterLost, SchedulerUnreachable, scheduler_file_address
     from .scan import CorpusError
 
     try:
@@ -127,12 +127,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
         if scheduler and scheduler_file:
             raise ValueError("give --scheduler or --scheduler-file, not both")
         if scheduler_file:  # checked before anything is written (dask_client reads it again to connect)
-            from .driver import SchedulerUnreachable, scheduler_file_address
-
-            try:
-                scheduler_file_address(scheduler_file)
-            except SchedulerUnreachable as e:
-                raise ValueError(str(e)) from None
+            scheduler_file_address(scheduler_file)
         if dashboard_address and not re.fullmatch(r"(\[[0-9a-fA-F:.]*\]|[^:\s]*):\d{1,5}", dashboard_address):
             raise ValueError(f"--dashboard-address must be HOST:PORT (or '' for none), not {dashboard_address!r}")
         for name, v in (("--val-fraction", val_fraction), ("--minhash-threshold", minhash_threshold),
@@ -147,7 +142,7 @@ def build_shards_cmd(corpus: Path, out: Path, context_bars: int, completion_bars
                      dashboard_address=dashboard_address or None, overwrite=overwrite, progress=not no_progress,
                      performance_report="" if performance_report is None else (performance_report or None),
                      file_timeout=file_timeout or None, retries=retries)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SchedulerUnreachable) as e:
         raise UsageFailure(str(e)) from e
     t0 = time.perf_counter()
     try:

@@ -18,6 +18,7 @@ import symusic
 from miditok import REMI, TokenizerConfig
 
 from rwkv_music.atomic import atomic_path
+from rwkv_music.errors import error_line
 
 # Meters seen in real corpora (2/2, 3/8, 6/8, 9/8, 12/8, 5/4, 7/8, ...). miditok drops signatures outside
 # this range and then counts bars wrongly, so anything else is mapped to an equivalent one (and counted).
@@ -88,9 +89,9 @@ def build_tokenizer(overrides: dict | None = None) -> REMI:
             culprits = list(overrides)
         if len(culprits) == 1:
             key = culprits[0]
-            raise ValueError(f"tokenizer parameter {key} = {overrides[key]!r} is not valid: {_first_line(e)}") from e
+            raise ValueError(f"tokenizer parameter {key} = {overrides[key]!r} is not valid: {error_line(e)}") from e
         raise ValueError(f"tokenizer parameters {', '.join(sorted(overrides))} do not fit together: "
-                         f"{_first_line(e)}") from e
+                         f"{error_line(e)}") from e
 
 
 def _check_override_types(overrides: dict) -> None:
@@ -124,11 +125,6 @@ def _build_error(params: dict) -> Exception | None:
     except Exception as e:
         return e
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _beat_res_items(beat_res) -> list[tuple[tuple[int, int], int]]:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rwkv_music.atomic import sha256_file
+from rwkv_music.errors import error_line
 
 from .parquet import iter_parquet_samples
 from .schema import FORMATS, READABLE_VERSIONS, SPLITS
@@ -59,8 +60,7 @@ def iter_shard(path: str | os.PathLike, fmt: str) -> Iterator[dict]:
 
 def unreadable_shard(path: str | os.PathLike, e: BaseException) -> str:
     """One line naming a shard a reader failed on and why (the first line of the reader's own message)."""
-    why = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else ""
-    return f"cannot read shard {path}: {type(e).__name__}{': ' + why if why else ''}"
+    return f"cannot read shard {path}: {error_line(e)}"
 
 
 def iter_samples(out: str | os.PathLike, split: str, fmt: str = "parquet") -> Iterator[dict]:

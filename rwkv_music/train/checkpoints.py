@@ -136,6 +136,12 @@ def read_pointer(path: Path) -> dict | None:
         return None
 
 
+def step_dirs(ckpts: Path) -> list[str]:
+    """Names of the step-N checkpoint directories in `ckpts`, oldest first (none if it does not exist)."""
+    return sorted(d.name for d in ckpts.iterdir() if d.is_dir() and d.name.startswith("step-")) if ckpts.is_dir() \
+        else []
+
+
 def prune(ckpts: Path, keep_last: int) -> None:
     """Delete step dirs except the newest `keep_last`, the latest and the best."""
     keep = set()
@@ -143,7 +149,7 @@ def prune(ckpts: Path, keep_last: int) -> None:
         ptr = read_pointer(ckpts / p)
         if ptr:
             keep.add(ptr["path"])
-    steps = sorted(d.name for d in ckpts.iterdir() if d.is_dir() and d.name.startswith("step-"))
+    steps = step_dirs(ckpts)
     keep.update(steps[-keep_last:])
     for name in steps:
         if name not in keep:

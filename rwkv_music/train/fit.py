@@ -539,7 +539,7 @@ class Trainer:
         """The checkpoint `--resume` continues from; refuses a new run over an old one, or changed data options."""
         cfg, run_dir = self.cfg, self.run_dir
         ckpts = run_dir / ck.CKPT_DIR
-        orphans = sorted(d.name for d in ckpts.glob("step-*") if d.is_dir()) if ckpts.is_dir() else []
+        orphans = ck.step_dirs(ckpts)
         if not resume:
             if (ckpts / ck.LATEST).exists():
                 raise BadFitInput(f"{run_dir} already holds a run; add --resume to continue it or choose another -o")
