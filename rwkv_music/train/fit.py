@@ -322,12 +322,15 @@ def fit(cfg: TrainConfig, resume: bool = False, *, accept_new_data: bool = False
     """
     with graceful_stop() as stop:
         di, device = init_distributed(cfg.device)
-        try:
-            trainer = Trainer(cfg, di, device, resume=resume, accept_new_data=accept_new_data, stop=stop)
-            return trainer.run()
-        finally:
-            if di.enabled and dist.is_initialized():
-                dist.destroy_process_group()
+        trainer = Trainer(cfg, di, device, resume=resume, accept_new_data=accept_new_data, stop=stop)
+        result = trainer.run()
+        # Only a run that ended well tears the group down, and only once every rank is here: a rank that
+        # raised may leave the others inside a collective, and tearing down beside them can hang (torchrun
+        # ends them when this rank exits).
+        if di.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
 
 
 @dataclass

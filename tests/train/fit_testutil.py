@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # 2 context bars + 1 completion bar, at most 96 tokens: ~4k train / ~400 val windows from the test corpus.
@@ -28,6 +31,32 @@ def musictrain(*args: str | os.PathLike, check: bool = True, timeout: float = 60
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def children(pid: int) -> list[int]:
+    """The direct child processes of `pid` (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def torchrun_fit(shards: Path, run: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 ... fit` on CPU; a run that does not end in `timeout` fails the test with
+    every process's Python stacks (faulthandler on SIGABRT), so a hang in CI names where it hung."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "rwkv_music.train.cli", "fit", str(shards), "-o", str(run), *args]
+    env = {**fit_env(), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*children(proc.pid), proc.pid]:  # workers first: the agent would kill them on its abort
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+            time.sleep(1)
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"{' '.join(cmd)} did not end in {timeout:.0f} s; the stacks of its processes:\n"
+                             f"{err[-12000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def musictrain_here(*args: str | os.PathLike):

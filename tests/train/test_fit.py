@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fit_testutil import TINY, assert_same_losses, fit_env, metrics, musictrain, musictrain_here
+from fit_testutil import TINY, assert_same_losses, fit_env, metrics, musictrain, musictrain_here, torchrun_fit
 from safetensors.torch import load_file, save_file
 
 from rwkv_music.model import RWKV7, RWKV7Config, load, save_rwkv_lm
@@ -123,9 +123,7 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(small_shard
     common = (*TINY, "--max-steps", "6", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "3",
               "--eval-batches", "2", "--save-every", "6", "--log-every", "1", "--shuffle-buffer", "256")
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "rwkv_music.train.cli", "fit", str(small_shards), "-o", str(ddp), "--batch-size", "4", *common]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fit_env())
+    proc = torchrun_fit(small_shards, ddp, "--batch-size", "4", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((ddp / "config.json").read_text())["world_size"] == 2
     one = tmp_path / "one"

@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from fit_testutil import SMALL_BUILD_ARGS, TINY, assert_same_losses, fit_env, metrics, musictrain, musictrain_here
+from fit_testutil import (
+    SMALL_BUILD_ARGS,
+    TINY,
+    assert_same_losses,
+    children,
+    fit_env,
+    metrics,
+    musictrain,
+    musictrain_here,
+    torchrun_fit,
+)
 
 from rwkv_music.model import load
 from rwkv_music.train.checkpoints import latest_checkpoint, read_trainer_state
@@ -97,10 +107,6 @@ def test_second_signal_stops_at_once(small_shards: Path, tmp_path: Path):
     assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.startswith(".")]
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def _rank_of(pid: int) -> int | None:
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
@@ -117,7 +123,7 @@ def test_ddp_every_rank_stops_at_the_step_one_rank_was_signalled_at(small_shards
     ddp, log = tmp_path / "ddp", tmp_path / "stderr.txt"
     proc = start_fit(small_shards, ddp, "--batch-size", "4", *common, stderr_to=log, cmd_prefix=torchrun)
     wait_for_training(proc, ddp, rows=2)
-    workers = {_rank_of(c): c for c in _children(proc.pid)}
+    workers = {_rank_of(c): c for c in children(proc.pid)}
     os.kill(workers[1], signal.SIGTERM)  # rank 1 only: rank 0 (which saves) must learn of it by the all-reduce
     proc.wait(timeout=300)
     err = log.read_text()
@@ -129,9 +135,7 @@ def test_ddp_every_rank_stops_at_the_step_one_rank_was_signalled_at(small_shards
     # both ranks left with 143 (torchrun reports the workers' exit codes)
     assert "exitcode  : 143" in err or "exit code 143" in err or "exitcode: 143" in err, err[-3000:]
 
-    cmd = [sys.executable, "-m", *torchrun, "rwkv_music.train.cli", "fit", str(small_shards), "-o", str(ddp),
-           "--batch-size", "4", *common, "--resume"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fit_env())
+    res = torchrun_fit(small_shards, ddp, "--batch-size", "4", *common, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     one = tmp_path / "one"  # one process with --streams 2 trains on the same global batches (test_fit.py)
     musictrain("fit", small_shards, "-o", one, "--batch-size", "8", "--streams", "2", *common)
