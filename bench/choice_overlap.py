@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from rwkv_music.remi.tokenizer import tokenizer_from_file
-from rwkv_music.remi.windows import Vocab, index_bars
+from rwkv_music.remi.windows import Vocab, index_bars, replay_last_bars
 from rwkv_music.shards import TOKENIZER
-from rwkv_music.train.eval_choice import completion_bars, repeat_tokens
+from rwkv_music.train.eval_choice import completion_bars
 from rwkv_music.train.eval_data import PIECE_PARTS, load_split, select_pieces
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     for s in samples:
         truth = s.tokens[s.ctx_len:]
         nb = completion_bars(s, vocab)
-        rep = repeat_tokens(s, nb, vocab)
+        rep = replay_last_bars(s.tokens, s.meta_len, s.ctx_len, vocab)
         if rep is None:
             continue
         a, b = note_set(truth, names), note_set(rep, names)

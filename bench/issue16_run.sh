@@ -6,7 +6,7 @@
 #
 #   bash bench/issue16_run.sh SHARDS WORK RESULTS
 #   env: STAGES ("fit eval"; one of them alone runs that stage on WORK/run), TRAIN_S, PRESET, MAX_STEPS,
-#        BATCH_TOKENS, LR, EVAL_EVERY, SAVE_EVERY, FIT_ARGS (more fit options, e.g. "--transpose 5"; the 2026-12-03
+#        BATCH_TOKENS, LR, EVAL_EVERY, SAVE_EVERY, FIT_ARGS (more fit options, e.g. "--repeat-contrast 1"; the 2026-12-03
 #        run trained with bf16 autocast, fit's CUDA default then: FIT_ARGS="--precision bf16 --recompute none" repeats
 #        it), EVAL_WINDOWS, EVAL_S, PY
 set -uo pipefail

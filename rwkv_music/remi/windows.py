@@ -11,6 +11,7 @@ samples (`make_windows`, or `window_spans` for the pipeline's array slicing) and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -290,6 +291,27 @@ def build_prompt(ids: list[int], vocab: Vocab, context_bars: int | None, max_seq
     w = assemble(ids, bars, bars.n_bars - n, bars.n_bars, bars.n_bars, max_seq_len, bar_offset=first_bar)
     assert w is not None  # an empty completion always fits
     return w
+
+
+def replay_last_bars(tokens: Sequence[int], meta_len: int, ctx_len: int, vocab: Vocab) -> list[int] | None:
+    """The completion that only replays the context: its last bars, as many as the completion has (cycled if the
+    context has fewer); None without a context or completion bar.
+
+    Whole bar spans are copied (Bar, its TimeSig, positions, notes), so the result is a grammatical REMI stream:
+    the forced choice's `repeat` impostor, and the negative of fit's `--repeat-contrast`."""
+    completion = np.asarray(tokens[ctx_len:], dtype=np.int64)
+    n_bars = int((vocab.kinds.take(completion, mode="clip") == _BAR).sum())
+    body = np.asarray(tokens[meta_len:ctx_len], dtype=np.int64).tolist()
+    bars = index_bars(body, vocab)
+    if bars.n_bars == 0 or n_bars < 1:
+        return None
+    k = min(n_bars, bars.n_bars)
+    first = bars.n_bars - k
+    out: list[int] = []
+    for i in range(n_bars):
+        b = first + i % k
+        out += body[bars.at(b):bars.at(b + 1)]
+    return out
 
 
 def decodable_tokens(tokens: list[int], meta_len: int, vocab: Vocab) -> list[int]:

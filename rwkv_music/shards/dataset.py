@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rwkv_music.remi.transpose import PitchShift, check_transpose
+from rwkv_music.remi.windows import Vocab, replay_last_bars
 
 from .manifest import ManifestError, iter_shard, read_manifest, shard_entries, unreadable_shard
 from .parquet import parquet_tokenizer_hash
@@ -110,6 +111,7 @@ class DataSpec:
     batch_tokens: int | None = None  # packed batches of this many positions (None: batch_size windows)
     pack_len: int = 2048  # positions per packed row
     transpose: int = 0  # key augmentation: each window moved by a random shift in +-transpose semitones
+    repeat_pairs: bool = False  # each window also as its repeat impostor (fit --repeat-contrast); needs a Vocab
 
     def __post_init__(self):
         if self.batch_size < 1 or self.streams < 1 or self.batch_size % self.streams:
@@ -144,93 +146,105 @@ class DataSpec:
         return (self.rank * self.streams + stream) * self.roles + role
 
 
-def collate(samples: list[dict], pad_id: int = 0) -> dict:
+def collate(samples: list[dict], pad_id: int = 0, pairs: bool = False) -> dict:
     """Pad to the longest sample; input = tokens[:-1], target = tokens[1:]; one mask for the completion.
 
     ``mask[b, p]`` is True for p in ctx_len-1 .. len-2: the positions whose next token is a completion token.
     The same mask selects hidden states (in the model) and ``targets`` (here), so they line up by construction.
+    A sample with an ``impostor`` (repeat pairs) puts it in the next row; `pairs` adds the keys `_assemble` lists.
     """
     if not samples:
         raise ValueError("empty batch")
-    lengths = [len(s["tokens"]) for s in samples]
-    T = max(lengths) - 1
-    B = len(samples)
-    inp = np.full((B, T), pad_id, dtype=np.int64)
-    tgt = np.full((B, T), pad_id, dtype=np.int64)
-    mask = np.zeros((B, T), dtype=bool)
-    n_completion = 0
-    for i, s in enumerate(samples):
-        tok = np.asarray(s["tokens"], dtype=np.int64)
-        L, ctx, comp = len(tok), int(s["ctx_len"]), int(s["completion_len"])
-        if ctx < 1 or comp < 1 or ctx + comp != L:
-            raise ValueError(f"bad sample (len {L}, ctx_len {ctx}, completion_len {comp}): need ctx >= 1, "
-                             "completion >= 1, ctx + completion = len")
-        inp[i, : L - 1] = tok[:-1]
-        tgt[i, : L - 1] = tok[1:]
-        mask[i, ctx - 1 : L - 1] = True
-        n_completion += comp
+    rows = [[w] for s in samples for w in _windows(s)]
+    return _assemble(rows, max(len(r[0][0]) for r in rows) - 1, pad_id, packed=False, pairs=pairs)
+
+
+def collate_packed(rows: list[list[dict]], pack_len: int, pad_id: int = 0, pairs: bool = False) -> dict:
+    """Rows of whole windows, back to back, into [len(rows), pack_len]; the same keys as `collate` plus
+    ``starts`` (True at each window's first input position) and ``n_windows``. Targets are in mask order
+    (row-major), so the loss per window is exactly the unpacked one. An impostor follows its window."""
+    if not rows:
+        raise ValueError("empty batch")
+    return _assemble([[w for s in row for w in _windows(s)] for row in rows], pack_len, pad_id, packed=True,
+                     pairs=pairs)
+
+
+def _windows(s: dict) -> list[tuple[np.ndarray, int, int, bool]]:
+    """(tokens, ctx_len, completion_len, is_truth) of a sample's window and, if it has one, of its impostor."""
+    tok = np.asarray(s["tokens"], dtype=np.int64)
+    L, ctx, comp = len(tok), int(s["ctx_len"]), int(s["completion_len"])
+    if ctx < 1 or comp < 1 or ctx + comp != L:
+        raise ValueError(f"bad sample (len {L}, ctx_len {ctx}, completion_len {comp}): need ctx >= 1, "
+                         "completion >= 1, ctx + completion = len")
+    out = [(tok, ctx, comp, True)]
+    if s.get("impostor") is not None:
+        imp = np.asarray(s["impostor"], dtype=np.int64)
+        out.append((imp, ctx, len(imp) - ctx, False))
+    return out
+
+
+def _positions(s: dict) -> int:
+    """Input positions a sample takes in a packed row (with its impostor, if any)."""
+    return len(s["tokens"]) - 1 + (len(s["impostor"]) - 1 if s.get("impostor") is not None else 0)
+
+
+def _assemble(rows: list[list[tuple[np.ndarray, int, int, bool]]], T: int, pad_id: int, packed: bool,
+              pairs: bool) -> dict:
+    """Windows laid out back to back in rows of T positions.
+
+    Counts (``n_tokens``, ``n_targets``, ``n_windows``) are of the true windows: they measure data. With `pairs`
+    (the stream's repeat_pairs) the batch also carries, for the repeat-contrast loss, ``target_window`` (the
+    window of each target, windows numbered in layout order), ``truth_target`` (False on impostor targets, which
+    the cross-entropy leaves out) and ``pairs`` ([P, 2]: true window, its impostor).
+    """
+    R = len(rows)
+    inp = np.full((R, T), pad_id, dtype=np.int64)
+    tgt = np.full((R, T), pad_id, dtype=np.int64)
+    mask = np.zeros((R, T), dtype=bool)
+    starts = np.zeros((R, T), dtype=bool)
+    window = np.full((R, T), -1, dtype=np.int64)
+    pair_list: list[tuple[int, int]] = []
+    truth_windows: list[bool] = []
+    n_tokens = n_completion = n_all = 0
+    for i, row in enumerate(rows):
+        off = 0
+        for tok, ctx, comp, is_truth in row:
+            n = len(tok) - 1
+            if off + n > T:
+                raise ValueError(f"row {i} holds {off + n} positions, more than pack_len {T}")
+            w = len(truth_windows)
+            inp[i, off : off + n] = tok[:-1]
+            tgt[i, off : off + n] = tok[1:]
+            mask[i, off + ctx - 1 : off + n] = True
+            window[i, off + ctx - 1 : off + n] = w
+            starts[i, off] = True
+            off += n
+            n_all += comp
+            if is_truth:
+                n_tokens += n
+                n_completion += comp
+            else:
+                pair_list.append((w - 1, w))
+            truth_windows.append(is_truth)
     mask_t = torch.from_numpy(mask)
     targets = torch.from_numpy(tgt)[mask_t]
-    if not targets.numel() == n_completion == int(mask.sum()):
-        raise ValueError(f"completion mask ({int(mask.sum())}) and targets ({n_completion}) disagree")
-    return {
-        "input_ids": torch.from_numpy(inp),
-        "mask": mask_t,
-        "flat_index": _flat_index(mask),
-        "targets": targets,
-        "n_tokens": int(sum(lengths)) - B,  # real (unpadded) input tokens
-        "n_targets": n_completion,
-    }
+    if not targets.numel() == n_all == int(mask.sum()):
+        raise ValueError(f"completion mask ({int(mask.sum())}) and targets ({n_all}) disagree")
+    out = {"input_ids": torch.from_numpy(inp), "mask": mask_t, "flat_index": _flat_index(mask), "targets": targets,
+           "n_tokens": n_tokens, "n_targets": n_completion}
+    if packed:
+        out.update(starts=torch.from_numpy(starts), n_windows=sum(truth_windows))
+    if pairs:
+        target_window = torch.from_numpy(window[mask])
+        out.update(target_window=target_window, truth_target=torch.tensor(truth_windows)[target_window],
+                   pairs=torch.tensor(pair_list, dtype=torch.int64).reshape(-1, 2))
+    return out
 
 
 def _flat_index(mask: np.ndarray) -> torch.Tensor:
     """The mask's positions as indices into the flattened [B * T] (row-major, the order of `targets`): found here
     on the host, so the model selects them without the device sync a boolean index costs."""
     return torch.from_numpy(np.flatnonzero(mask))
-
-
-def _check_sample(s: dict) -> tuple[np.ndarray, int, int]:
-    tok = np.asarray(s["tokens"], dtype=np.int64)
-    L, ctx, comp = len(tok), int(s["ctx_len"]), int(s["completion_len"])
-    if ctx < 1 or comp < 1 or ctx + comp != L:
-        raise ValueError(f"bad sample (len {L}, ctx_len {ctx}, completion_len {comp}): need ctx >= 1, "
-                         "completion >= 1, ctx + completion = len")
-    return tok, ctx, comp
-
-
-def collate_packed(rows: list[list[dict]], pack_len: int, pad_id: int = 0) -> dict:
-    """Rows of whole windows, back to back, into [len(rows), pack_len]; the same keys as `collate` plus
-    ``starts`` (True at each window's first input position). Targets are in mask order (row-major), so
-    the loss per window is exactly the unpacked one."""
-    if not rows:
-        raise ValueError("empty batch")
-    R = len(rows)
-    inp = np.full((R, pack_len), pad_id, dtype=np.int64)
-    tgt = np.full((R, pack_len), pad_id, dtype=np.int64)
-    mask = np.zeros((R, pack_len), dtype=bool)
-    starts = np.zeros((R, pack_len), dtype=bool)
-    n_tokens = n_completion = 0
-    for i, row in enumerate(rows):
-        off = 0
-        for s in row:
-            tok, ctx, comp = _check_sample(s)
-            n = len(tok) - 1
-            if off + n > pack_len:
-                raise ValueError(f"row {i} holds {off + n} positions, more than pack_len {pack_len}")
-            inp[i, off : off + n] = tok[:-1]
-            tgt[i, off : off + n] = tok[1:]
-            mask[i, off + ctx - 1 : off + n] = True
-            starts[i, off] = True
-            off += n
-            n_tokens += n
-            n_completion += comp
-    mask_t = torch.from_numpy(mask)
-    targets = torch.from_numpy(tgt)[mask_t]
-    if targets.numel() != n_completion:
-        raise ValueError(f"completion mask ({targets.numel()}) and targets ({n_completion}) disagree")
-    return {"input_ids": torch.from_numpy(inp), "mask": mask_t, "flat_index": _flat_index(mask), "targets": targets,
-            "starts": torch.from_numpy(starts), "n_tokens": n_tokens, "n_targets": n_completion,
-            "n_windows": sum(len(r) for r in rows)}
 
 
 class _RowPacker:
@@ -244,7 +258,7 @@ class _RowPacker:
         self.count = 0
 
     def add(self, s: dict) -> None:
-        n = len(s["tokens"]) - 1
+        n = _positions(s)
         if n > self.pack_len:
             raise DataError(f"a window of {n + 1} tokens does not fit a packed row of {self.pack_len} positions: "
                             "raise --pack-len to the build's --max-seq-len")
@@ -271,7 +285,7 @@ class _RowPacker:
         room, out = self.pack_len, []
         while (s := self._take(room)) is not None:
             out.append(s)
-            room -= len(s["tokens"]) - 1
+            room -= _positions(s)
         return out
 
 
@@ -284,8 +298,11 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, root: str | os.PathLike, shards: list[ShardRef], fmt: str, spec: DataSpec,
-                 mean_len: float | None = None, pitch_shift: PitchShift | None = None):
+                 mean_len: float | None = None, pitch_shift: PitchShift | None = None, vocab: Vocab | None = None):
         super().__init__()
+        if spec.repeat_pairs and vocab is None:
+            raise ValueError("spec.repeat_pairs needs the tokenizer's Vocab (to find the bars to repeat)")
+        self.vocab = vocab
         if spec.packed and not mean_len:
             raise DataError("packed batches need the split's mean window length (from the manifest)")
         if spec.transpose and pitch_shift is None:
@@ -307,7 +324,8 @@ class ShardStream(IterableDataset):
         """M: full sub-batches of the smallest slot (the same on every rank)."""
         smallest = min(p.nsamples for p in self.plans(epoch))
         if self.spec.packed:
-            positions = smallest * (self.mean_len - 1) * PACK_EPOCH_FILL
+            per_window = (self.mean_len - 1) * (2 if self.spec.repeat_pairs else 1)  # an impostor ~ its window
+            positions = smallest * per_window * PACK_EPOCH_FILL
             return math.floor(positions / (self.spec.sub_batch * self.spec.pack_len))
         return smallest // self.spec.sub_batch
 
@@ -351,9 +369,10 @@ class ShardStream(IterableDataset):
             if index < start:
                 continue
             if self.spec.packed:
-                batch = collate_packed([row for p in parts for row in p], self.spec.pack_len, self.spec.pad_id)
+                batch = collate_packed([row for p in parts for row in p], self.spec.pack_len, self.spec.pad_id,
+                                       pairs=self.spec.repeat_pairs)
             else:
-                batch = collate([x for p in parts for x in p], self.spec.pad_id)
+                batch = collate([x for p in parts for x in p], self.spec.pad_id, pairs=self.spec.repeat_pairs)
             batch["role"], batch["index"], batch["epoch"] = role, index, self.epoch
             yield batch
 
@@ -368,7 +387,7 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/pack{lap}")
             key_rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/transpose{lap}")
             empty = True
-            for s in self._transposed(self._shuffled(plan, rng), key_rng):
+            for s in self._paired(self._transposed(self._shuffled(plan, rng), key_rng)):
                 empty = False
                 packer.add(s)
                 while packer.count >= target:
@@ -402,6 +421,22 @@ class ShardStream(IterableDataset):
             k = ps.draw(s["tokens"], most, rng)
             yield {**s, "tokens": ps.apply(s["tokens"], k)} if k else s
 
+    def _paired(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """With spec.repeat_pairs, each sample gains its ``impostor``: its context followed by the context's last
+        bars replayed (`replay_last_bars`), unless that is the true completion itself, there is no bar to
+        replay, or (packed) the pair would not fit one row. Built after transposition, so both share the key."""
+        if not self.spec.repeat_pairs:
+            yield from samples
+            return
+        for s in samples:
+            tokens, ctx = s["tokens"], int(s["ctx_len"])
+            rep = replay_last_bars(tokens, int(s["meta_len"]), ctx, self.vocab)
+            if rep is not None and not np.array_equal(rep, tokens[ctx:]):
+                imp = np.concatenate([np.asarray(tokens[:ctx], dtype=np.int64), np.asarray(rep, dtype=np.int64)])
+                if not self.spec.packed or len(tokens) + len(imp) - 2 <= self.spec.pack_len:
+                    s = {**s, "impostor": imp}
+            yield s
+
     def _slot_samples(self, plan: SlotPlan) -> Iterator[dict]:
         i = 0
         for si in plan.shards:
@@ -410,7 +445,8 @@ class ShardStream(IterableDataset):
                 it = iter_shard(path, self.fmt)
                 for s in it:
                     if i % plan.stride == plan.offset:
-                        yield {"tokens": s["tokens"], "ctx_len": s["ctx_len"], "completion_len": s["completion_len"]}
+                        yield {"tokens": s["tokens"], "meta_len": s["meta_len"], "ctx_len": s["ctx_len"],
+                               "completion_len": s["completion_len"]}
                     i += 1
             except DataError:
                 raise
@@ -430,7 +466,7 @@ class ShardStream(IterableDataset):
             return batches
 
         key_rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/transpose")
-        for s in self._transposed(self._shuffled(plan, rng), key_rng):
+        for s in self._paired(self._transposed(self._shuffled(plan, rng), key_rng)):
             pool.append(s)
             if len(pool) == pool_size:
                 yield from flush(pool)
@@ -499,8 +535,9 @@ def open_split(root: str | os.PathLike, split: str, fmt: str = "parquet",
     return ShardSet(root, split, fmt, refs, mhash, mean_len)
 
 
-def make_stream(shard_set: ShardSet, spec: DataSpec, pitch_shift: PitchShift | None = None) -> ShardStream:
-    return ShardStream(shard_set.root, shard_set.shards, shard_set.fmt, spec, shard_set.mean_len, pitch_shift)
+def make_stream(shard_set: ShardSet, spec: DataSpec, pitch_shift: PitchShift | None = None,
+                vocab: Vocab | None = None) -> ShardStream:
+    return ShardStream(shard_set.root, shard_set.shards, shard_set.fmt, spec, shard_set.mean_len, pitch_shift, vocab)
 
 
 def iter_eval_batches(shard_set: ShardSet, batch_size: int, rank: int = 0, world_size: int = 1,

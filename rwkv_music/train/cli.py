@@ -135,6 +135,13 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
 @_opt("--transpose", type=int, help="Key augmentation: move each training window by a random number of semitones "
       "within +-N (only shifts that keep every pitch on the keyboard; validation is never moved). 0: off.")
 @_opt("--bucket-pool", type=int, help="Batches per length-bucketing pool; 1 disables bucketing.")
+@_opt("--repeat-contrast", type=float, help="Weight of a term that teaches where music does not "
+      "replay its last bars: each training window is also scored with its context's last bars repeated as the "
+      "completion (eval's forced-choice impostor), and the true completion is pushed to lead it by "
+      "--repeat-margin nats per token. About doubles the work per window; raises eval's forced choice against "
+      "the repeat at some cost in teacher-forced loss (docs/training.md). 0: off.")
+@_opt("--repeat-margin", type=float, help="With --repeat-contrast: the lead in mean log-likelihood "
+      "per token (nats) beyond which a window's truth is no longer pushed above its repeat.")
 @_opt("--recompute", type=click.Choice(["none", "elementwise", "blocks"]), help="What backward recomputes "
       "instead of keeping: elementwise keeps only the matrix products' and WKV kernels' outputs and runs the "
       "element-wise work again (less activation memory, more backward work); blocks keeps only each block's input "

@@ -21,14 +21,14 @@ except ModuleNotFoundError:  # Python 3.10
 PRECISIONS = ("bf16", "bf16-weights", "fp32")
 # Fields whose change would alter the data order, so a resumed run must keep them.
 DATA_FIELDS = ("seed", "batch_size", "batch_tokens", "pack_len", "streams", "num_workers", "shuffle_buffer",
-               "bucket_pool", "format", "transpose")
+               "bucket_pool", "format", "transpose", "repeat_contrast")
 # The largest --lr / --lr-final: an AdamW step moves each weight by about the rate, so past 1 training only diverges
 # (and torch's AdamW cannot even take a rate past float32's range: 1e300 fails inside its step).
 MAX_LR = 1.0
 LR_WHY = (": an AdamW step moves each weight by about the learning rate, so a larger one only diverges (RWKV-LM "
           "trains at 1e-4 .. 1e-3)")
 # What a run saved before a data field existed trained with (its default then).
-DATA_FIELD_DEFAULTS = {"transpose": 0}
+DATA_FIELD_DEFAULTS = {"transpose": 0, "repeat_contrast": 0.0}
 
 
 @dataclass
@@ -65,6 +65,10 @@ class TrainConfig:
     shuffle_buffer: int = 2048
     bucket_pool: int = 8
     transpose: int = 0  # key augmentation: each training window moved by a random shift in +-transpose semitones
+    # the loss gains repeat_contrast x max(0, repeat_margin - (truth - repeat)), mean log-likelihoods per token of
+    # the true completion and of the context's last bars replayed in its place (0: off; see docs/training.md)
+    repeat_contrast: float = 0.0
+    repeat_margin: float = 0.1
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
@@ -132,7 +136,8 @@ class TrainConfig:
                 ("lr", 0.0, MAX_LR, True, True, LR_WHY), ("lr_final", 0.0, MAX_LR, False, True, LR_WHY),
                 ("weight_decay", 0.0, math.inf, False, False, ""), ("beta1", 0.0, 1.0, False, False, ""),
                 ("beta2", 0.0, 1.0, False, False, ""), ("grad_clip", 0.0, math.inf, True, False, ""),
-                ("adam_eps", 0.0, math.inf, True, False, "")):
+                ("adam_eps", 0.0, math.inf, True, False, ""), ("repeat_contrast", 0.0, math.inf, False, False, ""),
+                ("repeat_margin", 0.0, math.inf, False, False, "")):
             v = getattr(self, name)
             if not ((lo < v) if low_open else (lo <= v)) or not ((v <= hi) if high_closed else (v < hi)):
                 interval = f"{'(' if low_open else '['}{lo}, {hi}{']' if high_closed else ')'}"

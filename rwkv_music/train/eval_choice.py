@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from rwkv_music.remi.windows import Vocab, index_bars
+from rwkv_music.remi.windows import Vocab, replay_last_bars
 
 IMPOSTORS = ("repeat", "random")
 GOALS = {"repeat": 0.70, "random": 0.95}  # issue 16: share of windows where the truth should rank first
@@ -27,25 +27,6 @@ GOALS = {"repeat": 0.70, "random": 0.95}  # issue 16: share of windows where the
 
 def completion_bars(sample, vocab: Vocab) -> int:
     return sum(1 for t in sample.tokens[sample.ctx_len:] if t in vocab.bar_ids)
-
-
-def repeat_tokens(sample, n_bars: int, vocab: Vocab) -> list[int] | None:
-    """The context's last `n_bars` bars (cycled if it has fewer), as tokens; None without a context bar.
-
-    Whole bar token spans are copied (Bar, its TimeSig, positions, notes), so the impostor is a grammatical REMI
-    stream, exactly what `metrics.repeat_last_bars` does on notes."""
-    body = sample.tokens[sample.meta_len:sample.ctx_len]
-    bars = index_bars(body, vocab)
-    n_ctx = bars.n_bars
-    if n_ctx == 0 or n_bars < 1:
-        return None
-    k = min(n_bars, n_ctx)
-    first = n_ctx - k
-    out: list[int] = []
-    for i in range(n_bars):
-        b = first + i % k
-        out += body[bars.at(b):bars.at(b + 1)]
-    return out
 
 
 @torch.no_grad()
@@ -112,7 +93,7 @@ def forced_choice(model: torch.nn.Module, samples: Sequence, chosen: Sequence[in
         nb = completion_bars(s, vocab)
         rec: dict = {"piece_id": s.piece_id, "source": s.source, "window": s.window, "first_bar": s.first_bar,
                      "completion_bars": nb, "tokens": {"truth": len(truth)}, "identical": {}}
-        cands = {"truth": truth, "repeat": repeat_tokens(s, nb, vocab), "random": None}
+        cands = {"truth": truth, "repeat": replay_last_bars(s.tokens, s.meta_len, s.ctx_len, vocab), "random": None}
         others = [p for p in pieces if p != s.piece_id]
         if others:
             p = others[int(rng.integers(len(others)))]

@@ -32,6 +32,7 @@ from torch import nn
 from rwkv_music.atomic import write_bytes_atomic
 from rwkv_music.model.compile import compile_for_training
 from rwkv_music.remi.transpose import pitch_shift_for
+from rwkv_music.remi.windows import Vocab
 from rwkv_music.shards.dataset import (
     PACK_EPOCH_FILL,
     DataError,
@@ -149,7 +150,32 @@ def all_max(t: torch.Tensor, di: DistInfo) -> torch.Tensor:
 
 
 def completion_loss_sum(model: nn.Module, batch: dict, device: torch.device, amp: bool) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the batch's completion tokens (logits computed only there).
+    """Summed cross-entropy over the batch's completion tokens (logits computed only there)."""
+    logits, targets = _completion_logits(model, batch, device, amp)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.shape[0])
+
+
+def contrast_loss_sums(model: nn.Module, batch: dict, device: torch.device, amp: bool,
+                       margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a batch with repeat pairs (DataSpec.repeat_pairs): the summed cross-entropy over the true windows'
+    completion tokens, the summed hinge max(0, margin - (l_truth - l_repeat)) over the pairs, and how many pairs
+    the truth leads (l: a window's mean log-likelihood per completion token, the forced choice's score)."""
+    logits, targets = _completion_logits(model, batch, device, amp)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    window = batch["target_window"].to(device, non_blocking=True)
+    truth = batch["truth_target"].to(device, non_blocking=True)
+    pairs = batch["pairs"].to(device, non_blocking=True)
+    n_windows = int(batch["target_window"].max()) + 1
+    per_window = torch.zeros(n_windows, device=device).index_add_(0, window, ce)
+    counts = torch.zeros(n_windows, device=device).index_add_(0, window, torch.ones_like(ce))
+    mean_ll = -per_window / counts
+    lead = mean_ll[pairs[:, 0]] - mean_ll[pairs[:, 1]]
+    return (ce * truth).sum(), torch.relu(margin - lead).sum(), (lead > 0).sum()
+
+
+def _completion_logits(model: nn.Module, batch: dict, device: torch.device,
+                       amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the batch's completion positions, and the targets there.
 
     The completion positions go to the model as flat indices found by collate, not as the boolean mask: a boolean
     index makes the host wait for the GPU (forward and backward), which then idles while the rest is launched."""
@@ -164,7 +190,7 @@ def completion_loss_sum(model: nn.Module, batch: dict, device: torch.device, amp
         logits = model(inp, flat_positions=flat, starts=starts)
     if logits.shape[0] != targets.shape[0]:
         raise AssertionError(f"{logits.shape[0]} selected positions but {targets.shape[0]} targets")
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.shape[0])
+    return logits, targets
 
 
 @torch.no_grad()
@@ -293,8 +319,8 @@ def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, wor
 
         m = read_manifest(train.root)
         toks, n = m["counts"]["tokens"]["train"], m["counts"]["samples"]["train"]
-        per_batch = (cfg.batch_tokens * PACK_EPOCH_FILL if cfg.batch_tokens
-                     else (toks / max(n, 1) - 1) * cfg.batch_size)
+        per_batch = (cfg.batch_tokens * PACK_EPOCH_FILL / (2 if cfg.repeat_contrast else 1) if cfg.batch_tokens
+                     else (toks / max(n, 1) - 1) * cfg.batch_size)  # repeat pairs fill half a packed batch
         per_step = max(1.0, per_batch * cfg.grad_accum * world)
         return max(1, math.ceil(cfg.max_tokens / per_step))
     return max(1, steps_per_epoch)
@@ -362,10 +388,21 @@ class StepStats:
     grad_norm_t: torch.Tensor  # before clipping
     lr: float
     tokens: int  # global unpadded input tokens of the step
+    # --repeat-contrast: the summed hinge and the pairs the truth leads (float64 device scalars), over n_pairs pairs
+    contrast_sum: torch.Tensor | None = None
+    leads: torch.Tensor | None = None
+    n_pairs: float = 0.0
 
     @property
     def loss(self) -> float:
         return self.loss_sum.item() / self.n_targets
+
+    def contrast(self) -> dict[str, float]:
+        """The repeat-contrast term and the share of pairs the truth leads, for metrics.jsonl (empty when off)."""
+        if self.contrast_sum is None or not self.n_pairs:
+            return {}
+        return {"repeat_contrast": self.contrast_sum.item() / self.n_pairs,
+                "truth_leads_repeat": self.leads.item() / self.n_pairs}
 
     @property
     def grad_norm(self) -> float:
@@ -463,6 +500,7 @@ class Trainer:
             self.val = None
         self.tok_path = Path(cfg.shards) / TOKENIZER
         tokenizer = tokenizer_from_file(self.tok_path)
+        self.contrast = cfg.repeat_contrast > 0
         try:
             pitch_shift = pitch_shift_for(tokenizer) if cfg.transpose else None
         except ValueError as e:
@@ -508,11 +546,11 @@ class Trainer:
             spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=di.world_size, rank=di.rank,
                             streams=cfg.streams, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
                             bucket_pool=cfg.bucket_pool, pad_id=self.pad_id, batch_tokens=cfg.batch_tokens,
-                            pack_len=cfg.pack_len, transpose=cfg.transpose)
+                            pack_len=cfg.pack_len, transpose=cfg.transpose, repeat_pairs=self.contrast)
         except ValueError as e:  # named as the options are spelt on the command line
             raise BadFitInput(re.sub(r"\b(batch_tokens|pack_len|batch_size|streams|shuffle_buffer|bucket_pool)\b",
                                      lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
-        self.stream = make_stream(self.train, spec, pitch_shift)
+        self.stream = make_stream(self.train, spec, pitch_shift, Vocab(tokenizer) if self.contrast else None)
         self.steps_per_epoch = self.stream.batches_per_epoch(0) // cfg.grad_accum
         if self.steps_per_epoch == 0:
             raise BadFitInput(f"{self.train.nsamples} training samples give no full step of {cfg.batch_size} x "
@@ -643,15 +681,23 @@ class Trainer:
                 item = next(batches)
                 st.epoch, st.consumed = item.epoch, item.consumed
                 micro.append(item.batch)
-            n_global, tok_global = self._global_counts(micro)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            n_global, tok_global, pairs_global = self._global_counts(micro)
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # cross-entropy, hinge, truth leads
             for j, b in enumerate(micro):
                 last = j == len(micro) - 1
                 with contextlib.nullcontext() if not di.enabled or last else self.model.no_sync():
-                    s, _ = completion_loss_sum(self.model, b, self.device, self.train_amp)
-                    (s * (di.world_size / n_global)).backward()
-                loss_sum += s.detach().double()
-            all_sum(loss_sum, di)
+                    if self.contrast:
+                        s, hinge, leads = contrast_loss_sums(self.model, b, self.device, self.train_amp,
+                                                             cfg.repeat_margin)
+                        loss = s / n_global + cfg.repeat_contrast * hinge / max(pairs_global, 1.0)
+                        sums[1:] += torch.stack([hinge.detach().double(), leads.double()])
+                    else:
+                        s, _ = completion_loss_sum(self.model, b, self.device, self.train_amp)
+                        loss = s / n_global
+                    (loss * di.world_size).backward()
+                sums[0] += s.detach().double()
+            all_sum(sums, di)
+            loss_sum = sums[0]
             if self.bf16 is not None:
                 self.bf16.grads_to_master()
             gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
@@ -665,17 +711,20 @@ class Trainer:
         st.step += 1
         st.tokens_seen += int(tok_global)
         return StepStats(loss_sum=loss_sum, n_targets=n_global, grad_norm_t=gnorm.detach(), lr=lr,
-                         tokens=int(tok_global))
+                         tokens=int(tok_global), contrast_sum=sums[1] if self.contrast else None,
+                         leads=sums[2] if self.contrast else None, n_pairs=pairs_global)
 
-    def _global_counts(self, micro: list[dict]) -> tuple[float, float]:
-        """(completion tokens, input tokens) of the step over all ranks; only DDP needs the device for it."""
+    def _global_counts(self, micro: list[dict]) -> tuple[float, float, float]:
+        """(completion tokens, input tokens, repeat pairs) of the step over all ranks (true windows only); only DDP
+        needs the device for it."""
         n = float(sum(b["n_targets"] for b in micro))
         tok = float(sum(b["n_tokens"] for b in micro))
+        pairs = float(sum(len(b.get("pairs", ())) for b in micro))
         if not self.di.enabled:
-            return n, tok
-        counts = torch.tensor([n, tok], dtype=torch.float64, device=self.device)
-        n, tok = all_sum(counts, self.di).tolist()
-        return n, tok
+            return n, tok, pairs
+        counts = torch.tensor([n, tok, pairs], dtype=torch.float64, device=self.device)
+        n, tok, pairs = all_sum(counts, self.di).tolist()
+        return n, tok, pairs
 
     def check_finite(self) -> None:
         """Stops the run (no checkpoint) if any step so far had a non-finite loss or grad norm."""
@@ -732,7 +781,7 @@ class Trainer:
         st = self.state
         self.check_finite()
         return {"step": st.step, "loss": stats.loss, "lr": stats.lr, "tokens_per_s": speed.take(self.device),
-                "tokens": st.tokens_seen, "epoch": st.epoch, "grad_norm": stats.grad_norm}
+                "tokens": st.tokens_seen, "epoch": st.epoch, "grad_norm": stats.grad_norm, **stats.contrast()}
 
     def _report_eval(self, record: dict[str, Any], pbar) -> None:
         v = record["val_loss"]

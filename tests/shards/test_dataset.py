@@ -283,3 +283,53 @@ def test_transposed_stream_moves_each_window_by_one_shift_and_resumes(train_set,
         make_stream(train_set, spec)
     with pytest.raises(ValueError, match=r"0\.\.24"):
         DataSpec(batch_size=8, transpose=25)
+
+
+
+def _window_tokens(batch: dict, w: int) -> np.ndarray:
+    """Window `w`'s whole token sequence, read back from the batch: its inputs from its start, then its last target."""
+    T = batch["input_ids"].shape[1]
+    flat = batch["flat_index"][batch["target_window"] == w]
+    row, last = divmod(int(flat[-1]), T)
+    first = int(flat[0]) % T
+    begin = int(torch.nonzero(batch["starts"][row, : first + 1]).flatten()[-1]) if "starts" in batch else 0
+    tail = batch["targets"][batch["target_window"] == w][-1:]
+    return np.concatenate([batch["input_ids"][row, begin : last + 1].numpy(), tail.numpy()]).astype(np.int64)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_repeat_pairs_put_each_windows_replay_beside_it_and_leave_the_data_alone(train_set, packed: bool):
+    """fit --repeat-contrast's batches: every true window keeps its place and its counts; right after it, its
+    context with the last bars replayed (the forced choice's impostor), the two paired by window number."""
+    from rwkv_music.remi.tokenizer import tokenizer_from_file
+    from rwkv_music.remi.windows import Vocab, replay_last_bars
+    from rwkv_music.shards import TOKENIZER
+
+    vocab = Vocab(tokenizer_from_file(train_set.root / TOKENIZER))
+    shape = {"batch_tokens": 2 * 2048, "batch_size": 1} if packed else {"batch_size": 8}
+    spec = DataSpec(seed=5, shuffle_buffer=64, repeat_pairs=True, **shape)
+    plain = _epoch(make_stream(train_set, DataSpec(seed=5, shuffle_buffer=64, **shape)), 0)
+    paired = _epoch(make_stream(train_set, spec, vocab=vocab), 0)
+    assert len(paired) > 3
+    if not packed:  # the same windows in the same batches: the pairs add work, not data
+        assert len(paired) == len(plain)
+        for x, y in zip(plain, paired, strict=True):
+            assert (x["n_targets"], x["n_tokens"]) == (y["n_targets"], y["n_tokens"])
+            assert torch.equal(x["targets"], y["targets"][y["truth_target"]])
+    samples = {np.asarray(s["tokens"], dtype=np.int64).tobytes(): s for s in iter_samples(train_set.root, "train")}
+    n_pairs = 0
+    for b in paired:
+        assert int(b["truth_target"].sum()) == b["n_targets"]
+        for t, i in b["pairs"].tolist():
+            assert i == t + 1 and b["truth_target"][b["target_window"] == t].all()
+            assert not b["truth_target"][b["target_window"] == i].any()
+            truth = samples[_window_tokens(b, t).tobytes()]  # a real window of the split
+            ctx = int(truth["ctx_len"])
+            replay = replay_last_bars(truth["tokens"], int(truth["meta_len"]), ctx, vocab)
+            want = np.concatenate([np.asarray(truth["tokens"][:ctx]), np.asarray(replay)]).astype(np.int64)
+            assert np.array_equal(_window_tokens(b, i), want)
+            assert not np.array_equal(replay, truth["tokens"][ctx:])
+            n_pairs += 1
+    assert n_pairs > 20
+    with pytest.raises(ValueError, match="Vocab"):
+        make_stream(train_set, spec)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from fit_testutil import TINY, fit_env, musictrain
 
-from rwkv_music.remi.windows import Vocab
+from rwkv_music.remi.windows import Vocab, replay_last_bars
 from rwkv_music.shards import iter_samples
 from rwkv_music.train import metrics as M
 from rwkv_music.train.checkpoints import load_for_inference
-from rwkv_music.train.eval_choice import forced_choice, repeat_tokens
+from rwkv_music.train.eval_choice import forced_choice
 from rwkv_music.train.evaluate import (
     EvalConfig,
     count_bars,
@@ -314,7 +314,7 @@ def test_repeat_impostor_is_the_repeat_baseline_in_tokens(small_shards: Path, tr
     checked = 0
     for s in load_split(small_shards, "val", "parquet"):
         nb = count_bars(s.tokens[s.ctx_len:], vocab)
-        rep = repeat_tokens(s, nb, vocab)
+        rep = replay_last_bars(s.tokens, s.meta_len, s.ctx_len, vocab)
         if rep is None:
             assert count_bars(s.tokens[s.meta_len:s.ctx_len], vocab) == 0
             continue
