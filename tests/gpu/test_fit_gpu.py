@@ -70,19 +70,20 @@ def test_options_train_like_the_default(shards, tmp_path, default_run, precision
         assert all(p.dtype == torch.float32 for p in trainer.raw.parameters())
 
 
-@pytest.mark.parametrize(("precision", "recompute"), [("bf16", "none"), ("bf16-weights", "none"),
-                                                     ("bf16-weights", "elementwise")])
-def test_a_training_step_never_waits_for_the_gpu(shards, tmp_path, precision, recompute) -> None:
+@pytest.mark.parametrize(("precision", "recompute", "contrast"), [("bf16", "none", 0.0), ("bf16-weights", "none", 0.0),
+                                                                 ("bf16-weights", "elementwise", 0.0),
+                                                                 ("bf16-weights", "elementwise", 1.0)])
+def test_a_training_step_never_waits_for_the_gpu(shards, tmp_path, precision, recompute, contrast) -> None:
     """After the compile, train_step queues its work and returns: no host-device sync (the loss and grad norm are
     read on logged steps only, the completion positions come as host-made indices, non-finite steps are watched
-    on the device), so the GPU never idles while the next batch is built."""
+    on the device), so the GPU never idles while the next batch is built; with --repeat-contrast too."""
     from rwkv_music.train.fit import _batches
 
     torch._dynamo.reset()
     cfg = TrainConfig(shards=str(shards), out=str(tmp_path / "run"), preset="tiny", n_layer=2, n_embd=128,
                       device="cuda", compile=True, batch_tokens=4096, pack_len=512, max_steps=8, warmup_steps=0,
                       progress=False, tensorboard=False, precision=precision,
-                      recompute=recompute)
+                      recompute=recompute, repeat_contrast=contrast)
     trainer = Trainer(cfg, DistInfo(), torch.device("cuda"))
     batches = (item for item in _batches(trainer.stream, 0, 0, 0, pin=True))
     items = [next(batches) for _ in range(6)]
@@ -96,4 +97,6 @@ def test_a_training_step_never_waits_for_the_gpu(shards, tmp_path, precision, re
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.state.step == 6
     assert all(s.loss > 0 and s.grad_norm > 0 for s in stats)  # read afterwards: the step did not have to
+    if contrast:
+        assert all(s.n_pairs > 0 and 0 <= s.contrast()["truth_leads_repeat"] <= 1 for s in stats)
     trainer.check_finite()
