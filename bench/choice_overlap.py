@@ -25,8 +25,7 @@ import numpy as np
 from rwkv_music.remi.tokenizer import tokenizer_from_file
 from rwkv_music.remi.windows import Vocab, index_bars, replay_last_bars
 from rwkv_music.shards import TOKENIZER
-from rwkv_music.train.eval_choice import completion_bars
-from rwkv_music.train.eval_data import PIECE_PARTS, load_split, select_pieces
+from rwkv_music.train.eval_data import PIECE_PARTS, count_bars, load_split, select_pieces
 
 
 def note_set(tokens: list[int], names: dict[int, str]) -> set[tuple[int, str, str]]:
@@ -68,7 +67,7 @@ def main() -> None:
     best, best_is_last, phase, earlier = [], [], [], []
     for s in samples:
         truth = s.tokens[s.ctx_len:]
-        nb = completion_bars(s, vocab)
+        nb = count_bars(s.tokens[s.ctx_len:], vocab)
         rep = replay_last_bars(s.tokens, s.meta_len, s.ctx_len, vocab)
         if rep is None:
             continue

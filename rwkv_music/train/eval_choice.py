@@ -21,12 +21,10 @@ import torch
 
 from rwkv_music.remi.windows import Vocab, replay_last_bars
 
+from .eval_data import count_bars
+
 IMPOSTORS = ("repeat", "random")
 GOALS = {"repeat": 0.70, "random": 0.95}  # issue 16: share of windows where the truth should rank first
-
-
-def completion_bars(sample, vocab: Vocab) -> int:
-    return sum(1 for t in sample.tokens[sample.ctx_len:] if t in vocab.bar_ids)
 
 
 @torch.no_grad()
@@ -90,7 +88,7 @@ def forced_choice(model: torch.nn.Module, samples: Sequence, chosen: Sequence[in
     for i in chosen:
         s = samples[i]
         truth = list(s.tokens[s.ctx_len:])
-        nb = completion_bars(s, vocab)
+        nb = count_bars(s.tokens[s.ctx_len:], vocab)
         rec: dict = {"piece_id": s.piece_id, "source": s.source, "window": s.window, "first_bar": s.first_bar,
                      "completion_bars": nb, "tokens": {"truth": len(truth)}, "identical": {}}
         cands = {"truth": truth, "repeat": replay_last_bars(s.tokens, s.meta_len, s.ctx_len, vocab), "random": None}

@@ -319,8 +319,10 @@ def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, wor
 
         m = read_manifest(train.root)
         toks, n = m["counts"]["tokens"]["train"], m["counts"]["samples"]["train"]
-        per_batch = (cfg.batch_tokens * PACK_EPOCH_FILL / (2 if cfg.repeat_contrast else 1) if cfg.batch_tokens
-                     else (toks / max(n, 1) - 1) * cfg.batch_size)  # repeat pairs fill half a packed batch
+        if cfg.batch_tokens:  # repeat pairs (--repeat-contrast) take about half of a packed batch's positions
+            per_batch = cfg.batch_tokens * PACK_EPOCH_FILL / (2 if cfg.repeat_contrast else 1)
+        else:
+            per_batch = (toks / max(n, 1) - 1) * cfg.batch_size
         per_step = max(1.0, per_batch * cfg.grad_accum * world)
         return max(1, math.ceil(cfg.max_tokens / per_step))
     return max(1, steps_per_epoch)
