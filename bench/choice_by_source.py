@@ -1,18 +1,21 @@
 """The forced-choice results of one `musictrain eval` report, grouped by the collection each window's source
 file belongs to (its name up to the first "__", trailing digits dropped: "oneills1850__1176.mid" -> "oneills").
 
-    python bench/choice_by_source.py REPORT_DIR/report.json [--min-windows 10] [--phase 8]
+    python bench/choice_by_source.py REPORT_DIR/report.json [--min-windows 10] [--phase 8] [--against OTHER.json]
 
 Prints a Markdown table: per collection, windows, the share where the truth ranks first against each
 impostor, and the mean margin (nats per token) of the truth over the repeat. `--phase P` groups the windows by
 their first bar in the piece modulo P instead (the `BarPhase` token of a `--bar-phase P` build; reports written
-before 2026-12-07 lack the first bar).
+before 2026-12-07 lack the first bar). `--against` compares two reports of the same windows (two models, same
+eval options and seed) window by window: for each impostor, the windows won only by one or only by the other,
+and the exact two-sided sign test of that split.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -22,11 +25,35 @@ def collection(source: str) -> str:
     return re.sub(r"\d+$", "", Path(source).name.split("__")[0].removesuffix(".mid"))
 
 
+def sign_test(a: int, b: int) -> float:
+    """Exact two-sided sign test: the chance of a split at least this uneven of a + b discordant windows, were
+    each equally likely to go either way."""
+    n, k = a + b, min(a, b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired(windows: list[dict], others: list[dict]) -> None:
+    """Print, per impostor, how the windows the two reports share split between them."""
+    theirs = {(w["piece_id"], w["window"]): w for w in others}
+    common = [(w, theirs[(w["piece_id"], w["window"])]) for w in windows if (w["piece_id"], w["window"]) in theirs]
+    print(f"\n{len(common)} windows in both reports")
+    for imp in ("repeat", "random"):
+        won = [(x["loglik"]["truth"] > x["loglik"][imp], y["loglik"]["truth"] > y["loglik"][imp])
+               for x, y in common if imp in x["loglik"] and imp in y["loglik"]
+               and not x["identical"].get(imp) and not y["identical"].get(imp)]
+        mine, other = sum(a and not b for a, b in won), sum(b and not a for a, b in won)
+        print(f"against the {imp}: truth first in this report only {mine}, in the other only {other}, "
+              f"both {sum(a and b for a, b in won)} of {len(won)}; sign test p = {sign_test(mine, other):.3g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("report", type=Path)
     ap.add_argument("--min-windows", type=int, default=10, help="Leave out collections with fewer windows.")
     ap.add_argument("--phase", type=int, default=0, help="Group by first bar modulo this instead of collection.")
+    ap.add_argument("--against", type=Path, help="Another report of the same windows, compared window by window.")
     args = ap.parse_args()
     windows = json.loads(args.report.read_text())["forced_choice"]["per_window"]
     if args.phase and any("first_bar" not in w for w in windows):
@@ -49,6 +76,8 @@ def main() -> None:
         margins = [w["loglik"]["truth"] - w["loglik"]["repeat"] for w in ws if "repeat" in w["loglik"]]
         margin = sum(margins) / len(margins) if margins else float("nan")
         print(f"| {name} | {len(ws)} | {share['repeat']:.2f} | {share['random']:.2f} | {margin:+.3f} |")
+    if args.against:
+        paired(windows, json.loads(args.against.read_text())["forced_choice"]["per_window"])
 
 
 if __name__ == "__main__":

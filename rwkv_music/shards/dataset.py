@@ -29,6 +29,7 @@ read); a slot that runs short wraps around to the start of its (reshuffled) samp
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 import random
@@ -303,6 +304,7 @@ class ShardStream(IterableDataset):
         if spec.repeat_pairs and vocab is None:
             raise ValueError("spec.repeat_pairs needs the tokenizer's Vocab (to find the bars to repeat)")
         self.vocab = vocab
+        self._pair_growth: float | None = None
         if spec.packed and not mean_len:
             raise DataError("packed batches need the split's mean window length (from the manifest)")
         if spec.transpose and pitch_shift is None:
@@ -324,10 +326,24 @@ class ShardStream(IterableDataset):
         """M: full sub-batches of the smallest slot (the same on every rank)."""
         smallest = min(p.nsamples for p in self.plans(epoch))
         if self.spec.packed:
-            per_window = (self.mean_len - 1) * (2 if self.spec.repeat_pairs else 1)  # an impostor ~ its window
-            positions = smallest * per_window * PACK_EPOCH_FILL
+            positions = smallest * (self.mean_len - 1) * self.pair_growth() * PACK_EPOCH_FILL
             return math.floor(positions / (self.spec.sub_batch * self.spec.pack_len))
         return smallest // self.spec.sub_batch
+
+    def pair_growth(self) -> float:
+        """How many times its own positions a window takes in packed rows: 1, or with repeat pairs 1 + the replays'
+        share, measured on the first 1024 windows of the split's first shard (so the same on every rank and on
+        resume; a window whose pair would not fit a row keeps no replay, so the share depends on --pack-len)."""
+        if not (self.spec.packed and self.spec.repeat_pairs):
+            return 1.0
+        if self._pair_growth is None:
+            own = both = 0
+            plan = SlotPlan(shards=(0,), stride=1, offset=0, nsamples=self.shards[0].nsamples)
+            for s in self._paired(itertools.islice(self._slot_samples(plan), 1024)):
+                own += len(s["tokens"]) - 1
+                both += _positions(s)
+            self._pair_growth = both / max(own, 1)
+        return self._pair_growth
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
         return self.spec.roles * self.batches_per_role(self.epoch if epoch is None else epoch)

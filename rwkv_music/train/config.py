@@ -21,14 +21,14 @@ except ModuleNotFoundError:  # Python 3.10
 PRECISIONS = ("bf16", "bf16-weights", "fp32")
 # Fields whose change would alter the data order, so a resumed run must keep them.
 DATA_FIELDS = ("seed", "batch_size", "batch_tokens", "pack_len", "streams", "num_workers", "shuffle_buffer",
-               "bucket_pool", "format", "transpose", "repeat_contrast")
+               "bucket_pool", "format", "transpose")
 # The largest --lr / --lr-final: an AdamW step moves each weight by about the rate, so past 1 training only diverges
 # (and torch's AdamW cannot even take a rate past float32's range: 1e300 fails inside its step).
 MAX_LR = 1.0
 LR_WHY = (": an AdamW step moves each weight by about the learning rate, so a larger one only diverges (RWKV-LM "
           "trains at 1e-4 .. 1e-3)")
 # What a run saved before a data field existed trained with (its default then).
-DATA_FIELD_DEFAULTS = {"transpose": 0, "repeat_contrast": 0.0}
+DATA_FIELD_DEFAULTS = {"transpose": 0}
 
 
 @dataclass

@@ -311,7 +311,10 @@ def _not_a_pth_reason(e: Exception, src: Path) -> str:
     return "torch.load cannot read it (not a .pth file, or a damaged one)"
 
 
-def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, world: int) -> int:
+def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, world: int,
+                    data_share: float = 1.0) -> int:
+    """Steps of the run: --max-steps, else enough for --max-tokens, else one epoch. `data_share`: the part of a
+    packed batch's positions that holds training windows (the rest: --repeat-contrast's replays)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
     if cfg.max_tokens is not None:
@@ -319,8 +322,8 @@ def _estimate_steps(cfg: TrainConfig, train: ShardSet, steps_per_epoch: int, wor
 
         m = read_manifest(train.root)
         toks, n = m["counts"]["tokens"]["train"], m["counts"]["samples"]["train"]
-        if cfg.batch_tokens:  # repeat pairs (--repeat-contrast) take about half of a packed batch's positions
-            per_batch = cfg.batch_tokens * PACK_EPOCH_FILL / (2 if cfg.repeat_contrast else 1)
+        if cfg.batch_tokens:
+            per_batch = cfg.batch_tokens * PACK_EPOCH_FILL * data_share
         else:
             per_batch = (toks / max(n, 1) - 1) * cfg.batch_size
         per_step = max(1.0, per_batch * cfg.grad_accum * world)
@@ -557,7 +560,8 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise BadFitInput(f"{self.train.nsamples} training samples give no full step of {cfg.batch_size} x "
                               f"{cfg.grad_accum} per process on {di.world_size} process(es): lower --batch-size")
-        self.total_steps = _estimate_steps(cfg, self.train, self.steps_per_epoch, di.world_size)
+        self.total_steps = _estimate_steps(cfg, self.train, self.steps_per_epoch, di.world_size,
+                                           1 / self.stream.pair_growth())
 
         # optimiser and the run's state
         self.opt = make_optimizer(self.raw, cfg, fused=device.type == "cuda")
@@ -613,6 +617,11 @@ class Trainer:
                 was = ", ".join(f"{f}={saved.get(f, DATA_FIELD_DEFAULTS.get(f))}" for f in changed)
                 raise BadFitInput(f"--resume with changed {', '.join(changed)} would change the data order; "
                                   f"keep the run's values ({was})")
+            was_on = saved.get("repeat_contrast", 0.0) > 0
+            if was_on != (cfg.repeat_contrast > 0):
+                raise BadFitInput(f"--resume cannot turn --repeat-contrast {'off' if was_on else 'on'}: the replays "
+                                  f"change what each batch holds (the run's weight: "
+                                  f"{saved.get('repeat_contrast', 0.0)}); its weight may change")
         return ckpt
 
     def _check_resumed_data(self, ckpt: Path, saved: ck.TrainerState, accept_new_data: bool) -> None:

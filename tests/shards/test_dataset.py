@@ -285,7 +285,6 @@ def test_transposed_stream_moves_each_window_by_one_shift_and_resumes(train_set,
         DataSpec(batch_size=8, transpose=25)
 
 
-
 def _window_tokens(batch: dict, w: int) -> np.ndarray:
     """Window `w`'s whole token sequence, read back from the batch: its inputs from its start, then its last target."""
     T = batch["input_ids"].shape[1]
@@ -309,8 +308,13 @@ def test_repeat_pairs_put_each_windows_replay_beside_it_and_leave_the_data_alone
     shape = {"batch_tokens": 2 * 2048, "batch_size": 1} if packed else {"batch_size": 8}
     spec = DataSpec(seed=5, shuffle_buffer=64, repeat_pairs=True, **shape)
     plain = _epoch(make_stream(train_set, DataSpec(seed=5, shuffle_buffer=64, **shape)), 0)
-    paired = _epoch(make_stream(train_set, spec, vocab=vocab), 0)
+    stream = make_stream(train_set, spec, vocab=vocab)
+    paired = _epoch(stream, 0)
     assert len(paired) > 3
+    if packed:  # the epoch's length counts the replays' positions, as estimated from the first shard
+        used = sum(int(torch.nonzero(m).flatten().max()) + 1 for b in paired for m in b["mask"])
+        assert 1.2 < stream.pair_growth() <= 2.0
+        assert used / sum(b["n_tokens"] for b in paired) == pytest.approx(stream.pair_growth(), abs=0.1)
     if not packed:  # the same windows in the same batches: the pairs add work, not data
         assert len(paired) == len(plain)
         for x, y in zip(plain, paired, strict=True):

@@ -258,7 +258,7 @@ def test_sampling_sweep_scores_a_real_report(report, bench_module):
     assert sc["metrics"] == 9 and sc["rel_error_sum"] >= 0
 
 
-def test_choice_by_source_regroups_the_report(report_dir, report, bench_module):
+def test_choice_by_source_regroups_the_report(report_dir, report, bench_module, tmp_path: Path):
     """bench/choice_by_source.py (docs/results.md's table by collection) counts every window once, and its
     per-collection shares add up to the report's own count of wins."""
     mod = bench_module("choice_by_source")
@@ -286,6 +286,21 @@ def test_choice_by_source_regroups_the_report(report_dir, report, bench_module):
     for w in fc["per_window"]:
         want[f"bar {w['first_bar'] % 4}"] = want.get(f"bar {w['first_bar'] % 4}", 0) + 1
     assert rows == want and len(want) > 1
+    # --against: the report beside a copy in which the truth loses every window it won against the repeat
+    other = json.loads(json.dumps(report))
+    flipped = 0
+    for w in other["forced_choice"]["per_window"]:
+        ll = w["loglik"]
+        if "repeat" in ll and not w["identical"]["repeat"] and ll["truth"] > ll["repeat"]:
+            ll["truth"], flipped = ll["repeat"] - 1.0, flipped + 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    proc = subprocess.run([sys.executable, mod.__file__, str(report_dir[0] / "report.json"), "--against",
+                           str(tmp_path / "other.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("against the repeat"))
+    assert flipped > 0 and f"this report only {flipped}, in the other only 0, both 0 " in line, line
+    assert line.endswith(f"p = {mod.sign_test(flipped, 0):.3g}")
+    assert mod.sign_test(0, 5) == 2 / 32 and mod.sign_test(3, 3) == 1.0 and mod.sign_test(0, 0) == 1.0
 
 
 def test_forced_choice_scores_are_teacher_forced_and_seeded(trained_run: Path, small_shards: Path):

@@ -78,6 +78,10 @@ def test_fit_with_repeat_contrast_logs_the_term_and_keeps_it_on_resume(small_sha
     assert all(r["repeat_contrast"] >= 0 and np.isfinite(r["loss"]) for r in recs if "repeat_contrast" in r)
     saved = json.loads((run / "config.json").read_text())["train"]
     assert saved["repeat_contrast"] == 1 and saved["repeat_margin"] == 0.1
-    # the pairs change what a batch holds, so a resumed run may not turn them off
+    # the pairs change what a batch holds, so a resumed run may not turn them off; their weight may change
     res = musictrain_here("fit", small_shards, "-o", run, *args[:-1], "0", "--max-steps", "8", "--resume")
-    assert res.exit_code == 2 and "repeat_contrast" in res.output, res.output
+    assert res.exit_code == 2 and "cannot turn --repeat-contrast off" in res.output, res.output
+    res = musictrain_here("fit", small_shards, "-o", run, *args[:-1], "0.5", "--max-steps", "8", "--resume")
+    assert res.exit_code == 0, res.output
+    assert [r["step"] for r in metrics(run)] == list(range(1, 9))
+    assert json.loads((run / "config.json").read_text())["train"]["repeat_contrast"] == 0.5
