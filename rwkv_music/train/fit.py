@@ -683,8 +683,8 @@ class Trainer:
 
         def oom_message(kind: str) -> str:
             T = max((b["input_ids"].shape[1] for b in micro), default=0)
-            shape = f"batch {cfg.batch_size} x {T} tokens" + (f", grad-accum {cfg.grad_accum}"
-                                                               if cfg.grad_accum > 1 else "")
+            rows = max((b["input_ids"].shape[0] for b in micro), default=cfg.batch_size)  # replays add rows
+            shape = f"batch {rows} x {T} tokens" + (f", grad-accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
             return f"{kind} out of memory at step {st.step + 1} ({shape}): {OOM_ADVICE}{self._last_good()}"
 
         with oom_guard(oom_message):

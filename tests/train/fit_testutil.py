@@ -49,11 +49,18 @@ def torchrun_fit(shards: Path, run: Path, *args: str, timeout: float = 300) -> s
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in [*children(proc.pid), proc.pid]:  # workers first: the agent would kill them on its abort
+        workers = children(proc.pid)
+        for pid in [*workers, proc.pid]:  # workers first: the agent would kill them on its abort
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGABRT)
             time.sleep(1)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # something still holds the pipes open: kill it, keep what was written
+            for pid in [*workers, *(c for w in workers for c in children(w)), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate()
         raise AssertionError(f"{' '.join(cmd)} did not end in {timeout:.0f} s; the stacks of its processes:\n"
                              f"{err[-12000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
