@@ -119,9 +119,11 @@ def test_kill_and_resume_gives_the_losses_of_an_uninterrupted_run(small_shards: 
     assert_same_losses(tmp_path / "whole", run, 40)
 
 
-def test_two_gloo_processes_match_one_process_with_the_doubled_batch(small_shards: Path, tmp_path: Path):
+@pytest.mark.parametrize("extra", [(), ("--repeat-contrast", "1")], ids=["plain", "repeat-contrast"])
+def test_two_gloo_processes_match_one_process_with_the_doubled_batch(small_shards: Path, tmp_path: Path, extra):
+    """With --repeat-contrast too: its term is normalised by the pairs of the global batch, wherever they fall."""
     common = (*TINY, "--max-steps", "6", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "3",
-              "--eval-batches", "2", "--save-every", "6", "--log-every", "1", "--shuffle-buffer", "256")
+              "--eval-batches", "2", "--save-every", "6", "--log-every", "1", "--shuffle-buffer", "256", *extra)
     ddp = tmp_path / "ddp"
     proc = torchrun_fit(small_shards, ddp, "--batch-size", "4", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -135,6 +137,12 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(small_shard
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
         if "val_loss" in x:
             assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-5)
+        assert ("truth_leads_repeat" in x) == ("truth_leads_repeat" in y)
+        for key in ("repeat_contrast", "truth_leads_repeat"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (key, x["step"])
+    if extra:
+        assert sum("truth_leads_repeat" in r for r in a) >= 4
 
 
 def test_config_file_with_cli_override(small_shards: Path, tmp_path: Path):
