@@ -184,6 +184,20 @@ def _windows(s: dict) -> list[tuple[np.ndarray, int, int, bool]]:
     return out
 
 
+def with_replay(s: dict, vocab: Vocab, room: int | None = None) -> dict:
+    """The sample with its ``impostor``: its context followed by the context's last bars replayed
+    (`replay_last_bars`); as it is where that is the true completion itself, where there is no bar to replay, or
+    where the pair would take more than `room` positions (one packed row)."""
+    tokens, ctx = s["tokens"], int(s["ctx_len"])
+    rep = replay_last_bars(tokens, int(s["meta_len"]), ctx, vocab)
+    if rep is None or np.array_equal(rep, tokens[ctx:]):
+        return s
+    imp = np.concatenate([np.asarray(tokens[:ctx], dtype=np.int64), np.asarray(rep, dtype=np.int64)])
+    if room is not None and len(tokens) + len(imp) - 2 > room:
+        return s
+    return {**s, "impostor": imp}
+
+
 def _positions(s: dict) -> int:
     """Input positions a sample takes in a packed row (with its impostor, if any)."""
     return len(s["tokens"]) - 1 + (len(s["impostor"]) - 1 if s.get("impostor") is not None else 0)
@@ -438,20 +452,14 @@ class ShardStream(IterableDataset):
             yield {**s, "tokens": ps.apply(s["tokens"], k)} if k else s
 
     def _paired(self, samples: Iterator[dict]) -> Iterator[dict]:
-        """With spec.repeat_pairs, each sample gains its ``impostor``: its context followed by the context's last
-        bars replayed (`replay_last_bars`), unless that is the true completion itself, there is no bar to
-        replay, or (packed) the pair would not fit one row. Built after transposition, so both share the key."""
+        """With spec.repeat_pairs, each sample through `with_replay` (packed: only pairs that fit one row). Built
+        after transposition, so both share the key."""
         if not self.spec.repeat_pairs:
             yield from samples
             return
+        room = self.spec.pack_len if self.spec.packed else None
         for s in samples:
-            tokens, ctx = s["tokens"], int(s["ctx_len"])
-            rep = replay_last_bars(tokens, int(s["meta_len"]), ctx, self.vocab)
-            if rep is not None and not np.array_equal(rep, tokens[ctx:]):
-                imp = np.concatenate([np.asarray(tokens[:ctx], dtype=np.int64), np.asarray(rep, dtype=np.int64)])
-                if not self.spec.packed or len(tokens) + len(imp) - 2 <= self.spec.pack_len:
-                    s = {**s, "impostor": imp}
-            yield s
+            yield with_replay(s, self.vocab, room)
 
     def _slot_samples(self, plan: SlotPlan) -> Iterator[dict]:
         i = 0

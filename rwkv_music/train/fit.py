@@ -165,9 +165,8 @@ def contrast_loss_sums(model: nn.Module, batch: dict, device: torch.device, amp:
     window = batch["target_window"].to(device, non_blocking=True)
     truth = batch["truth_target"].to(device, non_blocking=True)
     pairs = batch["pairs"].to(device, non_blocking=True)
-    n_windows = int(batch["target_window"].max()) + 1
-    per_window = torch.zeros(n_windows, device=device).index_add_(0, window, ce)
-    counts = torch.zeros(n_windows, device=device).index_add_(0, window, torch.ones_like(ce))
+    counts = torch.bincount(batch["target_window"]).to(device, non_blocking=True)  # on the host: no sync
+    per_window = torch.zeros(len(counts), device=device).index_add_(0, window, ce)
     mean_ll = -per_window / counts
     lead = mean_ll[pairs[:, 0]] - mean_ll[pairs[:, 1]]
     return (ce * truth).sum(), torch.relu(margin - lead).sum(), (lead > 0).sum()

@@ -12,9 +12,9 @@ from fit_testutil import TINY, metrics, musictrain, musictrain_here
 
 from rwkv_music.model import RWKV7, RWKV7Config
 from rwkv_music.remi.tokenizer import tokenizer_from_file
-from rwkv_music.remi.windows import Vocab, replay_last_bars
+from rwkv_music.remi.windows import Vocab
 from rwkv_music.shards import TOKENIZER, iter_samples
-from rwkv_music.shards.dataset import collate, collate_packed
+from rwkv_music.shards.dataset import collate, collate_packed, with_replay
 from rwkv_music.train.eval_choice import score_continuations
 from rwkv_music.train.fit import contrast_loss_sums
 
@@ -25,14 +25,8 @@ def paired_samples(shards: Path, vocab: Vocab, with_impostor: int, without: int)
     """Training windows as the stream pairs them: `with_impostor` that have one, then `without` that do not."""
     have, lack = [], []
     for s in iter_samples(shards, "train"):
-        ctx = int(s["ctx_len"])
-        rep = replay_last_bars(s["tokens"], int(s["meta_len"]), ctx, vocab)
-        d = {"tokens": np.asarray(s["tokens"], dtype=np.int64), "ctx_len": ctx, "completion_len": s["completion_len"]}
-        if rep is not None and not np.array_equal(rep, s["tokens"][ctx:]):
-            d["impostor"] = np.concatenate([d["tokens"][:ctx], np.asarray(rep, dtype=np.int64)])
-            have.append(d)
-        else:
-            lack.append(d)
+        d = with_replay({k: s[k] for k in ("tokens", "meta_len", "ctx_len", "completion_len")}, vocab)
+        (have if "impostor" in d else lack).append(d)
         if len(have) >= with_impostor and len(lack) >= without:
             return have[:with_impostor] + lack[:without]
     raise AssertionError("too few windows")
