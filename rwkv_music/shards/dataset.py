@@ -6,8 +6,11 @@ of *slots*), never on timing:
 - The epoch permutes the global shard list with ``seed + epoch``, then splits it over the slots
   (``world_size x streams x num_workers``): whole shards, balanced by sample count, when that wastes at most
   5% of the samples; otherwise (few shards) every slot reads every shard and keeps every n-th sample.
-- Each slot runs a shuffle buffer and length bucketing (pools of ``bucket_pool`` batches sorted by length,
-  cut into batches, batch order shuffled), all from an RNG seeded by (seed, epoch, slot).
+- Each slot reads ``mix_shards`` of its shards at once, taking each next sample from one of them at random
+  (weighted by what each has left), so that a batch mixes pieces from many shards: a build writes its pieces
+  in corpus order, so one shard can hold a single collection. Then a shuffle buffer and length bucketing
+  (pools of ``bucket_pool`` batches sorted by length, cut into batches, batch order shuffled), all from RNGs
+  seeded by (seed, epoch, slot).
 - Every slot yields exactly ``M`` batches per epoch, M = the smallest slot's full-batch count, so every DDP
   rank gets the same number of batches and DataLoader workers interleave in strict round robin.
   Because the counts come from the manifest, M is known before any shard is read.
@@ -107,6 +110,7 @@ class DataSpec:
     streams: int = 1
     num_workers: int = 0
     shuffle_buffer: int = 2048
+    mix_shards: int = 16  # shards a slot reads at once, interleaved at random (1: one after another)
     bucket_pool: int = 8  # batches per length-sorting pool (1: no bucketing)
     pad_id: int = 0
     batch_tokens: int | None = None  # packed batches of this many positions (None: batch_size windows)
@@ -120,6 +124,9 @@ class DataSpec:
         if self.batch_tokens is not None and (self.pack_len < 16 or self.batch_tokens < self.pack_len * self.streams):
             raise ValueError(f"batch_tokens {self.batch_tokens} must hold at least one row of pack_len "
                                  f"{self.pack_len} (>= 16) per stream ({self.streams})")
+        if self.shuffle_buffer < 1 or self.mix_shards < 1 or self.bucket_pool < 1:
+            raise ValueError(f"shuffle_buffer {self.shuffle_buffer}, mix_shards {self.mix_shards} and bucket_pool "
+                             f"{self.bucket_pool} must each be >= 1")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         check_transpose(self.transpose)
@@ -304,6 +311,16 @@ class _RowPacker:
         return out
 
 
+def _weighted_index(weights: list[int], rng: random.Random) -> int:
+    """An index drawn with probability weights[i] / sum(weights) (non-negative ints, not all zero)."""
+    r = rng.randrange(sum(weights))
+    for i, w in enumerate(weights):
+        if r < w:
+            return i
+        r -= w
+    raise AssertionError("unreachable")
+
+
 class ShardStream(IterableDataset):
     """One epoch of batches for this process, starting at a given position (see the module docstring).
 
@@ -416,8 +433,9 @@ class ShardStream(IterableDataset):
         for lap in range(1 << 30):
             rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/pack{lap}")
             key_rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/transpose{lap}")
+            mix_rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/mix{lap}")
             empty = True
-            for s in self._paired(self._transposed(self._shuffled(plan, rng), key_rng)):
+            for s in self._paired(self._transposed(self._shuffled(plan, rng, mix_rng), key_rng)):
                 empty = False
                 packer.add(s)
                 while packer.count >= target:
@@ -428,10 +446,11 @@ class ShardStream(IterableDataset):
             if empty:
                 return
 
-    def _shuffled(self, plan: SlotPlan, rng: random.Random) -> Iterator[dict]:
-        """The slot's samples through a shuffle buffer of `shuffle_buffer` samples (drawing from `rng`)."""
+    def _shuffled(self, plan: SlotPlan, rng: random.Random, mix_rng: random.Random) -> Iterator[dict]:
+        """The slot's samples (shards mixed by `mix_rng`) through a shuffle buffer of `shuffle_buffer` samples
+        (drawing from `rng`)."""
         buf: list[dict] = []
-        for s in self._slot_samples(plan):
+        for s in self._slot_samples(plan, mix_rng):
             if len(buf) < self.spec.shuffle_buffer:
                 buf.append(s)
                 continue
@@ -461,21 +480,54 @@ class ShardStream(IterableDataset):
         for s in samples:
             yield with_replay(s, self.vocab, room)
 
-    def _slot_samples(self, plan: SlotPlan) -> Iterator[dict]:
-        i = 0
-        for si in plan.shards:
+    def _slot_samples(self, plan: SlotPlan, rng: random.Random | None = None) -> Iterator[dict]:
+        """The plan's samples. With an `rng` and spec.mix_shards > 1, up to mix_shards shards are open at once and
+        each next sample comes from one of them, drawn with weight = samples it has left (the next shard of the
+        plan opens when one runs out); otherwise shard after shard. Which samples a strided slot keeps depends on
+        their place in the plan's shard sequence, not on the mixing, so the slots still split the data."""
+        width = self.spec.mix_shards if rng is not None else 1
+        pending = list(self._plan_parts(plan))[::-1]  # (shard index, its kept samples), next one last
+        open_: list[tuple[int, Iterator[dict]]] = []
+        left: list[int] = []
+        while pending or open_:
+            while pending and len(open_) < width:
+                si, n = pending.pop()
+                if n:
+                    open_.append((si, self._kept(si, plan)))
+                    left.append(n)
+            if not open_:
+                return
+            k = 0 if len(open_) == 1 else _weighted_index(left, rng)
+            si, it = open_[k]
             path = self.root / self.shards[si].path
             try:
-                it = iter_shard(path, self.fmt)
-                for s in it:
-                    if i % plan.stride == plan.offset:
-                        yield {"tokens": s["tokens"], "meta_len": s["meta_len"], "ctx_len": s["ctx_len"],
-                               "completion_len": s["completion_len"]}
-                    i += 1
+                s = next(it, None)
             except DataError:
                 raise
             except Exception as e:  # pyarrow, tarfile, numpy: whatever the damage, name the shard
                 raise shard_error(path, e) from e
+            left[k] -= 1
+            if s is None or left[k] == 0:  # done (a shard holding fewer samples shows as a short epoch later)
+                del open_[k], left[k]
+            if s is not None:
+                yield s
+
+    def _plan_parts(self, plan: SlotPlan) -> Iterator[tuple[int, int]]:
+        """Each shard of the plan with the number of its samples the slot keeps."""
+        base = 0
+        for si in plan.shards:
+            n = self.shards[si].nsamples
+            first = base + (plan.offset - base) % plan.stride
+            yield si, len(range(first, base + n, plan.stride))
+            base += n
+
+    def _kept(self, si: int, plan: SlotPlan) -> Iterator[dict]:
+        """Shard `si`'s samples that the slot keeps (sample i of the plan's sequence iff i % stride == offset)."""
+        base = sum(self.shards[j].nsamples for j in plan.shards[:plan.shards.index(si)])
+        for i, s in enumerate(iter_shard(self.root / self.shards[si].path, self.fmt), start=base):
+            if i % plan.stride == plan.offset:
+                yield {"tokens": s["tokens"], "meta_len": s["meta_len"], "ctx_len": s["ctx_len"],
+                       "completion_len": s["completion_len"]}
 
     def _slot_batches(self, plan: SlotPlan, slot: int) -> Iterator[list[dict]]:
         """Shuffle buffer, then pools of `bucket_pool` sub-batches sorted by length; drops the last partial."""
@@ -490,7 +542,8 @@ class ShardStream(IterableDataset):
             return batches
 
         key_rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/transpose")
-        for s in self._paired(self._transposed(self._shuffled(plan, rng), key_rng)):
+        mix_rng = random.Random(f"{self.spec.seed}/{self.epoch}/{slot}/mix")
+        for s in self._paired(self._transposed(self._shuffled(plan, rng, mix_rng), key_rng)):
             pool.append(s)
             if len(pool) == pool_size:
                 yield from flush(pool)
@@ -566,21 +619,29 @@ def make_stream(shard_set: ShardSet, spec: DataSpec, pitch_shift: PitchShift | N
 
 def iter_eval_batches(shard_set: ShardSet, batch_size: int, rank: int = 0, world_size: int = 1,
                       max_batches: int | None = None, pad_id: int = 0) -> Iterator[dict]:
-    """Validation batches in manifest order, sample i to rank i % world_size; no shuffling, last batch partial."""
+    """Validation batches in manifest order, no shuffling, last batch partial. With `max_batches`, every k-th
+    sample of the split, k spreading the max_batches x batch_size x world_size samples over all of it: a build
+    writes pieces in corpus order, so the first batches would be one collection. The j-th sample taken goes to
+    rank j % world_size."""
+    stride = 1
+    if max_batches is not None:
+        stride = max(1, shard_set.nsamples // max(1, max_batches * batch_size * world_size))
     pending: list[dict] = []
     n = 0
-    i = 0
+    i = j = 0
     for ref in shard_set.shards:
         path = shard_set.root / ref.path
         try:
             for s in iter_shard(path, shard_set.fmt):
-                if i % world_size == rank:
-                    pending.append(s)
-                    if len(pending) == batch_size:
-                        yield collate(pending, pad_id)
-                        pending, n = [], n + 1
-                        if max_batches is not None and n >= max_batches:
-                            return
+                if i % stride == 0:
+                    if j % world_size == rank:
+                        pending.append(s)
+                        if len(pending) == batch_size:
+                            yield collate(pending, pad_id)
+                            pending, n = [], n + 1
+                            if max_batches is not None and n >= max_batches:
+                                return
+                    j += 1
                 i += 1
         except Exception as e:
             raise shard_error(path, e) from e

@@ -21,14 +21,14 @@ except ModuleNotFoundError:  # Python 3.10
 PRECISIONS = ("bf16", "bf16-weights", "fp32")
 # Fields whose change would alter the data order, so a resumed run must keep them.
 DATA_FIELDS = ("seed", "batch_size", "batch_tokens", "pack_len", "streams", "num_workers", "shuffle_buffer",
-               "bucket_pool", "format", "transpose")
+               "mix_shards", "bucket_pool", "format", "transpose")
 # The largest --lr / --lr-final: an AdamW step moves each weight by about the rate, so past 1 training only diverges
 # (and torch's AdamW cannot even take a rate past float32's range: 1e300 fails inside its step).
 MAX_LR = 1.0
 LR_WHY = (": an AdamW step moves each weight by about the learning rate, so a larger one only diverges (RWKV-LM "
           "trains at 1e-4 .. 1e-3)")
 # What a run saved before a data field existed trained with (its default then).
-DATA_FIELD_DEFAULTS = {"transpose": 0}
+DATA_FIELD_DEFAULTS = {"transpose": 0, "mix_shards": 1}
 
 
 @dataclass
@@ -63,6 +63,7 @@ class TrainConfig:
     streams: int = 1  # sample streams per process (1 process x streams=k sees the data of k DDP ranks)
     num_workers: int = 0
     shuffle_buffer: int = 2048
+    mix_shards: int = 16  # shards each stream reads at once, samples drawn from them at random (1: in turn)
     bucket_pool: int = 8
     transpose: int = 0  # key augmentation: each training window moved by a random shift in +-transpose semitones
     # the loss gains repeat_contrast x max(0, repeat_margin - (truth - repeat)), mean log-likelihoods per token of
@@ -126,8 +127,8 @@ class TrainConfig:
                              f"lr_final {self.lr_final}, warmup_steps {self.warmup_steps}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in 0 .. 2**63 - 1, got {self.seed}")
-        for name in ("num_workers", "max_tokens", "batch_tokens", "pack_len", "shuffle_buffer", "bucket_pool",
-                     "eval_batches", "eval_batch_size", "n_layer", "n_embd", "head_size", "dim_ffn"):
+        for name in ("num_workers", "max_tokens", "batch_tokens", "pack_len", "shuffle_buffer", "mix_shards",
+                     "bucket_pool", "eval_batches", "eval_batch_size", "n_layer", "n_embd", "head_size", "dim_ffn"):
             v = getattr(self, name)
             if v is not None and v < (0 if name == "num_workers" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'num_workers' else 1}, got {v}")
@@ -212,9 +213,11 @@ def resolve(file: str | os.PathLike | None, overrides: dict[str, Any], base: dic
     """defaults < base (a saved run config) < file < overrides (explicit CLI options).
 
     Each layer's older ``grad_checkpoint`` becomes its ``recompute`` before the layers merge, so a later layer's
-    choice wins either way (a run saved with "blocks" resumes with --recompute none as asked)."""
+    choice wins either way (a run saved with "blocks" resumes with --recompute none as asked). A saved run that
+    predates a data field resumes with what it trained with (DATA_FIELD_DEFAULTS), not today's default."""
     d: dict[str, Any] = {}
-    for layer in (base or {}, read_config_file(file) if file is not None else {}, overrides):
+    base = {**DATA_FIELD_DEFAULTS, **base} if base else {}
+    for layer in (base, read_config_file(file) if file is not None else {}, overrides):
         layer = dict(layer)
         gc = layer.pop("grad_checkpoint", None)
         if gc is not None:

@@ -549,10 +549,12 @@ class Trainer:
         try:
             spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=di.world_size, rank=di.rank,
                             streams=cfg.streams, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                            bucket_pool=cfg.bucket_pool, pad_id=self.pad_id, batch_tokens=cfg.batch_tokens,
-                            pack_len=cfg.pack_len, transpose=cfg.transpose, repeat_pairs=self.contrast)
+                            mix_shards=cfg.mix_shards, bucket_pool=cfg.bucket_pool, pad_id=self.pad_id,
+                            batch_tokens=cfg.batch_tokens, pack_len=cfg.pack_len, transpose=cfg.transpose,
+                            repeat_pairs=self.contrast)
         except ValueError as e:  # named as the options are spelt on the command line
-            raise BadFitInput(re.sub(r"\b(batch_tokens|pack_len|batch_size|streams|shuffle_buffer|bucket_pool)\b",
+            options = r"\b(batch_tokens|pack_len|batch_size|streams|shuffle_buffer|mix_shards|bucket_pool)\b"
+            raise BadFitInput(re.sub(options,
                                      lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
         self.stream = make_stream(self.train, spec, pitch_shift, Vocab(tokenizer) if self.contrast else None)
         self.steps_per_epoch = self.stream.batches_per_epoch(0) // cfg.grad_accum

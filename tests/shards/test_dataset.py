@@ -142,6 +142,38 @@ def test_ranks_get_equal_batches_and_streams_stand_in_for_ranks(train_set):
     assert len({s.batches_per_epoch(0) for s in three}) == 1
 
 
+def test_batches_mix_pieces_from_across_the_shards(train_set):
+    """The build writes pieces in corpus order, so each of its shards holds one to five of the 20 training pieces.
+    Read shard after shard, a batch of 16 holds about two pieces; with every shard open at once it holds about as
+    many as a batch drawn at random from the whole split would."""
+    piece = {}
+    for s in iter_samples(train_set.root, "train"):
+        piece.setdefault(np.asarray(s["tokens"][:-1], dtype=np.int64).tobytes(), s["source"])
+    share = np.array(list(Counter(piece.values()).values())) / len(piece)
+    at_random = float(np.sum(1 - (1 - share) ** 16))  # expected distinct pieces among 16 random windows
+
+    def pieces_per_batch(mix: int) -> float:
+        spec = DataSpec(batch_size=16, seed=0, shuffle_buffer=64, bucket_pool=1, mix_shards=mix)
+        return float(np.mean([len({piece[r] for r in _rows(b)}) for b in _epoch(make_stream(train_set, spec), 0)]))
+
+    in_turn, mixed = pieces_per_batch(1), pieces_per_batch(len(train_set.shards))
+    assert in_turn < 3 < 0.85 * at_random < mixed
+
+
+def test_mixed_shards_still_split_the_data_when_slots_outnumber_shards(train_set):
+    """With more slots than shards every slot reads every shard and keeps every n-th sample: which ones must not
+    depend on how the shards are interleaved."""
+    assert train_set.shards and len(train_set.shards) < 32
+    spec = DataSpec(batch_size=32, seed=0, streams=32, shuffle_buffer=8, mix_shards=8)
+    plan = make_stream(train_set, spec).plans(0)[0]
+    assert plan.stride == 32
+    used = Counter(r for b in _epoch(make_stream(train_set, spec), 0) for r in _rows(b))
+    available = Counter(np.asarray(s["tokens"][:-1], dtype=np.int64).tobytes()
+                        for s in iter_samples(train_set.root, "train"))
+    assert not used - available
+    assert sum(used.values()) >= 0.95 * train_set.nsamples
+
+
 def test_webdataset_stream_equals_parquet(built_shards: Path):
     spec = DataSpec(batch_size=8, seed=0, shuffle_buffer=32)
     pq = _epoch(make_stream(open_split(built_shards, "train", "parquet"), spec), 0)
@@ -155,6 +187,23 @@ def test_eval_batches_cover_val_split_once(built_shards: Path):
     assert n == val.nsamples
     split = [sum(b["n_targets"] for b in iter_eval_batches(val, 7, rank=r, world_size=2)) for r in range(2)]
     assert sum(split) == sum(b["n_targets"] for b in iter_eval_batches(val, 7))
+
+
+def test_a_limited_evaluation_samples_the_whole_val_split(built_shards: Path):
+    """--eval-batches N takes every k-th val window, so the N batches span the split's pieces (val shards hold
+    pieces in corpus order: the first N batches would be one or two pieces), and DDP ranks take disjoint ones."""
+    val = open_split(built_shards, "val")
+    piece, order = {}, []
+    for s in iter_samples(built_shards, "val"):
+        key = np.asarray(s["tokens"][:-1], dtype=np.int64).tobytes()
+        piece.setdefault(key, s["source"])
+        order.append(s["source"])
+    assert len(set(order[:16])) <= 2 < len(set(order))
+    taken = [r for b in iter_eval_batches(val, 8, max_batches=2) for r in _rows(b)]
+    assert len(taken) == 16 and {piece[r] for r in taken} == set(order)
+    ranks = [[r for b in iter_eval_batches(val, 4, rank=k, world_size=2, max_batches=2) for r in _rows(b)]
+             for k in range(2)]
+    assert [len(r) for r in ranks] == [8, 8] and sorted(ranks[0] + ranks[1]) == sorted(taken)
 
 
 def test_bad_shard_directories_give_clear_errors(built_shards: Path, tmp_path: Path):

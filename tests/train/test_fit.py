@@ -375,3 +375,22 @@ def test_transpose_trains_is_kept_on_resume_and_old_runs_resume(small_shards: Pa
     assert res.exit_code == 0, res.output
     res = musictrain_here("fit", small_shards, "-o", tmp_path / "bad", *args, "--transpose", "30")
     assert res.exit_code == 2 and "transpose" in res.output
+
+
+def test_a_run_saved_before_mix_shards_resumes_reading_shards_in_turn(small_shards: Path, tmp_path: Path):
+    """--mix-shards is part of the data order: a run saved before it existed read shard after shard, and resumes
+    so (mix_shards 1), not with today's default; asking it for another value is refused."""
+    args = (*TINY, "--batch-size", "4", "--eval-batches", "1", "--log-every", "1")
+    run = tmp_path / "old"
+    assert musictrain_here("fit", small_shards, "-o", run, *args, "--max-steps", "1").exit_code == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["mix_shards"] == 16
+    del cfg["train"]["mix_shards"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    res = musictrain_here("fit", small_shards, "-o", run, *args, "--max-steps", "2", "--resume", "--mix-shards", "4")
+    assert res.exit_code == 2 and "mix_shards=1" in res.output, res.output
+    res = musictrain_here("fit", small_shards, "-o", run, *args, "--max-steps", "2", "--resume")
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["train"]["mix_shards"] == 1
+    res = musictrain_here("fit", small_shards, "-o", tmp_path / "bad", *args, "--mix-shards", "0")
+    assert res.exit_code == 2 and "mix_shards must be >= 1" in res.output, res.output
