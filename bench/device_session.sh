@@ -58,6 +58,9 @@
 #               device time allows no two runs one after the other; RESULTS/proof5-{fast,reference}.log. On the
 #               script's own 28 pieces both paths overfit within two minutes (2026-12-07), so for a verdict on speed
 #               train on the music21 build: SHARDS=.shards-music21 EVAL_BATCHES=40 EVAL_EVERY=100 STEPS=20000
+#   mixpair     proof5's fast path twice at the same time on the one GPU, on SHARDS [.shards-music21], reading the shards
+#               in turn (--mix-shards 1, as before 2026-12-07) and mixed (the default): does mixing pieces from across
+#               the corpus in each batch give the better val loss in the same 300 s? RESULTS/mix-{1,16}.log
 #   ddp         bench/ddp_scaling.sh on 2 GPUs (needs a machine with 2 GPUs)
 # A step written bg:STEP runs in the background (e.g. bg:build while Triton compiles); the step `wait` waits for them.
 # Limits per step (seconds) come from LIMIT_<STEP>, e.g. LIMIT_TRAINSTEP=200. RESULTS/summary.txt lists each
@@ -79,7 +82,7 @@ declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compi
                   [complete32]=90 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
                   [budget]=240 [losscurve]=420 [sweep]=400
                   [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180
-                  [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300 [proof5]=400 [lcfloor]=420 [proof5pair]=420)
+                  [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300 [proof5]=400 [lcfloor]=420 [proof5pair]=420 [mixpair]=420)
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
@@ -109,6 +112,7 @@ declare -A command=(
     [tritontests]="$PY -m pytest -q -rs tests/gpu/test_wkv_triton.py tests/gpu/test_wkv_cuda.py -k 'triton or base_preset'"
     [proof5]="TIME_BUDGET_S=300 EVAL_EVERY=${EVAL_EVERY:-50} EVAL=0 FIT_PATH=${FIT_PATH:-fast} PY=$PY bash bench/e2e_proof.sh /tmp/proof5-${FIT_PATH:-fast}"
     [proof5pair]="for p in fast reference; do TIME_BUDGET_S=300 EVAL_EVERY=\${EVAL_EVERY:-50} EVAL=0 FIT_PATH=\$p PY=$PY bash bench/e2e_proof.sh /tmp/proof5-\$p > $results/proof5-\$p.log 2>&1 & done; wait; grep -H 'fit exit\\|best val\\|val loss (step' $results/proof5-*.log"
+    [mixpair]="for m in 1 16; do SHARDS=\${SHARDS:-.shards-music21} EVAL_BATCHES=\${EVAL_BATCHES:-40} STEPS=20000 TIME_BUDGET_S=300 EVAL_EVERY=\${EVAL_EVERY:-100} EVAL=0 FIT_PATH=fast FIT_ARGS=\"--mix-shards \$m\" PY=$PY bash bench/e2e_proof.sh /tmp/mix-\$m > $results/mix-\$m.log 2>&1 & done; wait; grep -H 'fit exit\\|best val\\|val loss (step' $results/mix-*.log"
     [recompute]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile \$(for c in ${RC_CASES:-fp32:none fp32:elementwise bf16:none bf16:elementwise}; do echo --case \$c; done) --json $results/recompute.json ${RC_ARGS:-}"
     [kerneltests]="$PY -m pytest -q -rs tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_triton.py ${KT_ARGS:-}"
     [wkvanchor]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"

@@ -18,6 +18,7 @@
 #     e.g. the music21 build, where 5 minutes are far from one epoch and the tiny corpus's overfitting (its val
 #     loss is lowest near step 550) does not hide a difference in speed
 #   EVAL_BATCHES (unset): evaluate on the first N val batches only (fit --eval-batches), for a large val split
+#   FIT_ARGS (unset): more `musictrain fit` options, e.g. "--mix-shards 1"
 # Training stops at STEPS or after TIME_BUDGET_S seconds, whichever comes first; a checkpoint is written every
 # EVAL_EVERY steps, and eval reads the best one (lowest val loss), so a stop by the time budget loses at most
 # EVAL_EVERY steps. The corpus is tiny (28 distinct pieces): SPLIT_SEED 0 with VAL_FRACTION 0.15 puts five whole
@@ -50,6 +51,8 @@ EVAL="${EVAL:-1}"
 fit_extra=()
 if [[ -n "${BATCH_TOKENS:-}" ]]; then fit_extra+=(--batch-tokens "$BATCH_TOKENS"); fi
 if [[ -n "${EVAL_BATCHES:-}" ]]; then fit_extra+=(--eval-batches "$EVAL_BATCHES"); fi
+# shellcheck disable=SC2206
+fit_extra+=(${FIT_ARGS:-})
 case "$FIT_PATH" in
     fast) ;;
     reference) export RWKV_MUSIC_WKV=torch; fit_extra+=(--precision fp32 --no-compile) ;;
