@@ -293,20 +293,23 @@ def build_prompt(ids: list[int], vocab: Vocab, context_bars: int | None, max_seq
     return w
 
 
-def replay_last_bars(tokens: Sequence[int], meta_len: int, ctx_len: int, vocab: Vocab) -> list[int] | None:
+def replay_last_bars(tokens: Sequence[int], meta_len: int, ctx_len: int, vocab: Vocab,
+                     skip: int = 0) -> list[int] | None:
     """The completion that only replays the context: its last bars, as many as the completion has (cycled if the
-    context has fewer); None without a context or completion bar.
+    context has fewer); None without a context or completion bar. With `skip` > 0 the replayed bars end `skip`
+    bars before the context does, and are not cycled (None if the context has too few).
 
     Whole bar spans are copied (Bar, its TimeSig, positions, notes), so the result is a grammatical REMI stream:
-    the forced choice's `repeat` impostor, and the negative of fit's `--repeat-contrast`."""
+    the forced choice's `repeat` impostor and the negative of fit's `--repeat-contrast` (skip 0), and the forced
+    choice's `earlier` impostor (skip = the completion's bars), a copy the training term never sees."""
     completion = np.asarray(tokens[ctx_len:], dtype=np.int64)
     n_bars = int((vocab.kinds.take(completion, mode="clip") == _BAR).sum())
     body = np.asarray(tokens[meta_len:ctx_len], dtype=np.int64).tolist()
     bars = index_bars(body, vocab)
-    if bars.n_bars == 0 or n_bars < 1:
+    if bars.n_bars == 0 or n_bars < 1 or skip < 0 or (skip and bars.n_bars < skip + n_bars):
         return None
-    k = min(n_bars, bars.n_bars)
-    first = bars.n_bars - k
+    k = n_bars if skip else min(n_bars, bars.n_bars)
+    first = bars.n_bars - skip - k
     out: list[int] = []
     for i in range(n_bars):
         b = first + i % k

@@ -5,11 +5,15 @@ sharper question per window: after the same meta + context prefix, is the true c
 log-likelihood per token, teacher-forced) than
 - `repeat`: the context's last bars repeated, as many bars as the completion has (the token-level twin of the
   repeat-last-bars baseline of the generative part), and
-- `random`: the completion of a random window of another piece, rendered after this window's prefix?
+- `random`: the completion of a random window of another piece, rendered after this window's prefix, and
+- `earlier`: the context bars *before* the last ones repeated (bars n-2k .. n-k of n, k the completion's)?
 
 A model that only copies scores the repeat high; one that ignores the context cannot tell the random window
 apart. The share of windows where the truth ranks first is reported per impostor (goals from issue 16: 70 %
-against the repeat, 95 % against the random window).
+against the repeat, 95 % against the random window). `earlier` has no goal: fit's --repeat-contrast trains
+against the `repeat` impostor itself, so the repeat's share partly measures that objective; `earlier` is a copy
+the term never sees, and tells "does not replay the last bars" from "does not copy". (Tunes do bring earlier
+bars back, so the truth need not beat it everywhere.)
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from rwkv_music.remi.windows import Vocab, replay_last_bars
 
 from .eval_data import count_bars
 
-IMPOSTORS = ("repeat", "random")
+IMPOSTORS = ("repeat", "random", "earlier")
 GOALS = {"repeat": 0.70, "random": 0.95}  # issue 16: share of windows where the truth should rank first
 
 
@@ -91,7 +95,8 @@ def forced_choice(model: torch.nn.Module, samples: Sequence, chosen: Sequence[in
         nb = count_bars(s.tokens[s.ctx_len:], vocab)
         rec: dict = {"piece_id": s.piece_id, "source": s.source, "window": s.window, "first_bar": s.first_bar,
                      "completion_bars": nb, "tokens": {"truth": len(truth)}, "identical": {}}
-        cands = {"truth": truth, "repeat": replay_last_bars(s.tokens, s.meta_len, s.ctx_len, vocab), "random": None}
+        cands = {"truth": truth, "repeat": replay_last_bars(s.tokens, s.meta_len, s.ctx_len, vocab), "random": None,
+                 "earlier": replay_last_bars(s.tokens, s.meta_len, s.ctx_len, vocab, skip=nb)}
         others = [p for p in pieces if p != s.piece_id]
         if others:
             p = others[int(rng.integers(len(others)))]
@@ -124,8 +129,9 @@ def _mean(xs) -> float:
 
 
 def summarize_choice(records: Sequence[dict]) -> dict:
-    """Per impostor: windows compared, truth ranked first (strictly more likely), share, goal, mean margin; and
-    `all`: the truth above every impostor of windows that have all of them (none identical)."""
+    """Per impostor: windows compared, truth ranked first (strictly more likely), share, goal (None: none set),
+    mean margin; and `all`: the truth above both impostors with a goal, over windows that have both (none
+    identical)."""
     out: dict = {}
     for name in IMPOSTORS:
         have = [r for r in records if name in r["loglik"] and "truth" in r["loglik"]]
@@ -133,9 +139,9 @@ def summarize_choice(records: Sequence[dict]) -> dict:
         cmp_ = [r for r in have if not r["identical"][name]]
         first = sum(r["loglik"]["truth"] > r["loglik"][name] for r in cmp_)
         out[name] = {"n": len(cmp_), "truth_first": int(first), "share": first / len(cmp_) if cmp_ else float("nan"),
-                     "goal": GOALS[name], "identical": len(same), "missing": len(records) - len(have),
+                     "goal": GOALS.get(name), "identical": len(same), "missing": len(records) - len(have),
                      "mean_margin_nats": _mean([r["loglik"]["truth"] - r["loglik"][name] for r in cmp_])}
-    full = [r for r in records if all(n in r["loglik"] and not r["identical"][n] for n in IMPOSTORS)]
-    first = sum(all(r["loglik"]["truth"] > r["loglik"][n] for n in IMPOSTORS) for r in full)
+    full = [r for r in records if all(n in r["loglik"] and not r["identical"][n] for n in GOALS)]
+    first = sum(all(r["loglik"]["truth"] > r["loglik"][n] for n in GOALS) for r in full)
     out["all"] = {"n": len(full), "truth_first": int(first), "share": first / len(full) if full else float("nan")}
     return out

@@ -116,8 +116,9 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
     fc = r.get("forced_choice")
     if fc:
         c = fc["comparisons"]
-        parts = [f"{name} {c[name]['truth_first']}/{c[name]['n']} = {_f(c[name]['share'])} (goal {c[name]['goal']:.2f})"
-                 for name in ("repeat", "random")]
+        parts = [f"{name} {c[name]['truth_first']}/{c[name]['n']} = {_f(c[name]['share'])}"
+                 + (f" (goal {c[name]['goal']:.2f})" if c[name].get("goal") is not None else "")
+                 for name in ("repeat", "random", "earlier") if name in c]
         click.echo(f"forced choice on {fc['windows']} windows, truth ranked first against: " + ", ".join(parts))
     g = r.get("generative")
     if g:

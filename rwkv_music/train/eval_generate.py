@@ -20,7 +20,7 @@ SYSTEMS = ("model", "repeat", "random")  # generated, repeat-last-bars baseline,
 
 
 SYSTEM_LABELS = {"model": "model", "repeat": "repeat last bars", "random": "random window", "truth": "ground truth",
-                 "context": "context"}
+                 "context": "context", "earlier": "repeat earlier bars"}
 
 
 # A completion function with the signature of `complete_windows`: (model, tokenizer, prompts [meta + context

@@ -225,7 +225,7 @@ def test_cli_usage_errors(small_shards: Path, trained_run: Path, tmp_path: Path)
 def test_forced_choice_report(report_dir, report):
     fc = report["forced_choice"]
     assert fc["windows"] == len(fc["per_window"]) == CHOICE
-    for name in ("repeat", "random"):
+    for name in ("repeat", "random", "earlier"):
         c = fc["comparisons"][name]
         assert c["n"] + c["identical"] + c["missing"] == CHOICE
         assert c["n"] > 0 and 0 <= c["truth_first"] <= c["n"] and 0 <= c["share"] <= 1
@@ -234,6 +234,7 @@ def test_forced_choice_report(report_dir, report):
         wins = [w for w in fc["per_window"] if name in w["loglik"] and not w["identical"][name]]
         assert c["truth_first"] == sum(w["loglik"]["truth"] > w["loglik"][name] for w in wins)
     assert fc["comparisons"]["repeat"]["goal"] == 0.7 and fc["comparisons"]["random"]["goal"] == 0.95
+    assert fc["comparisons"]["earlier"]["goal"] is None and np.isfinite(fc["mean_loglik"]["earlier"])
     both = fc["comparisons"]["all"]
     assert both["truth_first"] <= min(fc["comparisons"][n]["truth_first"] for n in ("repeat", "random"))
     for w in fc["per_window"]:
@@ -241,7 +242,7 @@ def test_forced_choice_report(report_dir, report):
         assert all(v < 0 for v in w["loglik"].values())  # log-likelihoods of real tokens
     assert len({(w["piece_id"], w["window"]) for w in fc["per_window"]}) == CHOICE
     assert "Forced choice" in (report_dir[0] / "report.html").read_text()
-    assert "forced choice on 40 windows" in report_dir[1]
+    assert "forced choice on 40 windows" in report_dir[1] and "earlier " in report_dir[1]
 
 
 def test_sampling_sweep_scores_a_real_report(report, bench_module):
@@ -404,3 +405,26 @@ def test_piano_roll_spans_context_and_completion_bars(small_shards: Path, traine
         assert ax.get_xlim() == (0.0, float(d.context.n_bars + nb))
         assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [d.context.n_bars]
     assert [t.get_text() for t in fig.axes[1].texts] == ["(no valid output)"]  # the model row had no output
+
+
+def test_earlier_impostor_replays_the_bars_before_the_last(small_shards: Path, trained_run: Path):
+    """Decoded, the `earlier` impostor (skip = the completion's bars) is the repeat baseline of the context without
+    its last bars: the k context bars before the last k, a copy that --repeat-contrast never trains against."""
+    _, tok, _ = load_for_inference(trained_run, "cpu")
+    vocab = Vocab(tok)
+    checked = 0
+    for s in load_split(small_shards, "val", "parquet"):
+        nb = count_bars(s.tokens[s.ctx_len:], vocab)
+        n_ctx = count_bars(s.tokens[s.meta_len:s.ctx_len], vocab)
+        early = replay_last_bars(s.tokens, s.meta_len, s.ctx_len, vocab, skip=nb)
+        if nb == 0 or n_ctx < 2 * nb:
+            assert early is None
+            continue
+        assert count_bars(early, vocab) == nb
+        d = decode_segments(s.tokens[: s.ctx_len], s.meta_len, early, nb, tok, vocab)
+        ref = M.repeat_last_bars(M.bar_slice(d.context, 0, n_ctx - nb), nb)
+        assert d.completion.onset.tolist() == ref.onset.tolist() and d.completion.pitch.tolist() == ref.pitch.tolist()
+        checked += 1
+        if checked == 20:
+            break
+    assert checked == 20
