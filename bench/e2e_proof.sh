@@ -17,7 +17,7 @@
 #   SHARDS (unset): train on this existing shard build instead of building the small corpus (stage 1 is skipped),
 #     e.g. the music21 build, where 5 minutes are far from one epoch and the tiny corpus's overfitting (its val
 #     loss is lowest near step 550) does not hide a difference in speed
-#   EVAL_BATCHES (unset): evaluate on the first N val batches only (fit --eval-batches), for a large val split
+#   EVAL_BATCHES (unset): evaluate on N val batches spread over the split (fit --eval-batches), for a large val split
 #   FIT_ARGS (unset): more `musictrain fit` options, e.g. "--mix-shards 1"
 # Training stops at STEPS or after TIME_BUDGET_S seconds, whichever comes first; a checkpoint is written every
 # EVAL_EVERY steps, and eval reads the best one (lowest val loss), so a stop by the time budget loses at most

@@ -486,44 +486,44 @@ class ShardStream(IterableDataset):
         plan opens when one runs out); otherwise shard after shard. Which samples a strided slot keeps depends on
         their place in the plan's shard sequence, not on the mixing, so the slots still split the data."""
         width = self.spec.mix_shards if rng is not None else 1
-        pending = list(self._plan_parts(plan))[::-1]  # (shard index, its kept samples), next one last
+        pending = list(self._plan_parts(plan))[::-1]  # (shard, its first sample's place, samples kept), next last
         open_: list[tuple[int, Iterator[dict]]] = []
         left: list[int] = []
         while pending or open_:
             while pending and len(open_) < width:
-                si, n = pending.pop()
+                si, base, n = pending.pop()
                 if n:
-                    open_.append((si, self._kept(si, plan)))
+                    open_.append((si, self._kept(si, base, plan)))
                     left.append(n)
             if not open_:
                 return
             k = 0 if len(open_) == 1 else _weighted_index(left, rng)
             si, it = open_[k]
-            path = self.root / self.shards[si].path
             try:
                 s = next(it, None)
             except DataError:
                 raise
             except Exception as e:  # pyarrow, tarfile, numpy: whatever the damage, name the shard
-                raise shard_error(path, e) from e
+                raise shard_error(self.root / self.shards[si].path, e) from e
             left[k] -= 1
             if s is None or left[k] == 0:  # done (a shard holding fewer samples shows as a short epoch later)
                 del open_[k], left[k]
             if s is not None:
                 yield s
 
-    def _plan_parts(self, plan: SlotPlan) -> Iterator[tuple[int, int]]:
-        """Each shard of the plan with the number of its samples the slot keeps."""
+    def _plan_parts(self, plan: SlotPlan) -> Iterator[tuple[int, int, int]]:
+        """Each shard of the plan: its index, the place of its first sample in the plan's sequence, and the number
+        of its samples the slot keeps."""
         base = 0
         for si in plan.shards:
             n = self.shards[si].nsamples
             first = base + (plan.offset - base) % plan.stride
-            yield si, len(range(first, base + n, plan.stride))
+            yield si, base, len(range(first, base + n, plan.stride))
             base += n
 
-    def _kept(self, si: int, plan: SlotPlan) -> Iterator[dict]:
-        """Shard `si`'s samples that the slot keeps (sample i of the plan's sequence iff i % stride == offset)."""
-        base = sum(self.shards[j].nsamples for j in plan.shards[:plan.shards.index(si)])
+    def _kept(self, si: int, base: int, plan: SlotPlan) -> Iterator[dict]:
+        """Shard `si`'s samples that the slot keeps (sample i of the plan's sequence iff i % stride == offset; the
+        shard's first sample is number `base`)."""
         for i, s in enumerate(iter_shard(self.root / self.shards[si].path, self.fmt), start=base):
             if i % plan.stride == plan.offset:
                 yield {"tokens": s["tokens"], "meta_len": s["meta_len"], "ctx_len": s["ctx_len"],
@@ -619,13 +619,12 @@ def make_stream(shard_set: ShardSet, spec: DataSpec, pitch_shift: PitchShift | N
 
 def iter_eval_batches(shard_set: ShardSet, batch_size: int, rank: int = 0, world_size: int = 1,
                       max_batches: int | None = None, pad_id: int = 0) -> Iterator[dict]:
-    """Validation batches in manifest order, no shuffling, last batch partial. With `max_batches`, every k-th
-    sample of the split, k spreading the max_batches x batch_size x world_size samples over all of it: a build
-    writes pieces in corpus order, so the first batches would be one collection. The j-th sample taken goes to
-    rank j % world_size."""
-    stride = 1
-    if max_batches is not None:
-        stride = max(1, shard_set.nsamples // max(1, max_batches * batch_size * world_size))
+    """Validation batches in manifest order, no shuffling, last batch partial. With `max_batches`, the K =
+    max_batches x batch_size x world_size samples are spread evenly over the whole split (sample i is taken when
+    floor((i + 1) K / N) > floor(i K / N)): a build writes pieces in corpus order, so the first batches would be
+    one collection. The j-th sample taken goes to rank j % world_size."""
+    N = shard_set.nsamples
+    K = N if max_batches is None else min(N, max_batches * batch_size * world_size)
     pending: list[dict] = []
     n = 0
     i = j = 0
@@ -633,7 +632,7 @@ def iter_eval_batches(shard_set: ShardSet, batch_size: int, rank: int = 0, world
         path = shard_set.root / ref.path
         try:
             for s in iter_shard(path, shard_set.fmt):
-                if i % stride == 0:
+                if K >= N or (i + 1) * K // N > i * K // N:
                     if j % world_size == rank:
                         pending.append(s)
                         if len(pending) == batch_size:

@@ -76,7 +76,7 @@ def score_continuations(model: torch.nn.Module, prefixes: Sequence[Sequence[int]
 def forced_choice(model: torch.nn.Module, samples: Sequence, chosen: Sequence[int], pool: Sequence,
                   vocab: Vocab, device: torch.device, seed: int, batch_tokens: int = 32768, pad_id: int = 0,
                   progress: Callable[[int], None] | None = None) -> dict:
-    """Score the truth and both impostors of each chosen window; the per-comparison shares and counts.
+    """Score the truth and every impostor of each chosen window; the per-comparison shares and counts.
 
     `pool` supplies the random windows (each drawn, with a generator seeded from `seed`, among the pool windows of
     another piece). A window whose impostor has the very same tokens as the truth (a completion that repeats its

@@ -199,11 +199,21 @@ def test_a_limited_evaluation_samples_the_whole_val_split(built_shards: Path):
         piece.setdefault(key, s["source"])
         order.append(s["source"])
     assert len(set(order[:16])) <= 2 < len(set(order))
+    counts = Counter(order)
     taken = [r for b in iter_eval_batches(val, 8, max_batches=2) for r in _rows(b)]
-    assert len(taken) == 16 and {piece[r] for r in taken} == set(order)
+    # evenly spaced: every piece holding at least N / 16 windows (they lie together) gives one
+    assert len(taken) == 16 and {piece[r] for r in taken} >= {p for p, c in counts.items() if 16 * c >= len(order)}
+    assert len({piece[r] for r in taken}) > 4
     ranks = [[r for b in iter_eval_batches(val, 4, rank=k, world_size=2, max_batches=2) for r in _rows(b)]
              for k in range(2)]
     assert [len(r) for r in ranks] == [8, 8] and sorted(ranks[0] + ranks[1]) == sorted(taken)
+    # asking for more than half the split still reaches its end (a whole-number stride would stop at the middle)
+    n_batches = (7 * val.nsamples // 10) // 8
+    taken = [r for b in iter_eval_batches(val, 8, max_batches=n_batches) for r in _rows(b)]
+    assert len(taken) == 8 * n_batches and {piece[r] for r in taken} == set(counts)
+    position = {key: i for i, key in enumerate(np.asarray(s["tokens"][:-1], dtype=np.int64).tobytes()
+                                               for s in iter_samples(built_shards, "val"))}
+    assert max(position[r] for r in taken) >= val.nsamples - 2
 
 
 def test_bad_shard_directories_give_clear_errors(built_shards: Path, tmp_path: Path):
