@@ -270,7 +270,7 @@ def test_choice_by_source_regroups_the_report(report_dir, report, bench_module, 
     rows = {r[0].strip(): r[1:] for r in (line.strip("|").split("|") for line in proc.stdout.splitlines()[2:])}
     fc = report["forced_choice"]
     assert sum(int(r[0]) for r in rows.values()) == CHOICE
-    for imp, col in (("repeat", 1), ("random", 2)):
+    for imp, col in (("repeat", 1), ("random", 2), ("earlier", 3)):
         compared: dict[str, int] = {}
         for w in fc["per_window"]:
             if imp in w["loglik"] and not w["identical"][imp]:
@@ -301,6 +301,7 @@ def test_choice_by_source_regroups_the_report(report_dir, report, bench_module, 
     line = next(x for x in proc.stdout.splitlines() if x.startswith("against the repeat"))
     assert flipped > 0 and f"this report only {flipped}, in the other only 0, both 0 " in line, line
     assert line.endswith(f"p = {mod.sign_test(flipped, 0):.3g}")
+    assert any(x.startswith("against the earlier: ") for x in proc.stdout.splitlines())
     assert mod.sign_test(0, 5) == 2 / 32 and mod.sign_test(3, 3) == 1.0 and mod.sign_test(0, 0) == 1.0
 
 
