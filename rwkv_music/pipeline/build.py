@@ -20,7 +20,7 @@ from .batch import BATCH_DIR, STAGING_DIR, BatchResult, BatchSettings, BatchTask
 from .config import BuildConfig, Runtime
 from .dedup import find_near_duplicates
 from .finalize import publish
-from .scan import CorpusError, Reject, find_midi, make_batches, scan_corpus
+from .scan import CorpusError, Reject, corpus_mix, find_midi, make_batches, scan_corpus
 
 BUILD_CONFIG = ".build/config.json"
 STATS = "stats.json"
@@ -113,7 +113,7 @@ def build_shards(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None] = pri
             early = stack.enter_context(cluster_in_background(rt, min(rt.workers, most_batches)))
         t_scan = time.perf_counter()
         scan = scan_corpus(cfg.corpus, rels)
-        batches = make_batches(scan.unique, cfg.files_per_batch)
+        batches = make_batches(corpus_mix(scan.unique, cfg.seed), cfg.files_per_batch)
         t_scan_done = t_run = time.perf_counter()
 
         results: dict[int, BatchResult] = {}

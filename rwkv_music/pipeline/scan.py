@@ -141,3 +141,10 @@ def scan_corpus(corpus: str | os.PathLike, rels: list[str], max_bytes: int = DEF
 def make_batches(files: list[CorpusFile], files_per_batch: int) -> list[Batch]:
     return [Batch(i, tuple(files[s:s + files_per_batch]))
             for i, s in enumerate(range(0, len(files), files_per_batch))]
+
+
+def corpus_mix(files: list[CorpusFile], seed: int) -> list[CorpusFile]:
+    """The files in an order drawn from `seed` and each file's content hash, not its path: a corpus is laid out
+    by collection, and shards are cut from batches in batch order, so path order would give shards of one
+    collection each. The order depends only on the files' bytes and the seed (not on their names or number)."""
+    return sorted(files, key=lambda f: hashlib.sha256(f"{seed}/{f.sha256}".encode()).hexdigest())

@@ -7,10 +7,10 @@ of *slots*), never on timing:
   (``world_size x streams x num_workers``): whole shards, balanced by sample count, when that wastes at most
   5% of the samples; otherwise (few shards) every slot reads every shard and keeps every n-th sample.
 - Each slot reads ``mix_shards`` of its shards at once, taking each next sample from one of them at random
-  (weighted by what each has left), so that a batch mixes pieces from many shards: a build writes its pieces
-  in corpus order, so one shard can hold a single collection. Then a shuffle buffer and length bucketing
-  (pools of ``bucket_pool`` batches sorted by length, cut into batches, batch order shuffled), all from RNGs
-  seeded by (seed, epoch, slot).
+  (weighted by what each has left), so that a batch mixes pieces from many shards: a shard holds each piece's
+  windows together, and builds made before 2026-12-07 wrote pieces in corpus order (one shard could hold a
+  single collection). Then a shuffle buffer and length bucketing (pools of ``bucket_pool`` batches sorted by
+  length, cut into batches, batch order shuffled), all from RNGs seeded by (seed, epoch, slot).
 - Every slot yields exactly ``M`` batches per epoch, M = the smallest slot's full-batch count, so every DDP
   rank gets the same number of batches and DataLoader workers interleave in strict round robin.
   Because the counts come from the manifest, M is known before any shard is read.
@@ -621,7 +621,7 @@ def iter_eval_batches(shard_set: ShardSet, batch_size: int, rank: int = 0, world
                       max_batches: int | None = None, pad_id: int = 0) -> Iterator[dict]:
     """Validation batches in manifest order, no shuffling, last batch partial. With `max_batches`, the K =
     max_batches x batch_size x world_size samples are spread evenly over the whole split (sample i is taken when
-    floor((i + 1) K / N) > floor(i K / N)): a build writes pieces in corpus order, so the first batches would be
+    floor((i + 1) K / N) > floor(i K / N)): a shard holds each piece's windows together, so the first batches would be
     one collection. The j-th sample taken goes to rank j % world_size."""
     N = shard_set.nsamples
     K = N if max_batches is None else min(N, max_batches * batch_size * world_size)

@@ -133,8 +133,8 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
       "DDP processes.")
 @_opt("--shuffle-buffer", type=int, help="Samples in each stream's shuffle buffer.")
 @_opt("--mix-shards", type=int, help="Shards each stream reads at once, each next window drawn from one of them "
-      "at random, so a batch mixes pieces from across the corpus (a build writes pieces in corpus order, so one "
-      "shard may hold a single collection). 1: shard after shard.")
+      "at random, so a batch mixes pieces from across the corpus (a shard holds each piece's windows together; in "
+      "builds made before 2026-12-07 a shard may hold a single collection). 1: shard after shard.")
 @_opt("--transpose", type=int, help="Key augmentation: move each training window by a random number of semitones "
       "within +-N (only shifts that keep every pitch on the keyboard; validation is never moved). 0: off.")
 @_opt("--bucket-pool", type=int, help="Batches per length-bucketing pool; 1 disables bucketing.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -11,10 +12,10 @@ import pytest
 import symusic
 
 from rwkv_music.pipeline.batch import BatchSettings, BatchTask, batch_record_path, load_finished, process_batch
-from rwkv_music.pipeline.scan import CorpusError, find_midi, make_batches, scan_corpus
+from rwkv_music.pipeline.scan import CorpusError, CorpusFile, corpus_mix, find_midi, make_batches, scan_corpus
 from rwkv_music.remi.tokenizer import build_tokenizer, save_tokenizer, tokenizer_hash
 from rwkv_music.remi.windows import WindowSpec
-from rwkv_music.shards import iter_parquet_samples, iter_webdataset_samples, parquet_tokenizer_hash
+from rwkv_music.shards import iter_parquet_samples, iter_samples, iter_webdataset_samples, parquet_tokenizer_hash
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,19 @@ def test_span_arrays_equal_the_window_token_lists(corpus_dir, max_seq_len):
             assert (s.meta_len, s.ctx_len, s.completion_len, s.window, s.first_bar) == \
                 (w.meta_len, w.ctx_len, w.completion_len, w.window, w.first_bar)
     assert max_seq_len == 2048 or stats.truncated > 0
+
+
+def test_batches_mix_the_corpus_by_content_not_path(built_shards: Path):
+    """Batches take the files in an order drawn from the seed and their bytes, so shards (cut from batches in
+    batch order) do not follow the corpus's folders: the test build's pieces do not come in path order, and the
+    order survives renaming the files."""
+    files = [CorpusFile(f"{name}.mid", 1, f"{i:064x}") for i, name in enumerate("abcdefghijklmnopqrstuvwxyz")]
+    mixed = corpus_mix(files, seed=0)
+    assert sorted(f.rel for f in mixed) == sorted(f.rel for f in files) and mixed != files
+    renamed = corpus_mix([CorpusFile(f"z/{f.rel}", f.size, f.sha256) for f in reversed(files)], seed=0)
+    assert [f.sha256 for f in renamed] == [f.sha256 for f in mixed]
+    assert [f.sha256 for f in corpus_mix(files, seed=1)] != [f.sha256 for f in mixed]
+    pieces = list(dict.fromkeys(s["source"] for s in iter_samples(built_shards, "train")))  # first appearances
+    assert len(pieces) > 10 and pieces != sorted(pieces)
+    folders = [p.split("/")[0] for p in pieces]
+    assert sum(a != b for a, b in itertools.pairwise(folders)) > 2  # the folders interleave

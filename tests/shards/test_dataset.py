@@ -143,9 +143,9 @@ def test_ranks_get_equal_batches_and_streams_stand_in_for_ranks(train_set):
 
 
 def test_batches_mix_pieces_from_across_the_shards(train_set):
-    """The build writes pieces in corpus order, so each of its shards holds one to five of the 20 training pieces.
-    Read shard after shard, a batch of 16 holds about two pieces; with every shard open at once it holds about as
-    many as a batch drawn at random from the whole split would."""
+    """A shard holds each piece's windows together, so each of the test build's shards holds a few of the 20
+    training pieces. Read shard after shard, a batch of 16 holds about two pieces; with every shard open at once
+    it holds about as many as a batch drawn at random from the whole split would."""
     piece = {}
     for s in iter_samples(train_set.root, "train"):
         piece.setdefault(np.asarray(s["tokens"][:-1], dtype=np.int64).tobytes(), s["source"])
@@ -190,8 +190,9 @@ def test_eval_batches_cover_val_split_once(built_shards: Path):
 
 
 def test_a_limited_evaluation_samples_the_whole_val_split(built_shards: Path):
-    """--eval-batches N takes every k-th val window, so the N batches span the split's pieces (val shards hold
-    pieces in corpus order: the first N batches would be one or two pieces), and DDP ranks take disjoint ones."""
+    """--eval-batches N takes windows spread evenly over the split, so the N batches span its pieces (a val shard
+    holds each piece's windows together: the first N batches would be one or two pieces), and DDP ranks take
+    disjoint ones."""
     val = open_split(built_shards, "val")
     piece, order = {}, []
     for s in iter_samples(built_shards, "val"):
