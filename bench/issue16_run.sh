@@ -2,7 +2,8 @@
 # The real-corpus run of docs/results.md: train within a time budget (SIGTERM at the end of it: the trainer
 # finishes its step and writes a checkpoint), then `musictrain eval` on the test half of the val pieces with
 # complete's default sampling. The defaults are docs/results.md's run (2026-12-03: 448 s of fit, 35 s of eval
-# on an H200).
+# on an H200); its 2026-12-07 run added FIT_ARGS="--repeat-contrast 1" (add --mix-shards 1 for that run's data
+# order: fit mixes 16 shards at once since).
 #
 #   bash bench/issue16_run.sh SHARDS WORK RESULTS
 #   env: STAGES ("fit eval"; one of them alone runs that stage on WORK/run), TRAIN_S, PRESET, MAX_STEPS,

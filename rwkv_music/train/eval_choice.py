@@ -4,7 +4,7 @@ Loss numbers say little about whether a model has learnt *music* rather than tok
 sharper question per window: after the same meta + context prefix, is the true completion more likely (mean
 log-likelihood per token, teacher-forced) than
 - `repeat`: the context's last bars repeated, as many bars as the completion has (the token-level twin of the
-  repeat-last-bars baseline of the generative part), and
+  repeat-last-bars baseline of the generative part),
 - `random`: the completion of a random window of another piece, rendered after this window's prefix, and
 - `earlier`: the context bars *before* the last ones repeated (bars n-2k .. n-k of n, k the completion's)?
 
