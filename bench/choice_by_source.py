@@ -16,25 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from collections import defaultdict
 from pathlib import Path
+
+from rwkv_music.train.metrics import sign_test
 
 IMPOSTORS = ("repeat", "random", "earlier")
 
 
 def collection(source: str) -> str:
     return re.sub(r"\d+$", "", Path(source).name.split("__")[0].removesuffix(".mid"))
-
-
-def sign_test(a: int, b: int) -> float:
-    """Exact two-sided sign test: the chance of a split at least this uneven of a + b discordant windows, were
-    each equally likely to go either way."""
-    n, k = a + b, min(a, b)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def paired(windows: list[dict], others: list[dict]) -> None:

@@ -127,7 +127,23 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
                    f"distance to the truth: model {_f(s['model']['pch_distance_truth']['mean'])}, repeat "
                    f"{_f(s['repeat']['pch_distance_truth']['mean'])}, random "
                    f"{_f(s['random']['pch_distance_truth']['mean'])}")
+        for base in ("repeat", "random"):
+            click.echo(f"  closer to the truth than the {base}: {_standing(g, base)}")
     click.echo(f"report: {res.out_dir / 'report.html'} and {res.out_dir / 'report.json'}")
+
+
+def _standing(g: dict, base: str) -> str:
+    """'A of 9 metrics by mean error; per window B of them significantly (sign test p < 0.05), C the other way'."""
+    from .metrics import METRIC_NAMES
+
+    err = {k: g["systems"].get(k, {}).get("abs_error_vs_truth", {}) for k in ("model", base)}
+    means = [(err["model"].get(m, {}).get("mean"), err[base].get(m, {}).get("mean")) for m in METRIC_NAMES]
+    by_mean = sum(a is not None and b is not None and a < b for a, b in means)  # NaN is None in a written report
+    per = g.get(f"model_vs_{base}", {})
+    sig = [per[m] for m in METRIC_NAMES if m in per and per[m].get("sign_test_p", 1.0) < 0.05]
+    won = sum(v["model_closer"] > v["base_closer"] for v in sig)
+    return (f"{by_mean} of {len(METRIC_NAMES)} metrics by mean error; per window {won} of them significantly "
+            f"(sign test p < 0.05), {len(sig) - won} significantly the other way")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Conventions shared by all metrics:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -311,3 +312,12 @@ def repeat_last_bars(notes: NoteArray, n_bars: int) -> NoteArray:
     k = min(n_bars, notes.n_bars)
     first = notes.n_bars - k
     return concat_segments([bar_slice(notes, first + i % k, first + i % k + 1) for i in range(n_bars)])
+
+
+def sign_test(a: int, b: int) -> float:
+    """Exact two-sided sign test: the chance of a split at least this uneven of a + b discordant cases, were each
+    equally likely to go either way (1.0 for none)."""
+    n, k = a + b, min(a, b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)

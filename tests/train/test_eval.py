@@ -161,6 +161,18 @@ def test_generative_part_and_baselines(report):
             m = w["metrics"][name]
             assert m["n_notes"] >= 0 and 0 <= m["empty_beat_rate"] <= 1
     assert set(g["model_vs_random"]) >= {"pch_distance_truth", "note_density"}
+    # per window, against each baseline: the counts are the windows' own errors, the sign test is exact
+    for base in ("repeat", "random"):
+        for m in M.METRIC_NAMES:
+            v = g[f"model_vs_{base}"][m]
+            vals = [(w["metrics"]["model"][m], w["metrics"][base][m], w["metrics"]["truth"][m]) for w in g["windows"]]
+            err = [(abs(x - t), abs(y - t)) for x, y, t in vals if None not in (x, y, t)]  # NaN is None in JSON
+            assert (v["n"], v["model_closer"], v["base_closer"], v["ties"]) == (
+                len(err), sum(a < b for a, b in err), sum(a > b for a, b in err), sum(a == b for a, b in err))
+            if err:
+                assert v["model_closer_rate"] == pytest.approx((v["model_closer"] + v["ties"] / 2) / len(err))
+            assert v["sign_test_p"] == M.sign_test(v["model_closer"], v["base_closer"])
+    assert M.sign_test(0, 5) == 2 / 32 and M.sign_test(3, 3) == 1.0 and M.sign_test(0, 0) == 1.0
     # Sampling: the temperature and min-p given on the command line, the rest complete's defaults.
     assert g["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": SamplingConfig().top_p, "min_p": 0.02}
 
@@ -243,6 +255,7 @@ def test_forced_choice_report(report_dir, report):
     assert len({(w["piece_id"], w["window"]) for w in fc["per_window"]}) == CHOICE
     assert "Forced choice" in (report_dir[0] / "report.html").read_text()
     assert "forced choice on 40 windows" in report_dir[1] and "earlier " in report_dir[1]
+    assert "closer to the truth than the repeat: " in report_dir[1] and "sign test p < 0.05" in report_dir[1]
 
 
 def test_sampling_sweep_scores_a_real_report(report, bench_module):
@@ -302,7 +315,6 @@ def test_choice_by_source_regroups_the_report(report_dir, report, bench_module, 
     assert flipped > 0 and f"this report only {flipped}, in the other only 0, both 0 " in line, line
     assert line.endswith(f"p = {mod.sign_test(flipped, 0):.3g}")
     assert any(x.startswith("against the earlier: ") for x in proc.stdout.splitlines())
-    assert mod.sign_test(0, 5) == 2 / 32 and mod.sign_test(3, 3) == 1.0 and mod.sign_test(0, 0) == 1.0
 
 
 def test_forced_choice_scores_are_teacher_forced_and_seeded(trained_run: Path, small_shards: Path):
