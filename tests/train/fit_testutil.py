@@ -19,9 +19,13 @@ SMALL_BUILD_ARGS = ("--format", "both", "--max-seq-len", "96", "--context-bars",
 TINY = ("--preset", "tiny", "--n-layer", "2", "--n-embd", "64", "--device", "cpu", "--no-progress")
 
 
-def fit_env() -> dict[str, str]:
-    # One thread per process: on a busy 2-core machine more threads only fight each other.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def fit_env(tmp: Path | None = None) -> dict[str, str]:
+    """One thread per process: on a busy 2-core machine more threads only fight each other. With `tmp`, the
+    subprocess's temporary files go there (torchrun's agent leaves a torchelastic_* folder behind otherwise)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
+    return env
 
 
 def musictrain(*args: str | os.PathLike, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -44,7 +48,7 @@ def torchrun_fit(shards: Path, run: Path, *args: str, timeout: float = 300) -> s
     every process's Python stacks (faulthandler on SIGABRT), so a hang in CI names where it hung."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "rwkv_music.train.cli", "fit", str(shards), "-o", str(run), *args]
-    env = {**fit_env(), "PYTHONFAULTHANDLER": "1"}
+    env = {**fit_env(run.parent), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -47,7 +47,7 @@ def start_fit(shards: Path, run: Path, *args: str, stderr_to: Path, cmd_prefix: 
               ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", *cmd_prefix, "rwkv_music.train.cli", "fit", str(shards), "-o", str(run), *args]
     with open(stderr_to, "w") as err:
-        return subprocess.Popen(cmd, env=fit_env(), stdout=subprocess.DEVNULL, stderr=err)
+        return subprocess.Popen(cmd, env=fit_env(run.parent), stdout=subprocess.DEVNULL, stderr=err)
 
 
 def wait_for_training(proc: subprocess.Popen, run: Path, rows: int = 3, timeout: float = 300) -> int:
