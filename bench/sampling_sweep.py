@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from rwkv_music.atomic import write_text_atomic
+from rwkv_music.train.eval_generate import mean_error_wins
 from rwkv_music.train.metrics import METRIC_NAMES
 
 
@@ -38,14 +39,9 @@ def score(c: dict[str, dict[str, float | None]]) -> dict:
     """Wins over eval's 9 metrics (METRIC_NAMES), the count issue 16 states its goals in. A metric with no mean
     (no window defines it, e.g. the inter-onset interval of one-note bars) is no win for either side."""
     metrics = list(c["model"])
-
-    def wins(base: str) -> int:
-        return sum(c["model"][m] is not None and c[base][m] is not None and c["model"][m] < c[base][m]
-                   for m in metrics)
-
     rel = sum(c["model"][m] / c["repeat"][m] for m in metrics
               if c["model"][m] is not None and c["repeat"][m] is not None and c["repeat"][m] > 0)
-    wins_repeat, wins_random = wins("repeat"), wins("random")
+    wins_repeat, wins_random = mean_error_wins(c["model"], c["repeat"]), mean_error_wins(c["model"], c["random"])
     return {"metrics": len(metrics), "wins_vs_repeat": wins_repeat, "wins_vs_random": wins_random,
             "rel_error_sum": round(rel, 4)}
 

@@ -134,11 +134,11 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
 
 def _standing(g: dict, base: str) -> str:
     """'A of 9 metrics by mean error; per window B of them significantly (sign test p < 0.05), C the other way'."""
+    from .eval_generate import mean_error_wins
     from .metrics import METRIC_NAMES
 
     err = {k: g["systems"].get(k, {}).get("abs_error_vs_truth", {}) for k in ("model", base)}
-    means = [(err["model"].get(m, {}).get("mean"), err[base].get(m, {}).get("mean")) for m in METRIC_NAMES]
-    by_mean = sum(a is not None and b is not None and a < b for a, b in means)  # NaN is None in a written report
+    by_mean = mean_error_wins(*({m: err[k].get(m, {}).get("mean") for m in METRIC_NAMES} for k in ("model", base)))
     per = g.get(f"model_vs_{base}", {})
     sig = [per[m] for m in METRIC_NAMES if m in per and per[m].get("sign_test_p", 1.0) < 0.05]
     won = sum(v["model_closer"] > v["base_closer"] for v in sig)

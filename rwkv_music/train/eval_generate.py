@@ -198,6 +198,13 @@ def summarize_generative(windows: list[dict]) -> dict:
     return out
 
 
+def mean_error_wins(model: dict[str, float | None], base: dict[str, float | None]) -> int:
+    """Metrics (keys of `model`) where the model's mean error against the truth is below the baseline's: the count
+    issue 16 states its goals in. A metric with no mean (None: no window defines it, or NaN in a written report)
+    is no win for either side."""
+    return sum(model[m] is not None and base.get(m) is not None and model[m] < base[m] for m in model)
+
+
 def closer_than(windows: list[dict], base: str) -> dict:
     """Per metric, window by window: is the model's completion closer to the truth than the baseline `base`'s?
     `model_closer_rate` (ties count half), the counts, and the exact two-sided sign test of the untied windows:
