@@ -115,10 +115,12 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
                f"{_f(tf['perplexity'], 2)}, top-1 {_f(tf['top1'])}, top-5 {_f(tf['top5'])}")
     fc = r.get("forced_choice")
     if fc:
+        from .eval_choice import IMPOSTORS  # here: `musictrain --help` loads no torch
+
         c = fc["comparisons"]
         parts = [f"{name} {c[name]['truth_first']}/{c[name]['n']} = {_f(c[name]['share'])}"
-                 + (f" (goal {c[name]['goal']:.2f})" if c[name].get("goal") is not None else "")
-                 for name in ("repeat", "random", "earlier") if name in c]
+                 + (f" (goal {c[name]['goal']:.2f})" if c[name]["goal"] is not None else "")
+                 for name in IMPOSTORS]
         click.echo(f"forced choice on {fc['windows']} windows, truth ranked first against: " + ", ".join(parts))
     g = r.get("generative")
     if g:
@@ -137,10 +139,10 @@ def _standing(g: dict, base: str) -> str:
     from .eval_generate import mean_error_wins
     from .metrics import METRIC_NAMES
 
-    err = {k: g["systems"].get(k, {}).get("abs_error_vs_truth", {}) for k in ("model", base)}
-    by_mean = mean_error_wins(*({m: err[k].get(m, {}).get("mean") for m in METRIC_NAMES} for k in ("model", base)))
-    per = g.get(f"model_vs_{base}", {})
-    sig = [per[m] for m in METRIC_NAMES if m in per and per[m].get("sign_test_p", 1.0) < 0.05]
+    err = {k: g["systems"][k]["abs_error_vs_truth"] for k in ("model", base)}
+    by_mean = mean_error_wins(*({m: err[k][m]["mean"] for m in METRIC_NAMES} for k in ("model", base)))
+    per = g[f"model_vs_{base}"]
+    sig = [per[m] for m in METRIC_NAMES if per[m]["sign_test_p"] < 0.05]
     won = sum(v["model_closer"] > v["base_closer"] for v in sig)
     return (f"{by_mean} of {len(METRIC_NAMES)} metrics by mean error; per window {won} of them significantly "
             f"(sign test p < 0.05), {len(sig) - won} significantly the other way")
