@@ -441,3 +441,20 @@ def test_earlier_impostor_replays_the_bars_before_the_last(small_shards: Path, t
         if checked == 20:
             break
     assert checked == 20
+
+
+def test_loss_by_collection_scores_each_collection_of_the_split(small_shards: Path, trained_run: Path, bench_module):
+    """bench/loss_by_collection.py: one column per collection of the val split, each the teacher-forced loss of
+    that collection's evenly spaced windows, as eval's own scorer gives it."""
+    mod = bench_module("loss_by_collection")
+    proc = subprocess.run([sys.executable, mod.__file__, str(small_shards), str(trained_run), "--per-collection",
+                           "5"], capture_output=True, text=True, timeout=300, env=fit_env())
+    assert proc.returncode == 0, proc.stderr
+    header, _, row = proc.stdout.splitlines()
+    samples = load_split(small_shards, "val", "parquet")
+    names = sorted({mod.collection(s.source) for s in samples})
+    assert [c.strip().split(" (")[0] for c in header.strip("|").split("|")[1:]] == names
+    model, tok, _ = load_for_inference(trained_run, "cpu")
+    first = [s for s in samples if mod.collection(s.source) == names[0]]
+    want = teacher_forced(model, first[:: max(1, len(first) // 5)][:5], token_types(tok), torch.device("cpu"))
+    assert float(row.strip("|").split("|")[1]) == pytest.approx(want["loss"], abs=6e-4)
