@@ -38,6 +38,8 @@ declare -A cases=(
     # step no longer waits for the GPU, so without workers the main thread packs while the GPU runs the step before
     [base-packed-w2]="--preset base --batch-tokens 32768 --compile --max-steps 50 --num-workers 2"
     [base-packed-lean]="--preset base --batch-tokens 32768 --compile --max-steps 50 --num-workers 2 --recompute elementwise --precision bf16-weights"
+    [base-packed-arith]="--preset base --batch-tokens 32768 --compile --max-steps 50 --recompute arithmetic --precision bf16-weights"
+    [base-packed-keep]="--preset base --batch-tokens 32768 --compile --max-steps 50 --recompute none --precision bf16-weights"
 )
 for name in ${REALFIT_CASES:-base-packed small-packed small-padded}; do
     # shellcheck disable=SC2086
