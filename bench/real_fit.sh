@@ -38,7 +38,7 @@ declare -A cases=(
     # step no longer waits for the GPU, so without workers the main thread packs while the GPU runs the step before
     [base-packed-w2]="--preset base --batch-tokens 32768 --compile --max-steps 50 --num-workers 2"
     [base-packed-lean]="--preset base --batch-tokens 32768 --compile --max-steps 50 --num-workers 2 --recompute elementwise --precision bf16-weights"
-    [base-packed-arith]="--preset base --batch-tokens 32768 --compile --max-steps 50 --recompute arithmetic --precision bf16-weights"
+    # bf16 weights keeping every activation: faster than the default, more memory (docs/benchmarks.md, 2026-12-07)
     [base-packed-keep]="--preset base --batch-tokens 32768 --compile --max-steps 50 --recompute none --precision bf16-weights"
 )
 for name in ${REALFIT_CASES:-base-packed small-packed small-padded}; do

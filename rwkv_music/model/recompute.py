@@ -8,10 +8,6 @@
   fuses into the backward's own element-wise kernels. This is selective activation checkpointing
   (`torch.utils.checkpoint.create_selective_checkpoint_contexts`) with a policy by op; docs/benchmarks.md
   has what it saves and costs.
-- ``arithmetic``: like ``elementwise``, but the results of the costlier element-wise ops (sigmoid, tanh, the
-  L2 and group/layer norms, exp) are kept too; only sums, products, differences, relu, powers, shifts and casts
-  run again. Those cheap ones are most of the bytes (the six token-shift lerps, the channel mix's relu and its
-  square) while the kept ones spare backward the longer chains.
 - ``blocks``: keep only each block's input and run the whole block again in backward (least memory; the
   matrix products and the WKV forward run twice).
 """
@@ -25,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-RECOMPUTE = ("none", "elementwise", "arithmetic", "blocks")
+RECOMPUTE = ("none", "elementwise", "blocks")
 
 _aten = torch.ops.aten
 _PRODUCTS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
@@ -38,20 +34,6 @@ def _keep_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPo
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-# recomputed under "arithmetic": one fused pass of arithmetic each, cheap to run again in backward
-_ARITHMETIC = {_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.neg.default, _aten.relu.default,
-               _aten.pow.Tensor_Scalar, _aten.cat.default, _aten.masked_fill.Scalar, _aten.zeros_like.default,
-               _aten._to_copy.default, _aten.clone.default, _aten.rsub.Scalar, _aten.add.Scalar, _aten.mul.Scalar,
-               _aten.sub.Scalar}
-
-
-def _keep_all_but_arithmetic(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Recompute only cheap arithmetic; keep products, kernels, norms and transcendental gates."""
-    if op in _ARITHMETIC:
-        return CheckpointPolicy.PREFER_RECOMPUTE
-    return CheckpointPolicy.MUST_SAVE
-
-
 def run_block(block: Callable[..., Any], mode: str, *args: Any) -> Any:
     """``block(*args)`` under the recompute mode (a training forward with grad enabled)."""
     if mode == "none":
@@ -61,7 +43,4 @@ def run_block(block: Callable[..., Any], mode: str, *args: Any) -> Any:
     if mode == "elementwise":
         return checkpoint(block, *args, use_reentrant=False,
                           context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
-    if mode == "arithmetic":
-        return checkpoint(block, *args, use_reentrant=False,
-                          context_fn=partial(create_selective_checkpoint_contexts, _keep_all_but_arithmetic))
     raise ValueError(f"recompute must be one of {RECOMPUTE}, got {mode!r}")

@@ -239,7 +239,7 @@ class RWKV7(nn.Module):
     a completion mask never materialises [B, T, V]. ``starts`` (bool [B, T]) packs several sequences into
     one row: at each marked position token shift and WKV state restart from zero.
 
-    Runtime switches (not part of the saved config): ``recompute`` (none | elementwise | arithmetic | blocks, see
+    Runtime switches (not part of the saved config): ``recompute`` (none | elementwise | blocks, see
     `model/recompute.py`) trades backward time for activation memory (``grad_checkpoint = True`` is "blocks");
     ``wkv_backend`` (auto | torch | cuda | triton) picks the WKV implementation, resolved once per device.
     """

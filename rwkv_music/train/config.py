@@ -74,8 +74,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     grad_checkpoint: bool | None = None  # the older spelling: true = recompute "blocks" (folded in, then None)
-    # none | elementwise | arithmetic | blocks: what backward recomputes (model/recompute.py); None: elementwise on
-    # one CUDA process without --grad-accum, else none (`for_device`)
+    # none | elementwise | blocks: what backward recomputes (model/recompute.py); None: elementwise on one CUDA
+    # process without --grad-accum, else none (`for_device`)
     recompute: str | None = None
     compile: bool | None = None  # None: on with CUDA (the fast path), off on the CPU
     memory_budget: float | None = None  # compiled only: AOTAutograd's activation memory budget (None: all saved)

@@ -50,7 +50,7 @@ def default_run(shards: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize(("precision", "recompute"),
                          [("bf16", "elementwise"), ("bf16-weights", "none"), ("bf16-weights", "elementwise"),
-                          ("bf16-weights", "arithmetic"), (None, None)])
+                          (None, None)])
 def test_options_train_like_the_default(shards, tmp_path, default_run, precision, recompute) -> None:
     ref_losses, ref_val, _ = default_run
     losses, val, trainer = _train(shards, tmp_path / "run", precision=precision, recompute=recompute)
@@ -72,7 +72,6 @@ def test_options_train_like_the_default(shards, tmp_path, default_run, precision
 
 @pytest.mark.parametrize(("precision", "recompute", "contrast"), [("bf16", "none", 0.0), ("bf16-weights", "none", 0.0),
                                                                  ("bf16-weights", "elementwise", 0.0),
-                                                                 ("bf16-weights", "arithmetic", 0.0),
                                                                  ("bf16-weights", "elementwise", 1.0)])
 def test_a_training_step_never_waits_for_the_gpu(shards, tmp_path, precision, recompute, contrast) -> None:
     """After the compile, train_step queues its work and returns: no host-device sync (the loss and grad norm are

@@ -156,7 +156,7 @@ def test_training_changes_every_parameter(tiny_cfg: RWKV7Config) -> None:
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("mode", ["elementwise", "arithmetic", "blocks"])
+@pytest.mark.parametrize("mode", ["elementwise", "blocks"])
 def test_recompute_gives_same_gradients(tiny_cfg: RWKV7Config, mode: str) -> None:
     """Recomputing in backward changes what is kept, not the function: the same loss and gradients as keeping
     everything, with packed-row resets and an initial state in play."""
@@ -245,9 +245,9 @@ def test_packed_rows_equal_separate_sequences(tiny_cfg: RWKV7Config) -> None:
         assert rel_err(a, b) < 1e-4
 
 
-def test_recompute_modes_keep_products_and_rerun_the_rest(tiny_cfg: RWKV7Config) -> None:
+def test_recompute_elementwise_keeps_products_and_reruns_the_rest(tiny_cfg: RWKV7Config) -> None:
     """What runs in backward, op by op: "elementwise" runs no matrix product again (the forward's are kept) but
-    runs element-wise work again; "arithmetic" runs less of it again; "blocks" runs the products again too."""
+    runs element-wise work again; "blocks" runs the products again too."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -264,7 +264,7 @@ def test_recompute_modes_keep_products_and_rerun_the_rest(tiny_cfg: RWKV7Config)
 
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(6))
     counts = {}
-    for mode in ("none", "elementwise", "arithmetic", "blocks"):
+    for mode in ("none", "elementwise", "blocks"):
         model = randomised_model(tiny_cfg, seed=7).train()
         model.recompute = mode
         loss = model(idx).square().mean()
@@ -272,6 +272,6 @@ def test_recompute_modes_keep_products_and_rerun_the_rest(tiny_cfg: RWKV7Config)
             loss.backward()
         counts[mode] = (c.products, c.others)
     print(f"backward ops (products, others): {counts}")
-    (p_none, o_none), (p_elem, o_elem), (p_arith, o_arith), (p_blocks, _) = counts.values()
-    assert p_elem == p_arith == p_none < p_blocks, counts
-    assert o_none < o_arith < o_elem, counts
+    (p_none, o_none), (p_elem, o_elem), (p_blocks, _) = counts.values()
+    assert p_elem == p_none < p_blocks, counts
+    assert o_elem > o_none, counts

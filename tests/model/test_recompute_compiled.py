@@ -26,20 +26,3 @@ def test_elementwise_keeps_products_and_kernel_outputs_only(tracer) -> None:
     inside = [(op, src) for op, src, *_ in kept["elementwise"] if op in ELEMENTWISE and "return x + dx" not in src]
     assert inside == []
     assert any(op in ELEMENTWISE for op, *_ in kept["none"])
-
-
-ARITHMETIC = {"sub.Tensor", "relu", "pow.Tensor_Scalar", "_to_copy", "mul.Tensor", "neg", "add.Tensor"}
-
-
-def test_arithmetic_keeps_gates_and_norms_but_no_arithmetic(tracer) -> None:
-    """ "arithmetic" sits between: it keeps the sigmoid/tanh gates and the norms "elementwise" runs again, and none
-    of the sums, products and relu^2 (the lerps' bytes) that "none" keeps."""
-    kept = {mode: tracer.saved_values("tiny", 300, 2, 64, mode, bf16_weights=True, budget=1.0)
-            for mode in ("none", "elementwise", "arithmetic")}
-    size = {mode: sum(n for *_, n in vals) for mode, vals in kept.items()}
-    print(size)
-    assert size["elementwise"] < size["arithmetic"] < 0.8 * size["none"]
-    ops = {op for op, *_ in kept["arithmetic"]}
-    assert {"sigmoid", "tanh"} <= ops and any(op.startswith("native_layer_norm") for op in ops)
-    inside = [(op, src) for op, src, *_ in kept["arithmetic"] if op in ARITHMETIC and "return x + dx" not in src]
-    assert inside == []
