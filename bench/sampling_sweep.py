@@ -1,10 +1,11 @@
 """Which sampling settings make the best completions? `musictrain eval` on the dev half of the val pieces
-(`--pieces dev`) for each setting of a grid of temperature x top-p x min-p, generative metrics only, and a
+(`--pieces dev`) for each setting of a grid of temperature x top-p x min-p x candidates (best of C continuations
+by the model's own likelihood), generative metrics only, and a
 ranking by how many of eval's closeness metrics the model wins against the repeat-last-bars and the
 random-window baselines.
 
     python bench/sampling_sweep.py RUN SHARDS WORK [--temperatures ...] [--top-ps ...] [--min-ps ...]
-                                   [--report-test DIR]
+                                   [--candidates ...] [--report-test DIR]
 
 Every setting sees the same windows and the same seed. Prints one line per setting and a JSON summary (also
 WORK/sweep.json) whose "best" is the setting that wins most metrics against the repeat baseline, then against
@@ -50,17 +51,20 @@ def eval_cmd(args: argparse.Namespace, setting: dict) -> list[str]:
     """`musictrain eval` on RUN's val split with one sampling setting (the caller adds pieces, sizes, -o)."""
     return [sys.executable, "-m", "rwkv_music.train.cli", "eval", str(args.run), str(args.shards), "--split", "val",
             "--temperature", str(setting["temperature"]), "--top-p", str(setting["top_p"]),
-            "--min-p", str(setting["min_p"]), "--seed", str(args.seed), "--device", args.device, "--overwrite"]
+            "--min-p", str(setting["min_p"]), "--candidates", str(setting["candidates"]), "--seed", str(args.seed),
+            "--device", args.device, "--overwrite"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="Run or checkpoint directory.")
     ap.add_argument("shards", type=Path)
-    ap.add_argument("work", type=Path, help="Reports go to WORK/t<T>-p<P>-m<M>/.")
+    ap.add_argument("work", type=Path, help="Reports go to WORK/t<T>-p<P>-m<M>-c<C>/.")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.6, 0.75, 0.85, 1.0])
     ap.add_argument("--top-ps", type=float, nargs="+", default=[0.9])
     ap.add_argument("--min-ps", type=float, nargs="+", default=[0.0, 0.1])
+    ap.add_argument("--candidates", type=int, nargs="+", default=[1],
+                    help="Continuations per window, the likeliest kept (1: plain sampling).")
     ap.add_argument("--report-test", type=Path, default=None,
                     help="Then evaluate the winner on the test pieces into this directory (full report).")
     ap.add_argument("--test-windows", type=int, default=64, help="Generated windows of the --report-test eval.")
@@ -70,20 +74,20 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=600, help="Seconds per setting.")
     args = ap.parse_args()
     rows = []
-    for t, p, mp in itertools.product(args.temperatures, args.top_ps, args.min_ps):
-        out = args.work / f"t{t:g}-p{p:g}-m{mp:g}"
-        setting = {"temperature": t, "top_p": p, "min_p": mp}
+    for t, p, mp, c in itertools.product(args.temperatures, args.top_ps, args.min_ps, args.candidates):
+        out = args.work / f"t{t:g}-p{p:g}-m{mp:g}-c{c}"
+        setting = {"temperature": t, "top_p": p, "min_p": mp, "candidates": c}
+        name = f"t={t:g} top_p={p:g} min_p={mp:g} candidates={c}"
         cmd = [*eval_cmd(args, setting), "--pieces", "dev", "--num-windows", str(args.num_windows),
                "--choice-windows", "0", "--max-tf-windows", "1", "--piano-rolls", "0", "-o", str(out), "-q"]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            print(f"t={t:g} top_p={p:g} min_p={mp:g}: eval ran past {args.timeout} s", flush=True)
+            print(f"{name}: eval ran past {args.timeout} s", flush=True)
             rows.append({**setting, "error": "timeout"})
             continue
         if res.returncode != 0:
-            print(f"t={t:g} top_p={p:g} min_p={mp:g}: eval failed ({res.returncode}): {res.stderr.strip()[-300:]}",
-                  flush=True)
+            print(f"{name}: eval failed ({res.returncode}): {res.stderr.strip()[-300:]}", flush=True)
             rows.append({**setting, "error": res.returncode})
             continue
         report = json.loads((out / "report.json").read_text())
@@ -93,7 +97,7 @@ def main() -> None:
                "valid_midi_rate": gen["valid_midi_rate"],
                "bars_ok_rate": gen["bars_ok_rate"], "n_windows": gen["n_windows"]}
         rows.append(row)
-        print(f"t={t:<5g} top_p={p:<5g} min_p={mp:<5g} wins vs repeat {row['wins_vs_repeat']}/{row['metrics']}, "
+        print(f"{name}: wins vs repeat {row['wins_vs_repeat']}/{row['metrics']}, "
               f"vs random {row['wins_vs_random']}/{row['metrics']}, error/repeat summed {row['rel_error_sum']:.3f}, "
               f"valid {row['valid_midi_rate']:.3f}, bars ok {row['bars_ok_rate']:.3f}", flush=True)
     ok = [r for r in rows if "error" not in r]
@@ -106,7 +110,7 @@ def main() -> None:
     if best is None:
         sys.exit(1)
     if args.report_test is not None:
-        setting = {k: best[k] for k in ("temperature", "top_p", "min_p")}
+        setting = {k: best[k] for k in ("temperature", "top_p", "min_p", "candidates")}
         cmd = [*eval_cmd(args, setting), "--pieces", "test", "--num-windows", str(args.test_windows),
                "-o", str(args.report_test)]
         print("winner on the test pieces: musictrain " + " ".join(cmd[3:]), flush=True)

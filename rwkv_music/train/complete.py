@@ -164,10 +164,20 @@ class _Decoder:
         self.t = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.full((B, u.shape[1]), pad_id, dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
+        # for choosing among candidates: each row's summed log-probability of its tokens and their number
+        self.score = sampling.candidates > 1
+        self.logp = torch.zeros(B, dtype=torch.float32, device=dev)
+        self.n = torch.zeros(B, dtype=torch.float32, device=dev)
 
     def _step(self) -> None:
         u_t = self.u.index_select(1, self.t).squeeze(1)
-        tok = sample(self.g.mask(self.logits), u_t, self.sampling)
+        masked = self.g.mask(self.logits)
+        tok = sample(masked, u_t, self.sampling)
+        if self.score:  # the model's own probability (temperature 1, the grammar's tokens), not the sampler's
+            live = (~self.g.done).float()
+            lp = torch.log_softmax(masked, dim=-1).gather(1, tok[:, None]).squeeze(1)
+            self.logp.add_(torch.nan_to_num(lp, neginf=0.0) * live)
+            self.n.add_(live)
         self.out.index_put_((self.rows, self.t.expand_as(self.rows)), tok)
         self.g.update_(tok)
         if self.fast is not None:  # updates self.state in place
@@ -187,6 +197,9 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
     """Continuations of one prompt window, sample k drawn from seed + k. Returns token ids per sample
     (without the Bar that ended it). The model runs in its own dtype; sampling is always float32.
 
+    With `sampling.candidates` C > 1, each sample is the likeliest (mean log-probability per token) of C
+    continuations decoded together (seeds: `candidate_seeds`).
+
     `progress(tokens, bars)`, if given, hears at every completion check (every step on CPU, every 16 on CUDA)
     the decode steps run and the bars each sample has finished.
 
@@ -194,13 +207,19 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
     (CUDA, head size 64); `compile_step` decodes with the compiled readable step instead. Elsewhere, or False,
     the readable model does both."""
     device = model.device
-    B = num_samples
+    C = sampling.candidates
+    B = num_samples * C  # row c * num_samples + k: candidate c of sample k
     fast = fast_step_for(model) if fast_step else None
     logits, state = prefill(model, window_tokens, device, fast)
     bg = BatchedGrammar(grammar, start, B, bars, max_new_tokens, device)
-    u = draw_uniforms([seed + k for k in range(B)], max_new_tokens, device)
+    u = draw_uniforms(candidate_seeds(seed, num_samples, C), max_new_tokens, device)
     dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, sampling, grammar.vocab_size,
                    grammar.pad_id, compile_step, None if compile_step else fast)
+    if progress is not None and C > 1:  # a sample's bars: those of its slowest candidate
+        report = progress
+
+        def progress(steps: int, bars: list[int]) -> None:
+            report(steps, [min(bars[c * num_samples + k] for c in range(C)) for k in range(num_samples)])
     every = check_every or (16 if device.type == "cuda" else 1)
     if cuda_graph and device.type == "cuda":
         _run_graph(dec, max_new_tokens, every, progress)
@@ -224,7 +243,18 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
                     cut = i
                     break
         result.append(row[:cut])
-    return result
+    if C == 1:
+        return result
+    mean = (dec.logp / dec.n.clamp(min=1)).view(C, num_samples)
+    best = mean.argmax(dim=0).tolist()  # ties: the first candidate, the one drawn without candidates
+    return [result[c * num_samples + k] for k, c in enumerate(best)]
+
+
+def candidate_seeds(seed: int, num_samples: int, candidates: int) -> list[int]:
+    """Seeds of the decoded rows: candidate 0 of sample k draws from seed + k (as with no candidates), candidate c
+    from seed + k + c * 2**20, past any other sample's seed (at most MAX_SAMPLES of them; torch's CPU generator
+    keeps only a seed's low 32 bits, so a larger stride would wrap)."""
+    return [seed + k + (c << 20) for c in range(candidates) for k in range(num_samples)]
 
 
 def fast_step_for(model) -> FastStep | None:
@@ -296,8 +326,9 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
     model.eval()
     conts: list[list[int]] = []
     n = config.num_samples
-    for first in range(0, n, config.max_batch):  # batches of at most max_batch samples; sample k: seed + k
-        size = min(config.max_batch, n - first)
+    per_batch = max(1, config.max_batch // config.sampling.candidates)  # each candidate is a decoded row
+    for first in range(0, n, per_batch):  # batches of at most max_batch rows; sample k: seed + k
+        size = min(per_batch, n - first)
 
         def part(tokens: int, done: list[int], first: int = first, size: int = size) -> None:
             progress(tokens, [config.bars] * first + done + [0] * (n - first - size))  # bars of every sample

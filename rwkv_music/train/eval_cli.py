@@ -34,8 +34,9 @@ def _f(x, nd: int = 3) -> str:
                    "identity): tune sampling on dev, report on test.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the model runs (auto: CUDA if available).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**62),
-              help="Seed of the window choice, the forced-choice impostors and sampling.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31),
+              help="Seed of the window choice, the forced-choice impostors and sampling (window K samples with seed "
+                   "+ K; at most 2**31: torch's generator keeps 32 bits of a seed).")
 @click.option("--piano-rolls", default=4, show_default=True, type=click.IntRange(min=0),
               help="Piano-roll plots of completions next to the truth.")
 @click.option("--tokens-per-bar", default=None, type=click.IntRange(min=8),
@@ -48,6 +49,8 @@ def _f(x, nd: int = 3) -> str:
               help=f"Top-k sampling [complete's default, {_SAMPLING.top_k or 'off'}].")
 @click.option("--min-p", type=click.FloatRange(min=0, max=1), default=None,
               help=f"Min-p sampling [complete's default, {_SAMPLING.min_p or 'off'}].")
+@click.option("--candidates", type=click.IntRange(1, 64), default=None,
+              help=f"Continuations drawn per window, the likeliest kept [complete's default, {_SAMPLING.candidates}].")
 @click.option("--fast-step/--no-fast-step", default=True, show_default=True,
               help="CUDA: generate with the fused prefill and decode kernels; off: the readable model.")
 @click.option("--batch-tokens", default=32768, show_default=True, type=click.IntRange(min=64),
@@ -65,7 +68,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
              all_tf_windows: bool, choice_windows: int, pieces: str, device: str, seed: int, piano_rolls: int,
              tokens_per_bar: int | None,
              temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
-             fast_step: bool, batch_tokens: int,
+             candidates: int | None, fast_step: bool, batch_tokens: int,
              shard_format: str, out: Path, overwrite: bool, quiet: bool) -> None:
     """Evaluate CHECKPOINT (a run or checkpoint directory) on SHARDS (a `musicprep build-shards` output).
 
@@ -89,7 +92,8 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
     cfg = EvalConfig(split=split, num_windows=num_windows, max_tf_windows=None if all_tf_windows else max_tf_windows,
                      batch_tokens=batch_tokens, piano_rolls=piano_rolls, seed=seed, device=device,
                      shard_format=shard_format, tokens_per_bar=tokens_per_bar, temperature=temperature,
-                     top_p=top_p, top_k=top_k, min_p=min_p, choice_windows=choice_windows, pieces=pieces,
+                     top_p=top_p, top_k=top_k, min_p=min_p, candidates=candidates, choice_windows=choice_windows,
+                     pieces=pieces,
                      fast_step=fast_step)
     try:
         dev = pick_device(device)

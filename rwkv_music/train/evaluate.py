@@ -80,6 +80,7 @@ class EvalConfig:
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    candidates: int | None = None
     seed: int = 0
     device: str = "auto"
     shard_format: str = "parquet"  # preferred; the other one is used if the build has only that

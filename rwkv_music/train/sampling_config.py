@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+MAX_CANDIDATES = 64  # each candidate is a decoded row: the batch grows with it
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -13,6 +15,10 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 0.9  # 1.0 = off
     min_p: float = 0.0  # keep tokens at least this fraction of the most likely one's probability; 0 = off
+    # draw this many continuations per sample and keep the one the model itself finds likeliest (mean log-probability
+    # per token, grammar-masked, at temperature 1): a choice by the model's ranking, which the forced choice shows
+    # to be sharper than its samples; 1 = off
+    candidates: int = 1
 
     def __post_init__(self):
         if not 0 <= self.temperature < math.inf:
@@ -23,3 +29,5 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be in 1 .. {MAX_CANDIDATES}, got {self.candidates}")

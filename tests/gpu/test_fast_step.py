@@ -183,3 +183,25 @@ def test_generate_gives_the_readable_steps_tokens(fast_step_mod) -> None:
                      sampling=SamplingConfig(), seed=11, cuda_graph=True, fast_step=fast) for fast in (True, False)]
     assert runs[0] == runs[1]
     assert all(len(s) > 0 for s in runs[0])
+
+
+def test_generate_with_candidates_keeps_the_same_choice_in_every_mode(fast_step_mod) -> None:
+    """Candidates under the CUDA graph (fused step) choose what the eager readable decode chooses: the scoring runs
+    inside the captured step."""
+    from rwkv_music.remi.grammar import RemiGrammar
+    from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score
+    from rwkv_music.remi.windows import Vocab, build_prompt
+    from rwkv_music.train.complete import generate
+    from rwkv_music.train.sampling import SamplingConfig
+
+    tok = build_tokenizer()
+    model = fast_model(seed=5, vocab=len(tok))
+    model.wkv_backend = "auto"
+    grammar = RemiGrammar(tok)
+    ids = encode_piano(load_piano_score(REPO / "examples" / "demo-corpus" / "POP909_010.mid", tok), tok)
+    w = build_prompt(ids, Vocab(tok), 4, 2048)
+    start = grammar.run(w.tokens, w.meta_len)
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, candidates=4)
+    runs = [generate(model, grammar, w.tokens, start, bars=2, num_samples=3, max_new_tokens=600, sampling=sampling,
+                     seed=11, cuda_graph=graph, fast_step=graph) for graph in (True, False)]
+    assert runs[0] == runs[1]

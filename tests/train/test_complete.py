@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 
 from rwkv_music.model import RWKV7, RWKV7Config
 from rwkv_music.model import save as save_model
-from rwkv_music.remi.grammar import PITCH, RemiGrammar
+from rwkv_music.remi.grammar import PITCH, BatchedGrammar, RemiGrammar
 from rwkv_music.remi.tokenizer import (
     build_tokenizer,
     encode_piano,
@@ -27,7 +28,14 @@ from rwkv_music.remi.tokenizer import (
 )
 from rwkv_music.remi.windows import Vocab, WindowSpec, build_prompt, make_windows
 from rwkv_music.train.checkpoints import load_for_inference
-from rwkv_music.train.complete import CompleteConfig, CompletionError, complete, prefill
+from rwkv_music.train.complete import (
+    CompleteConfig,
+    CompletionError,
+    candidate_seeds,
+    complete,
+    generate,
+    prefill,
+)
 from rwkv_music.train.complete_output import format_table, write_completion
 from rwkv_music.train.sampling import SamplingConfig
 
@@ -141,6 +149,49 @@ def test_samples_past_max_batch_are_decoded_in_batches_to_the_same_samples(loade
         CompleteConfig(max_batch=0)
     with pytest.raises(ValueError, match=r"num_samples must be in 1 \.\. 10000"):
         CompleteConfig(num_samples=10001)
+
+
+def _mean_logprob(model, grammar: RemiGrammar, window, start, cont: list[int], bars: int, budget: int) -> float:
+    """Mean log-probability per token of `cont` and the Bar that closes it, from one parallel forward, each step's
+    distribution limited to what the grammar allows there (temperature 1)."""
+    toks = [*cont, grammar.bar_id]
+    bg = BatchedGrammar(grammar, start, 1, bars, budget)
+    with torch.no_grad():
+        logits = model(torch.tensor([window.tokens + toks]))[0, len(window.tokens) - 1:].float()
+    total = 0.0
+    for t, tok in enumerate(toks):
+        total += torch.log_softmax(bg.mask(logits[t:t + 1, :grammar.vocab_size]), dim=-1)[0, tok].item()
+        bg.update(torch.tensor([tok]))
+    return total / len(toks)
+
+
+def test_candidates_keep_the_continuation_the_model_finds_likeliest(loaded, prompt: Path):
+    """With candidates C, sample k is whichever of its C continuations (each reproducible alone from its seed) has
+    the highest mean log-probability per token under the model, scored here by an independent parallel forward."""
+    model, tok = loaded
+    grammar = RemiGrammar(tok)
+    window = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=1)).window  # the prompt's last bars
+    start = grammar.run(window.tokens, window.meta_len, strict=False)
+    n, C, bars, budget = 4, 3, 1, 96
+    plain = SamplingConfig(temperature=1.0, top_p=0.95)
+    alone = [generate(model, grammar, window.tokens, start, bars=bars, num_samples=1, max_new_tokens=budget,
+                      sampling=plain, seed=s)[0] for s in candidate_seeds(5, n, C)]
+    assert alone[:n] == generate(model, grammar, window.tokens, start, bars=bars, num_samples=n,
+                                 max_new_tokens=budget, sampling=plain, seed=5)  # candidate 0: the plain samples
+    scores = [_mean_logprob(model, grammar, window, start, c, bars, budget) for c in alone]
+    best = [max(range(C), key=lambda c, k=k: scores[c * n + k]) for k in range(n)]
+    chosen = generate(model, grammar, window.tokens, start, bars=bars, num_samples=n, max_new_tokens=budget,
+                      sampling=dataclasses.replace(plain, candidates=C), seed=5)
+    print(f"scores {[round(x, 3) for x in scores]}, best candidate per sample {best}")
+    assert chosen == [alone[c * n + k] for k, c in enumerate(best)]
+    assert any(c > 0 for c in best) and len({tuple(c) for c in alone}) > n  # a real choice was made
+    # complete() splits rows, not samples, by max_batch: the same samples either way
+    cfg = CompleteConfig(bars=bars, num_samples=3, seed=5, sampling=dataclasses.replace(plain, candidates=C))
+    whole = complete(model, tok, prompt, cfg)
+    split = complete(model, tok, prompt, dataclasses.replace(cfg, max_batch=4))
+    assert [s.tokens for s in split.samples] == [s.tokens for s in whole.samples]
+    with pytest.raises(ValueError, match="candidates"):
+        SamplingConfig(candidates=0)
 
 
 def test_unconstrained_high_temperature_still_decodes(loaded, prompt: Path):
