@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from rwkv_music.train.cli import UsageFailure
-from rwkv_music.train.sampling_config import SamplingConfig
+from rwkv_music.train.sampling_config import MAX_CANDIDATES, SamplingConfig
 
 _SAMPLING = SamplingConfig()
 
@@ -54,7 +54,7 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
               help="Draw from the K most likely tokens only (0 = off).")
 @click.option("--min-p", type=click.FloatRange(min=0, max=1), default=_SAMPLING.min_p, show_default=True,
               help="Draw only from tokens at least this fraction as likely as the most likely one (0 = off).")
-@click.option("--candidates", type=click.IntRange(1, 64), default=_SAMPLING.candidates, show_default=True,
+@click.option("--candidates", type=click.IntRange(1, MAX_CANDIDATES), default=_SAMPLING.candidates, show_default=True,
               help="Draw this many continuations for each sample and keep the one the model finds likeliest (mean "
                    "log-probability per token, temperature 1); C times the decoding work (1 = off).")
 @click.option("--seed", type=click.IntRange(0, 2**31), default=0, show_default=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rwkv_music.train.sampling_config import SamplingConfig
+from rwkv_music.train.sampling_config import MAX_CANDIDATES, SamplingConfig
 
 _SAMPLING = SamplingConfig()
 
@@ -49,7 +49,7 @@ def _f(x, nd: int = 3) -> str:
               help=f"Top-k sampling [complete's default, {_SAMPLING.top_k or 'off'}].")
 @click.option("--min-p", type=click.FloatRange(min=0, max=1), default=None,
               help=f"Min-p sampling [complete's default, {_SAMPLING.min_p or 'off'}].")
-@click.option("--candidates", type=click.IntRange(1, 64), default=None,
+@click.option("--candidates", type=click.IntRange(1, MAX_CANDIDATES), default=None,
               help=f"Continuations drawn per window, the likeliest kept [complete's default, {_SAMPLING.candidates}].")
 @click.option("--fast-step/--no-fast-step", default=True, show_default=True,
               help="CUDA: generate with the fused prefill and decode kernels; off: the readable model.")
@@ -93,8 +93,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
                      batch_tokens=batch_tokens, piano_rolls=piano_rolls, seed=seed, device=device,
                      shard_format=shard_format, tokens_per_bar=tokens_per_bar, temperature=temperature,
                      top_p=top_p, top_k=top_k, min_p=min_p, candidates=candidates, choice_windows=choice_windows,
-                     pieces=pieces,
-                     fast_step=fast_step)
+                     pieces=pieces, fast_step=fast_step)
     try:
         dev = pick_device(device)
     except RuntimeError as e:
