@@ -31,9 +31,10 @@ from rwkv_music.train.sampling import SamplingConfig, draw_uniforms, sample
 Progress = Callable[[int, list[int]], None]
 
 DEFAULT_TOKENS_PER_BAR = 384  # budget per requested bar; dense piano bars in the test corpus stay well below
-# Samples decoded as one batch; more are generated in batches of this many one after the other. The decode state
-# grows with the batch (about 6 MB a sample for the large preset in float32), and 100000 samples at once would not
-# fit in memory; sample k depends only on its seed, so the split changes no sample.
+# Rows decoded as one batch (a sample's candidates are rows of the same batch); more samples are generated in batches
+# one after the other. The decode state grows with the batch (about 6 MB a row for the large preset in float32),
+# and 100000 samples at once would not fit in memory; sample k depends only on its seed, so the split changes no
+# sample.
 MAX_BATCH = 256
 # Samples of one call: each is held (three scores, ~100 KB) until all are written, and makes two or three files.
 MAX_SAMPLES = 10000
@@ -56,7 +57,7 @@ class CompleteConfig:
     compile_step: bool = False  # torch.compile the model step (slow first call; faster steps)
     fast_step: bool = True  # CUDA: the fused prefill and decode kernels (model/fast_step.py); False: readable
     first_bar: int = 0  # the prompt's first bar number in the piece (the BarPhase token of tokenizers with one)
-    max_batch: int = MAX_BATCH  # samples decoded together; more are generated in batches of this many
+    max_batch: int = MAX_BATCH  # rows decoded together (at least one sample and its candidates)
 
     def __post_init__(self):
         if self.bars < 1:
@@ -164,7 +165,7 @@ class _Decoder:
         self.t = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.full((B, u.shape[1]), pad_id, dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
-        # for choosing among candidates: each row's summed log-probability of its tokens and their number
+        # for choosing among candidates: each row's summed log-probability of the tokens it chose and their number
         self.score = sampling.candidates > 1
         self.logp = torch.zeros(B, dtype=torch.float32, device=dev)
         self.n = torch.zeros(B, dtype=torch.float32, device=dev)
@@ -174,10 +175,13 @@ class _Decoder:
         masked = self.g.mask(self.logits)
         tok = sample(masked, u_t, self.sampling)
         if self.score:  # the model's own probability (temperature 1, the grammar's tokens), not the sampler's
-            live = (~self.g.done).float()
+            # Only steps with a choice count: a token the grammar forces (the Bar that opens the continuation, the
+            # TimeSig after each Bar, the budget's closing path) has probability 1 and would pull sparse bars, whose
+            # tokens are mostly forced, towards the top.
+            free = ~self.g.done & (torch.isfinite(masked).sum(dim=-1) > 1)
             lp = torch.log_softmax(masked, dim=-1).gather(1, tok[:, None]).squeeze(1)
-            self.logp.add_(torch.nan_to_num(lp, neginf=0.0) * live)
-            self.n.add_(live)
+            self.logp.add_(torch.where(free, lp, 0.0))
+            self.n.add_(free.float())
         self.out.index_put_((self.rows, self.t.expand_as(self.rows)), tok)
         self.g.update_(tok)
         if self.fast is not None:  # updates self.state in place
@@ -189,7 +193,6 @@ class _Decoder:
         self.t.add_(1)
 
 
-@torch.no_grad()
 def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: GrammarState, *, bars: int,
              num_samples: int, max_new_tokens: int, sampling: SamplingConfig, seed: int,
              cuda_graph: bool = False, compile_step: bool = False, fast_step: bool = True,
@@ -197,8 +200,8 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
     """Continuations of one prompt window, sample k drawn from seed + k. Returns token ids per sample
     (without the Bar that ended it). The model runs in its own dtype; sampling is always float32.
 
-    With `sampling.candidates` C > 1, each sample is the likeliest (mean log-probability per token) of C
-    continuations decoded together (seeds: `candidate_seeds`).
+    With `sampling.candidates` C > 1, each sample is the likeliest of its C continuations, decoded together by
+    `generate_candidates` (ties: the lower candidate, so candidate 0, the plain sample, wins them).
 
     `progress(tokens, bars)`, if given, hears at every completion check (every step on CPU, every 16 on CUDA)
     the decode steps run and the bars each sample has finished.
@@ -206,20 +209,41 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
     `fast_step` runs the prefill and the model step as the fused CUDA kernels of `FastStep` where they can run
     (CUDA, head size 64); `compile_step` decodes with the compiled readable step instead. Elsewhere, or False,
     the readable model does both."""
+    C = sampling.candidates
+    if progress is not None and C > 1:  # a sample's bars: those of its slowest candidate
+        report = progress
+
+        def progress(steps: int, bars: list[int]) -> None:
+            report(steps, [min(bars[c * num_samples + k] for c in range(C)) for k in range(num_samples)])
+    rows, scores = generate_candidates(model, grammar, window_tokens, start, bars=bars, num_samples=num_samples,
+                                       max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                       cuda_graph=cuda_graph, compile_step=compile_step, fast_step=fast_step,
+                                       check_every=check_every, progress=progress)
+    if C == 1:
+        return rows
+    best = [max(range(C), key=lambda c, k=k: scores[c * num_samples + k]) for k in range(num_samples)]
+    return [rows[c * num_samples + k] for k, c in enumerate(best)]
+
+
+@torch.no_grad()
+def generate_candidates(model, grammar: RemiGrammar, window_tokens: list[int], start: GrammarState, *,
+                        bars: int, num_samples: int, max_new_tokens: int, sampling: SamplingConfig, seed: int,
+                        cuda_graph: bool = False, compile_step: bool = False, fast_step: bool = True,
+                        check_every: int | None = None,
+                        progress: Progress | None = None) -> tuple[list[list[int]], list[float] | None]:
+    """Every candidate row, `sampling.candidates` per sample (row c * num_samples + k: candidate c of sample k,
+    seeded by `candidate_seeds`), and with more than one candidate each row's score: the mean log-probability of
+    the tokens it chose where it had a choice (temperature 1, among the tokens the grammar allowed; the closing
+    Bar included). `progress` hears the bars of every row. Otherwise as `generate`."""
     device = model.device
     C = sampling.candidates
-    B = num_samples * C  # row c * num_samples + k: candidate c of sample k
+    B = num_samples * C
     fast = fast_step_for(model) if fast_step else None
     logits, state = prefill(model, window_tokens, device, fast)
     bg = BatchedGrammar(grammar, start, B, bars, max_new_tokens, device)
     u = draw_uniforms(candidate_seeds(seed, num_samples, C), max_new_tokens, device)
     dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, sampling, grammar.vocab_size,
                    grammar.pad_id, compile_step, None if compile_step else fast)
-    if progress is not None and C > 1:  # a sample's bars: those of its slowest candidate
-        report = progress
-
-        def progress(steps: int, bars: list[int]) -> None:
-            report(steps, [min(bars[c * num_samples + k] for c in range(C)) for k in range(num_samples)])
     every = check_every or (16 if device.type == "cuda" else 1)
     if cuda_graph and device.type == "cuda":
         _run_graph(dec, max_new_tokens, every, progress)
@@ -233,7 +257,7 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
     if not bool(bg.done.all()):  # cannot happen: the grammar closes every sample within the budget
         raise RuntimeError("a sample did not finish within its token budget")
     out = dec.out.cpu().tolist()
-    result = []
+    rows = []
     for row in out:
         n, cut = 0, len(row)
         for i, t in enumerate(row):
@@ -242,12 +266,9 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
                 if n == bars + 1:
                     cut = i
                     break
-        result.append(row[:cut])
-    if C == 1:
-        return result
-    mean = (dec.logp / dec.n.clamp(min=1)).view(C, num_samples)
-    best = mean.argmax(dim=0).tolist()  # ties: the first candidate, the one drawn without candidates
-    return [result[c * num_samples + k] for k, c in enumerate(best)]
+        rows.append(row[:cut])
+    scores = (dec.logp / dec.n.clamp(min=1)).tolist() if dec.score else None
+    return rows, scores
 
 
 def candidate_seeds(seed: int, num_samples: int, candidates: int) -> list[int]:
@@ -263,8 +284,8 @@ def fast_step_for(model) -> FastStep | None:
     if reason is None:
         return FastStep.for_model(model)
     if model.device.type == "cuda":
-        # stack: here, generate, torch.no_grad's wrapper, generate's caller
-        warnings.warn(f"prefilling and decoding with the readable model: {reason}", stacklevel=4)
+        # stack: here, generate_candidates, torch.no_grad's wrapper, generate, generate's caller
+        warnings.warn(f"prefilling and decoding with the readable model: {reason}", stacklevel=5)
     return None
 
 

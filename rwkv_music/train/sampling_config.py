@@ -16,8 +16,8 @@ class SamplingConfig:
     top_p: float = 0.9  # 1.0 = off
     min_p: float = 0.0  # keep tokens at least this fraction of the most likely one's probability; 0 = off
     # draw this many continuations per sample and keep the one the model itself finds likeliest (mean log-probability
-    # per token, grammar-masked, at temperature 1): a choice by the model's ranking, which the forced choice shows
-    # to be sharper than its samples; 1 = off
+    # of the tokens chosen where the grammar left a choice, at temperature 1): a choice by the model's ranking, which
+    # the forced choice shows to be sharper than its samples; 1 = off
     candidates: int = 1
 
     def __post_init__(self):
@@ -31,3 +31,5 @@ class SamplingConfig:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 1 <= self.candidates <= MAX_CANDIDATES:
             raise ValueError(f"candidates must be in 1 .. {MAX_CANDIDATES}, got {self.candidates}")
+        if self.candidates > 1 and (self.temperature == 0 or self.top_k == 1):
+            raise ValueError("candidates need sampling: with temperature 0 or top_k 1 every candidate is the same")

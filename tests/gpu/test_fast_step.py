@@ -8,6 +8,7 @@ of the readable model run in that same dtype, and within 3e-2 (the readable bf16
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,6 @@ def test_generate_with_candidates_keeps_the_same_choice_in_every_mode(fast_step_
     runs = [generate(model, grammar, w.tokens, start, bars=2, num_samples=3, max_new_tokens=600, sampling=sampling,
                      seed=11, cuda_graph=graph, fast_step=graph) for graph in (True, False)]
     assert runs[0] == runs[1]
+    plain = generate(model, grammar, w.tokens, start, bars=2, num_samples=3, max_new_tokens=600,
+                     sampling=dataclasses.replace(sampling, candidates=1), seed=11, cuda_graph=True)
+    assert plain != runs[0]  # a candidate other than the plain sample won somewhere: the scores were kept

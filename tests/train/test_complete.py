@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ from rwkv_music.train.complete import (
     candidate_seeds,
     complete,
     generate,
+    generate_candidates,
     prefill,
 )
 from rwkv_music.train.complete_output import format_table, write_completion
@@ -151,47 +153,62 @@ def test_samples_past_max_batch_are_decoded_in_batches_to_the_same_samples(loade
         CompleteConfig(num_samples=10001)
 
 
-def _mean_logprob(model, grammar: RemiGrammar, window, start, cont: list[int], bars: int, budget: int) -> float:
-    """Mean log-probability per token of `cont` and the Bar that closes it, from one parallel forward, each step's
-    distribution limited to what the grammar allows there (temperature 1)."""
+def _logprob(model, grammar: RemiGrammar, window, start, cont: list[int], bars: int,
+             budget: int) -> tuple[float, int]:
+    """Summed log-probability, and number, of the tokens of `cont` and of the Bar that closes it, over the steps
+    where the grammar allowed more than one token, from one parallel forward (temperature 1, the grammar's tokens
+    only)."""
     toks = [*cont, grammar.bar_id]
     bg = BatchedGrammar(grammar, start, 1, bars, budget)
     with torch.no_grad():
         logits = model(torch.tensor([window.tokens + toks]))[0, len(window.tokens) - 1:].float()
-    total = 0.0
+    total, n = 0.0, 0
     for t, tok in enumerate(toks):
-        total += torch.log_softmax(bg.mask(logits[t:t + 1, :grammar.vocab_size]), dim=-1)[0, tok].item()
+        allowed = bg.allowed()[0]
+        if int(allowed.sum()) > 1:
+            total += torch.log_softmax(logits[t, :grammar.vocab_size].masked_fill(~allowed, -math.inf), -1)[tok].item()
+            n += 1
         bg.update(torch.tensor([tok]))
-    return total / len(toks)
+    return total, n
 
 
 def test_candidates_keep_the_continuation_the_model_finds_likeliest(loaded, prompt: Path):
-    """With candidates C, sample k is whichever of its C continuations (each reproducible alone from its seed) has
-    the highest mean log-probability per token under the model, scored here by an independent parallel forward."""
+    """With candidates C, every candidate row is reproducible alone from its seed, its score is the model's mean
+    log-probability over the steps that had a choice (checked against an independent parallel forward, at a
+    sampling temperature other than 1), and sample k is its best-scoring candidate."""
     model, tok = loaded
     grammar = RemiGrammar(tok)
     window = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=1)).window  # the prompt's last bars
     start = grammar.run(window.tokens, window.meta_len, strict=False)
-    n, C, bars, budget = 4, 3, 1, 96
-    plain = SamplingConfig(temperature=1.0, top_p=0.95)
-    alone = [generate(model, grammar, window.tokens, start, bars=bars, num_samples=1, max_new_tokens=budget,
-                      sampling=plain, seed=s)[0] for s in candidate_seeds(5, n, C)]
-    assert alone[:n] == generate(model, grammar, window.tokens, start, bars=bars, num_samples=n,
-                                 max_new_tokens=budget, sampling=plain, seed=5)  # candidate 0: the plain samples
-    scores = [_mean_logprob(model, grammar, window, start, c, bars, budget) for c in alone]
+    n, C, bars, budget = 4, 4, 2, 96
+    assert candidate_seeds(5, 2, 2) == [5, 6, 5 + 2**20, 6 + 2**20]
+    sampling = SamplingConfig(temperature=1.3, top_p=1.0, candidates=C)
+    kw = dict(bars=bars, max_new_tokens=budget)
+    rows, scores = generate_candidates(model, grammar, window.tokens, start, num_samples=n, sampling=sampling, seed=5,
+                                       **kw)
+    plain = dataclasses.replace(sampling, candidates=1)
+    alone = [generate(model, grammar, window.tokens, start, num_samples=1, sampling=plain, seed=s, **kw)[0]
+             for s in candidate_seeds(5, n, C)]
+    assert rows == alone
+    assert rows[:n] == generate(model, grammar, window.tokens, start, num_samples=n, sampling=plain, seed=5, **kw)
+    assert len({tuple(r) for r in rows}) > n  # candidates differ
+    logprobs = [_logprob(model, grammar, window, start, r, bars, budget) for r in rows]
+    assert scores == pytest.approx([total / m for total, m in logprobs], rel=1e-4, abs=1e-5)
     best = [max(range(C), key=lambda c, k=k: scores[c * n + k]) for k in range(n)]
-    chosen = generate(model, grammar, window.tokens, start, bars=bars, num_samples=n, max_new_tokens=budget,
-                      sampling=dataclasses.replace(plain, candidates=C), seed=5)
     print(f"scores {[round(x, 3) for x in scores]}, best candidate per sample {best}")
-    assert chosen == [alone[c * n + k] for k, c in enumerate(best)]
-    assert any(c > 0 for c in best) and len({tuple(c) for c in alone}) > n  # a real choice was made
+    assert any(c > 0 for c in best)
+    # a mean, not a sum: here at least one sample's best by mean is not its best by summed log-probability
+    assert any(max(range(C), key=lambda c, k=k: logprobs[c * n + k][0]) != best[k] for k in range(n))
+    chosen = generate(model, grammar, window.tokens, start, num_samples=n, sampling=sampling, seed=5, **kw)
+    assert chosen == [rows[c * n + k] for k, c in enumerate(best)]
     # complete() splits rows, not samples, by max_batch: the same samples either way
-    cfg = CompleteConfig(bars=bars, num_samples=3, seed=5, sampling=dataclasses.replace(plain, candidates=C))
+    cfg = CompleteConfig(bars=1, num_samples=3, seed=5, sampling=sampling)
     whole = complete(model, tok, prompt, cfg)
     split = complete(model, tok, prompt, dataclasses.replace(cfg, max_batch=4))
     assert [s.tokens for s in split.samples] == [s.tokens for s in whole.samples]
-    with pytest.raises(ValueError, match="candidates"):
-        SamplingConfig(candidates=0)
+    for bad in (dict(candidates=0), dict(candidates=2, temperature=0.0), dict(candidates=2, top_k=1)):
+        with pytest.raises(ValueError, match="candidates"):
+            SamplingConfig(**bad)
 
 
 def test_unconstrained_high_temperature_still_decodes(loaded, prompt: Path):
