@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
@@ -164,14 +165,12 @@ def test_rejects_a_state_in_another_dtype(fast_step_mod) -> None:
         fast(torch.zeros(1, dtype=torch.long, device="cuda"), state)
 
 
-def test_generate_gives_the_readable_steps_tokens(fast_step_mod) -> None:
-    """Whole decode loop (grammar, sampling, CUDA graph) in float32: the fused and the readable step pick the
-    same tokens on a real prompt."""
+def _demo_decode():
+    """A float32 model on CUDA (the automatic WKV backend) and a real prompt: `generate` bound to both."""
     from rwkv_music.remi.grammar import RemiGrammar
     from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score
     from rwkv_music.remi.windows import Vocab, build_prompt
     from rwkv_music.train.complete import generate
-    from rwkv_music.train.sampling import SamplingConfig
 
     tok = build_tokenizer()
     model = fast_model(seed=5, vocab=len(tok))
@@ -180,7 +179,16 @@ def test_generate_gives_the_readable_steps_tokens(fast_step_mod) -> None:
     ids = encode_piano(load_piano_score(REPO / "examples" / "demo-corpus" / "POP909_010.mid", tok), tok)
     w = build_prompt(ids, Vocab(tok), 4, 2048)
     start = grammar.run(w.tokens, w.meta_len)
-    runs = [generate(model, grammar, w.tokens, start, bars=2, num_samples=3, max_new_tokens=600,
+    return functools.partial(generate, model, grammar, w.tokens, start)
+
+
+def test_generate_gives_the_readable_steps_tokens(fast_step_mod) -> None:
+    """Whole decode loop (grammar, sampling, CUDA graph) in float32: the fused and the readable step pick the
+    same tokens on a real prompt."""
+    from rwkv_music.train.sampling import SamplingConfig
+
+    generate = _demo_decode()
+    runs = [generate(bars=2, num_samples=3, max_new_tokens=600,
                      sampling=SamplingConfig(), seed=11, cuda_graph=True, fast_step=fast) for fast in (True, False)]
     assert runs[0] == runs[1]
     assert all(len(s) > 0 for s in runs[0])
@@ -189,23 +197,13 @@ def test_generate_gives_the_readable_steps_tokens(fast_step_mod) -> None:
 def test_generate_with_candidates_keeps_the_same_choice_in_every_mode(fast_step_mod) -> None:
     """Candidates under the CUDA graph (fused step) choose what the eager readable decode chooses: the scoring runs
     inside the captured step."""
-    from rwkv_music.remi.grammar import RemiGrammar
-    from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score
-    from rwkv_music.remi.windows import Vocab, build_prompt
-    from rwkv_music.train.complete import generate
     from rwkv_music.train.sampling import SamplingConfig
 
-    tok = build_tokenizer()
-    model = fast_model(seed=5, vocab=len(tok))
-    model.wkv_backend = "auto"
-    grammar = RemiGrammar(tok)
-    ids = encode_piano(load_piano_score(REPO / "examples" / "demo-corpus" / "POP909_010.mid", tok), tok)
-    w = build_prompt(ids, Vocab(tok), 4, 2048)
-    start = grammar.run(w.tokens, w.meta_len)
+    generate = _demo_decode()
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, candidates=4)
-    runs = [generate(model, grammar, w.tokens, start, bars=2, num_samples=3, max_new_tokens=600, sampling=sampling,
+    runs = [generate(bars=2, num_samples=3, max_new_tokens=600, sampling=sampling,
                      seed=11, cuda_graph=graph, fast_step=graph) for graph in (True, False)]
     assert runs[0] == runs[1]
-    plain = generate(model, grammar, w.tokens, start, bars=2, num_samples=3, max_new_tokens=600,
+    plain = generate(bars=2, num_samples=3, max_new_tokens=600,
                      sampling=dataclasses.replace(sampling, candidates=1), seed=11, cuda_graph=True)
     assert plain != runs[0]  # a candidate other than the plain sample won somewhere: the scores were kept
