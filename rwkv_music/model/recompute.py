@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-RECOMPUTE = ("none", "elementwise", "blocks")
+RECOMPUTE = ("none", "elementwise", "elementwise-relu2", "elementwise-mix", "blocks")
 
 _aten = torch.ops.aten
 _PRODUCTS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
@@ -34,6 +34,21 @@ def _keep_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPo
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _keep_products_and_relu2(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """As `_keep_products`, and keep the channel mix's relu(.)^2 (the input of its value product, [B, T, 4C]) where
+    it runs in bf16; under autocast pow runs in fp32, which would double what is kept."""
+    if op is _aten.pow.Tensor_Scalar and args[0].dtype != torch.float32:
+        return CheckpointPolicy.MUST_SAVE
+    return _keep_products(ctx, op, *args, **kwargs)
+
+
+def _keep_products_relu2_and_mix(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """As `_keep_products_and_relu2`, and keep the token-shift lerps (addcmul), the inputs of the other products."""
+    if op is _aten.addcmul.default and args[0].dtype != torch.float32:
+        return CheckpointPolicy.MUST_SAVE
+    return _keep_products_and_relu2(ctx, op, *args, **kwargs)
+
+
 def run_block(block: Callable[..., Any], mode: str, *args: Any) -> Any:
     """``block(*args)`` under the recompute mode (a training forward with grad enabled)."""
     if mode == "none":
@@ -43,4 +58,10 @@ def run_block(block: Callable[..., Any], mode: str, *args: Any) -> Any:
     if mode == "elementwise":
         return checkpoint(block, *args, use_reentrant=False,
                           context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
+    if mode == "elementwise-relu2":
+        return checkpoint(block, *args, use_reentrant=False,
+                          context_fn=partial(create_selective_checkpoint_contexts, _keep_products_and_relu2))
+    if mode == "elementwise-mix":
+        return checkpoint(block, *args, use_reentrant=False,
+                          context_fn=partial(create_selective_checkpoint_contexts, _keep_products_relu2_and_mix))
     raise ValueError(f"recompute must be one of {RECOMPUTE}, got {mode!r}")

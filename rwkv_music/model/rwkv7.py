@@ -137,8 +137,9 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         xx = _shift(x, x_prev, starts) - x
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        # x + xx * mix, written as addcmul: one op that model/recompute.py's policies can single out
+        xr, xw, xk = (torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k))
+        xv, xa, xg = (torch.addcmul(x, xx, m) for m in (self.x_v, self.x_a, self.x_g))
 
         r = self.receptance(xr)
         w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # raw decay logit; decay = exp(-e^-0.5 sigmoid(w))
@@ -165,6 +166,22 @@ class TimeMix(nn.Module):
         return self.output(y * g), v_first, x[:, -1], state
 
 
+class _ReluSquare(torch.autograd.Function):
+    """relu(x)^2 that saves only its output for backward. The value product keeps that output anyway, and the
+    derivative 2 relu(x) = 2 sqrt(y) follows from it, so the [B, T, 4C] pre-activation need not be kept too."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = torch.relu(x) ** 2
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * 2 * y.sqrt()
+
+
 class ChannelMix(nn.Module):
     """x070 channel mixing: token-shift lerp, then relu(.)^2 MLP."""
 
@@ -187,7 +204,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: Tensor, x_prev: Tensor | None, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
         xx = _shift(x, x_prev, starts) - x
-        k = torch.relu(self.key(x + xx * self.x_k)) ** 2
+        k = _ReluSquare.apply(self.key(torch.addcmul(x, xx, self.x_k)))
         return self.value(k), x[:, -1]
 
 

@@ -145,7 +145,8 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
       "the repeat at some cost in teacher-forced loss (docs/training.md). 0: off.")
 @_opt("--repeat-margin", type=float, help="With --repeat-contrast: the lead in mean log-likelihood "
       "per token (nats) beyond which a window's truth is no longer pushed above its repeat.")
-@_opt("--recompute", type=click.Choice(["none", "elementwise", "blocks"]), help="What backward recomputes "
+@_opt("--recompute", type=click.Choice(["none", "elementwise", "elementwise-relu2", "elementwise-mix", "blocks"]),
+      help="What backward recomputes "
       "instead of keeping: elementwise keeps only the matrix products' and WKV kernels' outputs and runs the "
       "element-wise work again (less activation memory, more backward work); blocks keeps only each block's input "
       "(least memory, the most work). On one GPU the default is elementwise with --precision bf16-weights: as fast as "
