@@ -1,11 +1,11 @@
 """Which sampling settings make the best completions? `musictrain eval` on the dev half of the val pieces
-(`--pieces dev`) for each setting of a grid of temperature x top-p x min-p x candidates (best of C continuations
-by the model's own likelihood), generative metrics only, and a
+(`--pieces dev`) for each setting of a grid of temperature x top-p x min-p x candidates x choice (one of C
+continuations kept: the likeliest, or the consensus), generative metrics only, and a
 ranking by how many of eval's closeness metrics the model wins against the repeat-last-bars and the
 random-window baselines.
 
     python bench/sampling_sweep.py RUN SHARDS WORK [--temperatures ...] [--top-ps ...] [--min-ps ...]
-                                   [--candidates ...] [--report-test DIR]
+                                   [--candidates ...] [--choose ...] [--report-test DIR]
 
 Every setting sees the same windows and the same seed. Prints one line per setting and a JSON summary (also
 WORK/sweep.json) whose "best" is the setting that wins most metrics against the repeat baseline, then against
@@ -25,6 +25,7 @@ from pathlib import Path
 from rwkv_music.atomic import write_text_atomic
 from rwkv_music.train.eval_generate import mean_error_wins
 from rwkv_music.train.metrics import METRIC_NAMES
+from rwkv_music.train.sampling_config import CHOICES
 
 
 def closeness(report: dict) -> dict[str, dict[str, float]]:
@@ -51,7 +52,8 @@ def eval_cmd(args: argparse.Namespace, setting: dict) -> list[str]:
     """`musictrain eval` on RUN's val split with one sampling setting (the caller adds pieces, sizes, -o)."""
     return [sys.executable, "-m", "rwkv_music.train.cli", "eval", str(args.run), str(args.shards), "--split", "val",
             "--temperature", str(setting["temperature"]), "--top-p", str(setting["top_p"]),
-            "--min-p", str(setting["min_p"]), "--candidates", str(setting["candidates"]), "--seed", str(args.seed),
+            "--min-p", str(setting["min_p"]), "--candidates", str(setting["candidates"]), "--choose", setting["choose"],
+            "--seed", str(args.seed),
             "--device", args.device, "--overwrite"]
 
 
@@ -64,7 +66,9 @@ def main() -> None:
     ap.add_argument("--top-ps", type=float, nargs="+", default=[0.9])
     ap.add_argument("--min-ps", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--candidates", type=int, nargs="+", default=[1],
-                    help="Continuations per window, the likeliest kept (1: plain sampling).")
+                    help="Continuations per window, one kept (1: plain sampling).")
+    ap.add_argument("--choose", nargs="+", choices=CHOICES, default=["likeliest"],
+                    help="Which candidate is kept (with candidates > 1; a setting of one candidate runs once).")
     ap.add_argument("--report-test", type=Path, default=None,
                     help="Then evaluate the winner on the test pieces into this directory (full report).")
     ap.add_argument("--test-windows", type=int, default=64, help="Generated windows of the --report-test eval.")
@@ -74,10 +78,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=600, help="Seconds per setting.")
     args = ap.parse_args()
     rows = []
-    for t, p, mp, c in itertools.product(args.temperatures, args.top_ps, args.min_ps, args.candidates):
-        out = args.work / f"t{t:g}-p{p:g}-m{mp:g}-c{c}"
-        setting = {"temperature": t, "top_p": p, "min_p": mp, "candidates": c}
-        name = f"t={t:g} top_p={p:g} min_p={mp:g} candidates={c}"
+    grid = itertools.product(args.temperatures, args.top_ps, args.min_ps, args.candidates, args.choose)
+    for t, p, mp, c, ch in grid:
+        if c == 1 and ch != args.choose[0]:  # one candidate: nothing to choose, the same run
+            continue
+        out = args.work / (f"t{t:g}-p{p:g}-m{mp:g}-c{c}" + ("" if c == 1 else f"-{ch}"))
+        setting = {"temperature": t, "top_p": p, "min_p": mp, "candidates": c, "choose": ch}
+        name = f"t={t:g} top_p={p:g} min_p={mp:g} candidates={c}" + ("" if c == 1 else f" choose={ch}")
         cmd = [*eval_cmd(args, setting), "--pieces", "dev", "--num-windows", str(args.num_windows),
                "--choice-windows", "0", "--max-tf-windows", "1", "--piano-rolls", "0", "-o", str(out), "-q"]
         try:
@@ -110,7 +117,7 @@ def main() -> None:
     if best is None:
         sys.exit(1)
     if args.report_test is not None:
-        setting = {k: best[k] for k in ("temperature", "top_p", "min_p", "candidates")}
+        setting = {k: best[k] for k in ("temperature", "top_p", "min_p", "candidates", "choose")}
         cmd = [*eval_cmd(args, setting), "--pieces", "test", "--num-windows", str(args.test_windows),
                "-o", str(args.report_test)]
         print("winner on the test pieces: musictrain " + " ".join(cmd[3:]), flush=True)

@@ -25,6 +25,7 @@ from rwkv_music.model.fast_step import FastStep, unsupported_reason
 from rwkv_music.remi.grammar import BAR, PITCH, BatchedGrammar, GrammarError, GrammarState, RemiGrammar
 from rwkv_music.remi.tokenizer import MidiRejected, PianoScore, encode_piano, load_piano_score
 from rwkv_music.remi.windows import Vocab, Window, build_prompt, decode_window
+from rwkv_music.train.consensus import consensus_index, continuation_metrics
 from rwkv_music.train.sampling import SamplingConfig, draw_uniforms, sample
 
 # A progress callback of `generate`: (decode steps run, bars finished per sample).
@@ -196,12 +197,15 @@ class _Decoder:
 def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: GrammarState, *, bars: int,
              num_samples: int, max_new_tokens: int, sampling: SamplingConfig, seed: int,
              cuda_graph: bool = False, compile_step: bool = False, fast_step: bool = True,
-             check_every: int | None = None, progress: Progress | None = None) -> list[list[int]]:
+             check_every: int | None = None, progress: Progress | None = None,
+             tokenizer: REMI | None = None) -> list[list[int]]:
     """Continuations of one prompt window, sample k drawn from seed + k. Returns token ids per sample
     (without the Bar that ended it). The model runs in its own dtype; sampling is always float32.
 
-    With `sampling.candidates` C > 1, each sample is the likeliest of its C continuations, decoded together by
-    `generate_candidates` (ties: the lower candidate, so candidate 0, the plain sample, wins them).
+    With `sampling.candidates` C > 1, each sample is one of its C continuations, decoded together by
+    `generate_candidates`: the likeliest, or with `sampling.choose` "consensus" the one nearest to the others
+    by the music metrics (which decodes them, so it needs `tokenizer`). Ties go to the lower candidate, so
+    candidate 0, the plain sample, wins them.
 
     `progress(tokens, bars)`, if given, hears at every completion check (every step on CPU, every 16 on CUDA)
     the decode steps run and the bars each sample has finished.
@@ -221,7 +225,15 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
                                        check_every=check_every, progress=progress)
     if C == 1:
         return rows
-    best = [max(range(C), key=lambda c, k=k: scores[c * num_samples + k]) for k in range(num_samples)]
+    if sampling.choose == "consensus":
+        if tokenizer is None:
+            raise ValueError("choosing candidates by consensus decodes them: pass the tokenizer")
+        vocab = Vocab(tokenizer)
+        meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
+        feats = [continuation_metrics(meta, row, bars, tokenizer, vocab) for row in rows]
+        best = [consensus_index(feats[k::num_samples]) for k in range(num_samples)]
+    else:
+        best = [max(range(C), key=lambda c, k=k: scores[c * num_samples + k]) for k in range(num_samples)]
     return [rows[c * num_samples + k] for k, c in enumerate(best)]
 
 
@@ -357,7 +369,8 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
         conts += generate(model, grammar, window.tokens, start, bars=config.bars, num_samples=size,
                           max_new_tokens=config.budget, sampling=config.sampling, seed=config.seed + first,
                           cuda_graph=config.cuda_graph, compile_step=config.compile_step,
-                          fast_step=config.fast_step, progress=part if progress is not None else None)
+                          fast_step=config.fast_step, progress=part if progress is not None else None,
+                          tokenizer=tokenizer)
     meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
     samples = []
     for k, cont in enumerate(conts):

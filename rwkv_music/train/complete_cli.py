@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from rwkv_music.train.cli import UsageFailure
-from rwkv_music.train.sampling_config import MAX_CANDIDATES, SamplingConfig
+from rwkv_music.train.sampling_config import CHOICES, MAX_CANDIDATES, SamplingConfig
 
 _SAMPLING = SamplingConfig()
 
@@ -55,8 +55,12 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
 @click.option("--min-p", type=click.FloatRange(min=0, max=1), default=_SAMPLING.min_p, show_default=True,
               help="Draw only from tokens at least this fraction as likely as the most likely one (0 = off).")
 @click.option("--candidates", type=click.IntRange(1, MAX_CANDIDATES), default=_SAMPLING.candidates, show_default=True,
-              help="Draw this many continuations for each sample and keep the one the model finds likeliest (mean "
-                   "log-probability per token, temperature 1); C times the decoding work (1 = off).")
+              help="Draw this many continuations for each sample and keep one (see --choose); C times the "
+                   "decoding work (1 = off).")
+@click.option("--choose", type=click.Choice(CHOICES), default=_SAMPLING.choose, show_default=True,
+              help="With --candidates: keep the likeliest (the model's mean log-probability per token, temperature "
+                   "1), or the consensus (the candidate whose notes, range, density, rhythm and scale are nearest "
+                   "to the other candidates': the most typical of what the model drew).")
 @click.option("--seed", type=click.IntRange(0, 2**31), default=0, show_default=True,
               help="Sample K uses seed + K (with --candidates, its candidate c > 0 seed + K + c * 2**20). At most "
                    "2**31: torch's generator keeps 32 bits of a seed, so larger ones would repeat smaller ones.")
@@ -81,7 +85,7 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
               "terminal).")
 def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: int, context_bars: str,
              first_bar: int, num_samples: int, temperature: float, top_p: float, top_k: int, min_p: float,
-             candidates: int, seed: int,
+             candidates: int, choose: str, seed: int,
              max_tokens: int | None, device: str, dtype: str, cuda_graph: bool, fast_step: bool, compile_step: bool,
              plot: bool, quiet: bool) -> None:
     """Continue PROMPT (a MIDI file) by --bars bars with the model in CHECKPOINT (a run directory: its best
@@ -117,7 +121,8 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
     try:
         config = CompleteConfig(bars=bars, context_bars=ctx, num_samples=num_samples,
                                 sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                        min_p=min_p, candidates=candidates), seed=seed,
+                                                        min_p=min_p, candidates=candidates, choose=choose),
+                                seed=seed,
                                 max_new_tokens=max_tokens, cuda_graph=cuda_graph, compile_step=compile_step,
                                 fast_step=fast_step, first_bar=first_bar)
     except ValueError as e:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rwkv_music.train.sampling_config import MAX_CANDIDATES, SamplingConfig
+from rwkv_music.train.sampling_config import CHOICES, MAX_CANDIDATES, SamplingConfig
 
 _SAMPLING = SamplingConfig()
 
@@ -50,7 +50,9 @@ def _f(x, nd: int = 3) -> str:
 @click.option("--min-p", type=click.FloatRange(min=0, max=1), default=None,
               help=f"Min-p sampling [complete's default, {_SAMPLING.min_p or 'off'}].")
 @click.option("--candidates", type=click.IntRange(1, MAX_CANDIDATES), default=None,
-              help=f"Continuations drawn per window, the likeliest kept [complete's default, {_SAMPLING.candidates}].")
+              help=f"Continuations drawn per window, one kept (--choose) [complete's default, {_SAMPLING.candidates}].")
+@click.option("--choose", type=click.Choice(CHOICES), default=None,
+              help=f"Which candidate is kept: likeliest or consensus [complete's default, {_SAMPLING.choose}].")
 @click.option("--fast-step/--no-fast-step", default=True, show_default=True,
               help="CUDA: generate with the fused prefill and decode kernels; off: the readable model.")
 @click.option("--batch-tokens", default=32768, show_default=True, type=click.IntRange(min=64),
@@ -68,7 +70,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
              all_tf_windows: bool, choice_windows: int, pieces: str, device: str, seed: int, piano_rolls: int,
              tokens_per_bar: int | None,
              temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
-             candidates: int | None, fast_step: bool, batch_tokens: int,
+             candidates: int | None, choose: str | None, fast_step: bool, batch_tokens: int,
              shard_format: str, out: Path, overwrite: bool, quiet: bool) -> None:
     """Evaluate CHECKPOINT (a run or checkpoint directory) on SHARDS (a `musicprep build-shards` output).
 
@@ -92,7 +94,8 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, num_windows: int, max_t
     cfg = EvalConfig(split=split, num_windows=num_windows, max_tf_windows=None if all_tf_windows else max_tf_windows,
                      batch_tokens=batch_tokens, piano_rolls=piano_rolls, seed=seed, device=device,
                      shard_format=shard_format, tokens_per_bar=tokens_per_bar, temperature=temperature,
-                     top_p=top_p, top_k=top_k, min_p=min_p, candidates=candidates, choice_windows=choice_windows,
+                     top_p=top_p, top_k=top_k, min_p=min_p, candidates=candidates, choose=choose,
+                     choice_windows=choice_windows,
                      pieces=pieces, fast_step=fast_step)
     try:
         dev = pick_device(device)

@@ -85,7 +85,7 @@ def complete_windows(model, tokenizer, prompts: Sequence[list[int]], meta_lens: 
             start = grammar.run(list(prompt), meta_len, strict=False)
             cont = generate(model, grammar, list(prompt), start, bars=nb, num_samples=1,
                             max_new_tokens=per_bar * nb, sampling=sampling or cfg.sampling, seed=seed + k,
-                            cuda_graph=cfg.cuda_graph, fast_step=fast_step)
+                            cuda_graph=cfg.cuda_graph, fast_step=fast_step, tokenizer=tokenizer)
             outs.append(cont[0])
         except Exception as e:  # one bad window is a counted failure, not a failed evaluation
             outs.append(e)

@@ -81,6 +81,7 @@ class EvalConfig:
     top_k: int | None = None
     min_p: float | None = None
     candidates: int | None = None
+    choose: str | None = None
     seed: int = 0
     device: str = "auto"
     shard_format: str = "parquet"  # preferred; the other one is used if the build has only that

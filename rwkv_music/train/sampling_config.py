@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 MAX_CANDIDATES = 64  # each candidate is a decoded row: the batch grows with it
+CHOICES = ("likeliest", "consensus")  # how one of several candidates is kept
 
 
 @dataclass(frozen=True)
@@ -15,10 +16,13 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 0.9  # 1.0 = off
     min_p: float = 0.0  # keep tokens at least this fraction of the most likely one's probability; 0 = off
-    # draw this many continuations per sample and keep the one the model itself finds likeliest (mean log-probability
-    # of the tokens chosen where the grammar left a choice, at temperature 1): a choice by the model's ranking, which
-    # the forced choice shows to be sharper than its samples; 1 = off
+    # draw this many continuations per sample and keep one of them (see `choose`); 1 = off
     candidates: int = 1
+    # which candidate is kept: "likeliest", the one the model itself finds likeliest (mean log-probability of the
+    # tokens chosen where the grammar left a choice, at temperature 1), a choice by the model's ranking, which the
+    # forced choice shows to be sharper than its samples; "consensus", the one whose music metrics are nearest to
+    # the other candidates' (train/consensus.py)
+    choose: str = "likeliest"
 
     def __post_init__(self):
         if not 0 <= self.temperature < math.inf:
@@ -31,5 +35,7 @@ class SamplingConfig:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 1 <= self.candidates <= MAX_CANDIDATES:
             raise ValueError(f"candidates must be in 1 .. {MAX_CANDIDATES}, got {self.candidates}")
+        if self.choose not in CHOICES:
+            raise ValueError(f"choose must be one of {', '.join(CHOICES)}, got {self.choose!r}")
         if self.candidates > 1 and (self.temperature == 0 or self.top_k == 1):
             raise ValueError("candidates need sampling: with temperature 0 or top_k 1 every candidate is the same")

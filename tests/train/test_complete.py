@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 import symusic
 import torch
@@ -27,7 +28,8 @@ from rwkv_music.remi.tokenizer import (
     save_tokenizer,
     tokenizer_hash,
 )
-from rwkv_music.remi.windows import Vocab, WindowSpec, build_prompt, make_windows
+from rwkv_music.remi.windows import Vocab, WindowSpec, build_prompt, decode_window, make_windows
+from rwkv_music.train import metrics as M
 from rwkv_music.train.checkpoints import load_for_inference
 from rwkv_music.train.complete import (
     CompleteConfig,
@@ -39,6 +41,7 @@ from rwkv_music.train.complete import (
     prefill,
 )
 from rwkv_music.train.complete_output import format_table, write_completion
+from rwkv_music.train.consensus import consensus_index
 from rwkv_music.train.sampling import SamplingConfig
 
 TRAIN_FILES = ["MIDIs_one_track/POP909_008.mid", "MIDIs_one_track/POP909_010.mid", "MIDIs_one_track/Maestro_1.mid"]
@@ -209,6 +212,35 @@ def test_candidates_keep_the_continuation_the_model_finds_likeliest(loaded, prom
     for bad in (dict(candidates=0), dict(candidates=2, temperature=0.0), dict(candidates=2, top_k=1)):
         with pytest.raises(ValueError, match="candidates"):
             SamplingConfig(**bad)
+
+
+def test_consensus_keeps_the_candidate_whose_metrics_are_central(loaded, prompt: Path):
+    """choose="consensus": sample k is the candidate whose music metrics (its notes decoded alone, over the bars
+    asked for) are nearest to its other candidates', among the same rows `generate_candidates` draws."""
+    model, tok = loaded
+    grammar, vocab = RemiGrammar(tok), Vocab(tok)
+    window = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=1)).window
+    start = grammar.run(window.tokens, window.meta_len, strict=False)
+    n, C, bars = 3, 6, 2
+    sampling = SamplingConfig(temperature=1.3, top_p=1.0, candidates=C, choose="consensus")
+    kw = dict(bars=bars, max_new_tokens=96, num_samples=n, sampling=sampling, seed=11)
+    rows, scores = generate_candidates(model, grammar, window.tokens, start, **kw)
+    meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
+    feats = []
+    for row in rows:  # each candidate decoded on its own, as `complete` writes it
+        notes = M.notes_from_score(decode_window(meta + row, 2, tok, vocab), n_bars=bars)
+        assert notes.n_bars == bars
+        feats.append(np.array([M.compute_metrics(notes)[m] for m in M.METRIC_NAMES]))
+    central = [consensus_index(feats[k::n]) for k in range(n)]
+    likeliest = [max(range(C), key=lambda c, k=k: scores[c * n + k]) for k in range(n)]
+    print(f"consensus {central}, likeliest {likeliest}")
+    assert central != likeliest and any(c > 0 for c in central)
+    chosen = generate(model, grammar, window.tokens, start, tokenizer=tok, **kw)
+    assert chosen == [rows[c * n + k] for k, c in enumerate(central)]
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, grammar, window.tokens, start, **kw)
+    with pytest.raises(ValueError, match="choose"):
+        SamplingConfig(candidates=2, choose="best")
 
 
 def test_unconstrained_high_temperature_still_decodes(loaded, prompt: Path):

@@ -71,7 +71,7 @@ def report_dir(trained_run: Path, small_shards: Path, tmp_path_factory: pytest.T
     out = tmp_path_factory.mktemp("eval") / "report"
     proc = eval_cli(trained_run, small_shards, "--num-windows", N_WINDOWS, "--max-tf-windows", 48, "--device", "cpu",
                     "--piano-rolls", 2, "--tokens-per-bar", 48, "--temperature", 1.0, "--min-p", 0.02,
-                    "--candidates", 2, "--choice-windows", CHOICE, "--no-fast-step", "-o", out)
+                    "--candidates", 3, "--choose", "consensus", "--choice-windows", CHOICE, "--no-fast-step", "-o", out)
     return out, proc.stdout
 
 
@@ -104,7 +104,7 @@ def test_report_files(report_dir, report):
 def test_report_records_the_options(report):
     cfg = report["config"]
     assert cfg["fast_step"] is False and cfg["min_p"] == 0.02 and cfg["num_windows"] == N_WINDOWS
-    assert cfg["candidates"] == 2
+    assert cfg["candidates"] == 3 and cfg["choose"] == "consensus"
     assert cfg["device"] == "cpu"
 
 
@@ -176,7 +176,7 @@ def test_generative_part_and_baselines(report):
     assert M.sign_test(0, 5) == 2 / 32 and M.sign_test(3, 3) == 1.0 and M.sign_test(0, 0) == 1.0
     # Sampling: the temperature, min-p and candidates given on the command line, the rest complete's defaults.
     assert g["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": SamplingConfig().top_p, "min_p": 0.02,
-                             "candidates": 2}
+                             "candidates": 3, "choose": "consensus"}
 
 
 def test_teacher_forced_equals_full_forward(trained_run: Path, small_shards: Path):
