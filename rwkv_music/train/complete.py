@@ -89,6 +89,7 @@ class Sample:
     continuation_tick: int  # where the continuation starts in `score`
     window_continuation_tick: int  # ... and in `window_score`
     bars: int  # Bar tokens in `tokens`
+    candidate: int | None = None  # with --candidates: the one kept (0 is the plain sample's own seed)
 
 
 @dataclass
@@ -199,8 +200,21 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
              cuda_graph: bool = False, compile_step: bool = False, fast_step: bool = True,
              check_every: int | None = None, progress: Progress | None = None,
              tokenizer: REMI | None = None) -> list[list[int]]:
+    """The continuations of `generate_kept`, without which candidate each is."""
+    return generate_kept(model, grammar, window_tokens, start, bars=bars, num_samples=num_samples,
+                         max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, cuda_graph=cuda_graph,
+                         compile_step=compile_step, fast_step=fast_step, check_every=check_every, progress=progress,
+                         tokenizer=tokenizer)[0]
+
+
+def generate_kept(model, grammar: RemiGrammar, window_tokens: list[int], start: GrammarState, *, bars: int,
+                  num_samples: int, max_new_tokens: int, sampling: SamplingConfig, seed: int,
+                  cuda_graph: bool = False, compile_step: bool = False, fast_step: bool = True,
+                  check_every: int | None = None, progress: Progress | None = None,
+                  tokenizer: REMI | None = None) -> tuple[list[list[int]], list[int] | None]:
     """Continuations of one prompt window, sample k drawn from seed + k. Returns token ids per sample
-    (without the Bar that ended it). The model runs in its own dtype; sampling is always float32.
+    (without the Bar that ended it) and, with candidates, the candidate each sample kept (else None). The model
+    runs in its own dtype; sampling is always float32.
 
     With `sampling.candidates` C > 1, each sample is one of its C continuations, decoded together by
     `generate_candidates`: the likeliest, or with `sampling.choose` "consensus" the one nearest to the others
@@ -224,7 +238,7 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
                                        cuda_graph=cuda_graph, compile_step=compile_step, fast_step=fast_step,
                                        check_every=check_every, progress=progress)
     if C == 1:
-        return rows
+        return rows, None
     if sampling.choose == "consensus":
         if tokenizer is None:
             raise ValueError("choosing candidates by consensus decodes them: pass the tokenizer")
@@ -234,7 +248,7 @@ def generate(model, grammar: RemiGrammar, window_tokens: list[int], start: Gramm
         best = [consensus_index(feats[k::num_samples]) for k in range(num_samples)]
     else:
         best = [max(range(C), key=lambda c, k=k: scores[c * num_samples + k]) for k in range(num_samples)]
-    return [rows[c * num_samples + k] for k, c in enumerate(best)]
+    return [rows[c * num_samples + k] for k, c in enumerate(best)], best
 
 
 @torch.no_grad()
@@ -358,6 +372,7 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
         raise CompletionError("the prompt ends inside an event and cannot be continued")
     model.eval()
     conts: list[list[int]] = []
+    kept: list[int | None] = []
     n = config.num_samples
     per_batch = max(1, config.max_batch // config.sampling.candidates)  # each candidate is a decoded row
     for first in range(0, n, per_batch):  # batches of at most max_batch rows; sample k: seed + k
@@ -366,11 +381,13 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
         def part(tokens: int, done: list[int], first: int = first, size: int = size) -> None:
             progress(tokens, [config.bars] * first + done + [0] * (n - first - size))  # bars of every sample
 
-        conts += generate(model, grammar, window.tokens, start, bars=config.bars, num_samples=size,
-                          max_new_tokens=config.budget, sampling=config.sampling, seed=config.seed + first,
-                          cuda_graph=config.cuda_graph, compile_step=config.compile_step,
-                          fast_step=config.fast_step, progress=part if progress is not None else None,
-                          tokenizer=tokenizer)
+        rows, chosen = generate_kept(model, grammar, window.tokens, start, bars=config.bars, num_samples=size,
+                                     max_new_tokens=config.budget, sampling=config.sampling,
+                                     seed=config.seed + first, cuda_graph=config.cuda_graph,
+                                     compile_step=config.compile_step, fast_step=config.fast_step,
+                                     progress=part if progress is not None else None, tokenizer=tokenizer)
+        conts += rows
+        kept += chosen or [None] * size
     meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
     samples = []
     for k, cont in enumerate(conts):
@@ -379,7 +396,8 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
                               start.bar_start + start.bar_len)
         alone = decode_window(meta + cont, 2, tokenizer, vocab)
         samples.append(Sample(k, config.seed + k, cont, score, alone, window_score, full.bar_start + full.bar_len,
-                              start.bar_start + start.bar_len, sum(1 for t in cont if t == grammar.bar_id)))
+                              start.bar_start + start.bar_len, sum(1 for t in cont if t == grammar.bar_id),
+                              kept[k]))
     return Completion(ids, window, samples, int(tokenizer.time_division))
 
 

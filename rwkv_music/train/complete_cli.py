@@ -101,9 +101,12 @@ def complete(checkpoint: Path, prompt: Path, out: Path, overwrite: bool, bars: i
 
     ctx = _context_bars(context_bars)
     if num_samples > MAX_SAMPLES:  # before the model loads: CompleteConfig says the same, later
+        again = (f"run again with --seed {seed + MAX_SAMPLES} and another -o (sample k uses seed + k)"
+                 if seed + MAX_SAMPLES <= 2**31 else
+                 f"run in parts of up to {MAX_SAMPLES} from a lower --seed, each with its own -o (sample k uses "
+                 "seed + k, and seeds stop at 2**31)")
         raise UsageFailure(f"--num-samples {num_samples}: at most {MAX_SAMPLES} per call (every sample is held in "
-                           f"memory until all are written); for more, run again with --seed {seed + MAX_SAMPLES} "
-                           "and another -o (sample k uses seed + k)")
+                           f"memory until all are written); for more, {again}")
     try:
         device = str(pick_device(device))
     except DeviceUnavailable as e:

@@ -36,18 +36,21 @@ def sample_stats(s: Sample) -> dict:
     pitches = [n.pitch for n in notes]
     lo, hi = (min(pitches), max(pitches)) if pitches else (None, None)
     return {"sample": s.index, "seed": s.seed, "tokens": len(s.tokens), "notes": len(notes), "bars": s.bars,
-            "pitch_min": lo, "pitch_max": hi}
+            "pitch_min": lo, "pitch_max": hi, "candidate": s.candidate}
 
 
 def format_table(completion: Completion) -> str:
     """A plain-text table, one row per sample."""
-    head = f"{'sample':>6} {'seed':>6} {'tokens':>6} {'notes':>5} {'bars':>4}  pitch range"
+    kept = any(s.candidate is not None for s in completion.samples)  # the candidate column, where one was chosen
+    head = f"{'sample':>6} {'seed':>6}{' kept' if kept else ''} {'tokens':>6} {'notes':>5} {'bars':>4}  pitch range"
     rows = [head]
     for s in completion.samples:
         st = sample_stats(s)
         rng = "-" if st["pitch_min"] is None else (
             f"{note_name(st['pitch_min'])}-{note_name(st['pitch_max'])} ({st['pitch_min']}-{st['pitch_max']})")
-        rows.append(f"{st['sample']:>6} {st['seed']:>6} {st['tokens']:>6} {st['notes']:>5} {st['bars']:>4}  {rng}")
+        cand = f" {st['candidate']:>4}" if kept else ""
+        rows.append(f"{st['sample']:>6} {st['seed']:>6}{cand} {st['tokens']:>6} {st['notes']:>5} {st['bars']:>4}  "
+                    f"{rng}")
     return "\n".join(rows)
 
 

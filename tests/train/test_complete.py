@@ -209,6 +209,15 @@ def test_candidates_keep_the_continuation_the_model_finds_likeliest(loaded, prom
     whole = complete(model, tok, prompt, cfg)
     split = complete(model, tok, prompt, dataclasses.replace(cfg, max_batch=4))
     assert [s.tokens for s in split.samples] == [s.tokens for s in whole.samples]
+    # each sample records the candidate it kept, and the table shows it
+    w_start = grammar.run(whole.window.tokens, whole.window.meta_len, strict=False)
+    _, w_scores = generate_candidates(model, grammar, whole.window.tokens, w_start, bars=1, num_samples=3,
+                                      max_new_tokens=cfg.budget, sampling=sampling, seed=5)
+    assert [s.candidate for s in whole.samples] == [max(range(C), key=lambda c, k=k: w_scores[c * 3 + k])
+                                                     for k in range(3)]
+    table = [line.split() for line in format_table(whole).splitlines()]
+    assert table[0][:3] == ["sample", "seed", "kept"]
+    assert [int(r[2]) for r in table[1:]] == [s.candidate for s in whole.samples]
     for bad in (dict(candidates=0), dict(candidates=2, temperature=0.0), dict(candidates=2, top_k=1)):
         with pytest.raises(ValueError, match="candidates"):
             SamplingConfig(**bad)
@@ -376,6 +385,11 @@ def test_cli_refuses_more_samples_than_fit_in_memory_before_loading(run_dir: Pat
     lines = [x for x in res.output.splitlines() if x.strip()]
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert lines[0].startswith(f"Error: --num-samples 100000: at most {MAX_SAMPLES} per call") and "--seed" in lines[0]
+    assert f"--seed {MAX_SAMPLES}" in lines[0]
+    # near the top of the seed range the hint names no seed past it
+    res = _invoke(str(run_dir), str(corpus_dir / PROMPT), "-o", str(tmp_path / "out"), "--num-samples", "100000",
+                  "--seed", str(2**31 - 5))
+    assert res.exit_code == 2 and "lower --seed" in res.output and str(2**31 - 5 + MAX_SAMPLES) not in res.output
     assert not (tmp_path / "out").exists()
     from rwkv_music.train.cli import main
 
@@ -404,6 +418,7 @@ def test_table_lists_every_sample(loaded, prompt: Path):
     res = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=2, seed=0))
     lines = format_table(res).splitlines()
     assert len(lines) == 3 and lines[0].split()[:5] == ["sample", "seed", "tokens", "notes", "bars"]
+    assert all(s.candidate is None for s in res.samples)  # no candidates drawn, no "kept" column
 
 
 def test_cli_refuses_a_non_empty_out_unless_overwrite(run_dir: Path, prompt: Path, tmp_path: Path):
