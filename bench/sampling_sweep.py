@@ -25,7 +25,9 @@ from pathlib import Path
 from rwkv_music.atomic import write_text_atomic
 from rwkv_music.train.eval_generate import mean_error_wins
 from rwkv_music.train.metrics import METRIC_NAMES
-from rwkv_music.train.sampling_config import CHOICES
+from rwkv_music.train.sampling_config import CHOICES, SamplingConfig
+
+_DEFAULT = SamplingConfig()
 
 
 def closeness(report: dict) -> dict[str, dict[str, float]]:
@@ -65,9 +67,9 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.6, 0.75, 0.85, 1.0])
     ap.add_argument("--top-ps", type=float, nargs="+", default=[0.9])
     ap.add_argument("--min-ps", type=float, nargs="+", default=[0.0, 0.1])
-    ap.add_argument("--candidates", type=int, nargs="+", default=[1],
-                    help="Continuations per window, one kept (1: plain sampling).")
-    ap.add_argument("--choose", nargs="+", choices=CHOICES, default=["likeliest"],
+    ap.add_argument("--candidates", type=int, nargs="+", default=[_DEFAULT.candidates],
+                    help="Continuations per window, one kept (1: plain sampling) [complete's default].")
+    ap.add_argument("--choose", nargs="+", choices=CHOICES, default=[_DEFAULT.choose],
                     help="Which candidate is kept (with candidates > 1; a setting of one candidate runs once).")
     ap.add_argument("--report-test", type=Path, default=None,
                     help="Then evaluate the winner on the test pieces into this directory (full report).")

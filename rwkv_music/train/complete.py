@@ -167,8 +167,8 @@ class _Decoder:
         self.t = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.full((B, u.shape[1]), pad_id, dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
-        # for choosing among candidates: each row's summed log-probability of the tokens it chose and their number
-        self.score = sampling.candidates > 1
+        # for keeping the likeliest candidate: each row's summed log-probability of the tokens it chose, and their count
+        self.score = sampling.candidates > 1 and sampling.choose == "likeliest"
         self.logp = torch.zeros(B, dtype=torch.float32, device=dev)
         self.n = torch.zeros(B, dtype=torch.float32, device=dev)
 
@@ -258,9 +258,9 @@ def generate_candidates(model, grammar: RemiGrammar, window_tokens: list[int], s
                         check_every: int | None = None,
                         progress: Progress | None = None) -> tuple[list[list[int]], list[float] | None]:
     """Every candidate row, `sampling.candidates` per sample (row c * num_samples + k: candidate c of sample k,
-    seeded by `candidate_seeds`), and with more than one candidate each row's score: the mean log-probability of
-    the tokens it chose where it had a choice (temperature 1, among the tokens the grammar allowed; the closing
-    Bar included). `progress` hears the bars of every row. Otherwise as `generate`."""
+    seeded by `candidate_seeds`), and where the likeliest is to be kept each row's score (else None): the mean
+    log-probability of the tokens it chose where it had a choice (temperature 1, among the tokens the grammar
+    allowed; the closing Bar included). `progress` hears the bars of every row. Otherwise as `generate`."""
     device = model.device
     C = sampling.candidates
     B = num_samples * C

@@ -56,11 +56,13 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
               help="Draw only from tokens at least this fraction as likely as the most likely one (0 = off).")
 @click.option("--candidates", type=click.IntRange(1, MAX_CANDIDATES), default=_SAMPLING.candidates, show_default=True,
               help="Draw this many continuations for each sample and keep one (see --choose); C times the "
-                   "decoding work (1 = off).")
+                   "decoding work, so 1 (off) is the fast choice. With --temperature 0 or --top-k 1 every candidate "
+                   "would be the same, and one is drawn.")
 @click.option("--choose", type=click.Choice(CHOICES), default=_SAMPLING.choose, show_default=True,
-              help="With --candidates: keep the likeliest (the model's mean log-probability per token, temperature "
-                   "1), or the consensus (the candidate whose notes, range, density, rhythm and scale are nearest "
-                   "to the other candidates': the most typical of what the model drew).")
+              help="With --candidates: keep the consensus (the candidate whose notes, range, density, rhythm and "
+                   "scale are nearest to the other candidates': the most typical of what the model drew; closer to "
+                   "the truth on the music21 build, docs/results.md), or the likeliest (the model's mean "
+                   "log-probability per token, temperature 1).")
 @click.option("--seed", type=click.IntRange(0, 2**31), default=0, show_default=True,
               help="Sample K uses seed + K (with --candidates, its candidate c > 0 seed + K + c * 2**20). At most "
                    "2**31: torch's generator keeps 32 bits of a seed, so larger ones would repeat smaller ones.")

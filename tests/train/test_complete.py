@@ -185,7 +185,7 @@ def test_candidates_keep_the_continuation_the_model_finds_likeliest(loaded, prom
     start = grammar.run(window.tokens, window.meta_len, strict=False)
     n, C, bars, budget = 4, 4, 2, 96
     assert candidate_seeds(5, 2, 2) == [5, 6, 5 + 2**20, 6 + 2**20]
-    sampling = SamplingConfig(temperature=1.3, top_p=1.0, candidates=C)
+    sampling = SamplingConfig(temperature=1.3, top_p=1.0, candidates=C, choose="likeliest")
     kw = dict(bars=bars, max_new_tokens=budget)
     rows, scores = generate_candidates(model, grammar, window.tokens, start, num_samples=n, sampling=sampling, seed=5,
                                        **kw)
@@ -218,9 +218,10 @@ def test_candidates_keep_the_continuation_the_model_finds_likeliest(loaded, prom
     table = [line.split() for line in format_table(whole).splitlines()]
     assert table[0][:3] == ["sample", "seed", "kept"]
     assert [int(r[2]) for r in table[1:]] == [s.candidate for s in whole.samples]
-    for bad in (dict(candidates=0), dict(candidates=2, temperature=0.0), dict(candidates=2, top_k=1)):
-        with pytest.raises(ValueError, match="candidates"):
-            SamplingConfig(**bad)
+    with pytest.raises(ValueError, match="candidates"):
+        SamplingConfig(candidates=0)
+    # greedy decoding has one continuation per prompt: it is drawn once, not C times
+    assert SamplingConfig(candidates=8, temperature=0.0).candidates == SamplingConfig(top_k=1).candidates == 1
 
 
 def test_consensus_keeps_the_candidate_whose_metrics_are_central(loaded, prompt: Path):
@@ -233,7 +234,11 @@ def test_consensus_keeps_the_candidate_whose_metrics_are_central(loaded, prompt:
     n, C, bars = 3, 6, 2
     sampling = SamplingConfig(temperature=1.3, top_p=1.0, candidates=C, choose="consensus")
     kw = dict(bars=bars, max_new_tokens=96, num_samples=n, sampling=sampling, seed=11)
-    rows, scores = generate_candidates(model, grammar, window.tokens, start, **kw)
+    rows, none = generate_candidates(model, grammar, window.tokens, start, **kw)
+    assert none is None  # nothing scored where the likeliest is not asked for
+    kw_likely = {**kw, "sampling": dataclasses.replace(sampling, choose="likeliest")}
+    same_rows, scores = generate_candidates(model, grammar, window.tokens, start, **kw_likely)
+    assert same_rows == rows
     meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
     feats = []
     for row in rows:  # each candidate decoded on its own, as `complete` writes it
@@ -316,13 +321,17 @@ def test_cli_writes_samples_and_table(run_dir: Path, prompt: Path, tmp_path: Pat
     assert "generating" not in proc.stderr  # no progress bar when stderr is not a terminal
     for f in out.iterdir():  # the umask's mode, as for any file opened for writing (not the staging 0600)
         assert f.stat().st_mode & 0o777 == 0o644, f
-    rows = [line.split() for line in proc.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    head = next(x for x in lines if x[:2] == ["sample", "seed"])
+    col = {name: head.index(name) for name in ("kept", "notes", "bars")}  # candidates by default: a "kept" column
+    rows = [x for x in lines if x and x[0].isdigit()]
     assert [r[:2] for r in rows] == [["0", "5"], ["1", "6"], ["2", "7"]]
-    assert all(r[4] == "2" for r in rows)  # bars column
+    assert all(r[col["bars"]] == "2" for r in rows)
+    assert all(0 <= int(r[col["kept"]]) < SamplingConfig().candidates for r in rows)
     for k in range(3):
         full = symusic.Score(str(out / f"sample-{k}.mid"))
         cont = symusic.Score(str(out / f"sample-{k}-continuation.mid"))
-        n_cont = int(rows[k][3])
+        n_cont = int(rows[k][col["notes"]])
         # (a MIDI file keeps no empty track: a continuation of rests has only the marker)
         assert [t.name for t in full.tracks] == ["prompt", "continuation"][: 2 if n_cont else 1]
         assert full.tracks[0].note_num() > 0 and cont.note_num() == n_cont
@@ -415,10 +424,15 @@ def test_cli_tokenizer_mismatch(run_dir: Path, corpus_dir: Path, tmp_path: Path)
 
 def test_table_lists_every_sample(loaded, prompt: Path):
     model, tok = loaded
-    res = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=2, seed=0))
+    plain = SamplingConfig(candidates=1)
+    res = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=2, seed=0, sampling=plain))
     lines = format_table(res).splitlines()
     assert len(lines) == 3 and lines[0].split()[:5] == ["sample", "seed", "tokens", "notes", "bars"]
     assert all(s.candidate is None for s in res.samples)  # no candidates drawn, no "kept" column
+    res = complete(model, tok, prompt, CompleteConfig(bars=1, num_samples=2, seed=0))  # the default: candidates
+    lines = [line.split() for line in format_table(res).splitlines()]
+    assert lines[0][:6] == ["sample", "seed", "kept", "tokens", "notes", "bars"]
+    assert [int(x[2]) for x in lines[1:]] == [s.candidate for s in res.samples]
 
 
 def test_cli_refuses_a_non_empty_out_unless_overwrite(run_dir: Path, prompt: Path, tmp_path: Path):
