@@ -164,11 +164,11 @@ class TrainConfig:
     def for_device(self, device_type: str, world_size: int = 1) -> None:
         """Fill in what was left to the device (None). On one CUDA process without gradient accumulation: the lean
         step, bf16 weights with fp32 masters and the element-wise work recomputed. It followed the reference path
-        over 300 steps within the fp32 noise floor (bf16 autocast's own run did not quite), as fast as autocast at
-        about half its memory (docs/training.md). Not shown for DDP or --grad-accum, where the bf16 gradients are
-        averaged or summed in bf16: those keep bf16 autocast over fp32 weights, nothing recomputed, as on the CPU
-        (where "bf16" runs fp32: autocast is CUDA-only). The saved config holds the result, so a resumed run keeps
-        it (on another device too)."""
+        over 300 steps within the fp32 noise floor (bf16 autocast's own run did not quite), about as fast as
+        autocast at two thirds of its memory (docs/training.md). Not shown for DDP or --grad-accum, where the bf16
+        gradients are averaged or summed in bf16: those keep bf16 autocast over fp32 weights, nothing recomputed, as
+        on the CPU (where "bf16" runs fp32: autocast is CUDA-only). The saved config holds the result, so a resumed
+        run keeps it (on another device too)."""
         lean = device_type == "cuda" and world_size == 1 and self.grad_accum == 1
         if self.precision is None:
             self.precision = "bf16-weights" if lean else "bf16"

@@ -275,3 +275,19 @@ def test_recompute_elementwise_keeps_products_and_reruns_the_rest(tiny_cfg: RWKV
     (p_none, o_none), (p_elem, o_elem), (p_blocks, _) = counts.values()
     assert p_elem == p_none < p_blocks, counts
     assert o_elem > o_none, counts
+
+
+def test_relu_square_takes_its_derivative_from_its_output() -> None:
+    """The channel mix's relu(x)^2 saves only y and returns 2 sqrt(y) * grad: the same gradient as autograd's
+    2 relu(x) * grad (float64 gradcheck, zeros and negatives included), and in bf16 within bf16 rounding."""
+    from rwkv_music.model.rwkv7 import _ReluSquare
+
+    x = torch.randn(64, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[0, :5] = 0.0
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(_ReluSquare.apply, (x,))
+    xb = x.detach().to(torch.bfloat16).requires_grad_(True)
+    g = torch.randn_like(xb)
+    _ReluSquare.apply(xb).backward(g)
+    want = (2 * torch.relu(xb.double()) * g.double())
+    assert rel_err(xb.grad.double(), want) < 4e-3
