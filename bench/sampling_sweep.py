@@ -63,12 +63,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="Run or checkpoint directory.")
     ap.add_argument("shards", type=Path)
-    ap.add_argument("work", type=Path, help="Reports go to WORK/t<T>-p<P>-m<M>-c<C>/.")
+    ap.add_argument("work", type=Path, help="Reports go to WORK/t<T>-p<P>-m<M>-c<C>[-<choice>]/.")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.6, 0.75, 0.85, 1.0])
     ap.add_argument("--top-ps", type=float, nargs="+", default=[0.9])
     ap.add_argument("--min-ps", type=float, nargs="+", default=[0.0, 0.1])
-    ap.add_argument("--candidates", type=int, nargs="+", default=[_DEFAULT.candidates],
-                    help="Continuations per window, one kept (1: plain sampling) [complete's default].")
+    ap.add_argument("--candidates", type=int, nargs="+", default=[1, _DEFAULT.candidates],
+                    help="Continuations per window, one kept (1: plain sampling) [plain and complete's default].")
     ap.add_argument("--choose", nargs="+", choices=CHOICES, default=[_DEFAULT.choose],
                     help="Which candidate is kept (with candidates > 1; a setting of one candidate runs once).")
     ap.add_argument("--report-test", type=Path, default=None,

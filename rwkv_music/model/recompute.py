@@ -2,9 +2,10 @@
 
 - ``none``: keep what the forward made (fastest, most memory).
 - ``elementwise``: keep only the outputs of the matrix products and of the WKV kernels (and each block's
-  input) and, with bf16 weights, the products' element-wise inputs (the token-shift lerps and relu^2, which
-  backward reads for the weight gradients and would otherwise make and write out again); every other
-  element-wise op, norm and cast is run again in backward. Those many [B, T, C] intermediates of the gates
+  input) and, where they are bf16 (bf16 weights; CUDA autocast runs them in fp32, and then they are
+  recomputed), the products' element-wise inputs: the token-shift lerps and relu^2, which backward reads for
+  the weight gradients and would otherwise make and write out again. Every other element-wise op, norm and
+  cast is run again in backward. Those many [B, T, C] intermediates of the gates
   and norms (fp32 under autocast) are most of what the forward keeps, while running them again is cheap next
   to the products and the WKV: compiled, the recomputation fuses into the backward's own element-wise
   kernels. This is selective activation checkpointing
@@ -33,9 +34,9 @@ _PRODUCT_INPUTS = {_aten.pow.Tensor_Scalar, _aten.addcmul.default}
 
 
 def _keep_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Keep the matrix products' outputs, this package's kernels' (the WKV forward ops) and, in bf16, the products'
-    element-wise inputs; recompute the rest. Under autocast those inputs run in fp32 (twice the bytes) and are
-    recomputed too."""
+    """Keep the matrix products' outputs, this package's kernels' (the WKV forward ops) and the products' element-wise
+    inputs where they are bf16; recompute the rest. With fp32 weights under CUDA autocast those inputs run in fp32
+    (twice the bytes) and are recomputed too; the test is the tensor's dtype, not the weights'."""
     if op in _PRODUCTS or getattr(op, "namespace", None) == "rwkv_music":
         return CheckpointPolicy.MUST_SAVE
     if op in _PRODUCT_INPUTS and args[0].dtype != torch.float32:

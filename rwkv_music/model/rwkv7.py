@@ -177,6 +177,7 @@ class _ReluSquare(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # sqrt's own derivative is infinite at y = 0
     def backward(ctx, grad: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
         return grad * 2 * y.sqrt()

@@ -146,8 +146,9 @@ def _opt(*names: str, help: str, field: str | None = None, unset: str | None = N
 @_opt("--repeat-margin", type=float, help="With --repeat-contrast: the lead in mean log-likelihood "
       "per token (nats) beyond which a window's truth is no longer pushed above its repeat.")
 @_opt("--recompute", type=click.Choice(["none", "elementwise", "blocks"]), help="What backward recomputes "
-      "instead of keeping: elementwise keeps the matrix products' outputs and inputs and the WKV kernels' outputs "
-      "and runs the other element-wise work again (less activation memory, a little more backward work); blocks "
+      "instead of keeping: elementwise keeps the matrix products' outputs (and, where bf16, their inputs) and the "
+      "WKV kernels' outputs and runs the other element-wise work again (less activation memory, a little more "
+      "backward work); blocks "
       "keeps only each block's input (least memory, the most work). On one GPU the default is elementwise with "
       "--precision bf16-weights: base preset at B16 T2048 in 19.4 GiB, where bf16 autocast keeping everything "
       "takes 29.5; docs/training.md says more.",

@@ -168,7 +168,7 @@ class _Decoder:
         self.out = torch.full((B, u.shape[1]), pad_id, dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
         # for keeping the likeliest candidate: each row's summed log-probability of the tokens it chose, and their count
-        self.score = sampling.candidates > 1 and sampling.choose == "likeliest"
+        self.score = sampling.drawn > 1 and sampling.choose == "likeliest"
         self.logp = torch.zeros(B, dtype=torch.float32, device=dev)
         self.n = torch.zeros(B, dtype=torch.float32, device=dev)
 
@@ -216,7 +216,7 @@ def generate_kept(model, grammar: RemiGrammar, window_tokens: list[int], start: 
     (without the Bar that ended it) and, with candidates, the candidate each sample kept (else None). The model
     runs in its own dtype; sampling is always float32.
 
-    With `sampling.candidates` C > 1, each sample is one of its C continuations, decoded together by
+    With C = `sampling.drawn` > 1 candidates, each sample is one of its C continuations, decoded together by
     `generate_candidates`: the likeliest, or with `sampling.choose` "consensus" the one nearest to the others
     by the music metrics (which decodes them, so it needs `tokenizer`). Ties go to the lower candidate, so
     candidate 0, the plain sample, wins them.
@@ -227,7 +227,9 @@ def generate_kept(model, grammar: RemiGrammar, window_tokens: list[int], start: 
     `fast_step` runs the prefill and the model step as the fused CUDA kernels of `FastStep` where they can run
     (CUDA, head size 64); `compile_step` decodes with the compiled readable step instead. Elsewhere, or False,
     the readable model does both."""
-    C = sampling.candidates
+    C = sampling.drawn
+    if C > 1 and sampling.choose == "consensus" and tokenizer is None:  # before any decoding
+        raise ValueError("choosing candidates by consensus decodes them: pass the tokenizer")
     if progress is not None and C > 1:  # a sample's bars: those of its slowest candidate
         report = progress
 
@@ -240,8 +242,6 @@ def generate_kept(model, grammar: RemiGrammar, window_tokens: list[int], start: 
     if C == 1:
         return rows, None
     if sampling.choose == "consensus":
-        if tokenizer is None:
-            raise ValueError("choosing candidates by consensus decodes them: pass the tokenizer")
         vocab = Vocab(tokenizer)
         meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
         feats = [continuation_metrics(meta, row, bars, tokenizer, vocab) for row in rows]
@@ -257,12 +257,12 @@ def generate_candidates(model, grammar: RemiGrammar, window_tokens: list[int], s
                         cuda_graph: bool = False, compile_step: bool = False, fast_step: bool = True,
                         check_every: int | None = None,
                         progress: Progress | None = None) -> tuple[list[list[int]], list[float] | None]:
-    """Every candidate row, `sampling.candidates` per sample (row c * num_samples + k: candidate c of sample k,
+    """Every candidate row, `sampling.drawn` per sample (row c * num_samples + k: candidate c of sample k,
     seeded by `candidate_seeds`), and where the likeliest is to be kept each row's score (else None): the mean
     log-probability of the tokens it chose where it had a choice (temperature 1, among the tokens the grammar
     allowed; the closing Bar included). `progress` hears the bars of every row. Otherwise as `generate`."""
     device = model.device
-    C = sampling.candidates
+    C = sampling.drawn
     B = num_samples * C
     fast = fast_step_for(model) if fast_step else None
     logits, state = prefill(model, window_tokens, device, fast)
@@ -374,7 +374,7 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
     conts: list[list[int]] = []
     kept: list[int | None] = []
     n = config.num_samples
-    per_batch = max(1, config.max_batch // config.sampling.candidates)  # each candidate is a decoded row
+    per_batch = max(1, config.max_batch // config.sampling.drawn)  # each candidate is a decoded row
     for first in range(0, n, per_batch):  # batches of at most max_batch rows; sample k: seed + k
         size = min(per_batch, n - first)
 

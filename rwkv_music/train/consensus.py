@@ -10,7 +10,6 @@ model drew.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,9 +24,9 @@ def continuation_metrics(meta: Sequence[int], continuation: Sequence[int], bars:
     its bars), over the `bars` bars it was asked for; None where it does not decode."""
     try:
         score = decode_window(list(meta) + list(continuation), len(meta), tokenizer, vocab)
-        values = M.compute_metrics(M.notes_from_score(score, n_bars=bars))
-    except Exception:  # an undecodable candidate is never the consensus, not a failed completion
+    except Exception:  # an undecodable candidate is not the consensus (eval counts such a stream, not a crash)
         return None
+    values = M.compute_metrics(M.notes_from_score(score, n_bars=bars))
     return np.array([values[m] for m in M.METRIC_NAMES], dtype=np.float64)
 
 
@@ -35,9 +34,10 @@ def consensus_index(features: Sequence[np.ndarray | None]) -> int:
     """The candidate with the least summed distance to the others (ties: the lowest index).
 
     Each metric's differences are divided by that metric's mean difference over all pairs, so every metric
-    weighs alike whatever its unit (note counts next to rates). A metric undefined (NaN) in one candidate and
-    not the other is one unit apart; undefined in both, none. Candidates that did not decode are never chosen
-    unless none did (then 0)."""
+    weighs alike whatever its unit (note counts next to rates). Over the fixed bars of a completion the note count
+    and the note density are one metric twice, so the number of notes weighs double (as it does in eval's count
+    of metrics won). A metric undefined (NaN) in one candidate and not the other is one unit apart; undefined in
+    both, none. A candidate that did not decode is not chosen while another did; if none did, 0 is."""
     ok = [i for i, f in enumerate(features) if f is not None]
     if len(ok) <= 2:
         return ok[0] if ok else 0
@@ -51,5 +51,4 @@ def consensus_index(features: Sequence[np.ndarray | None]) -> int:
     unit = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), 0.0)  # a metric all candidates share: 0
     unit = np.where(nan_a ^ nan_b, 1.0, np.where(nan_a & nan_b, 0.0, unit))
     total = unit.sum(axis=(1, 2))
-    best = int(np.argmin(total))  # argmin keeps the first of equal totals
-    return ok[best] if math.isfinite(total[best]) else ok[0]
+    return ok[int(np.argmin(total))]  # argmin keeps the first of equal totals

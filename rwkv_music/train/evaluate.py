@@ -188,7 +188,8 @@ def run_eval(model: torch.nn.Module, tokenizer, shards: str | os.PathLike, out_d
         windows = g["windows"]
         report["generative"] = summarize_generative(windows)
         report["generative"]["random_window_split"] = pool_split
-        report["generative"]["sampling"] = dataclasses.asdict(sampling_config(cfg))
+        sampling = sampling_config(cfg)
+        report["generative"]["sampling"] = {**dataclasses.asdict(sampling), "drawn": sampling.drawn}
         report["generative"]["windows_without_context"] = len(samples) - len(with_context)
         report["generative"]["windows"] = windows
         report["timing_s"]["generation"] = g["generation_seconds"]

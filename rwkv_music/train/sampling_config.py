@@ -38,10 +38,14 @@ class SamplingConfig:
             raise ValueError(f"candidates must be in 1 .. {MAX_CANDIDATES}, got {self.candidates}")
         if self.choose not in CHOICES:
             raise ValueError(f"choose must be one of {', '.join(CHOICES)}, got {self.choose!r}")
-        if self.greedy:  # every candidate would be the same continuation: draw it once
-            object.__setattr__(self, "candidates", 1)
 
     @property
     def greedy(self) -> bool:
-        """Temperature 0 or top-k 1: one continuation per prompt, whatever the seed."""
-        return self.temperature == 0 or self.top_k == 1
+        """Temperature 0, top-k 1 or min-p 1: one continuation per prompt, whatever the seed."""
+        return self.temperature == 0 or self.top_k == 1 or self.min_p == 1.0
+
+    @property
+    def drawn(self) -> int:
+        """Candidates decoded per sample: `candidates`, or 1 where decoding is greedy (every candidate would be the
+        same continuation)."""
+        return 1 if self.greedy else self.candidates

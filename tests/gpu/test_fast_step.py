@@ -166,7 +166,8 @@ def test_rejects_a_state_in_another_dtype(fast_step_mod) -> None:
 
 
 def _demo_decode():
-    """A float32 model on CUDA (the automatic WKV backend) and a real prompt: `generate` bound to both."""
+    """A float32 model on CUDA (the automatic WKV backend) and a real prompt: `generate` bound to both (and to the
+    tokenizer, which the default choice among candidates, by consensus, decodes with)."""
     from rwkv_music.remi.grammar import RemiGrammar
     from rwkv_music.remi.tokenizer import build_tokenizer, encode_piano, load_piano_score
     from rwkv_music.remi.windows import Vocab, build_prompt
@@ -179,12 +180,12 @@ def _demo_decode():
     ids = encode_piano(load_piano_score(REPO / "examples" / "demo-corpus" / "POP909_010.mid", tok), tok)
     w = build_prompt(ids, Vocab(tok), 4, 2048)
     start = grammar.run(w.tokens, w.meta_len)
-    return functools.partial(generate, model, grammar, w.tokens, start)
+    return functools.partial(generate, model, grammar, w.tokens, start, tokenizer=tok)
 
 
 def test_generate_gives_the_readable_steps_tokens(fast_step_mod) -> None:
-    """Whole decode loop (grammar, sampling, CUDA graph) in float32: the fused and the readable step pick the
-    same tokens on a real prompt."""
+    """Whole decode loop (grammar, sampling with complete's defaults, candidates included, CUDA graph) in float32:
+    the fused and the readable step pick the same tokens on a real prompt."""
     from rwkv_music.train.sampling import SamplingConfig
 
     generate = _demo_decode()
@@ -200,7 +201,7 @@ def test_generate_with_candidates_keeps_the_same_choice_in_every_mode(fast_step_
     from rwkv_music.train.sampling import SamplingConfig
 
     generate = _demo_decode()
-    sampling = SamplingConfig(temperature=1.0, top_p=1.0, candidates=4)
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, candidates=4, choose="likeliest")
     runs = [generate(bars=2, num_samples=3, max_new_tokens=600, sampling=sampling,
                      seed=11, cuda_graph=graph, fast_step=graph) for graph in (True, False)]
     assert runs[0] == runs[1]

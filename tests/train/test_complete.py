@@ -220,8 +220,11 @@ def test_candidates_keep_the_continuation_the_model_finds_likeliest(loaded, prom
     assert [int(r[2]) for r in table[1:]] == [s.candidate for s in whole.samples]
     with pytest.raises(ValueError, match="candidates"):
         SamplingConfig(candidates=0)
-    # greedy decoding has one continuation per prompt: it is drawn once, not C times
-    assert SamplingConfig(candidates=8, temperature=0.0).candidates == SamplingConfig(top_k=1).candidates == 1
+    # greedy decoding has one continuation per prompt: it is drawn once, not C times, and the setting is kept as asked
+    greedy = SamplingConfig(candidates=8, temperature=0.0)
+    assert (greedy.drawn, greedy.candidates) == (1, 8)
+    assert SamplingConfig(top_k=1).drawn == SamplingConfig(min_p=1.0).drawn == 1
+    assert dataclasses.replace(greedy, temperature=0.85).drawn == 8
 
 
 def test_consensus_keeps_the_candidate_whose_metrics_are_central(loaded, prompt: Path):

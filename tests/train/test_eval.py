@@ -176,7 +176,7 @@ def test_generative_part_and_baselines(report):
     assert M.sign_test(0, 5) == 2 / 32 and M.sign_test(3, 3) == 1.0 and M.sign_test(0, 0) == 1.0
     # Sampling: the temperature, min-p and candidates given on the command line, the rest complete's defaults.
     assert g["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": SamplingConfig().top_p, "min_p": 0.02,
-                             "candidates": 3, "choose": "consensus"}
+                             "candidates": 3, "choose": "consensus", "drawn": 3}
 
 
 def test_teacher_forced_equals_full_forward(trained_run: Path, small_shards: Path):
