@@ -243,7 +243,7 @@ def generate_kept(model, grammar: RemiGrammar, window_tokens: list[int], start: 
         return rows, None
     if sampling.choose == "consensus":
         vocab = Vocab(tokenizer)
-        meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
+        meta = meta_tokens(start, vocab)
         feats = [continuation_metrics(meta, row, bars, tokenizer, vocab) for row in rows]
         best = [consensus_index(feats[k::num_samples]) for k in range(num_samples)]
     else:
@@ -295,6 +295,11 @@ def generate_candidates(model, grammar: RemiGrammar, window_tokens: list[int], s
         rows.append(row[:cut])
     scores = (dec.logp / dec.n.clamp(min=1)).tolist() if dec.score else None
     return rows, scores
+
+
+def meta_tokens(start: GrammarState, vocab: Vocab) -> list[int]:
+    """The time signature and tempo in force where a continuation starts: the meta tokens it decodes alone with."""
+    return [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
 
 
 def candidate_seeds(seed: int, num_samples: int, candidates: int) -> list[int]:
@@ -388,7 +393,7 @@ def complete(model, tokenizer: REMI, prompt, config: CompleteConfig | None = Non
                                      progress=part if progress is not None else None, tokenizer=tokenizer)
         conts += rows
         kept += chosen or [None] * size
-    meta = [start.meter, start.tempo if start.tempo >= 0 else vocab.default_tempo]
+    meta = meta_tokens(start, vocab)
     samples = []
     for k, cont in enumerate(conts):
         score = _split(tokenizer.decode([ids + cont]), full.bar_start + full.bar_len)

@@ -56,8 +56,8 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
               help="Draw only from tokens at least this fraction as likely as the most likely one (0 = off).")
 @click.option("--candidates", type=click.IntRange(1, MAX_CANDIDATES), default=_SAMPLING.candidates, show_default=True,
               help="Draw this many continuations for each sample and keep one (see --choose); C times the "
-                   "decoding work, so 1 (off) is the fast choice. With --temperature 0 or --top-k 1 every candidate "
-                   "would be the same, and one is drawn.")
+                   "decoding work, so 1 (off) is the fast choice. With --temperature 0, --top-k 1 or --min-p 1 every "
+                   "candidate would be the same, and one is drawn.")
 @click.option("--choose", type=click.Choice(CHOICES), default=_SAMPLING.choose, show_default=True,
               help="With --candidates: keep the consensus (the candidate whose notes, range, density, rhythm and "
                    "scale are nearest to the other candidates': the most typical of what the model drew; closer to "

@@ -181,14 +181,14 @@ def run_eval(model: torch.nn.Module, tokenizer, shards: str | os.PathLike, out_d
     if cfg.num_windows > 0:
         chosen = [with_context[j] for j in spread_windows([samples[i] for i in with_context], cfg.num_windows,
                                                           cfg.seed)]
+        sampling = sampling_config(cfg)
         fn = complete_fn or functools.partial(complete_windows, tokens_per_bar=cfg.tokens_per_bar,
-                                              sampling=sampling_config(cfg), fast_step=cfg.fast_step)
+                                              sampling=sampling, fast_step=cfg.fast_step)
         with progress_bar(progress, len(chosen), "generating", "window") as bar:
             g = generative(model, tokenizer, samples, chosen, device, cfg.seed, fn, pool, progress=bar.update)
         windows = g["windows"]
         report["generative"] = summarize_generative(windows)
         report["generative"]["random_window_split"] = pool_split
-        sampling = sampling_config(cfg)
         report["generative"]["sampling"] = {**dataclasses.asdict(sampling), "drawn": sampling.drawn}
         report["generative"]["windows_without_context"] = len(samples) - len(with_context)
         report["generative"]["windows"] = windows
