@@ -12,7 +12,10 @@ CHOICES = ("likeliest", "consensus")  # how one of several candidates is kept
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.85  # 0 means greedy
+    # 0 means greedy. 1.0: with 16 candidates kept by consensus, the dev sweep of a GPU-trained model (H100,
+    # 2026-12-07) put 1.0 before 1.15 and 0.85, and so did a CPU-trained one (docs/results.md): more varied
+    # draws give the consensus more to choose from
+    temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 0.9  # 1.0 = off
     min_p: float = 0.0  # keep tokens at least this fraction of the most likely one's probability; 0 = off
