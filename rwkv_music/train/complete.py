@@ -37,12 +37,6 @@ DEFAULT_TOKENS_PER_BAR = 384  # budget per requested bar; dense piano bars in th
 # and 100000 samples at once would not fit in memory; sample k depends only on its seed, so the split changes no
 # sample.
 MAX_BATCH = 256
-# The fused decode step (model/fast_step.py) does its matrix products as GEMVs on the CUDA cores, so its time
-# grows with the batch, while the readable step's tensor-core GEMMs hardly notice the rows. On an H100 (base preset,
-# bf16, 2026-12-07, bench/complete.py; docs/complete.md "Speed") a whole decode step with the fused step took
-# 1.64 ms at 16 rows against the readable step's 2.24, but 2.51 against 2.34 at 32 and 4.34 against 2.55 at 64.
-# Larger batches decode with the readable step (the prefill stays fused).
-FUSED_DECODE_MAX_BATCH = 16
 # Samples of one call: each is held (three scores, ~100 KB) until all are written, and makes two or three files.
 MAX_SAMPLES = 10000
 
@@ -231,8 +225,7 @@ def generate_kept(model, grammar: RemiGrammar, window_tokens: list[int], start: 
     the decode steps run and the bars each sample has finished.
 
     `fast_step` runs the prefill and the model step as the fused CUDA kernels of `FastStep` where they can run
-    (CUDA, head size 64; the step only while the decoded rows, samples times candidates, are at most
-    FUSED_DECODE_MAX_BATCH); `compile_step` decodes with the compiled readable step instead. Elsewhere, or False,
+    (CUDA, head size 64); `compile_step` decodes with the compiled readable step instead. Elsewhere, or False,
     the readable model does both."""
     C = sampling.drawn
     if C > 1 and sampling.choose == "consensus" and tokenizer is None:  # before any decoding
@@ -275,9 +268,8 @@ def generate_candidates(model, grammar: RemiGrammar, window_tokens: list[int], s
     logits, state = prefill(model, window_tokens, device, fast)
     bg = BatchedGrammar(grammar, start, B, bars, max_new_tokens, device)
     u = draw_uniforms(candidate_seeds(seed, num_samples, C), max_new_tokens, device)
-    step_fast = None if compile_step or B > FUSED_DECODE_MAX_BATCH else fast
     dec = _Decoder(model, bg, logits.expand(B, -1), state.expand(B), u, sampling, grammar.vocab_size,
-                   grammar.pad_id, compile_step, step_fast)
+                   grammar.pad_id, compile_step, None if compile_step else fast)
     every = check_every or (16 if device.type == "cuda" else 1)
     if cuda_graph and device.type == "cuda":
         _run_graph(dec, max_new_tokens, every, progress)

@@ -13,8 +13,8 @@ CHOICES = ("likeliest", "consensus")  # how one of several candidates is kept
 @dataclass(frozen=True)
 class SamplingConfig:
     # 0 means greedy. 1.0: with 16 candidates kept by consensus, the dev sweep of a GPU-trained model (H100,
-    # 2026-12-07) put 1.0 before 1.15 and 0.85, and so did a CPU-trained one (docs/results.md): more varied
-    # draws give the consensus more to choose from
+    # 2026-12-07, one seed) put 1.0 before 1.15 and 0.85, and a CPU-trained one's put 1.0 before 0.85 and 0.7
+    # (docs/results.md): more varied draws give the consensus more to choose from
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 0.9  # 1.0 = off

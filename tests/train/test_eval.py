@@ -70,7 +70,7 @@ def trained_run(small_shards: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def report_dir(trained_run: Path, small_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("eval") / "report"
     proc = eval_cli(trained_run, small_shards, "--num-windows", N_WINDOWS, "--max-tf-windows", 48, "--device", "cpu",
-                    "--piano-rolls", 2, "--tokens-per-bar", 48, "--temperature", 1.0, "--min-p", 0.02,
+                    "--piano-rolls", 2, "--tokens-per-bar", 48, "--temperature", 0.9, "--min-p", 0.02,
                     "--candidates", 3, "--choose", "consensus", "--choice-windows", CHOICE, "--no-fast-step", "-o", out)
     return out, proc.stdout
 
@@ -175,7 +175,7 @@ def test_generative_part_and_baselines(report):
             assert v["sign_test_p"] == M.sign_test(v["model_closer"], v["base_closer"])
     assert M.sign_test(0, 5) == 2 / 32 and M.sign_test(3, 3) == 1.0 and M.sign_test(0, 0) == 1.0
     # Sampling: the temperature, min-p and candidates given on the command line, the rest complete's defaults.
-    assert g["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": SamplingConfig().top_p, "min_p": 0.02,
+    assert g["sampling"] == {"temperature": 0.9, "top_k": 0, "top_p": SamplingConfig().top_p, "min_p": 0.02,
                              "candidates": 3, "choose": "consensus", "drawn": 3}
 
 
