@@ -36,7 +36,7 @@
 #               teacher-forced) of each run's checkpoint, so their val difference is not the evaluation's precision
 #   wkvwarm     compile every variant of the chunked Triton WKV that wkvcheck and wkvtriton use, 16 processes at once
 #   wkvcheck    bench/wkv_chunked_triton.py --check: both forms (one-pass walk, three-pass) forward and backward against
-#               float64 at T = 1 .. 4096, fp32 and bf16 inputs, tf32 products
+#               float64 at T = 1 .. 4096, fp32 and bf16 inputs, tf32 products rounded (tf32rn; WKVT_ARGS="--precisions tf32" for truncated)
 #   wkvtriton   bench/wkv_chunked_triton.py --bench --profile: the chunked Triton WKV timed beside our CUDA kernels
 #               (prefill and training shapes), per-kernel times; RESULTS/wkvtriton.json
 #   wkvanchor   RWKV-LM's v3 WKV kernels alone (the anchors' `kernels` mode), for the same table

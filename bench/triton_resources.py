@@ -3,7 +3,7 @@ time for sm_90 (`triton.compile` with a `GPUTarget`), then the cubin's resource 
 cuobjdump. STACK is local memory per thread: the spills. Uses triton's compiler internals (3.9.0), so a newer
 triton may need changes here.
 
-    python bench/triton_resources.py [--chunks 16 32 64] [--precisions tf32 tf32x3 ieee] [--warps 4 8] [--bv 16]
+    python bench/triton_resources.py [--chunks 16 32 64] [--precisions tf32rn tf32 tf32x3 ieee] [--warps 4 8] [--bv 16]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def usage(fn, signature: dict, constexprs: dict, warps: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64])
-    ap.add_argument("--precisions", nargs="+", default=["tf32", "tf32x3", "ieee"])
+    ap.add_argument("--precisions", nargs="+", default=["tf32rn", "tf32", "tf32x3", "ieee"])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--bv", type=int, default=16, help="Row tile of the walking and prep kernels.")
     ap.add_argument("--kernels", nargs="+", default=None, help="Only these (fwd_walk bwd_walk prep bwd_chunk).")

@@ -31,13 +31,22 @@ DECAY_SCALE = math.exp(-0.5)
 
 
 def _tf32(x: Tensor) -> Tensor:
-    """x (float32) rounded to the nearest tf32 value (10 explicit mantissa bits)."""
+    """x (float32) rounded to the nearest tf32 value (10 explicit mantissa bits; ties away from zero, as PTX's
+    cvt.rna.tf32.f32)."""
     i = x.contiguous().view(torch.int32)
     return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
+def _tf32_trunc(x: Tensor) -> Tensor:
+    """x (float32) with its low 13 mantissa bits dropped: what the tensor cores read from an fp32 register that was
+    not rounded first (Triton's tf32 dot passes fp32 operands as they are, triton-lang/triton#4574)."""
+    i = x.contiguous().view(torch.int32)
+    return (i & ~0x1FFF).view(torch.float32)
+
+
 class Products:
-    """Matrix products at a chosen precision: fp32 (or float64) as given, tf32, or tf32x3."""
+    """Matrix products at a chosen precision: fp32 (or float64) as given, tf32 (operands rounded to nearest),
+    tf32trunc (operands truncated), or tf32x3."""
 
     def __init__(self, kind: str = "fp32"):
         self.kind = kind
@@ -45,6 +54,8 @@ class Products:
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
         if self.kind == "fp32" or a.dtype == torch.float64:
             return a @ b
+        if self.kind == "tf32trunc":
+            return _tf32_trunc(a) @ _tf32_trunc(b)
         ah, bh = _tf32(a), _tf32(b)
         if self.kind == "tf32":
             return ah @ bh
@@ -158,7 +169,9 @@ def _rel(x: Tensor, ref: Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    ap.add_argument("--products", nargs="+", default=["fp32"], choices=["fp32", "tf32", "tf32x3"])
+    ap.add_argument("--products", nargs="+", default=["fp32"], choices=["fp32", "tf32", "tf32trunc", "tf32x3"],
+                    help="tf32: operands rounded to nearest (the kernels' RWKV_MUSIC_WKV_PRECISION=tf32rn); tf32trunc: "
+                         "operands truncated (the kernels' tf32, what the tensor cores do with unrounded fp32).")
     ap.add_argument("--chunk", type=int, nargs="+", default=[16])
     ap.add_argument("--heads", type=int, default=4, help="B*H")
     ap.add_argument("--seq", type=int, default=256, help="T (a multiple of every --chunk)")

@@ -3,12 +3,35 @@ registers, and its backward. The math is in `model/wkv_triton.py`'s docstring; t
 
 Imported only where triton is installed (CUDA builds of torch ship it; on the CPU it runs under
 TRITON_INTERPRET=1 for the tests). Every kernel computes in fp32 whatever the input dtype; products take
-`PREC` ("tf32": tensor cores; "tf32x3": three tf32 products, near fp32; "ieee": fp32 on the FMA units, for tests;
-`model/wkv_triton.py` gives each one's measured error).
+`PREC` ("tf32rn": tensor cores, operands rounded to tf32 first; "tf32": tensor cores, operands truncated;
+"tf32x3": three tf32 products, near fp32; "ieee": fp32 on the FMA units, for tests; `model/wkv_triton.py` gives
+each one's error).
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _tf32_round(x):
+    """x (fp32) rounded to the nearest tf32 value (ties away from zero, as PTX's cvt.rna.tf32.f32) by bit
+    arithmetic, so that it runs the same in the interpreter. Inf and NaN are kept as they are: the GPU's NaN,
+    0x7FFFFFFF, would otherwise carry into the sign bit and come out as -0."""
+    i = x.to(tl.int32, bitcast=True)
+    r = tl.where((i & 0x7F800000) == 0x7F800000, i, (i + 0x1000) & -0x2000)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b in fp32 at the products' precision PREC. "tf32rn" rounds both operands to tf32 first: handed fp32, the
+    tensor cores drop the low 13 mantissa bits (Triton's `tl.dot` docs warn of it), and an emulation of that
+    truncation matches the GPU's tf32 errors, 3-4x those the emulation of rounded operands predicts
+    (bench/NOTES-wkv.md, 2026-12-07)."""
+    if PREC == "tf32rn":
+        return tl.dot(_tf32_round(a), _tf32_round(b), input_precision="tf32")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -52,15 +75,15 @@ def _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L: tl.constexpr, P
     eye = (tt[:, None] == tt[None, :]).to(tl.float32)
     bt = tl.trans(btil)
     kt = tl.trans(ktil)
-    m_ab = tl.where(strict, tl.dot(ahat, bt, input_precision=PREC), 0.0)
-    m_ak = tl.where(strict, tl.dot(ahat, kt, input_precision=PREC), 0.0)
-    q_rb = tl.where(incl, tl.dot(rhat, bt, input_precision=PREC), 0.0)
-    q_rk = tl.where(incl, tl.dot(rhat, kt, input_precision=PREC), 0.0)
+    m_ab = tl.where(strict, _dot(ahat, bt, PREC), 0.0)
+    m_ak = tl.where(strict, _dot(ahat, kt, PREC), 0.0)
+    q_rb = tl.where(incl, _dot(rhat, bt, PREC), 0.0)
+    q_rk = tl.where(incl, _dot(rhat, kt, PREC), 0.0)
     inv = eye + m_ab
     p = m_ab
     for _ in tl.static_range(LOG2L - 1):
-        p = tl.dot(p, p, input_precision=PREC)
-        inv = tl.dot(inv, eye + p, input_precision=PREC)
+        p = _dot(p, p, PREC)
+        inv = _dot(inv, eye + p, PREC)
     return m_ab, m_ak, q_rb, q_rk, inv
 
 
@@ -99,14 +122,13 @@ def _fwd_walk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, s0_ptr, y_ptr, s
         strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
         vv = tl.load(v_ptr + off[:, None] + i[None, :], mask=m2, other=0.0).to(tl.float32)
         _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
-        u = tl.dot(inv, tl.dot(tl.where(first, ahat, 0.0), ST, input_precision=PREC)
-                   + tl.dot(m_ak, vv, input_precision=PREC), input_precision=PREC)
-        y = (tl.dot(tl.where(first, rhat, 0.0), ST, input_precision=PREC) + tl.dot(q_rb, u, input_precision=PREC)
-             + tl.dot(q_rk, vv, input_precision=PREC))
+        u = _dot(inv, _dot(tl.where(first, ahat, 0.0), ST, PREC) + _dot(m_ak, vv, PREC), PREC)
+        y = (_dot(tl.where(first, rhat, 0.0), ST, PREC) + _dot(q_rb, u, PREC)
+             + _dot(q_rk, vv, PREC))
         tl.store(y_ptr + off[:, None] + i[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
         ST = (keep_end * tl.exp(g_last))[:, None] * ST + (
-            tl.dot(tl.trans(tl.where(last, bl, 0.0)), u, input_precision=PREC)
-            + tl.dot(tl.trans(tl.where(last, kl, 0.0)), vv, input_precision=PREC))
+            _dot(tl.trans(tl.where(last, bl, 0.0)), u, PREC)
+            + _dot(tl.trans(tl.where(last, kl, 0.0)), vv, PREC))
     tl.store(sT_ptr + s_base + i[None, :] * N + j[:, None], ST)
 
 
@@ -127,13 +149,13 @@ def _bwd_walk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr, dSn_pt
                                                                           valid)
         strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
         _m_ab, _m_ak, q_rb, _q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
-        wa = tl.dot(inv, tl.where(first, ahat, 0.0), input_precision=PREC)  # [L, N]
+        wa = _dot(inv, tl.where(first, ahat, 0.0), PREC)  # [L, N]
         dyc = tl.load(dy_ptr + off[:, None] + i[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        tmp = (tl.dot(tl.trans(q_rb), dyc, input_precision=PREC)
-               + tl.dot(tl.where(last, bl, 0.0), dST, input_precision=PREC))  # [L, BV]
+        tmp = (_dot(tl.trans(q_rb), dyc, PREC)
+               + _dot(tl.where(last, bl, 0.0), dST, PREC))  # [L, BV]
         dST = ((keep_end * tl.exp(g_last))[:, None] * dST
-               + tl.dot(tl.trans(tl.where(first, rhat, 0.0)), dyc, input_precision=PREC)
-               + tl.dot(tl.trans(wa), tmp, input_precision=PREC))
+               + _dot(tl.trans(tl.where(first, rhat, 0.0)), dyc, PREC)
+               + _dot(tl.trans(wa), tmp, PREC))
     tl.store(ds0_ptr + s_base + i[None, :] * N + j[:, None], dST)
 
 
@@ -166,41 +188,39 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     ST = tl.load(S_ptr + mb + j[:, None] * N + j[None, :])  # [key, value]
     dD = tl.load(dSn_ptr + mb + j[:, None] * N + j[None, :])
     _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
-    wa = tl.dot(inv, ahat0, input_precision=PREC)
-    x = tl.dot(m_ak, vv, input_precision=PREC)
-    z = tl.dot(inv, x, input_precision=PREC)
+    wa = _dot(inv, ahat0, PREC)
+    x = _dot(m_ak, vv, PREC)
+    z = _dot(inv, x, PREC)
     # Y = R' S^T + Y0,  S_next^T = A S^T + D:  dR' = dY S,  dA = dS_next S^T (as [key, key]),  dD = dS_next.
     # dA (64 x 64 x 64) is never formed: it enters only as bl dA = (bl dD) S^T, wa dA^T = (wa S^T) dD^T and its
     # diagonal, an element-wise product; that is 23% fewer multiply-adds and no 64 x 64 tile held.
-    d_rp = tl.dot(dy, tl.trans(ST), input_precision=PREC)
+    d_rp = _dot(dy, tl.trans(ST), PREC)
     # Y0 = Q_rb Z + Q_rk V,  R' = r^0 + Q_rb W_a,  A = diag(e^gl) + bl^T W_a,  D = bl^T Z + kl^T V
-    d_qrb = tl.where(incl, tl.dot(dy, tl.trans(z), input_precision=PREC)
-                     + tl.dot(d_rp, tl.trans(wa), input_precision=PREC), 0.0)
-    d_qrk = tl.where(incl, tl.dot(dy, tl.trans(vv), input_precision=PREC), 0.0)
-    bl_dD = tl.dot(bl, dD, input_precision=PREC)  # [L, value]
-    dz = tl.dot(tl.trans(q_rb), dy, input_precision=PREC) + bl_dD
-    dv = tl.dot(tl.trans(q_rk), dy, input_precision=PREC) + tl.dot(kl, dD, input_precision=PREC)
-    dwa = tl.dot(tl.trans(q_rb), d_rp, input_precision=PREC) + tl.dot(bl_dD, tl.trans(ST), input_precision=PREC)
-    u = tl.dot(wa, ST, input_precision=PREC) + z  # the forward's U = W_a S^T + Z, [L, value]
-    dbl = tl.where(last, tl.dot(u, tl.trans(dD), input_precision=PREC), 0.0)
-    dkl = tl.where(last, tl.dot(vv, tl.trans(dD), input_precision=PREC), 0.0)
+    d_qrb = tl.where(incl, _dot(dy, tl.trans(z), PREC)
+                     + _dot(d_rp, tl.trans(wa), PREC), 0.0)
+    d_qrk = tl.where(incl, _dot(dy, tl.trans(vv), PREC), 0.0)
+    bl_dD = _dot(bl, dD, PREC)  # [L, value]
+    dz = _dot(tl.trans(q_rb), dy, PREC) + bl_dD
+    dv = _dot(tl.trans(q_rk), dy, PREC) + _dot(kl, dD, PREC)
+    dwa = _dot(tl.trans(q_rb), d_rp, PREC) + _dot(bl_dD, tl.trans(ST), PREC)
+    u = _dot(wa, ST, PREC) + z  # the forward's U = W_a S^T + Z, [L, value]
+    dbl = tl.where(last, _dot(u, tl.trans(dD), PREC), 0.0)
+    dkl = tl.where(last, _dot(vv, tl.trans(dD), PREC), 0.0)
     diag_dA = tl.sum(dD * ST, axis=1)
     dgl = keep_end * diag_dA * tl.exp(g_last) + tl.sum(dbl * bl + dkl * kl, axis=0)
     # W_a = inv a^0,  Z = inv X,  X = M_ak V,  inv = (I - M_ab)^-1
     inv_t = tl.trans(inv)
-    dahat0 = tl.dot(inv_t, dwa, input_precision=PREC)
-    dinv = tl.dot(dwa, tl.trans(ahat0), input_precision=PREC) + tl.dot(dz, tl.trans(x), input_precision=PREC)
-    dx = tl.dot(inv_t, dz, input_precision=PREC)
-    dm_ak = tl.where(strict, tl.dot(dx, tl.trans(vv), input_precision=PREC), 0.0)
-    dv += tl.dot(tl.trans(m_ak), dx, input_precision=PREC)
-    dm_ab = tl.where(strict, tl.dot(tl.dot(inv_t, dinv, input_precision=PREC), inv_t, input_precision=PREC), 0.0)
+    dahat0 = _dot(inv_t, dwa, PREC)
+    dinv = _dot(dwa, tl.trans(ahat0), PREC) + _dot(dz, tl.trans(x), PREC)
+    dx = _dot(inv_t, dz, PREC)
+    dm_ak = tl.where(strict, _dot(dx, tl.trans(vv), PREC), 0.0)
+    dv += _dot(tl.trans(m_ak), dx, PREC)
+    dm_ab = tl.where(strict, _dot(_dot(inv_t, dinv, PREC), inv_t, PREC), 0.0)
     # the four products of decay-scaled keys
-    dahat = tl.where(first, dahat0, 0.0) + tl.dot(dm_ab, btil, input_precision=PREC) + tl.dot(dm_ak, ktil,
-                                                                                              input_precision=PREC)
-    dbtil = tl.dot(tl.trans(dm_ab), ahat, input_precision=PREC) + tl.dot(tl.trans(d_qrb), rhat, input_precision=PREC)
-    dktil = tl.dot(tl.trans(dm_ak), ahat, input_precision=PREC) + tl.dot(tl.trans(d_qrk), rhat, input_precision=PREC)
-    drhat = tl.where(first, d_rp, 0.0) + tl.dot(d_qrb, btil, input_precision=PREC) + tl.dot(d_qrk, ktil,
-                                                                                            input_precision=PREC)
+    dahat = tl.where(first, dahat0, 0.0) + _dot(dm_ab, btil, PREC) + _dot(dm_ak, ktil, PREC)
+    dbtil = _dot(tl.trans(dm_ab), ahat, PREC) + _dot(tl.trans(d_qrb), rhat, PREC)
+    dktil = _dot(tl.trans(dm_ak), ahat, PREC) + _dot(tl.trans(d_qrk), rhat, PREC)
+    drhat = tl.where(first, d_rp, 0.0) + _dot(d_qrb, btil, PREC) + _dot(d_qrk, ktil, PREC)
     # the decay scalings, then G = cumsum(log d), G_{t-1} = G - log d, g_last = sum(log d), log d = -e^-0.5 sigmoid(w)
     gx = G - logd
     da = dahat * tl.exp(gx)

@@ -25,11 +25,16 @@ float64, is `bench/wkv_chunked_reference.py`.
 API: `wkv_triton(r, w, k, v, a, b, state=None, starts=None)` as `wkv_cuda.wkv_cuda`, differentiable in all
 seven inputs; the kernels are torch custom ops (``rwkv_music::wkv7c_fwd`` / ``wkv7c_bwd``) so torch.compile
 keeps the model in one graph. Products run in tf32 on tensor cores; all other arithmetic and the state are fp32.
-``RWKV_MUSIC_WKV_PRECISION`` picks the products: ``tf32`` (the default; on an H200, 2026-12-06, its outputs and
-gradients are within 3.4e-3 of float64, the in-context-rate gradients da and db the worst), ``tf32x3`` (three
-tf32 products each, within 1e-4 for fp32 inputs at T = 257, about 2.7x slower) or ``ieee`` (fp32 on the FMA
-units, for tests). ``RWKV_MUSIC_WKV_RECOMPUTE=1`` trades the saved chunk states for a second forward walk in
-backward.
+``RWKV_MUSIC_WKV_PRECISION`` picks the products: ``tf32rn`` (the default: each operand rounded to the nearest tf32
+value first), ``tf32`` (fp32 operands handed to the tensor cores, which drop their low 13 mantissa bits: on an
+H200, 2026-12-06, outputs and gradients within 3.4e-3 of float64, the in-context-rate gradients da and db the
+worst), ``tf32x3`` (three tf32 products each, within 1e-4 for fp32 inputs at T = 257, about 2.7x slower) or
+``ieee`` (fp32 on the FMA units, for tests). For ``tf32rn`` the CPU emulation of the same algebra
+(`bench/wkv_chunked_reference.py --products tf32 tf32trunc`), whose truncating variant is consistent with the
+H200's ``tf32`` errors (da, db 3.2e-3 against 2.9-3.3e-3 measured; y 1.5e-3 against 1.1-1.8e-3), predicts
+y 4.2e-4 and every gradient within 7.9e-4 (the interpreter's run of the kernels: within 8.7e-4), under issue 12's
+2e-3. Not yet run on a GPU, so neither that nor its cost in time is measured. ``RWKV_MUSIC_WKV_RECOMPUTE=1``
+trades the saved chunk states for a second forward walk in backward.
 
 Speed beside the CUDA scan (`wkv_cuda`; one H200, 2026-12-06, the command in docs/benchmarks.md): faster forward
 and backward at few heads (B x H <= 48: 1.58 against 1.92 ms at B4 T2048 H12), slower at the training shapes
@@ -50,7 +55,7 @@ from rwkv_music.model.wkv_cuda import kernel_inputs
 
 HEAD_SIZE = 64
 CHUNK = 16  # tokens per chunk: L = 32 spills registers (bench/NOTES-wkv.md)
-PRECISIONS = ("tf32", "ieee", "tf32x3")
+PRECISIONS = ("tf32rn", "tf32", "ieee", "tf32x3")
 ROW_TILES = (16, 32, 64)  # tl.dot needs 16 or more; 64 rows is the whole state
 # State rows per walking program: 32 was the fastest of the three at every shape timed (B x T x H of 1x1024x12 to
 # 8x4096x64, one H200, 2026-12-06, docs/benchmarks.md): 16 repeats each chunk's algebra four times per head, 64
@@ -82,8 +87,8 @@ def is_available(device: torch.device | None = None) -> bool:
 
 
 def precision() -> str:
-    """The products' precision: ``RWKV_MUSIC_WKV_PRECISION`` (tf32 unless set)."""
-    p = os.environ.get("RWKV_MUSIC_WKV_PRECISION", "tf32").strip().lower() or "tf32"
+    """The products' precision: ``RWKV_MUSIC_WKV_PRECISION`` (tf32rn unless set)."""
+    p = os.environ.get("RWKV_MUSIC_WKV_PRECISION", "tf32rn").strip().lower() or "tf32rn"
     if p not in PRECISIONS:
         raise ValueError(f"RWKV_MUSIC_WKV_PRECISION must be one of {PRECISIONS}, got {p!r}")
     return p
