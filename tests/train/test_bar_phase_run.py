@@ -18,6 +18,7 @@ from rwkv_music.remi.windows import META_LEN, Vocab
 from rwkv_music.shards import TOKENIZER, iter_samples
 from rwkv_music.train.checkpoints import load_for_inference
 from rwkv_music.train.complete import CompleteConfig, complete
+from rwkv_music.train.sampling import SamplingConfig
 
 
 def test_phase_tokens_reach_the_shards_the_model_and_the_prompt(corpus_dir: Path, build_cli, tmp_path: Path):
@@ -46,13 +47,16 @@ def test_phase_tokens_reach_the_shards_the_model_and_the_prompt(corpus_dir: Path
     assert model.cfg.vocab_size >= len(tok.vocab) and Vocab(run_tok).phase_ids == phases
 
     prompt = files[0]
-    done = complete(model, run_tok, str(prompt), CompleteConfig(bars=1, num_samples=1, first_bar=3, seed=1))
+    one = SamplingConfig(candidates=1)  # the phase token is what is checked here, not the choice among candidates
+    done = complete(model, run_tok, str(prompt), CompleteConfig(bars=1, num_samples=1, first_bar=3, seed=1,
+                                                                sampling=one))
     n_bars = sum(1 for t in done.prompt_ids if t in Vocab(run_tok).bar_ids)
     assert done.window.tokens[META_LEN] == phases[(n_bars - 4 + 3) % 8]
 
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "rwkv_music.train.cli", "complete", str(run), str(prompt), "-o",
-                           str(out), "--bars", "1", "--num-samples", "2", "--first-bar", "3", "--device", "cpu"],
+                           str(out), "--bars", "1", "--num-samples", "2", "--first-bar", "3", "--device", "cpu",
+                           "--candidates", "1"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for k in range(2):
@@ -60,7 +64,8 @@ def test_phase_tokens_reach_the_shards_the_model_and_the_prompt(corpus_dir: Path
 
     report = tmp_path / "report"
     musictrain("eval", run, shards, "--num-windows", "2", "--max-tf-windows", "16", "--device", "cpu",
-               "--piano-rolls", "0", "--tokens-per-bar", "48", "--choice-windows", "8", "--no-fast-step", "-o", report)
+               "--piano-rolls", "0", "--tokens-per-bar", "48", "--choice-windows", "8", "--no-fast-step",
+               "--candidates", "1", "-o", report)
     r = json.loads((report / "report.json").read_text())
     assert r["teacher_forced"]["windows"] == 16 and r["forced_choice"]["windows"] == 8
     assert r["generative"]["valid_midi_rate"] == r["generative"]["bars_ok_rate"] == 1.0
