@@ -7,7 +7,8 @@
 # Steps (default: wheels build gputests trainstep complete; pick others by name, in the order given):
 #   wheels      install the carried .whl/ wheels into /tmp/site (see bench/device_wheels.sh); sets PYTHONPATH
 #   build       build the CUDA WKV extension once (later steps then start with it compiled)
-#   gputests    pytest tests/gpu tests/model/test_model_gpu.py (the float64 checks of the kernel)
+#   gputests    pytest tests/gpu tests/model/test_model_gpu.py (the float64 checks of the kernel), all but the opt-in
+#               Triton WKV's tests (tritontests; with them the step outran its limit, 2026-12-07)
 #   trainstep   bench/train_step.py, ours with completion logits, with a profile of 3 steps
 #   compile     bench/train_step.py --compile, ours with completion logits (B16 T2048, then B8 T4096)
 #   anchors     RWKV-LM's fused x070 trainer at the same shapes (carry a copy of ../shared/anchors as .anchors/)
@@ -86,7 +87,7 @@ declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compi
 declare -A command=(
     [wheels]="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl"
     [build]="$PY -c 'from rwkv_music.model import wkv_cuda as w; ok = w.is_available(); print(\"CUDA WKV extension:\", ok, w.load_error() or \"\"); raise SystemExit(0 if ok else 1)'"
-    [gputests]="$PY -m pytest -q -rs tests/gpu tests/model/test_model_gpu.py"
+    [gputests]="$PY -m pytest -q -rs tests/gpu tests/model/test_model_gpu.py --ignore tests/gpu/test_wkv_triton.py"
     [trainstep]="$PY bench/train_step.py --only completion --no-fla --profile 3"
     [compile]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile; $PY bench/train_step.py --only completion --no-fla --compile --bf16-weights; $PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile --batch 8 --seq 4096"
     [compare]="$PY bench/train_step.py --only completion --only rwkvlm --rwkvlm .anchors --no-fla --compile"
