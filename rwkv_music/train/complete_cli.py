@@ -45,7 +45,8 @@ OWN_FILES = ("sample-*.mid", "sample-*.png")  # what `complete` writes, and all 
                    "on shards built with --bar-phase are told the phrase position of the first context bar from it; "
                    "others ignore it.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Variations: decoded in batches of up to 256, at most 10000 per call.")
+              help="Variations, at most 10000 per call. Each candidate is a decoded row, and rows are decoded in "
+                   "batches of up to 256: 16 samples a batch with 16 candidates.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=_SAMPLING.temperature, show_default=True,
               help="Softmax temperature (0 = greedy).")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=_SAMPLING.top_p, show_default=True,
