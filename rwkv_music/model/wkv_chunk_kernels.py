@@ -35,6 +35,30 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _rnd(x, PREC: tl.constexpr):
+    """x as `_dot` hands it to the tensor cores under PREC: rounded to tf32 for "tf32rn", else unchanged. For a
+    tensor used only as a product's operand, rounding it once where it is made and passing it to `_dot_pre` gives
+    the same bits as `_dot` (rounding twice changes nothing) without a rounded copy beside the original."""
+    if PREC == "tf32rn":
+        return _tf32_round(x)
+    else:
+        return x
+
+
+@triton.jit
+def _dot_pre(a, b, PREC: tl.constexpr, A_DONE: tl.constexpr, B_DONE: tl.constexpr):
+    """`_dot` for operands of which some already went through `_rnd` (A_DONE, B_DONE)."""
+    if PREC == "tf32rn":
+        if not A_DONE:
+            a = _tf32_round(a)
+        if not B_DONE:
+            b = _tf32_round(b)
+        return tl.dot(a, b, input_precision="tf32")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid):
     """One chunk's decay-scaled keys: a^, r^, b~, k~, and b, k scaled to the chunk's end; the chunk's log decay."""
     m2 = valid[:, None]
@@ -182,45 +206,53 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     ahat0 = tl.where(first, ahat, 0.0)
     bl = tl.where(last, bl, 0.0)
     kl = tl.where(last, kl, 0.0)
-    vv = tl.load(v_ptr + full, mask=m2, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + full, mask=m2, other=0.0).to(tl.float32)
+    # v and dy enter products only: rounded once here (`_rnd`), then `_dot_pre` leaves them as they are
+    vv = _rnd(tl.load(v_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
+    dy = _rnd(tl.load(dy_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
     mb = (bh.to(tl.int64) * NC + c) * N * N
     ST = tl.load(S_ptr + mb + j[:, None] * N + j[None, :])  # [key, value]
     dD = tl.load(dSn_ptr + mb + j[:, None] * N + j[None, :])
     _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
-    wa = _dot(inv, ahat0, PREC)
-    x = _dot(m_ak, vv, PREC)
-    z = _dot(inv, x, PREC)
+    # Tensors that enter products only are rounded once where they are made (`_rnd`); `_dot_pre`'s flags say which
+    # operand already is. The bits are those of rounding in every product, with fewer live copies.
+    m_ak, q_rb, q_rk, inv, ahat0 = (_rnd(m_ak, PREC), _rnd(q_rb, PREC), _rnd(q_rk, PREC), _rnd(inv, PREC),
+                                    _rnd(ahat0, PREC))
+    wa = _rnd(_dot_pre(inv, ahat0, PREC, True, True), PREC)
+    x = _rnd(_dot_pre(m_ak, vv, PREC, True, True), PREC)
+    z = _dot_pre(inv, x, PREC, True, True)
     # Y = R' S^T + Y0,  S_next^T = A S^T + D:  dR' = dY S,  dA = dS_next S^T (as [key, key]),  dD = dS_next.
     # dA (64 x 64 x 64) is never formed: it enters only as bl dA = (bl dD) S^T, wa dA^T = (wa S^T) dD^T and its
     # diagonal, an element-wise product; that is 23% fewer multiply-adds and no 64 x 64 tile held.
-    d_rp = _dot(dy, tl.trans(ST), PREC)
+    d_rp = _dot_pre(dy, tl.trans(ST), PREC, True, False)
     # Y0 = Q_rb Z + Q_rk V,  R' = r^0 + Q_rb W_a,  A = diag(e^gl) + bl^T W_a,  D = bl^T Z + kl^T V
-    d_qrb = tl.where(incl, _dot(dy, tl.trans(z), PREC)
-                     + _dot(d_rp, tl.trans(wa), PREC), 0.0)
-    d_qrk = tl.where(incl, _dot(dy, tl.trans(vv), PREC), 0.0)
+    d_qrb = _rnd(tl.where(incl, _dot_pre(dy, tl.trans(z), PREC, True, False)
+                          + _dot_pre(d_rp, tl.trans(wa), PREC, False, True), 0.0), PREC)
+    d_qrk = _rnd(tl.where(incl, _dot_pre(dy, tl.trans(vv), PREC, True, True), 0.0), PREC)
     bl_dD = _dot(bl, dD, PREC)  # [L, value]
-    dz = _dot(tl.trans(q_rb), dy, PREC) + bl_dD
-    dv = _dot(tl.trans(q_rk), dy, PREC) + _dot(kl, dD, PREC)
-    dwa = _dot(tl.trans(q_rb), d_rp, PREC) + _dot(bl_dD, tl.trans(ST), PREC)
-    u = _dot(wa, ST, PREC) + z  # the forward's U = W_a S^T + Z, [L, value]
+    dz = _rnd(_dot_pre(tl.trans(q_rb), dy, PREC, True, True) + bl_dD, PREC)
+    dv = _dot_pre(tl.trans(q_rk), dy, PREC, True, True) + _dot(kl, dD, PREC)
+    dwa = _rnd(_dot_pre(tl.trans(q_rb), d_rp, PREC, True, False) + _dot(bl_dD, tl.trans(ST), PREC), PREC)
+    u = _dot_pre(wa, ST, PREC, True, False) + z  # the forward's U = W_a S^T + Z, [L, value]
     dbl = tl.where(last, _dot(u, tl.trans(dD), PREC), 0.0)
-    dkl = tl.where(last, _dot(vv, tl.trans(dD), PREC), 0.0)
+    dkl = tl.where(last, _dot_pre(vv, tl.trans(dD), PREC, True, False), 0.0)
     diag_dA = tl.sum(dD * ST, axis=1)
     dgl = keep_end * diag_dA * tl.exp(g_last) + tl.sum(dbl * bl + dkl * kl, axis=0)
     # W_a = inv a^0,  Z = inv X,  X = M_ak V,  inv = (I - M_ab)^-1
     inv_t = tl.trans(inv)
-    dahat0 = _dot(inv_t, dwa, PREC)
-    dinv = _dot(dwa, tl.trans(ahat0), PREC) + _dot(dz, tl.trans(x), PREC)
-    dx = _dot(inv_t, dz, PREC)
-    dm_ak = tl.where(strict, _dot(dx, tl.trans(vv), PREC), 0.0)
-    dv += _dot(tl.trans(m_ak), dx, PREC)
-    dm_ab = tl.where(strict, _dot(_dot(inv_t, dinv, PREC), inv_t, PREC), 0.0)
+    dahat0 = _dot_pre(inv_t, dwa, PREC, True, True)
+    dinv = _rnd(_dot_pre(dwa, tl.trans(ahat0), PREC, True, True) + _dot_pre(dz, tl.trans(x), PREC, True, True), PREC)
+    dx = _rnd(_dot_pre(inv_t, dz, PREC, True, True), PREC)
+    dm_ak = _rnd(tl.where(strict, _dot_pre(dx, tl.trans(vv), PREC, True, True), 0.0), PREC)
+    dv += _dot_pre(tl.trans(m_ak), dx, PREC, True, True)
+    dm_ab = _rnd(tl.where(strict, _dot_pre(_rnd(_dot_pre(inv_t, dinv, PREC, True, True), PREC), inv_t, PREC, True,
+                                           True), 0.0), PREC)
     # the four products of decay-scaled keys
-    dahat = tl.where(first, dahat0, 0.0) + _dot(dm_ab, btil, PREC) + _dot(dm_ak, ktil, PREC)
-    dbtil = _dot(tl.trans(dm_ab), ahat, PREC) + _dot(tl.trans(d_qrb), rhat, PREC)
-    dktil = _dot(tl.trans(dm_ak), ahat, PREC) + _dot(tl.trans(d_qrk), rhat, PREC)
-    drhat = tl.where(first, d_rp, 0.0) + _dot(d_qrb, btil, PREC) + _dot(d_qrk, ktil, PREC)
+    dahat = (tl.where(first, dahat0, 0.0) + _dot_pre(dm_ab, btil, PREC, True, False)
+             + _dot_pre(dm_ak, ktil, PREC, True, False))
+    dbtil = _dot_pre(tl.trans(dm_ab), ahat, PREC, True, False) + _dot_pre(tl.trans(d_qrb), rhat, PREC, True, False)
+    dktil = _dot_pre(tl.trans(dm_ak), ahat, PREC, True, False) + _dot_pre(tl.trans(d_qrk), rhat, PREC, True, False)
+    drhat = (tl.where(first, d_rp, 0.0) + _dot_pre(d_qrb, btil, PREC, True, False)
+             + _dot_pre(d_qrk, ktil, PREC, True, False))
     # the decay scalings, then G = cumsum(log d), G_{t-1} = G - log d, g_last = sum(log d), log d = -e^-0.5 sigmoid(w)
     gx = G - logd
     da = dahat * tl.exp(gx)
