@@ -8,8 +8,13 @@ TRITON_INTERPRET=1 for the tests). Every kernel computes in fp32 whatever the in
 each one's error).
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# Read once at import (kernels compile it in or out): see `_dot_pre`.
+_CHECK_ROUNDED = tl.constexpr(os.environ.get("RWKV_MUSIC_WKV_CHECK_ROUNDED", "") == "1")
 
 
 @triton.jit
@@ -47,11 +52,19 @@ def _rnd(x, PREC: tl.constexpr):
 
 @triton.jit
 def _dot_pre(a, b, PREC: tl.constexpr, A_DONE: tl.constexpr, B_DONE: tl.constexpr):
-    """`_dot` for operands of which some already went through `_rnd` (A_DONE, B_DONE)."""
+    """`_dot` for operands of which some already went through `_rnd` (A_DONE, B_DONE). An operand flagged but not
+    rounded would be truncated on the GPU, which the interpreter's fp32 products cannot show: with
+    RWKV_MUSIC_WKV_CHECK_ROUNDED=1 (the interpreter tests) such an operand becomes NaN instead."""
     if PREC == "tf32rn":
-        if not A_DONE:
+        if A_DONE:
+            if _CHECK_ROUNDED:
+                a = tl.where((a.to(tl.int32, bitcast=True) & 0x1FFF) == 0, a, float("nan"))
+        else:
             a = _tf32_round(a)
-        if not B_DONE:
+        if B_DONE:
+            if _CHECK_ROUNDED:
+                b = tl.where((b.to(tl.int32, bitcast=True) & 0x1FFF) == 0, b, float("nan"))
+        else:
             b = _tf32_round(b)
         return tl.dot(a, b, input_precision="tf32")
     else:
