@@ -28,22 +28,10 @@ def _tf32_round(x):
 
 
 @triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    """a @ b in fp32 at the products' precision PREC. "tf32rn" rounds both operands to tf32 first: handed fp32, the
-    tensor cores drop the low 13 mantissa bits (Triton's `tl.dot` docs warn of it), and an emulation of that
-    truncation matches the GPU's tf32 errors, 3-4x those the emulation of rounded operands predicts
-    (bench/NOTES-wkv.md, 2026-12-07)."""
-    if PREC == "tf32rn":
-        return tl.dot(_tf32_round(a), _tf32_round(b), input_precision="tf32")
-    else:
-        return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
 def _rnd(x, PREC: tl.constexpr):
-    """x as `_dot` hands it to the tensor cores under PREC: rounded to tf32 for "tf32rn", else unchanged. For a
-    tensor used only as a product's operand, rounding it once where it is made and passing it to `_dot_pre` gives
-    the same bits as `_dot` (rounding twice changes nothing) without a rounded copy beside the original."""
+    """x as a product takes it under PREC: rounded to tf32 for "tf32rn", else unchanged. For a tensor used only as
+    a product's operand, rounding it once where it is made and passing it to `_dot_pre` gives the same bits as
+    `_dot` (rounding twice changes nothing) without a rounded copy beside the original."""
     if PREC == "tf32rn":
         return _tf32_round(x)
     else:
@@ -51,24 +39,35 @@ def _rnd(x, PREC: tl.constexpr):
 
 
 @triton.jit
-def _dot_pre(a, b, PREC: tl.constexpr, A_DONE: tl.constexpr, B_DONE: tl.constexpr):
-    """`_dot` for operands of which some already went through `_rnd` (A_DONE, B_DONE). An operand flagged but not
+def _tf32_operand(x, DONE: tl.constexpr):
+    """A "tf32rn" product's operand: rounded here, or, if DONE, taken as `_rnd` left it. An operand flagged but not
     rounded would be truncated on the GPU, which the interpreter's fp32 products cannot show: with
     RWKV_MUSIC_WKV_CHECK_ROUNDED=1 (the interpreter tests) such an operand becomes NaN instead."""
+    if DONE:
+        if _CHECK_ROUNDED:
+            x = tl.where((x.to(tl.int32, bitcast=True) & 0x1FFF) == 0, x, float("nan"))
+    else:
+        x = _tf32_round(x)
+    return x
+
+
+@triton.jit
+def _dot_pre(a, b, PREC: tl.constexpr, A_DONE: tl.constexpr, B_DONE: tl.constexpr):
+    """a @ b in fp32 at the products' precision PREC, for operands of which some already went through `_rnd`
+    (A_DONE, B_DONE)."""
     if PREC == "tf32rn":
-        if A_DONE:
-            if _CHECK_ROUNDED:
-                a = tl.where((a.to(tl.int32, bitcast=True) & 0x1FFF) == 0, a, float("nan"))
-        else:
-            a = _tf32_round(a)
-        if B_DONE:
-            if _CHECK_ROUNDED:
-                b = tl.where((b.to(tl.int32, bitcast=True) & 0x1FFF) == 0, b, float("nan"))
-        else:
-            b = _tf32_round(b)
-        return tl.dot(a, b, input_precision="tf32")
+        return tl.dot(_tf32_operand(a, A_DONE), _tf32_operand(b, B_DONE), input_precision="tf32")
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b in fp32 at the products' precision PREC. "tf32rn" rounds both operands to tf32 first: handed fp32, the
+    tensor cores drop the low 13 mantissa bits (Triton's `tl.dot` docs warn of it), and an emulation of that
+    truncation matches the GPU's tf32 errors, 3-4x those the emulation of rounded operands predicts
+    (bench/NOTES-wkv.md, 2026-12-07)."""
+    return _dot_pre(a, b, PREC, False, False)
 
 
 @triton.jit
