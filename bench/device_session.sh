@@ -25,6 +25,8 @@
 #   complete    bench/complete.py --check, ours beside the rwkv package (prefill eager and as a CUDA graph; decode
 #               with the fused step as `complete` runs it, and with the readable step), bf16
 #   complete32  bench/complete.py in float32 (`musictrain complete`'s default dtype), without the rwkv package
+#   rows        bench/complete.py, bf16, vocabulary 470: the decode step at 1, 8, 16, 32 and 64 rows (16 candidates
+#               per sample are 16 rows), fused and readable, each as a CUDA graph
 #   wkv         bench/wkv.py, ours (default configs, with and without resets every 137 positions) beside
 #               RWKV-LM's v3 kernels (the anchors' `kernels` mode) in the same step
 #   budget      bench/train_step.py --compile at activation memory budgets $BUDGETS [0.5 0.3] (B16 T2048)
@@ -80,7 +82,7 @@ PY="${PY:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=240
-                  [complete32]=90 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
+                  [complete32]=90 [rows]=120 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
                   [budget]=240 [losscurve]=420 [sweep]=400
                   [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180
                   [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300 [proof5]=400 [lcfloor]=420 [proof5pair]=420 [mixpair]=420)
@@ -95,6 +97,7 @@ declare -A command=(
     [anchors]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py model"
     [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
     [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --steps 300 --json $results/complete.json"
+    [rows]="$PY bench/complete.py --no-rwkv-pip --vocab 470 --batches 1 8 16 32 64 --prefill 128 --json $results/rows.json"
     [complete32]="$PY bench/complete.py --dtype float32 --no-rwkv-pip --prefill 1024 --steps 300 --json $results/complete32.json"
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
     [wkv]="$PY bench/wkv.py --no-check --impl ours --configs --starts-every 137 --json $results/wkv.json; cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"

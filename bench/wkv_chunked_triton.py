@@ -189,7 +189,7 @@ def _bwd_scan(rp_ptr, A_ptr, dy_ptr, dsT_ptr, dSn_ptr, ds0_ptr, T, NC, H, N: tl.
 
 
 def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16, bv: int = 16,
-                  precision: str = "ieee", starts=None):
+                  precision: str = "ieee", starts=None, chunk_warps: int = 8):
     """Gradients (dr, dw, dk, dv, da, db, ds0) of the forward `wkv_fwd_3pass(..., save=True)` given dy and the final
     state's gradient dsT (None: zero). S: the forward's saved chunk states. Its R' and A are made again (pass 1)."""
     B, T, H, N = r.shape
@@ -205,17 +205,17 @@ def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16
     grads = [torch.empty_like(x) for x in xs]
     _bwd_chunk[(B * H * NC,)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=int(math.log2(chunk)),
                             HAS_ST=starts is not None, PREC=precision,
-                            num_warps=8)  # a dozen live [L, 64] / [64, 64] fp32 tiles: 4 warps spill more
+                            num_warps=chunk_warps)  # a dozen live [L, 64] / [64, 64] fp32 tiles: 4 warps spill more
     return (*grads, ds0)
 
 
 def wkv_bwd_1pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16, bv: int = 16,
-                  precision: str = "ieee", starts=None):
+                  precision: str = "ieee", starts=None, chunk_warps: int = 8):
     """Gradients as in `wkv_bwd_3pass`, for `wkv_fwd_1pass(..., save=True)`: the reverse walk (the chunk algebra made
     again in registers, no R' or A buffers), then the per-chunk gradients; the package's launch."""
     xs = [x.contiguous() for x in (r, w, k, v, a, b)]
     return walk_backward(*xs, S, dy.contiguous(), None if dsT is None else dsT.float().contiguous(), starts, bv,
-                         precision, chunk=chunk)
+                         precision, chunk=chunk, chunk_warps=chunk_warps)
 
 
 IMPLS = {"1pass": wkv_fwd_1pass, "3pass": wkv_fwd_3pass}
@@ -316,10 +316,10 @@ def check_grads(device: str, dtype: torch.dtype, chunks: list[int], lengths: lis
     return ok
 
 
-def _train_fn(impl: str, xs, dy, chunk: int, bv: int, prec: str):
+def _train_fn(impl: str, xs, dy, chunk: int, bv: int, prec: str, chunk_warps: int = 8):
     def run():
         y, _, S = IMPLS[impl](*xs, chunk=chunk, bv=bv, precision=prec, save=True)
-        return y, BWD[impl](*xs, S, dy, chunk=chunk, bv=bv, precision=prec)
+        return y, BWD[impl](*xs, S, dy, chunk=chunk, bv=bv, precision=prec, chunk_warps=chunk_warps)
     return run
 
 
@@ -343,7 +343,7 @@ def profile(fn, steps: int = 3) -> str:
 
 
 def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], precisions: list[str],
-          with_cuda: bool = True, do_profile: bool = False) -> list[dict]:
+          with_cuda: bool = True, do_profile: bool = False, chunk_warps: tuple[int, ...] = (8,)) -> list[dict]:
     """bf16 inputs, triton do_bench medians. Forward (no saves) beside our CUDA forward kernel; then forward with
     saves + backward beside our CUDA kernels' training forward + backward, with each form's rel L2 error of y and
     of dw against our CUDA kernels (fp32 math both). Returns the rows."""
@@ -382,10 +382,10 @@ def bench(chunks: list[int], bvs: list[int], shapes, impls: list[str], precision
             ms = do_bench(cuda_train, return_mode="median")
             res["train"]["cuda"] = ms
             row += f" CUDA {ms:.3f} ms"
-        for impl, chunk, bv, prec in configs:
-            fn = _train_fn(impl, xs, dy, chunk, bv, prec)
+        for (impl, chunk, bv, prec), cw in [(c, w) for c in configs for w in chunk_warps]:
+            fn = _train_fn(impl, xs, dy, chunk, bv, prec, cw)
             ms = do_bench(fn, return_mode="median")
-            key = f"{impl} L{chunk} BV{bv} {prec}"
+            key = f"{impl} L{chunk} BV{bv} {prec}" + (f" W{cw}" if len(chunk_warps) > 1 else "")
             res["train"][key] = ms
             row += f" | {key} {ms:.3f}"
             if ref is not None:
@@ -460,6 +460,8 @@ def main() -> None:
                     help="tl.dot input precisions (tf32rn: operands rounded to tf32, then tensor cores; tf32: "
                          "operands truncated by the hardware; ieee: fp32 FMA, which ptxas shows spilling heavily; "
                          "tf32x3: three tf32 products, near fp32). --check uses the first.")
+    ap.add_argument("--chunk-warps", type=int, nargs="+", default=[8],
+                    help="Bench: warps of the backward's per-chunk kernel (the package launches 8), each timed.")
     ap.add_argument("--no-cuda", action="store_true", help="Bench without our CUDA kernels (no extension build).")
     ap.add_argument("--warm", type=int, default=0, metavar="PROCS",
                     help="First compile every kernel variant the run will use, in PROCS processes at once.")
@@ -486,7 +488,7 @@ def main() -> None:
     if args.bench:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
         rows = bench(args.chunks, args.bvs, shapes, args.impls, args.precisions, with_cuda=not args.no_cuda,
-                     do_profile=args.profile)
+                     do_profile=args.profile, chunk_warps=tuple(args.chunk_warps))
         if args.json:
             import json
 

@@ -129,9 +129,10 @@ def walk_forward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
 
 def walk_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor, dy: Tensor,
                   dsT: Tensor | None, starts: Tensor | None, bv: int, prec: str,
-                  chunk: int = CHUNK) -> tuple[Tensor, ...]:
+                  chunk: int = CHUNK, chunk_warps: int = 8) -> tuple[Tensor, ...]:
     """Launch the reverse walk, then the per-chunk gradients, for `walk_forward(..., save=True)`'s S: the gradients
-    of r, w, k, v, a, b (input dtype) and of the initial state (fp32). dy contiguous; dsT fp32 or None."""
+    of r, w, k, v, a, b (input dtype) and of the initial state (fp32). dy contiguous; dsT fp32 or None. `chunk`
+    and `chunk_warps` (the per-chunk kernel's warps) other than the defaults: benchmarks."""
     B, T, H, N = r.shape
     nc = S.shape[1]
     kern = _kernels()
@@ -145,7 +146,7 @@ def walk_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     kern._bwd_chunk[(B * H * nc,)](
         r, w, k, v, a, b, st, S, dSn, dy, *grads, T, nc, H, N=N, L=chunk, LOG2L=log2l, HAS_ST=starts is not None,
-        PREC=prec, num_warps=8)
+        PREC=prec, num_warps=chunk_warps)
     return (*grads, ds0)
 
 

@@ -83,9 +83,10 @@ def test_base_shape_and_one_layer(fast_step_mod) -> None:
         assert state_err(got_state, want_state) < TOL_F32, n_layer
 
 
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 9])
 def test_odd_lora_ranks(fast_step_mod, B) -> None:
-    """Ranks summing to an odd number: the buffers after the projections must stay 16-byte aligned."""
+    """Ranks summing to an odd number: the buffers after the projections must stay 16-byte aligned, and from 8
+    sequences on some warps' rows straddle two LoRA segments (the projection reads them from two inputs)."""
     ref = fast_model(seed=6, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31)
     prompt = torch.randint(0, 470, (B, 7), device="cuda")
     tokens = torch.randint(0, 470, (B, 4), device="cuda")
@@ -93,6 +94,32 @@ def test_odd_lora_ranks(fast_step_mod, B) -> None:
     got, got_state = _run(ref, _fast_fn(fast_step_mod.FastStep(ref)), prompt, tokens)
     assert rel(got, want) < TOL_F32
     assert state_err(got_state, want_state) < TOL_F32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(fast_step_mod, dtype) -> None:
+    """`complete` decodes a sample's candidates, and several samples, as rows of one batch, and the projections
+    take 1, 2 or 4 rows per warp by batch size: a row must come out with the same bits at every batch size, or
+    a sample would depend on how many were asked for. Odd LoRA ranks put segment boundaries inside warps."""
+    model = fast_model(seed=8, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31).to(dtype)
+    fast = fast_step_mod.FastStep(model)
+    g = torch.Generator(device="cuda").manual_seed(8)
+    prompt = torch.randint(0, 470, (40, 9), device="cuda", generator=g)
+    tokens = torch.randint(0, 470, (40, 3), device="cuda", generator=g)
+    with torch.no_grad():
+        _, start = model(prompt, return_state=True)  # one prefill for every batch below: only the step varies
+
+    def decode(rows: int):
+        state = start.index(slice(0, rows)).clone()
+        logits = torch.stack([fast(tokens[:rows, t], state).clone() for t in range(tokens.shape[1])])
+        return logits, state
+
+    full, full_state = decode(40)
+    for rows in (1, 2, 3, 5, 8, 17):
+        logits, state = decode(rows)
+        assert torch.equal(logits, full[:, :rows]), rows
+        assert torch.equal(state.wkv, full_state.wkv[:, :rows]), rows
+        assert torch.equal(state.att_x, full_state.att_x[:, :rows]), rows
 
 
 def test_for_model_packs_again_after_the_weights_change(fast_step_mod) -> None:
