@@ -147,6 +147,31 @@ def profile_prefill(model: RWKV7, T: int, top: int) -> None:
 
 
 @torch.no_grad()
+def profile_step(model: RWKV7, B: int, top: int) -> None:
+    """Print where the fused decode step's device time goes at B rows (each kernel's mean time per step over 20
+    eager steps, which launch the same kernels as the CUDA graph `complete` replays)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = model.device
+    _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
+    tok = torch.zeros(B, dtype=torch.long, device=device)
+    fast = FastStep(model)
+    for _ in range(3):
+        fast(tok, state)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fast(tok, state)
+        sync(device)
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) / 20
+    print(f"# profile (fused step, {B} rows): device time per step {total / 1e3:.3f} ms")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"#   {e.self_device_time_total / 20:9.1f} us/step  {e.count // 20:4d} launches/step  {e.key[:100]}")
+
+
+@torch.no_grad()
 def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False, fused: bool = False) -> float:
     device = model.device
     _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
@@ -307,6 +332,8 @@ def main() -> None:
     ap.add_argument("--no-rwkv-pip", action="store_true", help="Skip the rwkv package.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON here.")
     ap.add_argument("--profile-prefill", action="store_true", help="Print where the prefill's time goes.")
+    ap.add_argument("--profile-step", action="store_true",
+                    help="Print where the fused decode step's time goes at each of --batches (CUDA).")
     ap.add_argument("--prefill-wkv-configs", action="store_true",
                     help="CUDA: time the fused prefill with each built WKV forward configuration.")
     args = ap.parse_args()
@@ -347,6 +374,8 @@ def main() -> None:
                                         for _ in range(repeats)])
                 add(rows, {"impl": "ours", "shape": shape, "what": f"prefill {args.prefill[0]} (fused, wkv fwd {c})",
                            "batch": 1, "tokens": args.prefill[0], "ms": ms})
+        for B in args.batches if cuda and args.profile_step else []:
+            profile_step(model, B, 12)
         for B in args.batches:
             # (graph, compiled, fused); the first CUDA row is what `complete` runs with no flags
             if cuda:

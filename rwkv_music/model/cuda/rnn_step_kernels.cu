@@ -107,92 +107,51 @@ struct Segs {
 
 enum Epilogue { STORE = 0, ADD = 1, RELU_SQ = 2 };
 
-// acc + sum_i w[i] x[i] over 8 products, with the rounding spelled out (intrinsics are never contracted or
-// reordered): every (row, sequence) pair of `gemv` gets the same bits whatever the template arguments, so a
-// sequence's logits do not depend on how many sequences are decoded beside it.
-__device__ __forceinline__ float dot8(const float* w, const float4 x0, const float4 x1, float acc) {
-  float s = __fmul_rn(w[0], x0.x);
-  s = __fmaf_rn(w[1], x0.y, s);
-  s = __fmaf_rn(w[2], x0.z, s);
-  s = __fmaf_rn(w[3], x0.w, s);
-  s = __fmaf_rn(w[4], x1.x, s);
-  s = __fmaf_rn(w[5], x1.y, s);
-  s = __fmaf_rn(w[6], x1.z, s);
-  s = __fmaf_rn(w[7], x1.w, s);
-  return __fadd_rn(acc, s);
-}
-
-// Y[b, o] (op)= sum_k W[o, k] X_{seg(o)}[b, k] for P rows o and B sequences. One warp per RO consecutive rows;
-// BB sequences per pass over them (weights are read once per pass, from L2 after the first). With many sequences
-// the inputs' loads, not the weights', bound a one-row warp (each input vector read once per row, from L1/L2), so
-// a warp takes RO rows and reads each input once for all of them. Each lane sums the same k in the same order
-// whatever RO and BB are (`dot8`, then the same shuffle tree). K % 8 == 0.
-template <typename T, int BB, int RO>
+// Y[b, o] (op)= sum_k W[o, k] X_{seg(o)}[b, k] for P rows o and B sequences. One warp per row; BB sequences
+// per pass over the row (weights are read once per pass, from L2 after the first). K % 8 == 0.
+template <typename T, int BB>
 __global__ void __launch_bounds__(THREADS) gemv(const float* __restrict__ X, int64_t in_stride, Segs segs,
                                                 const T* __restrict__ W, float* __restrict__ Y, int P, int K, int B,
                                                 int epi) {
   const int lane = threadIdx.x & 31;
-  const int o0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * RO;
-  if (o0 >= P) return;
-  const float* xr[RO];
-  const T* wr[RO];
-  bool one_input = true;
-#pragma unroll
-  for (int r = 0; r < RO; ++r) {
-    const int o = min(o0 + r, P - 1);  // rows past P repeat the last one and are not written
-    int sg = 0;
-    while (sg + 1 < segs.n && o >= segs.end[sg]) ++sg;
-    xr[r] = X + segs.in[sg] * in_stride;
-    wr[r] = W + (int64_t)o * K;
-    one_input &= xr[r] == xr[0];
-  }
+  const int o = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  if (o >= P) return;
+  int sg = 0;
+  while (sg + 1 < segs.n && o >= segs.end[sg]) ++sg;
+  const float* x = X + segs.in[sg] * in_stride;
+  const T* wr = W + (int64_t)o * K;
   for (int b0 = 0; b0 < B; b0 += BB) {
-    float acc[RO][BB];
+    float acc[BB];
 #pragma unroll
-    for (int r = 0; r < RO; ++r)
-#pragma unroll
-      for (int j = 0; j < BB; ++j) acc[r][j] = 0.f;
-#pragma unroll(RO == 1 ? 4 : RO == 2 ? 2 : 1)  // several 16-byte weight loads in flight: a row of 3072 is 12 of them per lane
+    for (int j = 0; j < BB; ++j) acc[j] = 0.f;
+#pragma unroll 4  // several 16-byte weight loads in flight: a row of 3072 is 12 of them per lane
     for (int k = lane * 8; k < K; k += 256) {
-      float wv[RO][8];
-#pragma unroll
-      for (int r = 0; r < RO; ++r) load8(wr[r] + k, wv[r]);
+      float wv[8];
+      load8(wr + k, wv);
 #pragma unroll
       for (int j = 0; j < BB; ++j) {
         if (b0 + j < B) {
-          const int64_t xo = (int64_t)(b0 + j) * K + k;
-          if (one_input) {  // warp-uniform: the rows' segments read the same input (all but a boundary warp)
-            const float4* xp = reinterpret_cast<const float4*>(xr[0] + xo);
-            const float4 x0 = xp[0], x1 = xp[1];
-#pragma unroll
-            for (int r = 0; r < RO; ++r) acc[r][j] = dot8(wv[r], x0, x1, acc[r][j]);
-          } else {
-#pragma unroll
-            for (int r = 0; r < RO; ++r) {
-              const float4* xp = reinterpret_cast<const float4*>(xr[r] + xo);
-              acc[r][j] = dot8(wv[r], xp[0], xp[1], acc[r][j]);
-            }
-          }
+          const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)(b0 + j) * K + k);
+          const float4 x0 = xp[0], x1 = xp[1];
+          acc[j] += wv[0] * x0.x + wv[1] * x0.y + wv[2] * x0.z + wv[3] * x0.w + wv[4] * x1.x + wv[5] * x1.y +
+                    wv[6] * x1.z + wv[7] * x1.w;
         }
       }
     }
 #pragma unroll
-    for (int r = 0; r < RO; ++r) {
+    for (int j = 0; j < BB; ++j) {
+      float v = acc[j];
 #pragma unroll
-      for (int j = 0; j < BB; ++j) {
-        float v = acc[r][j];
-#pragma unroll
-        for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
-        if (lane == 0 && b0 + j < B && o0 + r < P) {
-          float* y = Y + (int64_t)(b0 + j) * P + o0 + r;
-          if (epi == ADD) {
-            *y += v;
-          } else if (epi == RELU_SQ) {
-            const float t = fmaxf(v, 0.f);
-            *y = t * t;
-          } else {
-            *y = v;
-          }
+      for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
+      if (lane == 0 && b0 + j < B) {
+        float* y = Y + (int64_t)(b0 + j) * P + o;
+        if (epi == ADD) {
+          *y += v;
+        } else if (epi == RELU_SQ) {
+          const float t = fmaxf(v, 0.f);
+          *y = t * t;
+        } else {
+          *y = v;
         }
       }
     }
@@ -313,21 +272,18 @@ Segs one_segment(int rows) {
   return sg;
 }
 
-// Rows per warp (RO) and sequences per pass (BB) from the number of sequences: one row per warp keeps the most
-// warps in flight for a single sequence (bound by launches and weight loads); from 8 sequences on, four rows per
-// warp cut the input loads fourfold.
 template <typename T>
 void launch_gemv(const float* X, int64_t in_stride, const Segs& sg, const T* W, float* Y, int P, int K, int B,
                  Epilogue epi, cudaStream_t st) {
-  const auto grid = [P](int ro) { return dim3((P + WARPS * ro - 1) / (WARPS * ro)); };
+  const dim3 grid((P + WARPS - 1) / WARPS);
   if (B == 1) {
-    gemv<T, 1, 1><<<grid(1), THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+    gemv<T, 1><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
   } else if (B == 2) {
-    gemv<T, 2, 2><<<grid(2), THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+    gemv<T, 2><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
   } else if (B <= 4) {
-    gemv<T, 4, 2><<<grid(2), THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+    gemv<T, 4><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
   } else {
-    gemv<T, 8, 4><<<grid(4), THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+    gemv<T, 8><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
   }
 }
 
