@@ -29,17 +29,16 @@ keeps the model in one graph. Products run in tf32 on tensor cores; all other ar
 value first), ``tf32`` (fp32 operands handed to the tensor cores, which drop their low 13 mantissa bits: on an
 H200, 2026-12-06, outputs and gradients within 3.4e-3 of float64, the in-context-rate gradients da and db the
 worst), ``tf32x3`` (three tf32 products each, within 1e-4 for fp32 inputs at T = 257, about 2.7x slower) or
-``ieee`` (fp32 on the FMA units, for tests). For ``tf32rn`` the CPU emulation of the same algebra
-(`bench/wkv_chunked_reference.py --products tf32 tf32trunc`), whose truncating variant is consistent with the
-H200's ``tf32`` errors (da, db 3.2e-3 against 2.9-3.3e-3 measured; y 1.5e-3 against 1.1-1.8e-3), predicts
-y 4.2e-4 and every gradient within 7.9e-4 (the interpreter's run of the kernels: within 8.7e-4), under issue 12's
-2e-3. Not yet run on a GPU, so neither that nor its cost in time is measured. ``RWKV_MUSIC_WKV_RECOMPUTE=1``
+``ieee`` (fp32 on the FMA units, for tests). With ``tf32rn`` on an H100 (2026-12-07, T = 1 .. 4096, with and
+without a state and resets, decays at both ends) every output and gradient stays within 1.2e-3 of float64 for fp32
+inputs (y 4.8e-4, da and db 7.2e-4, dw the worst), and within 2.0e-3 for bf16 inputs, where the bf16 outputs'
+rounding dominates; it costs 21-31% more time than ``tf32``. ``RWKV_MUSIC_WKV_RECOMPUTE=1``
 trades the saved chunk states for a second forward walk in backward.
 
-Speed beside the CUDA scan (`wkv_cuda`; one H200, 2026-12-06, the command in docs/benchmarks.md): faster forward
-and backward at few heads (B x H <= 48: 1.58 against 1.92 ms at B4 T2048 H12), slower at the training shapes
-(5.06 against 3.45 ms at B16 T2048 H12), where the per-chunk backward reaches about 21 TFLOP/s. So it is an opt-in
-backend, not the default.
+Speed beside the CUDA scan (`wkv_cuda`; one H100, 2026-12-07, tf32rn, the command in docs/benchmarks.md): faster
+at one sequence (fwd+bwd 0.67 against 0.81 ms at B1 T1024 H12), slower from B4 T2048 H12 on (1.92 against 1.82 ms;
+5.94 against 3.26 ms at B16 T2048 H12), where the per-chunk backward alone takes 3.3 ms at about 13 TFLOP/s. So it
+is an opt-in backend, not the default.
 """
 
 from __future__ import annotations
