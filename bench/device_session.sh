@@ -26,7 +26,7 @@
 #               with the fused step as `complete` runs it, and with the readable step), bf16
 #   complete32  bench/complete.py in float32 (`musictrain complete`'s default dtype), without the rwkv package
 #   rows        bench/complete.py, bf16, vocabulary 470: the decode step at 1, 8, 16, 32 and 64 rows (16 candidates
-#               per sample are 16 rows), fused and readable, each as a CUDA graph; the fused step's kernels by time
+#               per sample are 16 rows), fused and readable, as CUDA graphs and eager; the fused step's kernels by time
 #   wkv         bench/wkv.py, ours (default configs, with and without resets every 137 positions) beside
 #               RWKV-LM's v3 kernels (the anchors' `kernels` mode) in the same step
 #   budget      bench/train_step.py --compile at activation memory budgets $BUDGETS [0.5 0.3] (B16 T2048)

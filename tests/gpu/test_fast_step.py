@@ -85,8 +85,8 @@ def test_base_shape_and_one_layer(fast_step_mod) -> None:
 
 @pytest.mark.parametrize("B", [1, 3, 9])
 def test_odd_lora_ranks(fast_step_mod, B) -> None:
-    """Ranks summing to an odd number: the buffers after the projections must stay 16-byte aligned, and from 8
-    sequences on some warps' rows straddle two LoRA segments (the projection reads them from two inputs)."""
+    """Ranks summing to an odd number: the buffers after the projections must stay 16-byte aligned. B = 9: a second
+    group of sequences in the projections, holding one."""
     ref = fast_model(seed=6, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31)
     prompt = torch.randint(0, 470, (B, 7), device="cuda")
     tokens = torch.randint(0, 470, (B, 4), device="cuda")
@@ -98,9 +98,10 @@ def test_odd_lora_ranks(fast_step_mod, B) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(fast_step_mod, dtype) -> None:
-    """`complete` decodes a sample's candidates, and several samples, as rows of one batch, and the projections
-    take 1, 2 or 4 rows per warp by batch size: a row must come out with the same bits at every batch size, or
-    a sample would depend on how many were asked for. Odd LoRA ranks put segment boundaries inside warps."""
+    """`complete` decodes a sample's candidates, and several samples, as rows of one batch (sample k's candidate c
+    at row c * samples + k), and the projections take sequences in groups of 1, 2, 4 or 8 by batch size: a row
+    must come out with the same bits at every batch size and in every slot, or a sample would depend on how many
+    were asked for."""
     model = fast_model(seed=8, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31).to(dtype)
     fast = fast_step_mod.FastStep(model)
     g = torch.Generator(device="cuda").manual_seed(8)
@@ -109,17 +110,19 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(fast_step_mod, dtype)
     with torch.no_grad():
         _, start = model(prompt, return_state=True)  # one prefill for every batch below: only the step varies
 
-    def decode(rows: int):
-        state = start.index(slice(0, rows)).clone()
-        logits = torch.stack([fast(tokens[:rows, t], state).clone() for t in range(tokens.shape[1])])
+    def decode(rows: torch.Tensor):
+        state = start.index(rows).clone()
+        logits = torch.stack([fast(tokens[rows, t], state).clone() for t in range(tokens.shape[1])])
         return logits, state
 
-    full, full_state = decode(40)
-    for rows in (1, 2, 3, 5, 8, 17):
+    everything = torch.arange(40, device="cuda")
+    full, full_state = decode(everything)
+    shuffled = torch.randperm(40, device="cuda", generator=g)
+    for rows in [everything[:n] for n in (1, 2, 3, 5, 8, 17)] + [everything[5:6], everything[11:20], shuffled]:
         logits, state = decode(rows)
-        assert torch.equal(logits, full[:, :rows]), rows
-        assert torch.equal(state.wkv, full_state.wkv[:, :rows]), rows
-        assert torch.equal(state.att_x, full_state.att_x[:, :rows]), rows
+        assert torch.equal(logits, full[:, rows]), rows.tolist()
+        for part in ("att_x", "wkv", "ffn_x"):
+            assert torch.equal(getattr(state, part), getattr(full_state, part)[:, rows]), (part, rows.tolist())
 
 
 def test_for_model_packs_again_after_the_weights_change(fast_step_mod) -> None:
