@@ -32,7 +32,7 @@ worst), ``tf32x3`` (three tf32 products each, within 1e-4 for fp32 inputs at T =
 ``ieee`` (fp32 on the FMA units, for tests). With ``tf32rn`` on an H100 (2026-12-07, T = 1 .. 4096, with and
 without a state and resets, decays at both ends) every output and gradient stays within 1.2e-3 of float64 for fp32
 inputs (y 4.8e-4, da and db 7.2e-4, dw the worst), and within 2.0e-3 for bf16 inputs, where the bf16 outputs'
-rounding dominates; it costs 21-31% more time than ``tf32``. ``RWKV_MUSIC_WKV_RECOMPUTE=1``
+rounding dominates; it costs 21-31% more time than ``tf32`` (32 state rows per program). ``RWKV_MUSIC_WKV_RECOMPUTE=1``
 trades the saved chunk states for a second forward walk in backward.
 
 Speed beside the CUDA scan (`wkv_cuda`; one H100, 2026-12-07, tf32rn, the command in docs/benchmarks.md): faster
