@@ -107,66 +107,52 @@ struct Segs {
 
 enum Epilogue { STORE = 0, ADD = 1, RELU_SQ = 2 };
 
-// acc + sum_i w[i] x[i] over 8 products with the rounding spelled out: intrinsics are never contracted or reordered,
-// so a (row, sequence) gets the same bits in every instantiation of `gemv` (every batch size and slot).
-__device__ __forceinline__ float dot8(const float* w, const float4 x0, const float4 x1, float acc) {
-  float s = __fmul_rn(w[0], x0.x);
-  s = __fmaf_rn(w[1], x0.y, s);
-  s = __fmaf_rn(w[2], x0.z, s);
-  s = __fmaf_rn(w[3], x0.w, s);
-  s = __fmaf_rn(w[4], x1.x, s);
-  s = __fmaf_rn(w[5], x1.y, s);
-  s = __fmaf_rn(w[6], x1.z, s);
-  s = __fmaf_rn(w[7], x1.w, s);
-  return __fadd_rn(acc, s);
-}
-
-// Y[b, o] (op)= sum_k W[o, k] X_{seg(o)}[b, k] for P rows o and B sequences. One warp per row and group of BB
-// sequences: more sequences give more warps, not longer ones (with one warp looping over the groups, the whole
-// step at 16 sequences took 2.2x its time at one on an H100, 2026-12-07; four rows per warp was slower still).
-// Groups are the grid's fast axis, so a row's re-reads by the other groups come close together (from L2). A
-// (row, sequence) is summed in the same order whatever B and its slot are. K % 8 == 0.
+// Y[b, o] (op)= sum_k W[o, k] X_{seg(o)}[b, k] for P rows o and B sequences. One warp per row; BB sequences
+// per pass over the row (weights are read once per pass, from L2 after the first). K % 8 == 0.
 template <typename T, int BB>
 __global__ void __launch_bounds__(THREADS) gemv(const float* __restrict__ X, int64_t in_stride, Segs segs,
                                                 const T* __restrict__ W, float* __restrict__ Y, int P, int K, int B,
                                                 int epi) {
   const int lane = threadIdx.x & 31;
-  const int o = blockIdx.y * WARPS + (threadIdx.x >> 5);
+  const int o = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (o >= P) return;
   int sg = 0;
   while (sg + 1 < segs.n && o >= segs.end[sg]) ++sg;
   const float* x = X + segs.in[sg] * in_stride;
   const T* wr = W + (int64_t)o * K;
-  const int b0 = blockIdx.x * BB;
-  float acc[BB];
+  for (int b0 = 0; b0 < B; b0 += BB) {
+    float acc[BB];
 #pragma unroll
-  for (int j = 0; j < BB; ++j) acc[j] = 0.f;
+    for (int j = 0; j < BB; ++j) acc[j] = 0.f;
 #pragma unroll 4  // several 16-byte weight loads in flight: a row of 3072 is 12 of them per lane
-  for (int k = lane * 8; k < K; k += 256) {
-    float wv[8];
-    load8(wr + k, wv);
+    for (int k = lane * 8; k < K; k += 256) {
+      float wv[8];
+      load8(wr + k, wv);
 #pragma unroll
-    for (int j = 0; j < BB; ++j) {
-      if (b0 + j < B) {
-        const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)(b0 + j) * K + k);
-        acc[j] = dot8(wv, xp[0], xp[1], acc[j]);
+      for (int j = 0; j < BB; ++j) {
+        if (b0 + j < B) {
+          const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)(b0 + j) * K + k);
+          const float4 x0 = xp[0], x1 = xp[1];
+          acc[j] += wv[0] * x0.x + wv[1] * x0.y + wv[2] * x0.z + wv[3] * x0.w + wv[4] * x1.x + wv[5] * x1.y +
+                    wv[6] * x1.z + wv[7] * x1.w;
+        }
       }
     }
-  }
 #pragma unroll
-  for (int j = 0; j < BB; ++j) {
-    float v = acc[j];
+    for (int j = 0; j < BB; ++j) {
+      float v = acc[j];
 #pragma unroll
-    for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
-    if (lane == 0 && b0 + j < B) {
-      float* y = Y + (int64_t)(b0 + j) * P + o;
-      if (epi == ADD) {
-        *y += v;
-      } else if (epi == RELU_SQ) {
-        const float t = fmaxf(v, 0.f);
-        *y = t * t;
-      } else {
-        *y = v;
+      for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
+      if (lane == 0 && b0 + j < B) {
+        float* y = Y + (int64_t)(b0 + j) * P + o;
+        if (epi == ADD) {
+          *y += v;
+        } else if (epi == RELU_SQ) {
+          const float t = fmaxf(v, 0.f);
+          *y = t * t;
+        } else {
+          *y = v;
+        }
       }
     }
   }
@@ -289,8 +275,7 @@ Segs one_segment(int rows) {
 template <typename T>
 void launch_gemv(const float* X, int64_t in_stride, const Segs& sg, const T* W, float* Y, int P, int K, int B,
                  Epilogue epi, cudaStream_t st) {
-  const int BB = B == 1 ? 1 : B == 2 ? 2 : B <= 4 ? 4 : 8;
-  const dim3 grid((B + BB - 1) / BB, (P + WARPS - 1) / WARPS);  // y: rows / 8 <= 65535 for any model here
+  const dim3 grid((P + WARPS - 1) / WARPS);
   if (B == 1) {
     gemv<T, 1><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
   } else if (B == 2) {
