@@ -30,9 +30,10 @@ BF, F32 = "*bf16", "*fp32"
 SEQ = {n: BF for n in ("r_ptr", "w_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr")}
 
 
-def usage(fn, signature: dict, constexprs: dict, warps: int) -> str:
+def usage(fn, signature: dict, constexprs: dict, warps: int, maxnreg: int | None = None) -> str:
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    options = {"num_warps": warps} | ({"maxnreg": maxnreg} if maxnreg else {})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     try:
@@ -49,7 +50,10 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["tf32rn", "tf32", "tf32x3", "ieee"])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--bv", type=int, default=16, help="Row tile of the walking and prep kernels.")
-    ap.add_argument("--kernels", nargs="+", default=None, help="Only these (fwd_walk bwd_walk prep bwd_chunk).")
+    ap.add_argument("--maxnreg", type=int, default=None,
+                    help="Cap registers per thread (Triton's maxnreg): 128 at 8 warps lets two programs share an SM.")
+    ap.add_argument("--kernels", nargs="+", default=None,
+                    help="Only these (fwd_walk bwd_walk prep bwd_chunk bwd_chunk_state bwd_chunk_keys).")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     grads = {f"d{n}_ptr": BF for n in "rwkvab"}
@@ -72,8 +76,16 @@ def main() -> None:
                     "bwd_chunk": (kern._bwd_chunk, {**SEQ, "st_ptr": "*u8", "S_ptr": F32, "dSn_ptr": F32, "dy_ptr": BF,
                                                  **grads, "T": "i32", "NC": "i32", "H": "i32"}, {**c, "HAS_ST": True}),
                 }
+                kernels["bwd_chunk_state"] = (kern._bwd_chunk_state, {**SEQ, "st_ptr": "*u8", "S_ptr": F32,
+                                                                     "dSn_ptr": F32, "dy_ptr": BF, "X_ptr": F32,
+                                                                     "T": "i32", "NC": "i32", "H": "i32"},
+                                              {**c, "HAS_ST": True})
+                kernels["bwd_chunk_keys"] = (kern._bwd_chunk_keys, {**SEQ, "st_ptr": "*u8", "X_ptr": F32, **grads,
+                                                                   "T": "i32", "NC": "i32", "H": "i32"},
+                                             {**c, "HAS_ST": True})
                 kernels = {k: v for k, v in kernels.items() if not args.kernels or k in args.kernels}
-                row = " | ".join(f"{name} {usage(fn, sig, ce, warps)}" for name, (fn, sig, ce) in kernels.items())
+                row = " | ".join(f"{name} {usage(fn, sig, ce, warps, args.maxnreg)}"
+                                 for name, (fn, sig, ce) in kernels.items())
                 print(f"L{L} {prec:6s} {warps} warps: {row}", flush=True)
 
 

@@ -265,7 +265,16 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     dktil = _dot_pre(tl.trans(dm_ak), ahat, PREC, True, False) + _dot_pre(tl.trans(d_qrk), rhat, PREC, True, False)
     drhat = (tl.where(first, d_rp, 0.0) + _dot_pre(d_qrb, btil, PREC, True, False)
              + _dot_pre(d_qrk, ktil, PREC, True, False))
-    # the decay scalings, then G = cumsum(log d), G_{t-1} = G - log d, g_last = sum(log d), log d = -e^-0.5 sigmoid(w)
+    _decay_grads(dahat, dbtil, dktil, drhat, dbl, dkl, dgl, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd, dv,
+                 w_ptr, full, m2, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr)
+
+
+@triton.jit
+def _decay_grads(dahat, dbtil, dktil, drhat, dbl, dkl, dgl, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd, dv, w_ptr,
+                 full, m2, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr):
+    """The per-chunk backward's last step: from the gradients of the decay-scaled keys (and of bl, kl and the
+    chunk's log decay to its end, dgl) through the decay scalings to the inputs' gradients, stored with dv."""
+    # G = cumsum(log d), G_{t-1} = G - log d, g_last = sum(log d), log d = -e^-0.5 sigmoid(w)
     gx = G - logd
     da = dahat * tl.exp(gx)
     d_gx = dahat * ahat
@@ -284,3 +293,133 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     tl.store(dv_ptr + full, dv.to(dv_ptr.dtype.element_ty), mask=m2)
     tl.store(da_ptr + full, da.to(da_ptr.dtype.element_ty), mask=m2)
     tl.store(db_ptr + full, db.to(db_ptr.dtype.element_ty), mask=m2)
+
+
+# The per-chunk backward in two kernels (`_bwd_chunk_state`, then `_bwd_chunk_keys`), for benchmarks: the same
+# chain rule as `_bwd_chunk` cut where its products change operand shape, so that each kernel holds fewer tiles.
+# Between them, per chunk and head, a scratch row of SCRATCH_FLOATS(L, N) fp32: six [L, N] tiles (dW_a, dZ, dR',
+# dbl, dkl and dv's first part), then dQ_rb and dQ_rk ([L, L] each), then the gradient of the chunk's log decay
+# to its end, dgl [N].
+
+
+@triton.jit
+def _scratch_tiles(L: tl.constexpr, N: tl.constexpr):
+    """Offsets in a chunk's scratch row: the [L, N] tile i at i * L * N, the [L, L] ones after the six, dgl last."""
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    return tt[:, None] * N + j[None, :], tt[:, None] * L + tt[None, :], 6 * L * N + 2 * L * L + j
+
+
+@triton.jit(do_not_specialize=["T", "NC", "H"])
+def _bwd_chunk_state(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr, dy_ptr, X_ptr, T, NC, H,
+                     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, HAS_ST: tl.constexpr,
+                     PREC: tl.constexpr):
+    """`_bwd_chunk`'s first half, one program per (head, chunk): everything that takes the chunk's state S_c or
+    dS_{c+1} ([64, 64]) as an operand, and the gradients of the chunk's outputs Y0 and U, into X_ptr's scratch."""
+    pid = tl.program_id(0)
+    bh = pid // NC
+    c = pid % NC
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    t = c * L + tt
+    valid = t < T
+    m2 = valid[:, None]
+    off = ((b.to(tl.int64) * T + t) * H + h) * N
+    full = off[:, None] + j[None, :]
+    ahat, rhat, btil, ktil, bl, kl, g_last, _g, _logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j,
+                                                                     valid)
+    strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
+    ahat0 = _rnd(tl.where(first, ahat, 0.0), PREC)
+    bl = tl.where(last, bl, 0.0)
+    kl = tl.where(last, kl, 0.0)
+    vv = _rnd(tl.load(v_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
+    dy = _rnd(tl.load(dy_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
+    mb = (bh.to(tl.int64) * NC + c) * N * N
+    ST = tl.load(S_ptr + mb + j[:, None] * N + j[None, :])  # [key, value]
+    dD = tl.load(dSn_ptr + mb + j[:, None] * N + j[None, :])
+    _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
+    m_ak, q_rb, q_rk, inv = _rnd(m_ak, PREC), _rnd(q_rb, PREC), _rnd(q_rk, PREC), _rnd(inv, PREC)
+    wa = _rnd(_dot_pre(inv, ahat0, PREC, True, True), PREC)
+    z = _dot_pre(inv, _rnd(_dot_pre(m_ak, vv, PREC, True, True), PREC), PREC, True, True)
+    d_rp = _dot_pre(dy, tl.trans(ST), PREC, True, False)
+    d_qrb = tl.where(incl, _dot_pre(dy, tl.trans(z), PREC, True, False)
+                     + _dot_pre(d_rp, tl.trans(wa), PREC, False, True), 0.0)
+    d_qrk = tl.where(incl, _dot_pre(dy, tl.trans(vv), PREC, True, True), 0.0)
+    bl_dD = _dot(bl, dD, PREC)
+    dz = _dot_pre(tl.trans(q_rb), dy, PREC, True, True) + bl_dD
+    dv = _dot_pre(tl.trans(q_rk), dy, PREC, True, True) + _dot(kl, dD, PREC)
+    dwa = _dot_pre(tl.trans(q_rb), d_rp, PREC, True, False) + _dot(bl_dD, tl.trans(ST), PREC)
+    u = _dot_pre(wa, ST, PREC, True, False) + z
+    dbl = tl.where(last, _dot(u, tl.trans(dD), PREC), 0.0)
+    dkl = tl.where(last, _dot_pre(vv, tl.trans(dD), PREC, True, False), 0.0)
+    dgl = keep_end * tl.sum(dD * ST, axis=1) * tl.exp(g_last) + tl.sum(dbl * bl + dkl * kl, axis=0)
+    tile, sq, gl = _scratch_tiles(L, N)
+    x0 = X_ptr + (bh.to(tl.int64) * NC + c) * (6 * L * N + 2 * L * L + N)
+    tl.store(x0 + tile, dwa)
+    tl.store(x0 + L * N + tile, dz)
+    tl.store(x0 + 2 * L * N + tile, d_rp)
+    tl.store(x0 + 3 * L * N + tile, dbl)
+    tl.store(x0 + 4 * L * N + tile, dkl)
+    tl.store(x0 + 5 * L * N + tile, dv)
+    tl.store(x0 + 6 * L * N + sq, d_qrb)
+    tl.store(x0 + 6 * L * N + L * L + sq, d_qrk)
+    tl.store(x0 + gl, dgl)
+
+
+@triton.jit(do_not_specialize=["T", "NC", "H"])
+def _bwd_chunk_keys(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, X_ptr, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr,
+                    db_ptr, T, NC, H, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, HAS_ST: tl.constexpr,
+                    PREC: tl.constexpr):
+    """`_bwd_chunk`'s second half, one program per (head, chunk): from `_bwd_chunk_state`'s scratch, the chain rule
+    through W_a = inv a^0, Z = inv M_ak V and the inverse to the four products of decay-scaled keys, then the
+    decay scalings: every input gradient of the chunk."""
+    pid = tl.program_id(0)
+    bh = pid // NC
+    c = pid % NC
+    b = bh // H
+    h = bh % H
+    tt = tl.arange(0, L)
+    j = tl.arange(0, N)
+    t = c * L + tt
+    valid = t < T
+    m2 = valid[:, None]
+    off = ((b.to(tl.int64) * T + t) * H + h) * N
+    full = off[:, None] + j[None, :]
+    ahat, rhat, btil, ktil, bl, kl, g_last, G, logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid)
+    strict, incl, first, last, _keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
+    bl = tl.where(last, bl, 0.0)
+    kl = tl.where(last, kl, 0.0)
+    ahat0 = _rnd(tl.where(first, ahat, 0.0), PREC)
+    vv = _rnd(tl.load(v_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
+    _m_ab, m_ak, _q_rb, _q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
+    m_ak, inv = _rnd(m_ak, PREC), _rnd(inv, PREC)
+    x = _rnd(_dot_pre(m_ak, vv, PREC, True, True), PREC)
+    tile, sq, gl = _scratch_tiles(L, N)
+    x0 = X_ptr + (bh.to(tl.int64) * NC + c) * (6 * L * N + 2 * L * L + N)
+    dwa = _rnd(tl.load(x0 + tile), PREC)
+    dz = _rnd(tl.load(x0 + L * N + tile), PREC)
+    d_rp = tl.load(x0 + 2 * L * N + tile)
+    dbl = tl.load(x0 + 3 * L * N + tile)
+    dkl = tl.load(x0 + 4 * L * N + tile)
+    dv = tl.load(x0 + 5 * L * N + tile)
+    d_qrb = _rnd(tl.load(x0 + 6 * L * N + sq), PREC)
+    d_qrk = _rnd(tl.load(x0 + 6 * L * N + L * L + sq), PREC)
+    dgl = tl.load(x0 + gl)
+    inv_t = tl.trans(inv)
+    dahat0 = _dot_pre(inv_t, dwa, PREC, True, True)
+    dinv = _rnd(_dot_pre(dwa, tl.trans(ahat0), PREC, True, True) + _dot_pre(dz, tl.trans(x), PREC, True, True), PREC)
+    dx = _rnd(_dot_pre(inv_t, dz, PREC, True, True), PREC)
+    dm_ak = _rnd(tl.where(strict, _dot_pre(dx, tl.trans(vv), PREC, True, True), 0.0), PREC)
+    dv += _dot_pre(tl.trans(m_ak), dx, PREC, True, True)
+    dm_ab = _rnd(tl.where(strict, _dot_pre(_rnd(_dot_pre(inv_t, dinv, PREC, True, True), PREC), inv_t, PREC, True,
+                                           True), 0.0), PREC)
+    dahat = (tl.where(first, dahat0, 0.0) + _dot_pre(dm_ab, btil, PREC, True, False)
+             + _dot_pre(dm_ak, ktil, PREC, True, False))
+    dbtil = _dot_pre(tl.trans(dm_ab), ahat, PREC, True, False) + _dot_pre(tl.trans(d_qrb), rhat, PREC, True, False)
+    dktil = _dot_pre(tl.trans(dm_ak), ahat, PREC, True, False) + _dot_pre(tl.trans(d_qrk), rhat, PREC, True, False)
+    drhat = (tl.where(first, d_rp, 0.0) + _dot_pre(d_qrb, btil, PREC, True, False)
+             + _dot_pre(d_qrk, ktil, PREC, True, False))
+    _decay_grads(dahat, dbtil, dktil, drhat, dbl, dkl, dgl, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd, dv,
+                 w_ptr, full, m2, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr)

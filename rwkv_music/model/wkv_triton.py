@@ -128,10 +128,12 @@ def walk_forward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
 
 def walk_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor, dy: Tensor,
                   dsT: Tensor | None, starts: Tensor | None, bv: int, prec: str,
-                  chunk: int = CHUNK, chunk_warps: int = 8) -> tuple[Tensor, ...]:
+                  chunk: int = CHUNK, chunk_warps: int = 8, split: bool = False) -> tuple[Tensor, ...]:
     """Launch the reverse walk, then the per-chunk gradients, for `walk_forward(..., save=True)`'s S: the gradients
-    of r, w, k, v, a, b (input dtype) and of the initial state (fp32). dy contiguous; dsT fp32 or None. `chunk`
-    and `chunk_warps` (the per-chunk kernel's warps) other than the defaults: benchmarks."""
+    of r, w, k, v, a, b (input dtype) and of the initial state (fp32). dy contiguous; dsT fp32 or None. `chunk`,
+    `chunk_warps` (the per-chunk kernels' warps) and `split` (the per-chunk gradients in two kernels through a fp32
+    scratch of about 26 KiB per chunk and head, `_bwd_chunk_state` then `_bwd_chunk_keys`) other than the
+    defaults: benchmarks."""
     B, T, H, N = r.shape
     nc = S.shape[1]
     kern = _kernels()
@@ -143,9 +145,13 @@ def walk_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
         r, w, k, a, b, st, dy, ds0 if dsT is None else dsT, dSn, ds0, T, nc, H, N=N, L=chunk, BV=bv, LOG2L=log2l,
         HAS_DST=dsT is not None, HAS_ST=starts is not None, PREC=prec, num_warps=walk_warps(bv))
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
-    kern._bwd_chunk[(B * H * nc,)](
-        r, w, k, v, a, b, st, S, dSn, dy, *grads, T, nc, H, N=N, L=chunk, LOG2L=log2l, HAS_ST=starts is not None,
-        PREC=prec, num_warps=chunk_warps)
+    common = dict(N=N, L=chunk, LOG2L=log2l, HAS_ST=starts is not None, PREC=prec, num_warps=chunk_warps)
+    if split:
+        scratch = torch.empty(B * H * nc, 6 * chunk * N + 2 * chunk * chunk + N, device=r.device, dtype=torch.float32)
+        kern._bwd_chunk_state[(B * H * nc,)](r, w, k, v, a, b, st, S, dSn, dy, scratch, T, nc, H, **common)
+        kern._bwd_chunk_keys[(B * H * nc,)](r, w, k, v, a, b, st, scratch, *grads, T, nc, H, **common)
+    else:
+        kern._bwd_chunk[(B * H * nc,)](r, w, k, v, a, b, st, S, dSn, dy, *grads, T, nc, H, **common)
     return (*grads, ds0)
 
 
