@@ -86,7 +86,8 @@ def main() -> None:
                 kernels = {k: v for k, v in kernels.items() if not args.kernels or k in args.kernels}
                 row = " | ".join(f"{name} {usage(fn, sig, ce, warps, args.maxnreg)}"
                                  for name, (fn, sig, ce) in kernels.items())
-                print(f"L{L} {prec:6s} {warps} warps: {row}", flush=True)
+                cap = f", maxnreg {args.maxnreg}" if args.maxnreg else ""
+                print(f"L{L} {prec:6s} {warps} warps{cap}: {row}", flush=True)
 
 
 if __name__ == "__main__":

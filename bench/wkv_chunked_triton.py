@@ -472,11 +472,11 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=0, metavar="PROCS",
                     help="First compile every kernel variant the run will use, in PROCS processes at once.")
     ap.add_argument("--warm-only", action="store_true", help="With --warm: compile, then stop.")
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
+    ap.add_argument("--impls", nargs="+", default=["1pass", "3pass"], choices=list(IMPLS),
                     help="1pass: one program per head and row tile walks the chunks (forward and the backward's "
-                         "scan); 1split: the same with the backward's per-chunk gradients in two kernels; 3pass: the "
-                         "state-free terms of all chunks at once, a scan of one product per chunk, "
-                         "all outputs at once.")
+                         "scan); 3pass: the state-free terms of all chunks at once, a scan of one product per chunk, "
+                         "all outputs at once; 1split (only if named): 1pass with the backward's per-chunk gradients "
+                         "in two kernels.")
     args = ap.parse_args()
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
     ok = True

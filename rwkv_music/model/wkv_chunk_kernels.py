@@ -297,9 +297,9 @@ def _decay_grads(dahat, dbtil, dktil, drhat, dbl, dkl, dgl, ahat, rhat, btil, kt
 
 # The per-chunk backward in two kernels (`_bwd_chunk_state`, then `_bwd_chunk_keys`), for benchmarks: the same
 # chain rule as `_bwd_chunk` cut where its products change operand shape, so that each kernel holds fewer tiles.
-# Between them, per chunk and head, a scratch row of SCRATCH_FLOATS(L, N) fp32: six [L, N] tiles (dW_a, dZ, dR',
-# dbl, dkl and dv's first part), then dQ_rb and dQ_rk ([L, L] each), then the gradient of the chunk's log decay
-# to its end, dgl [N].
+# Between them, per chunk and head, a scratch row of 6 L N + 2 L^2 + N fp32 (26 KiB at L = 16): six [L, N] tiles
+# (dW_a, dZ, dR', dbl, dkl and dv's first part), then dQ_rb and dQ_rk ([L, L] each), then the gradient of the
+# chunk's log decay to its end, dgl [N].
 
 
 @triton.jit

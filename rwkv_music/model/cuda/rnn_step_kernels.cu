@@ -108,7 +108,9 @@ struct Segs {
 enum Epilogue { STORE = 0, ADD = 1, RELU_SQ = 2 };
 
 // Y[b, o] (op)= sum_k W[o, k] X_{seg(o)}[b, k] for P rows o and B sequences. One warp per row; BB sequences
-// per pass over the row (weights are read once per pass, from L2 after the first). K % 8 == 0.
+// per pass over the row (weights are read once per pass, from L2 after the first). K % 8 == 0. A (row, sequence)
+// gets the same bits at every B only because nvcc contracts the 8-product sum identically in every BB (its PTX, CUDA
+// 13.0: one mul, seven fma, one add); tests/gpu/test_fast_step.py checks it.
 template <typename T, int BB>
 __global__ void __launch_bounds__(THREADS) gemv(const float* __restrict__ X, int64_t in_stride, Segs segs,
                                                 const T* __restrict__ W, float* __restrict__ Y, int P, int K, int B,
