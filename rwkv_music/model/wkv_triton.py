@@ -130,11 +130,10 @@ def walk_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
                   dsT: Tensor | None, starts: Tensor | None, bv: int, prec: str,
                   chunk: int = CHUNK, chunk_warps: int = 8, split: bool = False) -> tuple[Tensor, ...]:
     """Launch the reverse walk, then the per-chunk gradients, for `walk_forward(..., save=True)`'s S: the gradients
-    of r, w, k, v, a, b (input dtype) and of the initial state (fp32). dy contiguous; dsT fp32 or None. `chunk`,
-    `chunk_warps` (the per-chunk kernels' warps) and `split` (the per-chunk gradients in two kernels through a fp32
-    scratch of 6 L 64 + 2 L^2 + 64 floats per chunk and head, 26 KiB at L = 16; `_bwd_chunk_state` then
-    `_bwd_chunk_keys`) other than the
-    defaults: benchmarks."""
+    of r, w, k, v, a, b (input dtype) and of the initial state (fp32). dy contiguous; dsT fp32 or None. Benchmarks
+    set the rest: `chunk`, `chunk_warps` (the per-chunk kernels' warps) and `split` (the per-chunk gradients in two
+    kernels, `_bwd_chunk_state` then `_bwd_chunk_keys`, through a fp32 scratch of 6 L 64 + 2 L^2 + 64 floats per
+    chunk and head: 26 KiB at L = 16)."""
     B, T, H, N = r.shape
     nc = S.shape[1]
     kern = _kernels()
