@@ -195,12 +195,13 @@ def _bwd_walk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr, dSn_pt
     tl.store(ds0_ptr + s_base + i[None, :] * N + j[:, None], dST)
 
 
-@triton.jit(do_not_specialize=["T", "NC", "H"])
-def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr, dy_ptr, dr_ptr, dw_ptr, dk_ptr,
-               dv_ptr, da_ptr, db_ptr, T, NC, H, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
-               HAS_ST: tl.constexpr, PREC: tl.constexpr):
-    """The backward's per-chunk kernel, every chunk at once (all 64 value channels per program): the gradients of
-    the chunk's inputs from dY, its initial state S_c and dS_{c+1}, by the chain rule through the chunk algebra."""
+@triton.jit
+def _bwd_chunk_setup(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, T, NC, H, N: tl.constexpr, L: tl.constexpr,
+                     LOG2L: tl.constexpr, HAS_ST: tl.constexpr, PREC: tl.constexpr):
+    """What every per-chunk backward program makes first, one program per (head, chunk): its place, the chunk's
+    decay-scaled keys, masks and products again, and v. Tensors that enter products only are rounded once where
+    they are made (`_rnd`); `_dot_pre`'s flags say which operand already is: the bits of rounding in every product,
+    with fewer live copies."""
     pid = tl.program_id(0)  # one grid axis (chunk-major within a head): the y axis would cap T at 65535 chunks
     bh = pid // NC
     c = pid % NC
@@ -215,22 +216,24 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     full = off[:, None] + j[None, :]
     ahat, rhat, btil, ktil, bl, kl, g_last, G, logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid)
     strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
-    ahat0 = tl.where(first, ahat, 0.0)
     bl = tl.where(last, bl, 0.0)
     kl = tl.where(last, kl, 0.0)
-    # v and dy enter products only: rounded once here (`_rnd`), then `_dot_pre` leaves them as they are
     vv = _rnd(tl.load(v_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
-    dy = _rnd(tl.load(dy_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
-    mb = (bh.to(tl.int64) * NC + c) * N * N
-    ST = tl.load(S_ptr + mb + j[:, None] * N + j[None, :])  # [key, value]
-    dD = tl.load(dSn_ptr + mb + j[:, None] * N + j[None, :])
     _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
-    # Tensors that enter products only are rounded once where they are made (`_rnd`); `_dot_pre`'s flags say which
-    # operand already is. The bits are those of rounding in every product, with fewer live copies.
-    m_ak, q_rb, q_rk, inv, ahat0 = (_rnd(m_ak, PREC), _rnd(q_rb, PREC), _rnd(q_rk, PREC), _rnd(inv, PREC),
-                                    _rnd(ahat0, PREC))
+    m_ak, q_rb, q_rk, inv = _rnd(m_ak, PREC), _rnd(q_rb, PREC), _rnd(q_rk, PREC), _rnd(inv, PREC)
+    ahat0 = _rnd(tl.where(first, ahat, 0.0), PREC)
+    x = _rnd(_dot_pre(m_ak, vv, PREC, True, True), PREC)  # X = M_ak V
+    return (bh, c, j, full, m2, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd, strict, incl, first, last, keep_end,
+            vv, ahat0, m_ak, q_rb, q_rk, inv, x)
+
+
+@triton.jit
+def _bwd_state_side(dy, ST, dD, bl, kl, g_last, incl, last, keep_end, vv, ahat0, m_ak, q_rb, q_rk, inv, x,
+                    PREC: tl.constexpr):
+    """The per-chunk backward's first half: every product with the chunk's state S_c or dS_{c+1} ([64, 64]) as an
+    operand, giving the gradients of W_a, Z, Q_rb and Q_rk (dwa, dz, d_qrb, d_qrk: rounded, they enter products
+    only), of R' (d_rp), of the chunk's end keys bl, kl and its log decay (dbl, dkl, dgl), and dv's first part."""
     wa = _rnd(_dot_pre(inv, ahat0, PREC, True, True), PREC)
-    x = _rnd(_dot_pre(m_ak, vv, PREC, True, True), PREC)
     z = _dot_pre(inv, x, PREC, True, True)
     # Y = R' S^T + Y0,  S_next^T = A S^T + D:  dR' = dY S,  dA = dS_next S^T (as [key, key]),  dD = dS_next.
     # dA (64 x 64 x 64) is never formed: it enters only as bl dA = (bl dD) S^T, wa dA^T = (wa S^T) dD^T and its
@@ -249,7 +252,16 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     dkl = tl.where(last, _dot_pre(vv, tl.trans(dD), PREC, True, False), 0.0)
     diag_dA = tl.sum(dD * ST, axis=1)
     dgl = keep_end * diag_dA * tl.exp(g_last) + tl.sum(dbl * bl + dkl * kl, axis=0)
-    # W_a = inv a^0,  Z = inv X,  X = M_ak V,  inv = (I - M_ab)^-1
+    return dwa, dz, d_qrb, d_qrk, d_rp, dbl, dkl, dgl, dv
+
+
+@triton.jit
+def _bwd_key_side(dwa, dz, d_qrb, d_qrk, d_rp, dbl, dkl, dgl, dv, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd,
+                  strict, first, vv, ahat0, m_ak, inv, x, w_ptr, full, m2, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr,
+                  db_ptr, PREC: tl.constexpr):
+    """The per-chunk backward's second half: the chain rule through W_a = inv a^0, Z = inv X and the inverse
+    (I - M_ab)^-1 to the four products of decay-scaled keys, then through the decay scalings to every input
+    gradient of the chunk (stored)."""
     inv_t = tl.trans(inv)
     dahat0 = _dot_pre(inv_t, dwa, PREC, True, True)
     dinv = _rnd(_dot_pre(dwa, tl.trans(ahat0), PREC, True, True) + _dot_pre(dz, tl.trans(x), PREC, True, True), PREC)
@@ -265,15 +277,6 @@ def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr,
     dktil = _dot_pre(tl.trans(dm_ak), ahat, PREC, True, False) + _dot_pre(tl.trans(d_qrk), rhat, PREC, True, False)
     drhat = (tl.where(first, d_rp, 0.0) + _dot_pre(d_qrb, btil, PREC, True, False)
              + _dot_pre(d_qrk, ktil, PREC, True, False))
-    _decay_grads(dahat, dbtil, dktil, drhat, dbl, dkl, dgl, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd, dv,
-                 w_ptr, full, m2, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr)
-
-
-@triton.jit
-def _decay_grads(dahat, dbtil, dktil, drhat, dbl, dkl, dgl, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd, dv, w_ptr,
-                 full, m2, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr):
-    """The per-chunk backward's last step: from the gradients of the decay-scaled keys (and of bl, kl and the
-    chunk's log decay to its end, dgl) through the decay scalings to the inputs' gradients, stored with dv."""
     # G = cumsum(log d), G_{t-1} = G - log d, g_last = sum(log d), log d = -e^-0.5 sigmoid(w)
     gx = G - logd
     da = dahat * tl.exp(gx)
@@ -295,76 +298,69 @@ def _decay_grads(dahat, dbtil, dktil, drhat, dbl, dkl, dgl, ahat, rhat, btil, kt
     tl.store(db_ptr + full, db.to(db_ptr.dtype.element_ty), mask=m2)
 
 
-# The per-chunk backward in two kernels (`_bwd_chunk_state`, then `_bwd_chunk_keys`), for benchmarks: the same
-# chain rule as `_bwd_chunk` cut where its products change operand shape, so that each kernel holds fewer tiles.
-# Between them, per chunk and head, a scratch row of 6 L N + 2 L^2 + N fp32 (26 KiB at L = 16): six [L, N] tiles
-# (dW_a, dZ, dR', dbl, dkl and dv's first part), then dQ_rb and dQ_rk ([L, L] each), then the gradient of the
-# chunk's log decay to its end, dgl [N].
+@triton.jit
+def _bwd_state_inputs(S_ptr, dSn_ptr, dy_ptr, bh, c, NC, j, full, m2, N: tl.constexpr, PREC: tl.constexpr):
+    """dY (rounded: it enters products only), the chunk's initial state S_c^T and dS_{c+1}^T ([key, value])."""
+    dy = _rnd(tl.load(dy_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
+    mb = (bh.to(tl.int64) * NC + c) * N * N
+    ST = tl.load(S_ptr + mb + j[:, None] * N + j[None, :])
+    dD = tl.load(dSn_ptr + mb + j[:, None] * N + j[None, :])
+    return dy, ST, dD
+
+
+@triton.jit(do_not_specialize=["T", "NC", "H"])
+def _bwd_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr, dy_ptr, dr_ptr, dw_ptr, dk_ptr,
+               dv_ptr, da_ptr, db_ptr, T, NC, H, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
+               HAS_ST: tl.constexpr, PREC: tl.constexpr):
+    """The backward's per-chunk kernel, every chunk at once (all 64 value channels per program): the gradients of
+    the chunk's inputs from dY, its initial state S_c and dS_{c+1}, by the chain rule through the chunk algebra."""
+    (bh, c, j, full, m2, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd, strict, incl, first, last, keep_end,
+     vv, ahat0, m_ak, q_rb, q_rk, inv, x) = _bwd_chunk_setup(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, T, NC,
+                                                             H, N, L, LOG2L, HAS_ST, PREC)
+    dy, ST, dD = _bwd_state_inputs(S_ptr, dSn_ptr, dy_ptr, bh, c, NC, j, full, m2, N, PREC)
+    dwa, dz, d_qrb, d_qrk, d_rp, dbl, dkl, dgl, dv = _bwd_state_side(
+        dy, ST, dD, bl, kl, g_last, incl, last, keep_end, vv, ahat0, m_ak, q_rb, q_rk, inv, x, PREC)
+    _bwd_key_side(dwa, dz, d_qrb, d_qrk, d_rp, dbl, dkl, dgl, dv, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd,
+                  strict, first, vv, ahat0, m_ak, inv, x, w_ptr, full, m2, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr,
+                  db_ptr, PREC)
+
+
+# The per-chunk backward in two kernels (`_bwd_chunk_state`, then `_bwd_chunk_keys`), for benchmarks: `_bwd_chunk`'s
+# two halves as separate programs, so that each holds fewer tiles. Between them, per chunk and head, a scratch row
+# of 6 L N + 2 L^2 + N fp32 (26 KiB at L = 16): six [L, N] tiles (dW_a, dZ, dR', dbl, dkl and dv's first part),
+# then dQ_rb and dQ_rk ([L, L] each), then the gradient of the chunk's log decay to its end, dgl [N].
 
 
 @triton.jit
-def _scratch_tiles(L: tl.constexpr, N: tl.constexpr):
-    """Offsets in a chunk's scratch row: the [L, N] tile i at i * L * N, the [L, L] ones after the six, dgl last."""
+def _scratch_row(X_ptr, bh, c, NC, L: tl.constexpr, N: tl.constexpr):
+    """A chunk's scratch row and its offsets: the [L, N] tile i at i * L * N, the [L, L] ones after the six, dgl
+    last."""
     tt = tl.arange(0, L)
     j = tl.arange(0, N)
-    return tt[:, None] * N + j[None, :], tt[:, None] * L + tt[None, :], 6 * L * N + 2 * L * L + j
+    x0 = X_ptr + (bh.to(tl.int64) * NC + c) * (6 * L * N + 2 * L * L + N)
+    return x0, tt[:, None] * N + j[None, :], 6 * L * N + tt[:, None] * L + tt[None, :], 6 * L * N + 2 * L * L + j
 
 
 @triton.jit(do_not_specialize=["T", "NC", "H"])
 def _bwd_chunk_state(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dSn_ptr, dy_ptr, X_ptr, T, NC, H,
                      N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, HAS_ST: tl.constexpr,
                      PREC: tl.constexpr):
-    """`_bwd_chunk`'s first half, one program per (head, chunk): everything that takes the chunk's state S_c or
-    dS_{c+1} ([64, 64]) as an operand, and the gradients of the chunk's outputs Y0 and U, into X_ptr's scratch."""
-    pid = tl.program_id(0)
-    bh = pid // NC
-    c = pid % NC
-    b = bh // H
-    h = bh % H
-    tt = tl.arange(0, L)
-    j = tl.arange(0, N)
-    t = c * L + tt
-    valid = t < T
-    m2 = valid[:, None]
-    off = ((b.to(tl.int64) * T + t) * H + h) * N
-    full = off[:, None] + j[None, :]
-    ahat, rhat, btil, ktil, bl, kl, g_last, _g, _logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j,
-                                                                     valid)
-    strict, incl, first, last, keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
-    ahat0 = _rnd(tl.where(first, ahat, 0.0), PREC)
-    bl = tl.where(last, bl, 0.0)
-    kl = tl.where(last, kl, 0.0)
-    vv = _rnd(tl.load(v_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
-    dy = _rnd(tl.load(dy_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
-    mb = (bh.to(tl.int64) * NC + c) * N * N
-    ST = tl.load(S_ptr + mb + j[:, None] * N + j[None, :])  # [key, value]
-    dD = tl.load(dSn_ptr + mb + j[:, None] * N + j[None, :])
-    _m_ab, m_ak, q_rb, q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
-    m_ak, q_rb, q_rk, inv = _rnd(m_ak, PREC), _rnd(q_rb, PREC), _rnd(q_rk, PREC), _rnd(inv, PREC)
-    wa = _rnd(_dot_pre(inv, ahat0, PREC, True, True), PREC)
-    z = _dot_pre(inv, _rnd(_dot_pre(m_ak, vv, PREC, True, True), PREC), PREC, True, True)
-    d_rp = _dot_pre(dy, tl.trans(ST), PREC, True, False)
-    d_qrb = tl.where(incl, _dot_pre(dy, tl.trans(z), PREC, True, False)
-                     + _dot_pre(d_rp, tl.trans(wa), PREC, False, True), 0.0)
-    d_qrk = tl.where(incl, _dot_pre(dy, tl.trans(vv), PREC, True, True), 0.0)
-    bl_dD = _dot(bl, dD, PREC)
-    dz = _dot_pre(tl.trans(q_rb), dy, PREC, True, True) + bl_dD
-    dv = _dot_pre(tl.trans(q_rk), dy, PREC, True, True) + _dot(kl, dD, PREC)
-    dwa = _dot_pre(tl.trans(q_rb), d_rp, PREC, True, False) + _dot(bl_dD, tl.trans(ST), PREC)
-    u = _dot_pre(wa, ST, PREC, True, False) + z
-    dbl = tl.where(last, _dot(u, tl.trans(dD), PREC), 0.0)
-    dkl = tl.where(last, _dot_pre(vv, tl.trans(dD), PREC, True, False), 0.0)
-    dgl = keep_end * tl.sum(dD * ST, axis=1) * tl.exp(g_last) + tl.sum(dbl * bl + dkl * kl, axis=0)
-    tile, sq, gl = _scratch_tiles(L, N)
-    x0 = X_ptr + (bh.to(tl.int64) * NC + c) * (6 * L * N + 2 * L * L + N)
+    """`_bwd_chunk`'s first half (`_bwd_state_side`) as its own kernel, its results into X_ptr's scratch."""
+    (bh, c, j, full, m2, _ahat, _rhat, _btil, _ktil, bl, kl, g_last, _G, _logd, _strict, incl, _first, last,
+     keep_end, vv, ahat0, m_ak, q_rb, q_rk, inv, x) = _bwd_chunk_setup(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr,
+                                                                       T, NC, H, N, L, LOG2L, HAS_ST, PREC)
+    dy, ST, dD = _bwd_state_inputs(S_ptr, dSn_ptr, dy_ptr, bh, c, NC, j, full, m2, N, PREC)
+    dwa, dz, d_qrb, d_qrk, d_rp, dbl, dkl, dgl, dv = _bwd_state_side(
+        dy, ST, dD, bl, kl, g_last, incl, last, keep_end, vv, ahat0, m_ak, q_rb, q_rk, inv, x, PREC)
+    x0, tile, sq, gl = _scratch_row(X_ptr, bh, c, NC, L, N)
     tl.store(x0 + tile, dwa)
     tl.store(x0 + L * N + tile, dz)
     tl.store(x0 + 2 * L * N + tile, d_rp)
     tl.store(x0 + 3 * L * N + tile, dbl)
     tl.store(x0 + 4 * L * N + tile, dkl)
     tl.store(x0 + 5 * L * N + tile, dv)
-    tl.store(x0 + 6 * L * N + sq, d_qrb)
-    tl.store(x0 + 6 * L * N + L * L + sq, d_qrk)
+    tl.store(x0 + sq, d_qrb)
+    tl.store(x0 + L * L + sq, d_qrk)
     tl.store(x0 + gl, dgl)
 
 
@@ -372,54 +368,14 @@ def _bwd_chunk_state(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, S_ptr, dS
 def _bwd_chunk_keys(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, X_ptr, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr,
                     db_ptr, T, NC, H, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, HAS_ST: tl.constexpr,
                     PREC: tl.constexpr):
-    """`_bwd_chunk`'s second half, one program per (head, chunk): from `_bwd_chunk_state`'s scratch, the chain rule
-    through W_a = inv a^0, Z = inv M_ak V and the inverse to the four products of decay-scaled keys, then the
-    decay scalings: every input gradient of the chunk."""
-    pid = tl.program_id(0)
-    bh = pid // NC
-    c = pid % NC
-    b = bh // H
-    h = bh % H
-    tt = tl.arange(0, L)
-    j = tl.arange(0, N)
-    t = c * L + tt
-    valid = t < T
-    m2 = valid[:, None]
-    off = ((b.to(tl.int64) * T + t) * H + h) * N
-    full = off[:, None] + j[None, :]
-    ahat, rhat, btil, ktil, bl, kl, g_last, G, logd = _chunk_terms(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, j, valid)
-    strict, incl, first, last, _keep_end = _chunk_masks(st_ptr, b, T, t, valid, tt, HAS_ST)
-    bl = tl.where(last, bl, 0.0)
-    kl = tl.where(last, kl, 0.0)
-    ahat0 = _rnd(tl.where(first, ahat, 0.0), PREC)
-    vv = _rnd(tl.load(v_ptr + full, mask=m2, other=0.0).to(tl.float32), PREC)
-    _m_ab, m_ak, _q_rb, _q_rk, inv = _chunk_products(ahat, rhat, btil, ktil, strict, incl, LOG2L, PREC)
-    m_ak, inv = _rnd(m_ak, PREC), _rnd(inv, PREC)
-    x = _rnd(_dot_pre(m_ak, vv, PREC, True, True), PREC)
-    tile, sq, gl = _scratch_tiles(L, N)
-    x0 = X_ptr + (bh.to(tl.int64) * NC + c) * (6 * L * N + 2 * L * L + N)
-    dwa = _rnd(tl.load(x0 + tile), PREC)
-    dz = _rnd(tl.load(x0 + L * N + tile), PREC)
-    d_rp = tl.load(x0 + 2 * L * N + tile)
-    dbl = tl.load(x0 + 3 * L * N + tile)
-    dkl = tl.load(x0 + 4 * L * N + tile)
-    dv = tl.load(x0 + 5 * L * N + tile)
-    d_qrb = _rnd(tl.load(x0 + 6 * L * N + sq), PREC)
-    d_qrk = _rnd(tl.load(x0 + 6 * L * N + L * L + sq), PREC)
-    dgl = tl.load(x0 + gl)
-    inv_t = tl.trans(inv)
-    dahat0 = _dot_pre(inv_t, dwa, PREC, True, True)
-    dinv = _rnd(_dot_pre(dwa, tl.trans(ahat0), PREC, True, True) + _dot_pre(dz, tl.trans(x), PREC, True, True), PREC)
-    dx = _rnd(_dot_pre(inv_t, dz, PREC, True, True), PREC)
-    dm_ak = _rnd(tl.where(strict, _dot_pre(dx, tl.trans(vv), PREC, True, True), 0.0), PREC)
-    dv += _dot_pre(tl.trans(m_ak), dx, PREC, True, True)
-    dm_ab = _rnd(tl.where(strict, _dot_pre(_rnd(_dot_pre(inv_t, dinv, PREC, True, True), PREC), inv_t, PREC, True,
-                                           True), 0.0), PREC)
-    dahat = (tl.where(first, dahat0, 0.0) + _dot_pre(dm_ab, btil, PREC, True, False)
-             + _dot_pre(dm_ak, ktil, PREC, True, False))
-    dbtil = _dot_pre(tl.trans(dm_ab), ahat, PREC, True, False) + _dot_pre(tl.trans(d_qrb), rhat, PREC, True, False)
-    dktil = _dot_pre(tl.trans(dm_ak), ahat, PREC, True, False) + _dot_pre(tl.trans(d_qrk), rhat, PREC, True, False)
-    drhat = (tl.where(first, d_rp, 0.0) + _dot_pre(d_qrb, btil, PREC, True, False)
-             + _dot_pre(d_qrk, ktil, PREC, True, False))
-    _decay_grads(dahat, dbtil, dktil, drhat, dbl, dkl, dgl, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd, dv,
-                 w_ptr, full, m2, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr)
+    """`_bwd_chunk`'s second half (`_bwd_key_side`) as its own kernel, from `_bwd_chunk_state`'s scratch (dwa, dz,
+    dQ_rb and dQ_rk were stored rounded)."""
+    (bh, c, _j, full, m2, ahat, rhat, btil, ktil, bl, kl, g_last, G, logd, strict, _incl, first, _last,
+     _keep_end, vv, ahat0, m_ak, _q_rb, _q_rk, inv, x) = _bwd_chunk_setup(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr,
+                                                                          st_ptr, T, NC, H, N, L, LOG2L, HAS_ST, PREC)
+    x0, tile, sq, gl = _scratch_row(X_ptr, bh, c, NC, L, N)
+    _bwd_key_side(tl.load(x0 + tile), tl.load(x0 + L * N + tile), tl.load(x0 + sq), tl.load(x0 + L * L + sq),
+                  tl.load(x0 + 2 * L * N + tile), tl.load(x0 + 3 * L * N + tile), tl.load(x0 + 4 * L * N + tile),
+                  tl.load(x0 + gl), tl.load(x0 + 5 * L * N + tile), ahat, rhat, btil, ktil, bl, kl, g_last, G, logd,
+                  strict, first, vv, ahat0, m_ak, inv, x, w_ptr, full, m2, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr,
+                  db_ptr, PREC)
