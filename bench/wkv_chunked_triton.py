@@ -25,14 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_music.model.wkv import wkv_reference
 from rwkv_music.model.wkv_chunk_kernels import (
-    _bwd_chunk,
     _chunk_masks,
     _chunk_products,
     _chunk_terms,
     _dot,
     _walk_start,
 )
-from rwkv_music.model.wkv_triton import starts_u8, walk_backward, walk_forward
+from rwkv_music.model.wkv_triton import chunk_gradients, starts_u8, walk_backward, walk_forward
 
 DECAY_SCALE = math.exp(-0.5)
 
@@ -202,11 +201,7 @@ def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16
     dst = ds0 if dsT is None else dsT.float().contiguous()
     _bwd_scan[(B * H, N // bv)](rp, A, dy, dst, dSn, ds0, T, NC, H=H, N=N, L=chunk, BV=bv, HAS_DST=dsT is not None,
                                 PREC=precision)
-    grads = [torch.empty_like(x) for x in xs]
-    _bwd_chunk[(B * H * NC,)](*xs, st, S, dSn, dy, *grads, T, NC, H=H, N=N, L=chunk, LOG2L=int(math.log2(chunk)),
-                            HAS_ST=starts is not None, PREC=precision,
-                            num_warps=chunk_warps)  # a dozen live [L, 64] / [64, 64] fp32 tiles: 4 warps spill more
-    return (*grads, ds0)
+    return (*chunk_gradients(*xs, starts, st, S, dSn, dy, chunk, precision, chunk_warps), ds0)
 
 
 def wkv_bwd_1pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16, bv: int = 16,

@@ -144,15 +144,29 @@ def walk_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     kern._bwd_walk[(B * H, N // bv)](
         r, w, k, a, b, st, dy, ds0 if dsT is None else dsT, dSn, ds0, T, nc, H, N=N, L=chunk, BV=bv, LOG2L=log2l,
         HAS_DST=dsT is not None, HAS_ST=starts is not None, PREC=prec, num_warps=walk_warps(bv))
+    grads = chunk_gradients(r, w, k, v, a, b, starts, st, S, dSn, dy, chunk, prec, chunk_warps, split)
+    return (*grads, ds0)
+
+
+def chunk_gradients(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, starts: Tensor | None,
+                    st: Tensor, S: Tensor, dSn: Tensor, dy: Tensor, chunk: int, prec: str, chunk_warps: int = 8,
+                    split: bool = False) -> list[Tensor]:
+    """Launch the per-chunk backward (one program per chunk and head) given each chunk's initial state S and its
+    end state's gradient dSn [B*H, NC, 64, 64]: the gradients of r, w, k, v, a, b (input dtype). `st`: the resets as
+    `starts_u8` gave them. `chunk_warps` and `split` as in `walk_backward`."""
+    B, T, H, N = r.shape
+    nc = S.shape[1]
+    kern = _kernels()
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
-    common = dict(N=N, L=chunk, LOG2L=log2l, HAS_ST=starts is not None, PREC=prec, num_warps=chunk_warps)
+    common = dict(N=N, L=chunk, LOG2L=int(math.log2(chunk)), HAS_ST=starts is not None, PREC=prec,
+                  num_warps=chunk_warps)
     if split:
         scratch = torch.empty(B * H * nc, 6 * chunk * N + 2 * chunk * chunk + N, device=r.device, dtype=torch.float32)
         kern._bwd_chunk_state[(B * H * nc,)](r, w, k, v, a, b, st, S, dSn, dy, scratch, T, nc, H, **common)
         kern._bwd_chunk_keys[(B * H * nc,)](r, w, k, v, a, b, st, scratch, *grads, T, nc, H, **common)
     else:
         kern._bwd_chunk[(B * H * nc,)](r, w, k, v, a, b, st, S, dSn, dy, *grads, T, nc, H, **common)
-    return (*grads, ds0)
+    return grads
 
 
 @torch.library.custom_op("rwkv_music::wkv7c_fwd", mutates_args=())
