@@ -147,7 +147,7 @@ def profile_prefill(model: RWKV7, T: int, top: int) -> None:
 
 
 @torch.no_grad()
-def profile_step(model: RWKV7, B: int, top: int) -> None:
+def profile_step(model: RWKV7, B: int, top: int, mma_rows: int = 0) -> None:
     """Print where the fused decode step's device time goes at B rows (each kernel's mean time per step over 20
     eager steps, which launch the same kernels as the CUDA graph `complete` replays)."""
     from torch.autograd import DeviceType
@@ -156,7 +156,7 @@ def profile_step(model: RWKV7, B: int, top: int) -> None:
     device = model.device
     _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
     tok = torch.zeros(B, dtype=torch.long, device=device)
-    fast = FastStep(model)
+    fast = FastStep(model, mma_rows=mma_rows)
     for _ in range(3):
         fast(tok, state)
     sync(device)
@@ -166,20 +166,22 @@ def profile_step(model: RWKV7, B: int, top: int) -> None:
         sync(device)
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels) / 20
-    print(f"# profile (fused step, {B} rows): device time per step {total / 1e3:.3f} ms")
+    tag = f", products in tiles of {mma_rows} rows" if mma_rows else ", CUDA-core products"
+    print(f"# profile (fused step{tag}, {B} rows): device time per step {total / 1e3:.3f} ms")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
         print(f"#   {e.self_device_time_total / 20:9.1f} us/step  {e.count // 20:4d} launches/step  {e.key[:100]}")
 
 
 @torch.no_grad()
-def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False, fused: bool = False) -> float:
+def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False, fused: bool = False,
+               mma_rows: int = 0) -> float:
     device = model.device
     _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
     tok = torch.zeros(B, dtype=torch.long, device=device)
     if compiled:
         torch._dynamo.reset()  # a fresh compile per shape (no cache-size limit, no dynamic-shape fallback)
     model_step = torch.compile(model.step, dynamic=False) if compiled else model.step
-    fast = FastStep(model) if fused else None
+    fast = FastStep(model, mma_rows=mma_rows) if fused else None
 
     def step():
         if fast is not None:
@@ -334,6 +336,10 @@ def main() -> None:
     ap.add_argument("--profile-prefill", action="store_true", help="Print where the prefill's time goes.")
     ap.add_argument("--profile-step", action="store_true",
                     help="Print where the fused decode step's time goes at each of --batches (CUDA).")
+    ap.add_argument("--mma-rows", type=int, nargs="*", default=[], choices=[8, 16],
+                    help="CUDA, bf16: also time (and with --profile-step profile) the fused step with its matrix "
+                         "products in these other forms: 16 or 8 rows a tensor-core tile (the default form: 0, "
+                         "on CUDA cores).")
     ap.add_argument("--prefill-wkv-configs", action="store_true",
                     help="CUDA: time the fused prefill with each built WKV forward configuration.")
     args = ap.parse_args()
@@ -375,7 +381,8 @@ def main() -> None:
                 add(rows, {"impl": "ours", "shape": shape, "what": f"prefill {args.prefill[0]} (fused, wkv fwd {c})",
                            "batch": 1, "tokens": args.prefill[0], "ms": ms})
         for B in args.batches if cuda and args.profile_step else []:
-            profile_step(model, B, 12)
+            for m in [0, *args.mma_rows]:
+                profile_step(model, B, 12, mma_rows=m)
         for B in args.batches:
             # (graph, compiled, fused); the first CUDA row is what `complete` runs with no flags
             if cuda:
@@ -393,6 +400,10 @@ def main() -> None:
                              "ms": bench_step(model, B, steps, graph, compiled, fused)})
                 add(rows, {"impl": "ours", "shape": shape, "what": f"generate ({tag})", "batch": B,
                              "ms": bench_generate(model, B, steps, graph, compiled, fused)})
+            for m in args.mma_rows if cuda else []:
+                form = f"{m}-row tiles" if m else "CUDA-core products"
+                add(rows, {"impl": "ours", "shape": shape, "what": f"step (fused graph, {form})",
+                           "batch": B, "ms": bench_step(model, B, steps, True, fused=True, mma_rows=m)})
         if not args.no_rwkv_pip:
             pip = bench_rwkv_pip(model, device, strategy, args.prefill[0], steps, repeats)
             if "error" in pip:

@@ -26,7 +26,9 @@
 #               with the fused step as `complete` runs it, and with the readable step), bf16
 #   complete32  bench/complete.py in float32 (`musictrain complete`'s default dtype), without the rwkv package
 #   rows        bench/complete.py, bf16, vocabulary 470: the decode step at 1, 8, 16, 32 and 64 rows (16 candidates
-#               per sample are 16 rows), fused and readable, as CUDA graphs and eager; the fused step's kernels by time
+#               per sample are 16 rows), fused and readable, as CUDA graphs and eager, and the fused step with its
+#               products also on tensor cores, in tiles of ROWS_MMA [16 8] rows; the fused step's kernels by time,
+#               each form
 #   wkv         bench/wkv.py, ours (default configs, with and without resets every 137 positions) beside
 #               RWKV-LM's v3 kernels (the anchors' `kernels` mode) in the same step
 #   budget      bench/train_step.py --compile at activation memory budgets $BUDGETS [0.5 0.3] (B16 T2048)
@@ -82,7 +84,7 @@ PY="${PY:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 declare -A limit=([wheels]=120 [build]=240 [gputests]=300 [trainstep]=240 [compile]=300 [complete]=240
-                  [complete32]=90 [rows]=120 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
+                  [complete32]=90 [rows]=180 [proof]=420 [ddp]=420 [anchors]=240 [realfit]=360 [compare]=150 [issue16]=540 [wkv]=240
                   [budget]=240 [losscurve]=420 [sweep]=400
                   [lceval]=120 [fasttests]=120 [wkvtriton]=240 [wkvwarm]=180 [wkvcheck]=200 [wkvanchor]=180
                   [anchorbuild]=240 [tritontests]=240 [tscompare]=360 [recompute]=420 [kerneltests]=300 [proof5]=400 [lcfloor]=420 [proof5pair]=420 [mixpair]=420)
@@ -97,7 +99,7 @@ declare -A command=(
     [anchors]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py model"
     [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
     [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --steps 300 --json $results/complete.json"
-    [rows]="$PY bench/complete.py --no-rwkv-pip --vocab 470 --batches 1 8 16 32 64 --prefill 128 --profile-step --json $results/rows.json"
+    [rows]="$PY bench/complete.py --no-rwkv-pip --vocab 470 --batches 1 8 16 32 64 --prefill 128 --profile-step --mma-rows \${ROWS_MMA:-16 8} --json $results/rows.json"
     [complete32]="$PY bench/complete.py --dtype float32 --no-rwkv-pip --prefill 1024 --steps 300 --json $results/complete32.json"
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
     [wkv]="$PY bench/wkv.py --no-check --impl ours --configs --starts-every 137 --json $results/wkv.json; cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"

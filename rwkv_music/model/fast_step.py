@@ -5,7 +5,10 @@ products per layer, but each lerp, gate and norm is its own kernel. `FastStep` r
 the weights packed once into the layout of `model/cuda/rnn_step_kernels.cu` (which lists the seven
 kernels): a copy of the weights in the model's dtype. It computes in fp32 throughout, so in bf16 or fp16 its
 logits stay about as close to a float32 run of the readable model as the readable model in that dtype does;
-`tests/gpu/test_fast_step.py` states the tolerances.
+`tests/gpu/test_fast_step.py` states the tolerances. With bf16 weights its matrix products can instead run on
+tensor cores, inputs rounded to bf16 as the readable model's are (`mma_rows`): `complete` decodes a sample's 16
+candidates as 16 rows, which on CUDA cores cost twice one row. That form is opt-in until its tests and timings have
+run on a GPU (docs/benchmarks.md, "the products on tensor cores").
 
 `FastStep.prefill` runs the parallel forward over a prompt from the same pack, as 13 launches per layer
 (`model/cuda/prefill_kernels.cu`, cuBLAS products, the WKV forward kernel) where the readable forward issues
@@ -70,10 +73,16 @@ class FastStep:
             object.__setattr__(model, cls._CACHE_ATTR, cached)  # a plain attribute, not a submodule or buffer
         return cached[1]
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, mma_rows: int = 0) -> None:
+        """`mma_rows`: 16 or 8, bf16 weights' products on tensor cores in tiles of that many output rows; 0 (the
+        default, GPU-tested), on CUDA cores with fp32 inputs. Other dtypes, and GPUs before sm_80, always use the
+        CUDA cores."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise RuntimeError(reason)
+        if mma_rows not in (0, 8, 16):
+            raise ValueError(f"mma_rows must be 0, 8 or 16, got {mma_rows}")
+        self.mma_rows = mma_rows if torch.cuda.get_device_capability(model.device)[0] >= 8 else 0
         self.device = model.device  # the extension is looked up per call: a module object would not deepcopy
         self.dtype = model.emb.weight.dtype
         self.n_layer = model.cfg.n_layer
@@ -132,7 +141,8 @@ class FastStep:
             raise ValueError(f"state must have {self.n_layer} layers and att_x/ffn_x in {self.dtype}, got "
                              f"{state.n_layer} layers in {state.att_x.dtype}")
         return self._ext.rnn_step(tokens.contiguous(), self.emb, self.head, self.glob, self.vec, self.proj, self.up,
-                                  self.out, self.ffn_k, self.ffn_v, state.att_x, state.wkv, state.ffn_x, self.lora)
+                                  self.out, self.ffn_k, self.ffn_v, state.att_x, state.wkv, state.ffn_x, self.lora,
+                                  self.mma_rows)
 
     def zero_state(self, batch_size: int) -> RWKV7State:
         """The state before any token, in the layout `__call__` and `prefill` update in place."""

@@ -71,6 +71,21 @@ def test_half_precision_as_close_as_the_readable_step(fast_step_mod, dtype) -> N
     assert e_fused <= 1.5 * e_readable, (e_fused, e_readable)
 
 
+@pytest.mark.parametrize("mma_rows", [16, 8])
+def test_bf16_base_shape_as_close_as_the_readable_step(fast_step_mod, mma_rows) -> None:
+    """The base preset's shape in bf16 on tensor cores: several chunks of columns per warp (K = 768 and 3072)."""
+    ref = fast_model(seed=2, n_layer=12, n_embd=768, vocab=640)
+    prompt = torch.randint(0, 640, (16, 9), device="cuda")
+    tokens = torch.randint(0, 640, (16, 4), device="cuda")
+    want, _ = _run(ref, ref.step, prompt, tokens)
+    low = copy.deepcopy(ref).to(torch.bfloat16)
+    readable, _ = _run(low, low.step, prompt, tokens)
+    fused, _ = _run(low, _fast_fn(fast_step_mod.FastStep(low, mma_rows=mma_rows)), prompt, tokens)
+    e_readable, e_fused = rel(readable, want), rel(fused, want)
+    assert e_fused < 3e-2
+    assert e_fused <= 1.5 * e_readable, (e_fused, e_readable)
+
+
 def test_base_shape_and_one_layer(fast_step_mod) -> None:
     """The base preset's shape (L12 D768, LoRA ranks 64/64/32/128) and a model with only layer 0."""
     for n_layer, n_embd in ((12, 768), (1, 128)):
@@ -96,17 +111,19 @@ def test_odd_lora_ranks(fast_step_mod, B) -> None:
     assert state_err(got_state, want_state) < TOL_F32
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(fast_step_mod, dtype) -> None:
+@pytest.mark.parametrize("dtype, mma_rows", [(torch.float32, 16), (torch.bfloat16, 16), (torch.bfloat16, 8),
+                                             (torch.bfloat16, 0)])
+def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(fast_step_mod, dtype, mma_rows) -> None:
     """`complete` decodes a sample's candidates, and several samples, as rows of one batch (sample k's candidate c
-    at row c * samples + k), and the projections take sequences in groups of 1, 2, 4 or 8 by batch size: a row
-    must come out with the same bits at every batch size and in every slot, or a sample would depend on how many
-    were asked for."""
+    at row c * samples + k), and the projections take sequences in groups whose size depends on the batch size (on
+    CUDA cores 1, 2, 4 or 8; on tensor cores 1 to 8 tiles of 8, or 1 to 4 of 16, 64 rows a pass): a row must come
+    out with the same bits at every batch size and in every slot, or a sample would depend on how many were asked
+    for. 72 rows: two passes."""
     model = fast_model(seed=8, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31).to(dtype)
-    fast = fast_step_mod.FastStep(model)
+    fast = fast_step_mod.FastStep(model, mma_rows=mma_rows)
     g = torch.Generator(device="cuda").manual_seed(8)
-    prompt = torch.randint(0, 470, (40, 9), device="cuda", generator=g)
-    tokens = torch.randint(0, 470, (40, 3), device="cuda", generator=g)
+    prompt = torch.randint(0, 470, (72, 9), device="cuda", generator=g)
+    tokens = torch.randint(0, 470, (72, 3), device="cuda", generator=g)
     with torch.no_grad():
         _, start = model(prompt, return_state=True)  # one prefill for every batch below: only the step varies
 
@@ -115,14 +132,32 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(fast_step_mod, dtype)
         logits = torch.stack([fast(tokens[rows, t], state).clone() for t in range(tokens.shape[1])])
         return logits, state
 
-    everything = torch.arange(40, device="cuda")
+    everything = torch.arange(72, device="cuda")
     full, full_state = decode(everything)
-    shuffled = torch.randperm(40, device="cuda", generator=g)
-    for rows in [everything[:n] for n in (1, 2, 3, 5, 8, 17)] + [everything[5:6], everything[11:20], shuffled]:
+    shuffled = torch.randperm(72, device="cuda", generator=g)
+    for rows in [everything[:n] for n in (1, 2, 3, 5, 8, 9, 17, 33)] + [
+            everything[5:6], everything[11:20], everything[60:72], shuffled]:
         logits, state = decode(rows)
         assert torch.equal(logits, full[:, rows]), rows.tolist()
         for part in ("att_x", "wkv", "ffn_x"):
             assert torch.equal(getattr(state, part), getattr(full_state, part)[:, rows]), (part, rows.tolist())
+
+
+@pytest.mark.parametrize("mma_rows", [16, 8])
+@pytest.mark.parametrize("B", [1, 9, 70])
+def test_bf16_tensor_core_products_match_the_cuda_core_ones(fast_step_mod, B, mma_rows) -> None:
+    """bf16 weights: the tensor-core products (inputs rounded to bf16) against the CUDA-core ones (fp32 inputs), with
+    LoRA ranks, a vocabulary and a dim_ffn (8 mod 32: a partial chunk of columns) that leave partial tiles, and 70
+    rows (two passes of 64)."""
+    model = fast_model(seed=10, vocab=477, dim_ffn=1000, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14,
+                       d_gate_lora=31).to(torch.bfloat16)
+    prompt = torch.randint(0, 477, (B, 7), device="cuda")
+    tokens = torch.randint(0, 477, (B, 4), device="cuda")
+    cores, cores_state = _run(model, _fast_fn(fast_step_mod.FastStep(model, mma_rows=0)), prompt, tokens)
+    tensor, tensor_state = _run(model, _fast_fn(fast_step_mod.FastStep(model, mma_rows=mma_rows)), prompt, tokens)
+    assert not torch.equal(tensor, cores)  # the two paths did run
+    assert rel(tensor, cores) < 1e-2
+    assert state_err(tensor_state, cores_state) < 1e-2
 
 
 def test_for_model_packs_again_after_the_weights_change(fast_step_mod) -> None:

@@ -14,7 +14,7 @@ CUDA_DIR = Path(__file__).resolve().parents[2] / "rwkv_music" / "model" / "cuda"
 
 KERNELS = {
     "wkv7_kernels.cu": ("fwd_kernel", "bwd1_kernel", "bwd2_kernel", "step_kernel"),
-    "rnn_step_kernels.cu": ("embed_ln0", "ln_mix", "gemv", "wkv_head"),
+    "rnn_step_kernels.cu": ("embed_ln0", "ln_mix", "gemv", "gemv_mma", "gemv_mma8", "wkv_head"),
     "prefill_kernels.cu": ("ln_mix_k", "gates_k", "out_norm_k", "relu_sq_k", "last_ln_k"),
 }
 
@@ -32,6 +32,19 @@ def test_kernels_compile_to_ptx(tmp_path: Path, source: str) -> None:
         assert f"{kernel}" in ptx, f"{kernel} missing from the PTX"
     assert ".target sm_90" in ptx
     assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_the_fused_step_compiles_for_gpus_without_bf16_tensor_core_products(tmp_path: Path) -> None:
+    """The bf16 mma instruction needs sm_80; the extension is one build, so on a Turing GPU (sm_75) the decode step's
+    tensor-core products must compile away (to a trap the host never launches) rather than fail the whole build."""
+    out = tmp_path / "kernels.ptx"
+    cmd = ["nvcc", "-arch=sm_75", "-std=c++17", "-O3", "--ptx", str(CUDA_DIR / "rnn_step_kernels.cu"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ptx = out.read_text()
+    assert ".target sm_75" in ptx and "gemv_mma" in ptx
+    assert "mma.sync" not in ptx
 
 
 def test_sources_are_packaged_next_to_loader() -> None:

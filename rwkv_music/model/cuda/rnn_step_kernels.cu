@@ -12,12 +12,17 @@
 //   ln_mix    LayerNorm + the channel-mix lerp
 //   gemv x2   channel-mix key (relu^2) and value (added to the residual stream)
 // Weights are read in the model dtype; the residual stream and every intermediate are fp32, the WKV state too.
+// For bf16 weights the products can run on tensor cores (`gemv_mma`, `gemv_mma8`; StepArgs::mma_rows), their inputs
+// rounded to bf16 as the readable model's are: a sample's 16 candidates decode as 16 rows, and on CUDA cores the
+// input loads grow with the rows.
 // The math is `rwkv_music/model/rwkv7.py` (TimeMix, ChannelMix, Block) at T = 1.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "fused_util.cuh"
 #include "rnn_step.h"
@@ -98,11 +103,13 @@ __global__ void __launch_bounds__(THREADS) ln_mix(const float* __restrict__ resi
   }
 }
 
-// Rows [end[i-1], end[i]) of a matrix read input vector in[i] (up to 8 segments).
+// Rows [end[i-1], end[i]) of a matrix read input vector in[i] (up to 8 segments). gemv_mma takes each segment
+// in tiles of 16 rows; tiles[i] is the number of tiles up to and including segment i.
 struct Segs {
   int n = 1;
   int end[8] = {};
   int in[8] = {};
+  int tiles[8] = {};
 };
 
 enum Epilogue { STORE = 0, ADD = 1, RELU_SQ = 2 };
@@ -157,6 +164,169 @@ __global__ void __launch_bounds__(THREADS) gemv(const float* __restrict__ X, int
         }
       }
     }
+  }
+}
+
+constexpr int TILE = 16;  // output rows per gemv_mma block
+constexpr int MMA_SEQS = 64;  // sequences per pass of gemv_mma over the weights (8 per tensor-core tile)
+
+__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d += a b: one m16n8k16 tensor-core product, bf16 inputs, fp32 accumulation.
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host launches gemv_mma only on sm_80 and later (FastStep passes products = 0 before that)
+#endif
+}
+
+__device__ __forceinline__ void store_epilogue(float* y, float v, int epi) {
+  if (epi == ADD) {
+    *y += v;
+  } else if (epi == RELU_SQ) {
+    const float u = fmaxf(v, 0.f);
+    *y = u * u;
+  } else {
+    *y = v;
+  }
+}
+
+// gemv for bf16 weights on tensor cores: Y[b, o] (op)= sum_k W[o, k] bf16(X_{seg(o)}[b, k]). A block takes 16
+// rows of one segment; its 8 warps take the chunks of 32 columns in turn (warp w: chunks w, w + 8, ...), each
+// chunk two m16n8k16 products per 8 sequences, then the warps' sums are added in warp order. The k order inside a
+// product is permuted (lane group t holds columns 8t .. 8t + 7 of a chunk, so weights and inputs are 16- and
+// 32-byte loads), the same permutation for both operands, so each product is still a dot product over its 16
+// columns. A (row, sequence) gets the same bits at every B: a product's column depends only on its own sequence,
+// and the order of the sums does not depend on B (tests/gpu/test_fast_step.py checks it). K % 8 == 0.
+template <int NT>  // 8-sequence tiles per pass
+__global__ void __launch_bounds__(THREADS) gemv_mma(const float* __restrict__ X, int64_t in_stride, Segs segs,
+                                                    const __nv_bfloat16* __restrict__ W, float* __restrict__ Y, int P,
+                                                    int K, int B, int epi) {
+  __shared__ float part[WARPS][TILE][NT * 8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;  // the fragment's row (and sequence) group and column pair
+  int sg = 0;
+  while (sg + 1 < segs.n && (int)blockIdx.x >= segs.tiles[sg]) ++sg;
+  const int o0 = (sg ? segs.end[sg - 1] : 0) + ((int)blockIdx.x - (sg ? segs.tiles[sg - 1] : 0)) * TILE;
+  const int lim = segs.end[sg];
+  const float* x = X + segs.in[sg] * in_stride;
+  const bool row_lo = o0 + g < lim, row_hi = o0 + g + 8 < lim;
+  const __nv_bfloat16* w_lo = W + (int64_t)(o0 + g) * K + 8 * t;
+  const __nv_bfloat16* w_hi = w_lo + 8 * (int64_t)K;
+  const int chunks = (K + 31) / 32;
+  for (int b0 = 0; b0 < B; b0 += NT * 8) {
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll 4
+    for (int c = warp; c < chunks; c += WARPS) {
+      const int k = c * 32 + 8 * t;
+      uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;  // rows g and g + 8, columns k .. k + 7
+      if (k < K) {
+        if (row_lo) lo = __ldg(reinterpret_cast<const uint4*>(w_lo + c * 32));
+        if (row_hi) hi = __ldg(reinterpret_cast<const uint4*>(w_hi + c * 32));
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int s = b0 + j * 8 + g;
+        float4 x0 = make_float4(0.f, 0.f, 0.f, 0.f), x1 = x0;
+        if (k < K && s < B) {
+          const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)s * K + k);
+          x0 = xp[0], x1 = xp[1];
+        }
+        mma16816(acc[j], lo.x, hi.x, lo.y, hi.y, bf16x2(x0.x, x0.y), bf16x2(x0.z, x0.w));
+        mma16816(acc[j], lo.z, hi.z, lo.w, hi.w, bf16x2(x1.x, x1.y), bf16x2(x1.z, x1.w));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {  // accumulator i: row g + 8 (i / 2), sequence j * 8 + 2 t + i % 2
+      part[warp][g][j * 8 + 2 * t] = acc[j][0];
+      part[warp][g][j * 8 + 2 * t + 1] = acc[j][1];
+      part[warp][g + 8][j * 8 + 2 * t] = acc[j][2];
+      part[warp][g + 8][j * 8 + 2 * t + 1] = acc[j][3];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < TILE * NT * 8; e += THREADS) {
+      const int r = e / (NT * 8), col = e % (NT * 8), o = o0 + r, s = b0 + col;
+      if (o >= lim || s >= B) continue;
+      float v = part[0][r][col];
+#pragma unroll
+      for (int w = 1; w < WARPS; ++w) v += part[w][r][col];
+      store_epilogue(Y + (int64_t)s * P + o, v, epi);
+    }
+    __syncthreads();  // part is written again by the next pass
+  }
+}
+
+// The same product with the operands' roles swapped: the inputs are the tensor-core product's 16 rows (16 sequences
+// a tile) and the weights its 8 columns, so a block takes 8 output rows (twice gemv_mma's grid, for the products of
+// 768 rows at one sequence) and reads each weight once per 16 sequences. Same k permutation, same sums in warp order.
+template <int NT>  // 16-sequence tiles per pass
+__global__ void __launch_bounds__(THREADS) gemv_mma8(const float* __restrict__ X, int64_t in_stride, Segs segs,
+                                                     const __nv_bfloat16* __restrict__ W, float* __restrict__ Y, int P,
+                                                     int K, int B, int epi) {
+  constexpr int ROWS = TILE / 2;
+  __shared__ float part[WARPS][NT * 16][ROWS + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  int sg = 0;
+  while (sg + 1 < segs.n && (int)blockIdx.x >= segs.tiles[sg]) ++sg;
+  const int o0 = (sg ? segs.end[sg - 1] : 0) + ((int)blockIdx.x - (sg ? segs.tiles[sg - 1] : 0)) * ROWS;
+  const int lim = segs.end[sg];
+  const float* x = X + segs.in[sg] * in_stride;
+  const bool row_ok = o0 + g < lim;
+  const __nv_bfloat16* wr = W + (int64_t)(o0 + g) * K + 8 * t;
+  const int chunks = (K + 31) / 32;
+  for (int b0 = 0; b0 < B; b0 += NT * 16) {
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll 4
+    for (int c = warp; c < chunks; c += WARPS) {
+      const int k = c * 32 + 8 * t;
+      uint4 w = make_uint4(0, 0, 0, 0);  // row g, columns k .. k + 7
+      if (k < K && row_ok) w = __ldg(reinterpret_cast<const uint4*>(wr + c * 32));
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int s = b0 + j * 16 + g;  // sequences s and s + 8
+        float4 l0 = make_float4(0.f, 0.f, 0.f, 0.f), l1 = l0, h0 = l0, h1 = l0;
+        if (k < K && s < B) {
+          const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)s * K + k);
+          l0 = xp[0], l1 = xp[1];
+        }
+        if (k < K && s + 8 < B) {
+          const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)(s + 8) * K + k);
+          h0 = xp[0], h1 = xp[1];
+        }
+        mma16816(acc[j], bf16x2(l0.x, l0.y), bf16x2(h0.x, h0.y), bf16x2(l0.z, l0.w), bf16x2(h0.z, h0.w), w.x, w.y);
+        mma16816(acc[j], bf16x2(l1.x, l1.y), bf16x2(h1.x, h1.y), bf16x2(l1.z, l1.w), bf16x2(h1.z, h1.w), w.z, w.w);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {  // accumulator i: sequence j * 16 + g + 8 (i / 2), row 2 t + i % 2
+      part[warp][j * 16 + g][2 * t] = acc[j][0];
+      part[warp][j * 16 + g][2 * t + 1] = acc[j][1];
+      part[warp][j * 16 + g + 8][2 * t] = acc[j][2];
+      part[warp][j * 16 + g + 8][2 * t + 1] = acc[j][3];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < NT * 16 * ROWS; e += THREADS) {
+      const int sl = e / ROWS, r = e % ROWS, o = o0 + r, s = b0 + sl;
+      if (o >= lim || s >= B) continue;
+      float v = part[0][sl][r];
+#pragma unroll
+      for (int w = 1; w < WARPS; ++w) v += part[w][sl][r];
+      store_epilogue(Y + (int64_t)s * P + o, v, epi);
+    }
+    __syncthreads();
   }
 }
 
@@ -274,9 +444,45 @@ Segs one_segment(int rows) {
   return sg;
 }
 
+void launch_gemv_mma(const float* X, int64_t in_stride, Segs sg, const __nv_bfloat16* W, float* Y, int P, int K,
+                     int B, Epilogue epi, int rows, cudaStream_t st) {
+  int tiles = 0;
+  for (int i = 0; i < sg.n; ++i) {
+    tiles += (sg.end[i] - (i ? sg.end[i - 1] : 0) + rows - 1) / rows;
+    sg.tiles[i] = tiles;
+  }
+  if (rows == TILE / 2) {
+    if (B <= 16) {
+      gemv_mma8<1><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+    } else if (B <= 32) {
+      gemv_mma8<2><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+    } else {
+      gemv_mma8<MMA_SEQS / 16><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+    }
+    return;
+  }
+  if (B <= 8) {
+    gemv_mma<1><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+  } else if (B <= 16) {
+    gemv_mma<2><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+  } else if (B <= 32) {
+    gemv_mma<4><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+  } else {
+    gemv_mma<MMA_SEQS / 8><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
+  }
+}
+
+// mma_rows (16: gemv_mma, 8: gemv_mma8, 0: CUDA cores): bf16 weights only (fp16 keeps fp32 inputs: relu^2 of the
+// channel mix can pass fp16's range).
 template <typename T>
 void launch_gemv(const float* X, int64_t in_stride, const Segs& sg, const T* W, float* Y, int P, int K, int B,
-                 Epilogue epi, cudaStream_t st) {
+                 Epilogue epi, int mma_rows, cudaStream_t st) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (mma_rows == TILE || mma_rows == TILE / 2) {
+      launch_gemv_mma(X, in_stride, sg, W, Y, P, K, B, epi, mma_rows, st);
+      return;
+    }
+  }
   const dim3 grid((P + WARPS - 1) / WARPS);
   if (B == 1) {
     gemv<T, 1><<<grid, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
@@ -296,6 +502,7 @@ int64_t proj_floats(int64_t B, int64_t P) { return (B * P + 7) / 8 * 8; }
 template <typename T>
 cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
   const int B = a.B, C = a.C, F = a.F, H = a.H;
+  const int tc = a.mma_rows;
   const int R = a.dw + a.da + a.dv + a.dg, P = 3 * C + R;
   const int64_t BC = (int64_t)B * C;
   float* mix = a.work;  // [6, B, C]: the lerps r, w, k, v, a, g (channel mix: slot 0)
@@ -327,21 +534,21 @@ cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
 
     ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, vec + LN1_W * C, vec + LN1_B * C, att_x, vec + X_R * C, 6,
                                             mix, B, C);
-    launch_gemv<T>(mix, BC, seg7, proj_w, proj, P, C, B, STORE, st);
+    launch_gemv<T>(mix, BC, seg7, proj_w, proj, P, C, B, STORE, tc, st);
     HeadArgs h;
     h.proj = proj, h.P = P, h.C = C, h.H = H, h.dw = a.dw, h.da = a.da, h.dv = a.dv, h.dg = a.dg;
     h.vec = vec, h.vfirst = vfirst, h.state = a.wkv + (int64_t)l * B * H * N * N, h.out = att;
     h.first_layer = l == 0;
     wkv_head<T><<<dim3(H, B), THREADS, R * sizeof(float), st>>>(h, up_w);
-    launch_gemv<T>(att, 0, one_segment(C), out_w, resid, C, C, B, ADD, st);
+    launch_gemv<T>(att, 0, one_segment(C), out_w, resid, C, C, B, ADD, tc, st);
     ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, vec + LN2_W * C, vec + LN2_B * C, ffn_x, vec + FFN_XK * C, 1,
                                             mix, B, C);
-    launch_gemv<T>(mix, 0, one_segment(F), key_w, hid, F, C, B, RELU_SQ, st);
-    launch_gemv<T>(hid, 0, one_segment(C), val_w, resid, C, F, B, ADD, st);
+    launch_gemv<T>(mix, 0, one_segment(F), key_w, hid, F, C, B, RELU_SQ, tc, st);
+    launch_gemv<T>(hid, 0, one_segment(C), val_w, resid, C, F, B, ADD, tc, st);
   }
   ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, a.glob + LNO_W * C, a.glob + LNO_B * C, static_cast<T*>(nullptr),
                                           nullptr, 1, mix, B, C);
-  launch_gemv<T>(mix, 0, one_segment(a.V), static_cast<const T*>(a.head), a.logits, a.V, C, B, STORE, st);
+  launch_gemv<T>(mix, 0, one_segment(a.V), static_cast<const T*>(a.head), a.logits, a.V, C, B, STORE, tc, st);
   return cudaGetLastError();
 }
 
