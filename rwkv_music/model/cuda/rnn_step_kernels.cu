@@ -199,6 +199,17 @@ __device__ __forceinline__ void store_epilogue(float* y, float v, int epi) {
   }
 }
 
+// The output rows [o0, lim) of block blockIdx.x, in tiles of `rows` within the segments, and the input they read.
+struct RowTile {
+  int o0, lim, in;
+};
+__device__ __forceinline__ RowTile row_tile(const Segs& segs, int rows) {
+  int sg = 0;
+  while (sg + 1 < segs.n && (int)blockIdx.x >= segs.tiles[sg]) ++sg;
+  const int first = sg ? segs.end[sg - 1] : 0, tile0 = sg ? segs.tiles[sg - 1] : 0;
+  return {first + ((int)blockIdx.x - tile0) * rows, segs.end[sg], segs.in[sg]};
+}
+
 // gemv for bf16 weights on tensor cores: Y[b, o] (op)= sum_k W[o, k] bf16(X_{seg(o)}[b, k]). A block takes 16
 // rows of one segment; its 8 warps take the chunks of 32 columns in turn (warp w: chunks w, w + 8, ...), each
 // chunk two m16n8k16 products per 8 sequences, then the warps' sums are added in warp order. The k order inside a
@@ -213,11 +224,9 @@ __global__ void __launch_bounds__(THREADS) gemv_mma(const float* __restrict__ X,
   __shared__ float part[WARPS][TILE][NT * 8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;  // the fragment's row (and sequence) group and column pair
-  int sg = 0;
-  while (sg + 1 < segs.n && (int)blockIdx.x >= segs.tiles[sg]) ++sg;
-  const int o0 = (sg ? segs.end[sg - 1] : 0) + ((int)blockIdx.x - (sg ? segs.tiles[sg - 1] : 0)) * TILE;
-  const int lim = segs.end[sg];
-  const float* x = X + segs.in[sg] * in_stride;
+  const RowTile tile = row_tile(segs, TILE);
+  const int o0 = tile.o0, lim = tile.lim;
+  const float* x = X + tile.in * in_stride;
   const bool row_lo = o0 + g < lim, row_hi = o0 + g + 8 < lim;
   const __nv_bfloat16* w_lo = W + (int64_t)(o0 + g) * K + 8 * t;
   const __nv_bfloat16* w_hi = w_lo + 8 * (int64_t)K;
@@ -277,11 +286,9 @@ __global__ void __launch_bounds__(THREADS) gemv_mma8(const float* __restrict__ X
   __shared__ float part[WARPS][NT * 16][ROWS + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  int sg = 0;
-  while (sg + 1 < segs.n && (int)blockIdx.x >= segs.tiles[sg]) ++sg;
-  const int o0 = (sg ? segs.end[sg - 1] : 0) + ((int)blockIdx.x - (sg ? segs.tiles[sg - 1] : 0)) * ROWS;
-  const int lim = segs.end[sg];
-  const float* x = X + segs.in[sg] * in_stride;
+  const RowTile tile = row_tile(segs, ROWS);
+  const int o0 = tile.o0, lim = tile.lim;
+  const float* x = X + tile.in * in_stride;
   const bool row_ok = o0 + g < lim;
   const __nv_bfloat16* wr = W + (int64_t)(o0 + g) * K + 8 * t;
   const int chunks = (K + 31) / 32;
