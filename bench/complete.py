@@ -166,7 +166,7 @@ def profile_step(model: RWKV7, B: int, top: int, mma_rows: int = 0) -> None:
         sync(device)
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels) / 20
-    tag = f", products in tiles of {mma_rows} rows" if mma_rows else ", CUDA-core products"
+    tag = f", products in tiles of {fast.mma_rows} rows" if fast.mma_rows else ", CUDA-core products"
     print(f"# profile (fused step{tag}, {B} rows): device time per step {total / 1e3:.3f} ms")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
         print(f"#   {e.self_device_time_total / 20:9.1f} us/step  {e.count // 20:4d} launches/step  {e.key[:100]}")
@@ -337,9 +337,9 @@ def main() -> None:
     ap.add_argument("--profile-step", action="store_true",
                     help="Print where the fused decode step's time goes at each of --batches (CUDA).")
     ap.add_argument("--mma-rows", type=int, nargs="*", default=[], choices=[8, 16],
-                    help="CUDA, bf16: also time (and with --profile-step profile) the fused step with its matrix "
-                         "products in these other forms: 16 or 8 rows a tensor-core tile (the default form: 0, "
-                         "on CUDA cores).")
+                    help="CUDA, bf16, sm_80 or later: also time (and with --profile-step profile) the fused step "
+                         "with its matrix products on tensor cores, in tiles of 16 or 8 rows, beside the default "
+                         "CUDA-core form.")
     ap.add_argument("--prefill-wkv-configs", action="store_true",
                     help="CUDA: time the fused prefill with each built WKV forward configuration.")
     args = ap.parse_args()
@@ -352,6 +352,9 @@ def main() -> None:
     repeats = args.repeats or (20 if cuda else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mma_rows and not (cuda and dtype == "bfloat16" and torch.cuda.get_device_capability(device)[0] >= 8):
+        ap.error("--mma-rows needs bfloat16 on a CUDA GPU of sm_80 or later (elsewhere the products stay on the CUDA "
+                 "cores)")
     env = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
            "torch": torch.__version__, "dtype": dtype, "wkv": os.environ.get("RWKV_MUSIC_WKV", "auto")}
     print("# " + ", ".join(f"{k}: {v}" for k, v in env.items()))
@@ -401,8 +404,7 @@ def main() -> None:
                 add(rows, {"impl": "ours", "shape": shape, "what": f"generate ({tag})", "batch": B,
                              "ms": bench_generate(model, B, steps, graph, compiled, fused)})
             for m in args.mma_rows if cuda else []:
-                form = f"{m}-row tiles" if m else "CUDA-core products"
-                add(rows, {"impl": "ours", "shape": shape, "what": f"step (fused graph, {form})",
+                add(rows, {"impl": "ours", "shape": shape, "what": f"step (fused graph, {m}-row tiles)",
                            "batch": B, "ms": bench_step(model, B, steps, True, fused=True, mma_rows=m)})
         if not args.no_rwkv_pip:
             pip = bench_rwkv_pip(model, device, strategy, args.prefill[0], steps, repeats)

@@ -7,8 +7,8 @@ kernels): a copy of the weights in the model's dtype. It computes in fp32 throug
 logits stay about as close to a float32 run of the readable model as the readable model in that dtype does;
 `tests/gpu/test_fast_step.py` states the tolerances. With bf16 weights its matrix products can instead run on
 tensor cores, inputs rounded to bf16 as the readable model's are (`mma_rows`): `complete` decodes a sample's 16
-candidates as 16 rows, which on CUDA cores cost twice one row. That form is opt-in until its tests and timings have
-run on a GPU (docs/benchmarks.md, "the products on tensor cores").
+candidates as 16 rows, which on CUDA cores cost almost twice one row. That form is opt-in until its tests and
+timings have run on a GPU (docs/benchmarks.md, "the products on tensor cores").
 
 `FastStep.prefill` runs the parallel forward over a prompt from the same pack, as 13 launches per layer
 (`model/cuda/prefill_kernels.cu`, cuBLAS products, the WKV forward kernel) where the readable forward issues
@@ -80,7 +80,7 @@ class FastStep:
         reason = unsupported_reason(model)
         if reason is not None:
             raise RuntimeError(reason)
-        if mma_rows not in (0, 8, 16):
+        if not isinstance(mma_rows, int) or mma_rows not in (0, 8, 16):
             raise ValueError(f"mma_rows must be 0, 8 or 16, got {mma_rows}")
         self.mma_rows = mma_rows if torch.cuda.get_device_capability(model.device)[0] >= 8 else 0
         self.device = model.device  # the extension is looked up per call: a module object would not deepcopy

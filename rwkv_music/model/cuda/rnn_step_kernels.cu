@@ -184,7 +184,7 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #else
-  __trap();  // the host launches gemv_mma only on sm_80 and later (FastStep passes products = 0 before that)
+  __trap();  // never launched: below sm_80 the op and FastStep set mma_rows = 0
 #endif
 }
 
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(THREADS) gemv_mma(const float* __restrict__ X,
 
 // The same product with the operands' roles swapped: the inputs are the tensor-core product's 16 rows (16 sequences
 // a tile) and the weights its 8 columns, so a block takes 8 output rows (twice gemv_mma's grid, for the products of
-// 768 rows at one sequence) and reads each weight once per 16 sequences. Same k permutation, same sums in warp order.
+// 768 rows at one sequence). Same k permutation, same sums in warp order; both read each weight once per pass.
 template <int NT>  // 16-sequence tiles per pass
 __global__ void __launch_bounds__(THREADS) gemv_mma8(const float* __restrict__ X, int64_t in_stride, Segs segs,
                                                      const __nv_bfloat16* __restrict__ W, float* __restrict__ Y, int P,
