@@ -103,8 +103,8 @@ __global__ void __launch_bounds__(THREADS) ln_mix(const float* __restrict__ resi
   }
 }
 
-// Rows [end[i-1], end[i]) of a matrix read input vector in[i] (up to 8 segments). gemv_mma takes each segment
-// in tiles of 16 rows; tiles[i] is the number of tiles up to and including segment i.
+// Rows [end[i-1], end[i]) of a matrix read input vector in[i] (up to 8 segments). gemv_mma and gemv_mma8 take each
+// segment in tiles of 16 or 8 rows; tiles[i] is the number of tiles up to and including segment i.
 struct Segs {
   int n = 1;
   int end[8] = {};
@@ -113,6 +113,17 @@ struct Segs {
 };
 
 enum Epilogue { STORE = 0, ADD = 1, RELU_SQ = 2 };
+
+__device__ __forceinline__ void store_epilogue(float* y, float v, int epi) {
+  if (epi == ADD) {
+    *y += v;
+  } else if (epi == RELU_SQ) {
+    const float u = fmaxf(v, 0.f);
+    *y = u * u;
+  } else {
+    *y = v;
+  }
+}
 
 // Y[b, o] (op)= sum_k W[o, k] X_{seg(o)}[b, k] for P rows o and B sequences. One warp per row; BB sequences
 // per pass over the row (weights are read once per pass, from L2 after the first). K % 8 == 0. A (row, sequence)
@@ -152,17 +163,7 @@ __global__ void __launch_bounds__(THREADS) gemv(const float* __restrict__ X, int
       float v = acc[j];
 #pragma unroll
       for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
-      if (lane == 0 && b0 + j < B) {
-        float* y = Y + (int64_t)(b0 + j) * P + o;
-        if (epi == ADD) {
-          *y += v;
-        } else if (epi == RELU_SQ) {
-          const float t = fmaxf(v, 0.f);
-          *y = t * t;
-        } else {
-          *y = v;
-        }
-      }
+      if (lane == 0 && b0 + j < B) store_epilogue(Y + (int64_t)(b0 + j) * P + o, v, epi);
     }
   }
 }
@@ -188,17 +189,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
 #endif
 }
 
-__device__ __forceinline__ void store_epilogue(float* y, float v, int epi) {
-  if (epi == ADD) {
-    *y += v;
-  } else if (epi == RELU_SQ) {
-    const float u = fmaxf(v, 0.f);
-    *y = u * u;
-  } else {
-    *y = v;
-  }
-}
-
 // The output rows [o0, lim) of block blockIdx.x, in tiles of `rows` within the segments, and the input they read.
 struct RowTile {
   int o0, lim, in;
@@ -208,6 +198,23 @@ __device__ __forceinline__ RowTile row_tile(const Segs& segs, int rows) {
   while (sg + 1 < segs.n && (int)blockIdx.x >= segs.tiles[sg]) ++sg;
   const int first = sg ? segs.end[sg - 1] : 0, tile0 = sg ? segs.tiles[sg - 1] : 0;
   return {first + ((int)blockIdx.x - tile0) * rows, segs.end[sg], segs.in[sg]};
+}
+
+// After a pass of the tensor-core kernels: each (row, sequence) of the block's tile is the sum of the warps' parts
+// part[w][r][s], added in warp order, then stored through the epilogue.
+template <int R, int S>
+__device__ __forceinline__ void add_parts(const float (&part)[WARPS][R][S], int o0, int lim, int b0, int B, float* Y,
+                                          int P, int epi) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < R * S; e += THREADS) {
+    const int r = e / S, col = e % S, o = o0 + r, s = b0 + col;
+    if (o >= lim || s >= B) continue;
+    float v = part[0][r][col];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) v += part[w][r][col];
+    store_epilogue(Y + (int64_t)s * P + o, v, epi);
+  }
+  __syncthreads();  // part is written again by the next pass
 }
 
 // gemv for bf16 weights on tensor cores: Y[b, o] (op)= sum_k W[o, k] bf16(X_{seg(o)}[b, k]). A block takes 16
@@ -262,16 +269,7 @@ __global__ void __launch_bounds__(THREADS) gemv_mma(const float* __restrict__ X,
       part[warp][g + 8][j * 8 + 2 * t] = acc[j][2];
       part[warp][g + 8][j * 8 + 2 * t + 1] = acc[j][3];
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < TILE * NT * 8; e += THREADS) {
-      const int r = e / (NT * 8), col = e % (NT * 8), o = o0 + r, s = b0 + col;
-      if (o >= lim || s >= B) continue;
-      float v = part[0][r][col];
-#pragma unroll
-      for (int w = 1; w < WARPS; ++w) v += part[w][r][col];
-      store_epilogue(Y + (int64_t)s * P + o, v, epi);
-    }
-    __syncthreads();  // part is written again by the next pass
+    add_parts(part, o0, lim, b0, B, Y, P, epi);
   }
 }
 
@@ -283,7 +281,7 @@ __global__ void __launch_bounds__(THREADS) gemv_mma8(const float* __restrict__ X
                                                      const __nv_bfloat16* __restrict__ W, float* __restrict__ Y, int P,
                                                      int K, int B, int epi) {
   constexpr int ROWS = TILE / 2;
-  __shared__ float part[WARPS][NT * 16][ROWS + 1];
+  __shared__ float part[WARPS][ROWS][NT * 16];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const RowTile tile = row_tile(segs, ROWS);
@@ -319,21 +317,12 @@ __global__ void __launch_bounds__(THREADS) gemv_mma8(const float* __restrict__ X
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {  // accumulator i: sequence j * 16 + g + 8 (i / 2), row 2 t + i % 2
-      part[warp][j * 16 + g][2 * t] = acc[j][0];
-      part[warp][j * 16 + g][2 * t + 1] = acc[j][1];
-      part[warp][j * 16 + g + 8][2 * t] = acc[j][2];
-      part[warp][j * 16 + g + 8][2 * t + 1] = acc[j][3];
+      part[warp][2 * t][j * 16 + g] = acc[j][0];
+      part[warp][2 * t + 1][j * 16 + g] = acc[j][1];
+      part[warp][2 * t][j * 16 + g + 8] = acc[j][2];
+      part[warp][2 * t + 1][j * 16 + g + 8] = acc[j][3];
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < NT * 16 * ROWS; e += THREADS) {
-      const int sl = e / ROWS, r = e % ROWS, o = o0 + r, s = b0 + sl;
-      if (o >= lim || s >= B) continue;
-      float v = part[0][sl][r];
-#pragma unroll
-      for (int w = 1; w < WARPS; ++w) v += part[w][sl][r];
-      store_epilogue(Y + (int64_t)s * P + o, v, epi);
-    }
-    __syncthreads();
+    add_parts(part, o0, lim, b0, B, Y, P, epi);
   }
 }
 
@@ -509,7 +498,6 @@ int64_t proj_floats(int64_t B, int64_t P) { return (B * P + 7) / 8 * 8; }
 template <typename T>
 cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
   const int B = a.B, C = a.C, F = a.F, H = a.H;
-  const int tc = a.mma_rows;
   const int R = a.dw + a.da + a.dv + a.dg, P = 3 * C + R;
   const int64_t BC = (int64_t)B * C;
   float* mix = a.work;  // [6, B, C]: the lerps r, w, k, v, a, g (channel mix: slot 0)
@@ -541,21 +529,21 @@ cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
 
     ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, vec + LN1_W * C, vec + LN1_B * C, att_x, vec + X_R * C, 6,
                                             mix, B, C);
-    launch_gemv<T>(mix, BC, seg7, proj_w, proj, P, C, B, STORE, tc, st);
+    launch_gemv<T>(mix, BC, seg7, proj_w, proj, P, C, B, STORE, a.mma_rows, st);
     HeadArgs h;
     h.proj = proj, h.P = P, h.C = C, h.H = H, h.dw = a.dw, h.da = a.da, h.dv = a.dv, h.dg = a.dg;
     h.vec = vec, h.vfirst = vfirst, h.state = a.wkv + (int64_t)l * B * H * N * N, h.out = att;
     h.first_layer = l == 0;
     wkv_head<T><<<dim3(H, B), THREADS, R * sizeof(float), st>>>(h, up_w);
-    launch_gemv<T>(att, 0, one_segment(C), out_w, resid, C, C, B, ADD, tc, st);
+    launch_gemv<T>(att, 0, one_segment(C), out_w, resid, C, C, B, ADD, a.mma_rows, st);
     ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, vec + LN2_W * C, vec + LN2_B * C, ffn_x, vec + FFN_XK * C, 1,
                                             mix, B, C);
-    launch_gemv<T>(mix, 0, one_segment(F), key_w, hid, F, C, B, RELU_SQ, tc, st);
-    launch_gemv<T>(hid, 0, one_segment(C), val_w, resid, C, F, B, ADD, tc, st);
+    launch_gemv<T>(mix, 0, one_segment(F), key_w, hid, F, C, B, RELU_SQ, a.mma_rows, st);
+    launch_gemv<T>(hid, 0, one_segment(C), val_w, resid, C, F, B, ADD, a.mma_rows, st);
   }
   ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, a.glob + LNO_W * C, a.glob + LNO_B * C, static_cast<T*>(nullptr),
                                           nullptr, 1, mix, B, C);
-  launch_gemv<T>(mix, 0, one_segment(a.V), static_cast<const T*>(a.head), a.logits, a.V, C, B, STORE, tc, st);
+  launch_gemv<T>(mix, 0, one_segment(a.V), static_cast<const T*>(a.head), a.logits, a.V, C, B, STORE, a.mma_rows, st);
   return cudaGetLastError();
 }
 
