@@ -744,20 +744,24 @@ __global__ void __launch_bounds__(256) step_kernel(int H, const F* __restrict__ 
 }
 
 // ---- launch configurations ------------------------------------------------------------------------------
+// Args' six input sequences in the kernels' element type (Args holds them untyped for the binding).
+template <typename F>
+struct Inputs {
+  const F *r, *w, *k, *v, *a, *b;
+  explicit Inputs(const Args& x)
+      : r(static_cast<const F*>(x.r)), w(static_cast<const F*>(x.w)), k(static_cast<const F*>(x.k)),
+        v(static_cast<const F*>(x.v)), a(static_cast<const F*>(x.a)), b(static_cast<const F*>(x.b)) {}
+};
+
 // Row kernels (fwd, bwd1): RB rows per block, R rows per thread, P threads per row.
 // Column kernel (bwd2): CB columns per block, CC columns per thread, RG threads per column.
+
 template <typename F, bool SAVE, bool RS>
 cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
-  const F* r = static_cast<const F*>(a.r);
-  const F* w = static_cast<const F*>(a.w);
-  const F* k = static_cast<const F*>(a.k);
-  const F* v = static_cast<const F*>(a.v);
-  const F* aa = static_cast<const F*>(a.a);
-  const F* bb = static_cast<const F*>(a.b);
-  F* y = static_cast<F*>(a.y);
+  const Inputs<F> in(a);
 #define WKV7_FWD(RB, R, P, U, D)                                                                          \
   fwd_kernel<F, RB, R, P, U, D, SAVE, RS><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                          \
-      a.T, a.H, r, w, k, v, aa, bb, a.s0, a.starts, y, a.sT, a.sa, a.ckpt)
+      a.T, a.H, in.r, in.w, in.k, in.v, in.a, in.b, a.s0, a.starts, static_cast<F*>(a.y), a.sT, a.sa, a.ckpt)
   switch (cfg) {
     case 0: WKV7_FWD(16, 1, 4, 16, true); break;
     case 1: WKV7_FWD(32, 2, 4, 4, true); break;
@@ -777,16 +781,11 @@ cudaError_t launch_fwd(int cfg, const Args& a, cudaStream_t st) {
 
 template <typename F, bool RS>
 cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
-  const F* r = static_cast<const F*>(a.r);
-  const F* w = static_cast<const F*>(a.w);
-  const F* k = static_cast<const F*>(a.k);
-  const F* v = static_cast<const F*>(a.v);
-  const F* aa = static_cast<const F*>(a.a);
-  const F* bb = static_cast<const F*>(a.b);
+  const Inputs<F> in(a);
   const F* dy = static_cast<const F*>(a.dy);
 #define WKV7_BWD1(RB, R, P, U, D)                                                                         \
   bwd1_kernel<F, RB, R, P, U, D, RS><<<dim3(N / RB, a.H, a.B), RB / R * P, 0, st>>>(                               \
-      a.T, a.H, r, w, k, aa, bb, dy, a.dsT, a.starts, static_cast<F*>(a.dv), a.dsa, a.ds0)
+      a.T, a.H, in.r, in.w, in.k, in.a, in.b, dy, a.dsT, a.starts, static_cast<F*>(a.dv), a.dsa, a.ds0)
   switch (cfg1) {
     case 0: WKV7_BWD1(16, 1, 4, 16, true); break;
     case 1: WKV7_BWD1(32, 2, 4, 4, true); break;
@@ -805,7 +804,7 @@ cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
   if (e != cudaSuccess) return e;
 #define WKV7_BWD2(CB, CC, RG, U, D)                                                                       \
   bwd2_kernel<F, CB, CC, RG, U, D, RS><<<dim3(N / CB, a.H, a.B), CB / CC * RG, 0, st>>>(                           \
-      a.T, a.H, r, w, k, v, aa, bb, dy, a.sa, a.dsa, a.ckpt, a.sT, a.dsT, a.s0, a.starts,                      \
+      a.T, a.H, in.r, in.w, in.k, in.v, in.a, in.b, dy, a.sa, a.dsa, a.ckpt, a.sT, a.dsT, a.s0, a.starts,        \
       static_cast<F*>(a.dr), static_cast<F*>(a.dw), static_cast<F*>(a.dk), static_cast<F*>(a.da),                \
       static_cast<F*>(a.db))
   switch (cfg2) {
@@ -822,6 +821,14 @@ cudaError_t launch_bwd(int cfg1, int cfg2, const Args& a, cudaStream_t st) {
     default: return cudaErrorInvalidValue;
   }
 #undef WKV7_BWD2
+  return cudaGetLastError();
+}
+
+template <typename F>
+cudaError_t launch_step(const Args& a, cudaStream_t st) {
+  const Inputs<F> in(a);
+  step_kernel<F><<<dim3(a.H, a.B), 256, 0, st>>>(a.H, in.r, in.w, in.k, in.v, in.a, in.b, a.s0,
+                                                  static_cast<F*>(a.y), a.sT);
   return cudaGetLastError();
 }
 
@@ -861,20 +868,7 @@ cudaError_t backward(DType dt, int cfg1, int cfg2, const Args& a, cudaStream_t s
 }
 
 cudaError_t step(DType dt, const Args& a, cudaStream_t st) {
-  const dim3 grid(a.H, a.B);
-  if (dt == DType::BF16) {
-    using F = __nv_bfloat16;
-    step_kernel<F><<<grid, 256, 0, st>>>(a.H, static_cast<const F*>(a.r), static_cast<const F*>(a.w),
-                                         static_cast<const F*>(a.k), static_cast<const F*>(a.v),
-                                         static_cast<const F*>(a.a), static_cast<const F*>(a.b), a.s0,
-                                         static_cast<F*>(a.y), a.sT);
-  } else {
-    step_kernel<float><<<grid, 256, 0, st>>>(a.H, static_cast<const float*>(a.r), static_cast<const float*>(a.w),
-                                             static_cast<const float*>(a.k), static_cast<const float*>(a.v),
-                                             static_cast<const float*>(a.a), static_cast<const float*>(a.b),
-                                             a.s0, static_cast<float*>(a.y), a.sT);
-  }
-  return cudaGetLastError();
+  return dt == DType::BF16 ? launch_step<__nv_bfloat16>(a, st) : launch_step<float>(a, st);
 }
 
 }  // namespace wkv7

@@ -43,17 +43,28 @@ const unsigned char* opt_starts(const std::optional<at::Tensor>& st, int64_t B, 
 
 void check(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "wkv7 kernel launch failed: ", cudaGetErrorString(e)); }
 
-// Returns [y, sT, sa, ckpt]; sa and ckpt are empty unless save.
-std::vector<at::Tensor> forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v, at::Tensor a, at::Tensor b,
-                                std::optional<at::Tensor> s0, std::optional<at::Tensor> starts, bool save,
-                                int64_t cfg) {
-  TORCH_CHECK(r.dim() == 4 && r.size(3) == HEAD, "wkv7: r must be [B, T, H, 64]");
+// Checks the six input sequences (alike in shape and dtype, contiguous, on the GPU) and points new Args at them;
+// the caller fills in B, T, H and the rest.
+wkv7::Args input_args(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& a, const at::Tensor& b) {
   check_seq(r, r, "r");
   check_seq(w, r, "w");
   check_seq(k, r, "k");
   check_seq(v, r, "v");
   check_seq(a, r, "a");
   check_seq(b, r, "b");
+  wkv7::Args args;
+  args.r = r.data_ptr(), args.w = w.data_ptr(), args.k = k.data_ptr();
+  args.v = v.data_ptr(), args.a = a.data_ptr(), args.b = b.data_ptr();
+  return args;
+}
+
+// Returns [y, sT, sa, ckpt]; sa and ckpt are empty unless save.
+std::vector<at::Tensor> forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v, at::Tensor a, at::Tensor b,
+                                std::optional<at::Tensor> s0, std::optional<at::Tensor> starts, bool save,
+                                int64_t cfg) {
+  TORCH_CHECK(r.dim() == 4 && r.size(3) == HEAD, "wkv7: r must be [B, T, H, 64]");
+  wkv7::Args args = input_args(r, w, k, v, a, b);
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2);
   TORCH_CHECK(T >= 1, "wkv7: T must be >= 1");
@@ -63,10 +74,7 @@ std::vector<at::Tensor> forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Te
   at::Tensor sT = at::empty({B, H, HEAD, HEAD}, f32);
   at::Tensor sa = save ? at::empty({B, T, H, HEAD}, f32) : at::empty({0}, f32);
   at::Tensor ck = save ? at::empty({B, H, NC, HEAD, HEAD}, f32) : at::empty({0}, f32);
-  wkv7::Args args;
   args.B = (int)B, args.T = (int)T, args.H = (int)H;
-  args.r = r.data_ptr(), args.w = w.data_ptr(), args.k = k.data_ptr();
-  args.v = v.data_ptr(), args.a = a.data_ptr(), args.b = b.data_ptr();
   args.s0 = opt_state(s0, B, H, "state");
   args.starts = opt_starts(starts, B, T);
   args.y = y.data_ptr();
@@ -82,12 +90,7 @@ std::vector<at::Tensor> backward(at::Tensor r, at::Tensor w, at::Tensor k, at::T
                                  at::Tensor sT, at::Tensor sa, at::Tensor ck, at::Tensor dy,
                                  std::optional<at::Tensor> dsT, std::optional<at::Tensor> s0,
                                  std::optional<at::Tensor> starts, int64_t cfg1, int64_t cfg2) {
-  check_seq(r, r, "r");
-  check_seq(w, r, "w");
-  check_seq(k, r, "k");
-  check_seq(v, r, "v");
-  check_seq(a, r, "a");
-  check_seq(b, r, "b");
+  wkv7::Args args = input_args(r, w, k, v, a, b);
   check_seq(dy, r, "dy");
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2);
@@ -99,10 +102,7 @@ std::vector<at::Tensor> backward(at::Tensor r, at::Tensor w, at::Tensor k, at::T
   at::Tensor da = at::empty_like(r), db = at::empty_like(r);
   at::Tensor dsa = at::empty({B, T, H, HEAD}, f32);
   at::Tensor ds0 = at::empty({B, H, HEAD, HEAD}, f32);
-  wkv7::Args args;
   args.B = (int)B, args.T = (int)T, args.H = (int)H;
-  args.r = r.data_ptr(), args.w = w.data_ptr(), args.k = k.data_ptr();
-  args.v = v.data_ptr(), args.a = a.data_ptr(), args.b = b.data_ptr();
   args.sT = opt_state(sT, B, H, "final state") == nullptr ? nullptr : sT.data_ptr<float>();
   TORCH_CHECK(args.sT != nullptr, "wkv7: backward needs the final state");
   args.sa = sa.data_ptr<float>();
@@ -124,12 +124,7 @@ std::vector<at::Tensor> backward(at::Tensor r, at::Tensor w, at::Tensor k, at::T
 std::vector<at::Tensor> step(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v, at::Tensor a, at::Tensor b,
                              std::optional<at::Tensor> state, std::optional<at::Tensor> out) {
   TORCH_CHECK(r.dim() == 3 && r.size(2) == HEAD, "wkv7 step: r must be [B, H, 64]");
-  check_seq(r, r, "r");
-  check_seq(w, r, "w");
-  check_seq(k, r, "k");
-  check_seq(v, r, "v");
-  check_seq(a, r, "a");
-  check_seq(b, r, "b");
+  wkv7::Args args = input_args(r, w, k, v, a, b);
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), H = r.size(1);
   at::Tensor y = at::empty_like(r);
@@ -140,10 +135,7 @@ std::vector<at::Tensor> step(at::Tensor r, at::Tensor w, at::Tensor k, at::Tenso
   } else {
     s_out = at::empty({B, H, HEAD, HEAD}, r.options().dtype(at::kFloat));
   }
-  wkv7::Args args;
   args.B = (int)B, args.T = 1, args.H = (int)H;
-  args.r = r.data_ptr(), args.w = w.data_ptr(), args.k = k.data_ptr();
-  args.v = v.data_ptr(), args.a = a.data_ptr(), args.b = b.data_ptr();
   args.s0 = opt_state(state, B, H, "state");
   args.y = y.data_ptr();
   args.sT = s_out.data_ptr<float>();
