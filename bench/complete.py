@@ -147,7 +147,7 @@ def profile_prefill(model: RWKV7, T: int, top: int) -> None:
 
 
 @torch.no_grad()
-def profile_step(model: RWKV7, B: int, top: int, mma_rows: int = 0) -> None:
+def profile_step(model: RWKV7, B: int, top: int, tensor_cores: bool = True) -> None:
     """Print where the fused decode step's device time goes at B rows (each kernel's mean time per step over 20
     eager steps, which launch the same kernels as the CUDA graph `complete` replays)."""
     from torch.autograd import DeviceType
@@ -156,7 +156,7 @@ def profile_step(model: RWKV7, B: int, top: int, mma_rows: int = 0) -> None:
     device = model.device
     _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
     tok = torch.zeros(B, dtype=torch.long, device=device)
-    fast = FastStep(model, mma_rows=mma_rows)
+    fast = FastStep(model, tensor_cores=tensor_cores)
     for _ in range(3):
         fast(tok, state)
     sync(device)
@@ -166,7 +166,7 @@ def profile_step(model: RWKV7, B: int, top: int, mma_rows: int = 0) -> None:
         sync(device)
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels) / 20
-    tag = f", products in tiles of {fast.mma_rows} rows" if fast.mma_rows else ", CUDA-core products"
+    tag = ", tensor-core products" if fast.tensor_cores else ", CUDA-core products"
     print(f"# profile (fused step{tag}, {B} rows): device time per step {total / 1e3:.3f} ms")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
         print(f"#   {e.self_device_time_total / 20:9.1f} us/step  {e.count // 20:4d} launches/step  {e.key[:100]}")
@@ -174,14 +174,14 @@ def profile_step(model: RWKV7, B: int, top: int, mma_rows: int = 0) -> None:
 
 @torch.no_grad()
 def bench_step(model: RWKV7, B: int, steps: int, graph: bool, compiled: bool = False, fused: bool = False,
-               mma_rows: int = 0) -> float:
+               tensor_cores: bool = True) -> float:
     device = model.device
     _, state = model(torch.randint(0, model.cfg.vocab_size, (B, 16), device=device), return_state=True)
     tok = torch.zeros(B, dtype=torch.long, device=device)
     if compiled:
         torch._dynamo.reset()  # a fresh compile per shape (no cache-size limit, no dynamic-shape fallback)
     model_step = torch.compile(model.step, dynamic=False) if compiled else model.step
-    fast = FastStep(model, mma_rows=mma_rows) if fused else None
+    fast = FastStep(model, tensor_cores=tensor_cores) if fused else None
 
     def step():
         if fast is not None:
@@ -336,10 +336,9 @@ def main() -> None:
     ap.add_argument("--profile-prefill", action="store_true", help="Print where the prefill's time goes.")
     ap.add_argument("--profile-step", action="store_true",
                     help="Print where the fused decode step's time goes at each of --batches (CUDA).")
-    ap.add_argument("--mma-rows", type=int, nargs="*", default=[], choices=[8, 16],
+    ap.add_argument("--cuda-core-products", action="store_true",
                     help="CUDA, bf16, sm_80 or later: also time (and with --profile-step profile) the fused step "
-                         "with its matrix products on tensor cores, in tiles of 16 or 8 rows, beside the default "
-                         "CUDA-core form.")
+                         "with its matrix products on the CUDA cores, beside the default tensor-core form.")
     ap.add_argument("--prefill-wkv-configs", action="store_true",
                     help="CUDA: time the fused prefill with each built WKV forward configuration.")
     args = ap.parse_args()
@@ -352,9 +351,10 @@ def main() -> None:
     repeats = args.repeats or (20 if cuda else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.mma_rows and not (cuda and dtype == "bfloat16" and torch.cuda.get_device_capability(device)[0] >= 8):
-        ap.error("--mma-rows needs bfloat16 on a CUDA GPU of sm_80 or later (elsewhere the products stay on the CUDA "
-                 "cores)")
+    if args.cuda_core_products and not (cuda and dtype == "bfloat16"
+                                        and torch.cuda.get_device_capability(device)[0] >= 8):
+        ap.error("--cuda-core-products needs bfloat16 on a CUDA GPU of sm_80 or later (elsewhere the products are on "
+                 "the CUDA cores anyway)")
     env = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
            "torch": torch.__version__, "dtype": dtype, "wkv": os.environ.get("RWKV_MUSIC_WKV", "auto")}
     print("# " + ", ".join(f"{k}: {v}" for k, v in env.items()))
@@ -384,8 +384,8 @@ def main() -> None:
                 add(rows, {"impl": "ours", "shape": shape, "what": f"prefill {args.prefill[0]} (fused, wkv fwd {c})",
                            "batch": 1, "tokens": args.prefill[0], "ms": ms})
         for B in args.batches if cuda and args.profile_step else []:
-            for m in [0, *args.mma_rows]:
-                profile_step(model, B, 12, mma_rows=m)
+            for tensor_cores in [True, False] if args.cuda_core_products else [True]:
+                profile_step(model, B, 12, tensor_cores=tensor_cores)
         for B in args.batches:
             # (graph, compiled, fused); the first CUDA row is what `complete` runs with no flags
             if cuda:
@@ -403,9 +403,9 @@ def main() -> None:
                              "ms": bench_step(model, B, steps, graph, compiled, fused)})
                 add(rows, {"impl": "ours", "shape": shape, "what": f"generate ({tag})", "batch": B,
                              "ms": bench_generate(model, B, steps, graph, compiled, fused)})
-            for m in args.mma_rows if cuda else []:
-                add(rows, {"impl": "ours", "shape": shape, "what": f"step (fused graph, {m}-row tiles)",
-                           "batch": B, "ms": bench_step(model, B, steps, True, fused=True, mma_rows=m)})
+            if cuda and args.cuda_core_products:
+                add(rows, {"impl": "ours", "shape": shape, "what": "step (fused graph, CUDA-core products)",
+                           "batch": B, "ms": bench_step(model, B, steps, True, fused=True, tensor_cores=False)})
         if not args.no_rwkv_pip:
             pip = bench_rwkv_pip(model, device, strategy, args.prefill[0], steps, repeats)
             if "error" in pip:

@@ -24,11 +24,10 @@
 #               small presets with --batch-tokens and --compile, and the small preset padded as before
 #   complete    bench/complete.py --check, ours beside the rwkv package (prefill eager and as a CUDA graph; decode
 #               with the fused step as `complete` runs it, and with the readable step), bf16
-#   complete32  bench/complete.py in float32 (`musictrain complete`'s default dtype), without the rwkv package
+#   complete32  bench/complete.py in float32 (`musictrain complete --dtype float32`; bf16 is the default on CUDA), without the rwkv package
 #   rows        bench/complete.py, bf16, vocabulary 470: the decode step at 1, 8, 16, 32 and 64 rows (16 candidates
 #               per sample are 16 rows), fused and readable, as CUDA graphs and eager, and the fused step with its
-#               products also on tensor cores, in tiles of ROWS_MMA [16 8] rows (empty: none); its kernels by time,
-#               each form
+#               products also on the CUDA cores instead of tensor cores; its kernels by time, both forms
 #   wkv         bench/wkv.py, ours (default configs, with and without resets every 137 positions) beside
 #               RWKV-LM's v3 kernels (the anchors' `kernels` mode) in the same step
 #   budget      bench/train_step.py --compile at activation memory budgets $BUDGETS [0.5 0.3] (B16 T2048)
@@ -99,7 +98,7 @@ declare -A command=(
     [anchors]="cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py model"
     [realfit]="PY=$PY bash bench/real_fit.sh .shards-music21 /tmp/realfit $results"
     [complete]="RWKV_CUDA_ON=1 $PY bench/complete.py --check --steps 300 --json $results/complete.json"
-    [rows]="$PY bench/complete.py --no-rwkv-pip --vocab 470 --batches 1 8 16 32 64 --prefill 128 --profile-step --mma-rows ${ROWS_MMA-16 8} --json $results/rows.json"
+    [rows]="$PY bench/complete.py --no-rwkv-pip --vocab 470 --batches 1 8 16 32 64 --prefill 128 --profile-step --cuda-core-products --json $results/rows.json"
     [complete32]="$PY bench/complete.py --dtype float32 --no-rwkv-pip --prefill 1024 --steps 300 --json $results/complete32.json"
     [proof]="TIME_BUDGET_S=240 PY=$PY bash bench/e2e_proof.sh /tmp/proof $results/proof"
     [wkv]="$PY bench/wkv.py --no-check --impl ours --configs --starts-every 137 --json $results/wkv.json; cd .anchors/rwkv-lm/train_temp && RWKV_JIT_ON=1 RWKV_KERNEL=@rwkv3 $PY ../../rwkvlm_bench.py kernels"

@@ -3,12 +3,12 @@
 At batch 1 the readable `RWKV7.step` is bound by kernel launches: its math is a few small matrix-vector
 products per layer, but each lerp, gate and norm is its own kernel. `FastStep` runs the same function with
 the weights packed once into the layout of `model/cuda/rnn_step_kernels.cu` (which lists the seven
-kernels): a copy of the weights in the model's dtype. It computes in fp32 throughout, so in bf16 or fp16 its
-logits stay about as close to a float32 run of the readable model as the readable model in that dtype does;
-`tests/gpu/test_fast_step.py` states the tolerances. With bf16 weights its matrix products can instead run on
-tensor cores, inputs rounded to bf16 as the readable model's are (`mma_rows`): `complete` decodes a sample's 16
-candidates as 16 rows, which on CUDA cores cost almost twice one row. That form is opt-in until its tests and
-timings have run on a GPU (docs/benchmarks.md, "the products on tensor cores").
+kernels): a copy of the weights in the model's dtype. Its residual stream, state and sums are fp32, so in bf16 or
+fp16 its logits stay about as close to a float32 run of the readable model as the readable model in that dtype does;
+`tests/gpu/test_fast_step.py` states the tolerances. With bf16 weights (what `complete` runs on CUDA) on sm_80 or
+later its matrix products run on tensor cores, inputs rounded to bf16 as the readable model's are: `complete`
+decodes a sample's 16 candidates as 16 rows, which on the CUDA cores cost twice one row (docs/benchmarks.md,
+"the products on tensor cores").
 
 `FastStep.prefill` runs the parallel forward over a prompt from the same pack, as 13 launches per layer
 (`model/cuda/prefill_kernels.cu`, cuBLAS products, the WKV forward kernel) where the readable forward issues
@@ -73,16 +73,15 @@ class FastStep:
             object.__setattr__(model, cls._CACHE_ATTR, cached)  # a plain attribute, not a submodule or buffer
         return cached[1]
 
-    def __init__(self, model, mma_rows: int = 0) -> None:
-        """`mma_rows`: 16 or 8, bf16 weights' products on tensor cores in tiles of that many output rows; 0 (the
-        default, GPU-tested), on CUDA cores with fp32 inputs. Other dtypes, and GPUs before sm_80, always use the
-        CUDA cores."""
+    def __init__(self, model, tensor_cores: bool = True) -> None:
+        """`tensor_cores`: bf16 weights' products on tensor cores (bf16 inputs, fp32 sums); False keeps them on the
+        CUDA cores with fp32 inputs (for comparisons). Other dtypes, and GPUs before sm_80, always use the CUDA
+        cores; `self.tensor_cores` says which runs."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise RuntimeError(reason)
-        if not isinstance(mma_rows, int) or mma_rows not in (0, 8, 16):
-            raise ValueError(f"mma_rows must be 0, 8 or 16, got {mma_rows}")
-        self.mma_rows = mma_rows if torch.cuda.get_device_capability(model.device)[0] >= 8 else 0
+        self.tensor_cores = (bool(tensor_cores) and model.emb.weight.dtype == torch.bfloat16
+                             and torch.cuda.get_device_capability(model.device)[0] >= 8)
         self.device = model.device  # the extension is looked up per call: a module object would not deepcopy
         self.dtype = model.emb.weight.dtype
         self.n_layer = model.cfg.n_layer
@@ -142,7 +141,7 @@ class FastStep:
                              f"{state.n_layer} layers in {state.att_x.dtype}")
         return self._ext.rnn_step(tokens.contiguous(), self.emb, self.head, self.glob, self.vec, self.proj, self.up,
                                   self.out, self.ffn_k, self.ffn_v, state.att_x, state.wkv, state.ffn_x, self.lora,
-                                  self.mma_rows)
+                                  self.tensor_cores)
 
     def zero_state(self, batch_size: int) -> RWKV7State:
         """The state before any token, in the layout `__call__` and `prefill` update in place."""

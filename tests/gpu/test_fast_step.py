@@ -74,16 +74,18 @@ def test_half_precision_as_close_as_the_readable_step(fast_step_mod, dtype) -> N
 
 
 @needs_sm80
-@pytest.mark.parametrize("mma_rows", [16, 8])
-def test_bf16_base_shape_as_close_as_the_readable_step(fast_step_mod, mma_rows) -> None:
-    """The base preset's shape in bf16 on tensor cores: several chunks of columns per warp (K = 768 and 3072)."""
+def test_bf16_base_shape_as_close_as_the_readable_step(fast_step_mod) -> None:
+    """The base preset's shape in bf16 on tensor cores (the default there): several chunks of columns per warp (K =
+    768 and 3072)."""
     ref = fast_model(seed=2, n_layer=12, n_embd=768, vocab=640)
     prompt = torch.randint(0, 640, (16, 9), device="cuda")
     tokens = torch.randint(0, 640, (16, 4), device="cuda")
     want, _ = _run(ref, ref.step, prompt, tokens)
     low = copy.deepcopy(ref).to(torch.bfloat16)
     readable, _ = _run(low, low.step, prompt, tokens)
-    fused, _ = _run(low, _fast_fn(fast_step_mod.FastStep(low, mma_rows=mma_rows)), prompt, tokens)
+    fast = fast_step_mod.FastStep(low)
+    assert fast.tensor_cores
+    fused, _ = _run(low, _fast_fn(fast), prompt, tokens)
     e_readable, e_fused = rel(readable, want), rel(fused, want)
     assert e_fused < 3e-2
     assert e_fused <= 1.5 * e_readable, (e_fused, e_readable)
@@ -114,16 +116,16 @@ def test_odd_lora_ranks(fast_step_mod, B) -> None:
     assert state_err(got_state, want_state) < TOL_F32
 
 
-@pytest.mark.parametrize("dtype, mma_rows", [(torch.float32, 0), (torch.bfloat16, 16), (torch.bfloat16, 8),
-                                             (torch.bfloat16, 0)])
-def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(fast_step_mod, dtype, mma_rows) -> None:
+@pytest.mark.parametrize("dtype, tensor_cores", [(torch.float32, False), (torch.bfloat16, True),
+                                                  (torch.bfloat16, False)])
+def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(fast_step_mod, dtype, tensor_cores) -> None:
     """`complete` decodes a sample's candidates, and several samples, as rows of one batch (sample k's candidate c
     at row c * samples + k), and the projections take sequences in groups whose size depends on the batch size (on
-    CUDA cores 1, 2, 4 or 8; on tensor cores 1 to 8 tiles of 8, or 1 to 4 of 16, 64 rows a pass): a row must come
+    CUDA cores 1, 2, 4 or 8; on tensor cores 1 to 8 tiles of 8, 64 rows a pass): a row must come
     out with the same bits at every batch size and in every slot, or a sample would depend on how many were asked
     for. 72 rows: two passes."""
     model = fast_model(seed=8, d_decay_lora=30, d_aaa_lora=18, d_mv_lora=14, d_gate_lora=31).to(dtype)
-    fast = fast_step_mod.FastStep(model, mma_rows=mma_rows)
+    fast = fast_step_mod.FastStep(model, tensor_cores=tensor_cores)
     g = torch.Generator(device="cuda").manual_seed(8)
     prompt = torch.randint(0, 470, (72, 9), device="cuda", generator=g)
     tokens = torch.randint(0, 470, (72, 3), device="cuda", generator=g)
@@ -147,9 +149,8 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(fast_step_mod, dtype,
 
 
 @needs_sm80
-@pytest.mark.parametrize("mma_rows", [16, 8])
 @pytest.mark.parametrize("B", [1, 9, 70])
-def test_bf16_tensor_core_products_match_the_cuda_core_ones(fast_step_mod, B, mma_rows) -> None:
+def test_bf16_tensor_core_products_match_the_cuda_core_ones(fast_step_mod, B) -> None:
     """bf16 weights: the tensor-core products (inputs rounded to bf16) against the CUDA-core ones (fp32 inputs), with
     LoRA ranks, a vocabulary and a dim_ffn (8 mod 32: a partial chunk of columns) that leave partial tiles, and 70
     rows (two passes of 64)."""
@@ -157,8 +158,8 @@ def test_bf16_tensor_core_products_match_the_cuda_core_ones(fast_step_mod, B, mm
                        d_gate_lora=31).to(torch.bfloat16)
     prompt = torch.randint(0, 477, (B, 7), device="cuda")
     tokens = torch.randint(0, 477, (B, 4), device="cuda")
-    cores, cores_state = _run(model, _fast_fn(fast_step_mod.FastStep(model, mma_rows=0)), prompt, tokens)
-    tensor, tensor_state = _run(model, _fast_fn(fast_step_mod.FastStep(model, mma_rows=mma_rows)), prompt, tokens)
+    cores, cores_state = _run(model, _fast_fn(fast_step_mod.FastStep(model, tensor_cores=False)), prompt, tokens)
+    tensor, tensor_state = _run(model, _fast_fn(fast_step_mod.FastStep(model)), prompt, tokens)
     assert not torch.equal(tensor, cores)  # the two paths did run
     assert rel(tensor, cores) < 1e-2
     assert state_err(tensor_state, cores_state) < 1e-2

@@ -38,7 +38,7 @@ struct StepArgs {
   void* ffn_x = nullptr;
   float* work = nullptr;  // workspace_floats(B, C, F, P) floats
   float* logits = nullptr;  // [B, V] fp32
-  int mma_rows = 0;  // bf16 weights: the products on tensor cores in tiles of 16 or 8 rows (0: CUDA cores)
+  bool tensor_cores = false;  // bf16 weights, sm_80+: the products on tensor cores (else on CUDA cores)
 };
 
 // x[s] = ln0(emb[tokens[s]]) (fp32 [rows, C]) for `rows` tokens; a token outside [0, V) gives a NaN row. The

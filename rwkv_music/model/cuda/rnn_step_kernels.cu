@@ -12,9 +12,9 @@
 //   ln_mix    LayerNorm + the channel-mix lerp
 //   gemv x2   channel-mix key (relu^2) and value (added to the residual stream)
 // Weights are read in the model dtype; the residual stream and every intermediate are fp32, the WKV state too.
-// For bf16 weights the products can run on tensor cores (`gemv_mma`, `gemv_mma8`; StepArgs::mma_rows), their inputs
-// rounded to bf16 as the readable model's are: a sample's 16 candidates decode as 16 rows, and on CUDA cores the
-// input loads grow with the rows.
+// For bf16 weights on sm_80 and later the products run on tensor cores (`gemv_mma`; StepArgs::tensor_cores), their
+// inputs rounded to bf16 as the readable model's are: a sample's 16 candidates decode as 16 rows, and the CUDA-core
+// gemv's time grows with the rows (at 16 rows on an H100 the step took 0.71 ms on tensor cores, 1.34 on CUDA cores).
 // The math is `rwkv_music/model/rwkv7.py` (TimeMix, ChannelMix, Block) at T = 1.
 
 #include <cuda_bf16.h>
@@ -103,8 +103,8 @@ __global__ void __launch_bounds__(THREADS) ln_mix(const float* __restrict__ resi
   }
 }
 
-// Rows [end[i-1], end[i]) of a matrix read input vector in[i] (up to 8 segments). gemv_mma and gemv_mma8 take each
-// segment in tiles of 16 or 8 rows; tiles[i] is the number of tiles up to and including segment i.
+// Rows [end[i-1], end[i]) of a matrix read input vector in[i] (up to 8 segments). gemv_mma takes each segment in
+// tiles of 16 rows; tiles[i] is the number of tiles up to and including segment i.
 struct Segs {
   int n = 1;
   int end[8] = {};
@@ -185,23 +185,23 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #else
-  __trap();  // never launched: below sm_80 the op and FastStep set mma_rows = 0
+  __trap();  // never launched: below sm_80 the op keeps the products on the CUDA cores
 #endif
 }
 
-// The output rows [o0, lim) of block blockIdx.x, in tiles of `rows` within the segments, and the input they read.
+// The output rows [o0, lim) of block blockIdx.x, in tiles of TILE within the segments, and the input they read.
 struct RowTile {
   int o0, lim, in;
 };
-__device__ __forceinline__ RowTile row_tile(const Segs& segs, int rows) {
+__device__ __forceinline__ RowTile row_tile(const Segs& segs) {
   int sg = 0;
   while (sg + 1 < segs.n && (int)blockIdx.x >= segs.tiles[sg]) ++sg;
   const int first = sg ? segs.end[sg - 1] : 0, tile0 = sg ? segs.tiles[sg - 1] : 0;
-  return {first + ((int)blockIdx.x - tile0) * rows, segs.end[sg], segs.in[sg]};
+  return {first + ((int)blockIdx.x - tile0) * TILE, segs.end[sg], segs.in[sg]};
 }
 
-// After a pass of the tensor-core kernels: each (row, sequence) of the block's tile is the sum of the warps' parts
-// part[w][r][s], added in warp order, then stored through the epilogue.
+// After a pass of gemv_mma: each (row, sequence) of the block's tile is the sum of the warps' parts part[w][r][s],
+// added in warp order, then stored through the epilogue.
 template <int R, int S>
 __device__ __forceinline__ void add_parts(const float (&part)[WARPS][R][S], int o0, int lim, int b0, int B, float* Y,
                                           int P, int epi) {
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(THREADS) gemv_mma(const float* __restrict__ X,
   __shared__ float part[WARPS][TILE][NT * 8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;  // the fragment's row (and sequence) group and column pair
-  const RowTile tile = row_tile(segs, TILE);
+  const RowTile tile = row_tile(segs);
   const int o0 = tile.o0, lim = tile.lim;
   const float* x = X + tile.in * in_stride;
   const bool row_lo = o0 + g < lim, row_hi = o0 + g + 8 < lim;
@@ -268,59 +268,6 @@ __global__ void __launch_bounds__(THREADS) gemv_mma(const float* __restrict__ X,
       part[warp][g][j * 8 + 2 * t + 1] = acc[j][1];
       part[warp][g + 8][j * 8 + 2 * t] = acc[j][2];
       part[warp][g + 8][j * 8 + 2 * t + 1] = acc[j][3];
-    }
-    add_parts(part, o0, lim, b0, B, Y, P, epi);
-  }
-}
-
-// The same product with the operands' roles swapped: the inputs are the tensor-core product's 16 rows (16 sequences
-// a tile) and the weights its 8 columns, so a block takes 8 output rows (twice gemv_mma's grid, for the products of
-// 768 rows at one sequence). Same k permutation, same sums in warp order; both read each weight once per pass.
-template <int NT>  // 16-sequence tiles per pass
-__global__ void __launch_bounds__(THREADS) gemv_mma8(const float* __restrict__ X, int64_t in_stride, Segs segs,
-                                                     const __nv_bfloat16* __restrict__ W, float* __restrict__ Y, int P,
-                                                     int K, int B, int epi) {
-  constexpr int ROWS = TILE / 2;
-  __shared__ float part[WARPS][ROWS][NT * 16];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const RowTile tile = row_tile(segs, ROWS);
-  const int o0 = tile.o0, lim = tile.lim;
-  const float* x = X + tile.in * in_stride;
-  const bool row_ok = o0 + g < lim;
-  const __nv_bfloat16* wr = W + (int64_t)(o0 + g) * K + 8 * t;
-  const int chunks = (K + 31) / 32;
-  for (int b0 = 0; b0 < B; b0 += NT * 16) {
-    float acc[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-#pragma unroll 4
-    for (int c = warp; c < chunks; c += WARPS) {
-      const int k = c * 32 + 8 * t;
-      uint4 w = make_uint4(0, 0, 0, 0);  // row g, columns k .. k + 7
-      if (k < K && row_ok) w = __ldg(reinterpret_cast<const uint4*>(wr + c * 32));
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int s = b0 + j * 16 + g;  // sequences s and s + 8
-        float4 l0 = make_float4(0.f, 0.f, 0.f, 0.f), l1 = l0, h0 = l0, h1 = l0;
-        if (k < K && s < B) {
-          const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)s * K + k);
-          l0 = xp[0], l1 = xp[1];
-        }
-        if (k < K && s + 8 < B) {
-          const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)(s + 8) * K + k);
-          h0 = xp[0], h1 = xp[1];
-        }
-        mma16816(acc[j], bf16x2(l0.x, l0.y), bf16x2(h0.x, h0.y), bf16x2(l0.z, l0.w), bf16x2(h0.z, h0.w), w.x, w.y);
-        mma16816(acc[j], bf16x2(l1.x, l1.y), bf16x2(h1.x, h1.y), bf16x2(l1.z, l1.w), bf16x2(h1.z, h1.w), w.z, w.w);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {  // accumulator i: sequence j * 16 + g + 8 (i / 2), row 2 t + i % 2
-      part[warp][2 * t][j * 16 + g] = acc[j][0];
-      part[warp][2 * t + 1][j * 16 + g] = acc[j][1];
-      part[warp][2 * t][j * 16 + g + 8] = acc[j][2];
-      part[warp][2 * t + 1][j * 16 + g + 8] = acc[j][3];
     }
     add_parts(part, o0, lim, b0, B, Y, P, epi);
   }
@@ -441,21 +388,11 @@ Segs one_segment(int rows) {
 }
 
 void launch_gemv_mma(const float* X, int64_t in_stride, Segs sg, const __nv_bfloat16* W, float* Y, int P, int K,
-                     int B, Epilogue epi, int rows, cudaStream_t st) {
+                     int B, Epilogue epi, cudaStream_t st) {
   int tiles = 0;
   for (int i = 0; i < sg.n; ++i) {
-    tiles += (sg.end[i] - (i ? sg.end[i - 1] : 0) + rows - 1) / rows;
+    tiles += (sg.end[i] - (i ? sg.end[i - 1] : 0) + TILE - 1) / TILE;
     sg.tiles[i] = tiles;
-  }
-  if (rows == TILE / 2) {
-    if (B <= 16) {
-      gemv_mma8<1><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
-    } else if (B <= 32) {
-      gemv_mma8<2><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
-    } else {
-      gemv_mma8<MMA_SEQS / 16><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
-    }
-    return;
   }
   if (B <= 8) {
     gemv_mma<1><<<tiles, THREADS, 0, st>>>(X, in_stride, sg, W, Y, P, K, B, epi);
@@ -468,14 +405,14 @@ void launch_gemv_mma(const float* X, int64_t in_stride, Segs sg, const __nv_bflo
   }
 }
 
-// mma_rows (16: gemv_mma, 8: gemv_mma8, 0: CUDA cores): bf16 weights only (fp16 keeps fp32 inputs: relu^2 of the
-// channel mix can pass fp16's range).
+// tensor_cores: gemv_mma, for bf16 weights only (fp16 keeps fp32 inputs: relu^2 of the channel mix can pass fp16's
+// range); else the CUDA-core gemv.
 template <typename T>
 void launch_gemv(const float* X, int64_t in_stride, const Segs& sg, const T* W, float* Y, int P, int K, int B,
-                 Epilogue epi, int mma_rows, cudaStream_t st) {
+                 Epilogue epi, bool tensor_cores, cudaStream_t st) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if (mma_rows == TILE || mma_rows == TILE / 2) {
-      launch_gemv_mma(X, in_stride, sg, W, Y, P, K, B, epi, mma_rows, st);
+    if (tensor_cores) {
+      launch_gemv_mma(X, in_stride, sg, W, Y, P, K, B, epi, st);
       return;
     }
   }
@@ -529,21 +466,21 @@ cudaError_t step_t(const StepArgs& a, cudaStream_t st) {
 
     ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, vec + LN1_W * C, vec + LN1_B * C, att_x, vec + X_R * C, 6,
                                             mix, B, C);
-    launch_gemv<T>(mix, BC, seg7, proj_w, proj, P, C, B, STORE, a.mma_rows, st);
+    launch_gemv<T>(mix, BC, seg7, proj_w, proj, P, C, B, STORE, a.tensor_cores, st);
     HeadArgs h;
     h.proj = proj, h.P = P, h.C = C, h.H = H, h.dw = a.dw, h.da = a.da, h.dv = a.dv, h.dg = a.dg;
     h.vec = vec, h.vfirst = vfirst, h.state = a.wkv + (int64_t)l * B * H * N * N, h.out = att;
     h.first_layer = l == 0;
     wkv_head<T><<<dim3(H, B), THREADS, R * sizeof(float), st>>>(h, up_w);
-    launch_gemv<T>(att, 0, one_segment(C), out_w, resid, C, C, B, ADD, a.mma_rows, st);
+    launch_gemv<T>(att, 0, one_segment(C), out_w, resid, C, C, B, ADD, a.tensor_cores, st);
     ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, vec + LN2_W * C, vec + LN2_B * C, ffn_x, vec + FFN_XK * C, 1,
                                             mix, B, C);
-    launch_gemv<T>(mix, 0, one_segment(F), key_w, hid, F, C, B, RELU_SQ, a.mma_rows, st);
-    launch_gemv<T>(hid, 0, one_segment(C), val_w, resid, C, F, B, ADD, a.mma_rows, st);
+    launch_gemv<T>(mix, 0, one_segment(F), key_w, hid, F, C, B, RELU_SQ, a.tensor_cores, st);
+    launch_gemv<T>(hid, 0, one_segment(C), val_w, resid, C, F, B, ADD, a.tensor_cores, st);
   }
   ln_mix<T><<<B, THREADS, row_smem, st>>>(resid, a.glob + LNO_W * C, a.glob + LNO_B * C, static_cast<T*>(nullptr),
                                           nullptr, 1, mix, B, C);
-  launch_gemv<T>(mix, 0, one_segment(a.V), static_cast<const T*>(a.head), a.logits, a.V, C, B, STORE, a.mma_rows, st);
+  launch_gemv<T>(mix, 0, one_segment(a.V), static_cast<const T*>(a.head), a.logits, a.V, C, B, STORE, a.tensor_cores, st);
   return cudaGetLastError();
 }
 

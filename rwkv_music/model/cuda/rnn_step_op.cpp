@@ -59,12 +59,12 @@ void check_pack(const at::Tensor& emb, const at::Tensor& head, const at::Tensor&
 }
 
 // One token per sequence through the whole model; updates att_x, wkv, ffn_x in place, returns fp32 logits [B, V].
-// lora = (dw, da, dv, dg), the LoRA ranks. mma_rows: bf16 weights' products on tensor cores in tiles of 16 or 8
-// output rows (0: CUDA cores, as below sm_80 whatever is asked).
+// lora = (dw, da, dv, dg), the LoRA ranks. tensor_cores: bf16 weights' products on tensor cores (below sm_80, and for
+// other dtypes, they stay on the CUDA cores whatever is asked).
 at::Tensor rnn_step_forward(at::Tensor tokens, at::Tensor emb, at::Tensor head, at::Tensor glob, at::Tensor vec,
                             at::Tensor proj, at::Tensor up, at::Tensor out, at::Tensor ffn_k, at::Tensor ffn_v,
                             at::Tensor att_x, at::Tensor wkv, at::Tensor ffn_x, std::vector<int64_t> lora,
-                            int64_t mma_rows) {
+                            bool tensor_cores) {
   TORCH_CHECK(lora.size() == 4, "rnn_step: lora must hold the four LoRA ranks");
   TORCH_CHECK(emb.dim() == 2 && vec.dim() == 3 && ffn_k.dim() == 3 && att_x.dim() == 3, "rnn_step: bad ranks");
   const int64_t V = emb.size(0), C = emb.size(1), L = vec.size(0), F = ffn_k.size(1), B = tokens.size(0);
@@ -91,13 +91,12 @@ at::Tensor rnn_step_forward(at::Tensor tokens, at::Tensor emb, at::Tensor head, 
   a.ffn_k = ffn_k.data_ptr(), a.ffn_v = ffn_v.data_ptr();
   a.att_x = att_x.data_ptr(), a.wkv = wkv.data_ptr<float>(), a.ffn_x = ffn_x.data_ptr();
   a.work = work.data_ptr<float>(), a.logits = logits.data_ptr<float>();
-  TORCH_CHECK(mma_rows == 0 || mma_rows == 8 || mma_rows == 16, "rnn_step: mma_rows must be 0, 8 or 16");
   // below sm_80 the kernels hold no mma instruction (they would trap): the CUDA-core products there
   int dev = 0, major = 0;
   TORCH_CHECK(cudaGetDevice(&dev) == cudaSuccess &&
                   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess,
               "rnn_step: could not read the device's compute capability");
-  a.mma_rows = major >= 8 ? (int)mma_rows : 0;
+  a.tensor_cores = tensor_cores && major >= 8;
   const cudaError_t e = rnn_step::step(dtype_of(emb), a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(e == cudaSuccess, "rnn_step kernel launch failed: ", cudaGetErrorString(e));
   return logits;
