@@ -326,12 +326,17 @@ class BatchedGrammar:
         self.tok_ok = t(grammar.next_class[:, grammar.cls])  # [S, V]
         self.cost_of_tok = t(grammar.close_cost[grammar.cls])  # [V]: tokens needed after it before a Bar
         self.arange = torch.arange(grammar.vocab_size, device=dev)
-        self.is_pos = self.cls == POSITION
-        self.is_rest = self.cls == REST
-        self.is_ts = self.cls == TIMESIG
-        self.is_pedal = self.cls == PEDAL
-        self.is_pedaloff = self.cls == PEDALOFF
+        # Per-token constants of the step's mask, made once: a decode step is ~100 tiny kernels, so every one spared
+        # counts (each is a few microseconds of a CUDA graph replay).
+        self.not_pos, self.not_rest, self.not_ts = self.cls != POSITION, self.cls != REST, self.cls != TIMESIG
         self.is_bar = self.cls == BAR
+        self.bar_long = self.is_bar.long()
+        self.is_pad = self.cls == PAD
+        pedal_ok = torch.ones(3, grammar.vocab_size, dtype=torch.bool, device=dev)  # [pedal state, V]
+        pedal_ok[PEDAL_ON] = self.cls != PEDAL  # no second PedalOn while down, no PedalOff while up
+        pedal_ok[PEDAL_OFF] = self.cls != PEDALOFF
+        self.pedal_ok = pedal_ok
+        self.cost_m1 = self.cost_of_tok - 1
         self.done = torch.zeros(batch_size, dtype=torch.bool, device=dev)
         self.start = start
         for name in self.FIELDS:
@@ -349,69 +354,61 @@ class BatchedGrammar:
 
     def allowed(self) -> torch.Tensor:
         """[B, V] bool: tokens each sample may emit now."""
-        ok = self.tok_ok[self.state]
+        ok = self.tok_ok[self.state] & self.pedal_ok[self.pedal]
         tpp = (self.tpb // self.g.pos_per_beat)[:, None]
         pos_tick = self.pos_idx[None, :] * tpp
         pos_fit = (self.bar_start[:, None] + pos_tick >= self.cur_min[:, None]) & (pos_tick < self.bar_len[:, None])
-        ok = ok & (~self.is_pos | pos_fit)
+        ok &= self.not_pos | pos_fit
         rest_end = torch.maximum(self.note_end, self.cur)[:, None] + self.rest_units[None, :] * self.tpb[:, None] \
             // self.g.unit
-        ok = ok & (~self.is_rest | (rest_end < (self.bar_start + self.bar_len)[:, None]))
-        ok = ok & (~self.is_ts | (self.arange[None, :] == self.meter[:, None]))
-        ok = ok & ~(self.is_pedal[None, :] & (self.pedal == PEDAL_ON)[:, None])
-        ok = ok & ~(self.is_pedaloff[None, :] & (self.pedal == PEDAL_OFF)[:, None])
+        ok &= self.not_rest | (rest_end < (self.bar_start + self.bar_len)[:, None])
+        ok &= self.not_ts | (self.arange[None, :] == self.meter[:, None])
         # The first token of a continuation opens a new bar.
-        ok = ok & ((self.tokens > 0)[:, None] | self.is_bar[None, :])
+        ok &= (self.tokens > 0)[:, None] | self.is_bar[None, :]
         # Budget: a token is allowed only if the shortest way to the end still fits after it. Each bar still to
         # open costs Bar + TimeSig, the final Bar (which ends the sample) one token.
-        need_after = (self.target + 1 - self.bars)[:, None] - self.is_bar.long()[None, :]
-        finish_after = torch.where(need_after > 0, self.cost_of_tok[None, :] + 2 * need_after - 1, 0)
-        ok = ok & (finish_after <= (self.budget - self.tokens - 1)[:, None])
-        ok = ok | (self.done[:, None] & (self.cls == PAD)[None, :])
+        need_after = (self.target + 1 - self.bars)[:, None] - self.bar_long[None, :]
+        finish_after = torch.where(need_after > 0, self.cost_m1[None, :] + 2 * need_after, 0)
+        ok &= finish_after <= (self.budget - 1 - self.tokens)[:, None]
+        ok |= self.done[:, None] & self.is_pad[None, :]
         return ok
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """Disallowed tokens to -inf (returns a new tensor)."""
-        return logits.masked_fill(~self.allowed(), float("-inf"))
+        return torch.where(self.allowed(), logits, float("-inf"))
 
     def update(self, tok: torch.Tensor) -> None:
-        """Advance every sample by its sampled token (finished samples stay finished)."""
+        """Advance every sample by its sampled token (finished samples stay finished). In place: the tensors keep
+        their storage, so a CUDA graph can capture the step, and no copy kernels follow it."""
         tok = tok.to(torch.long)
         c = self.cls[tok]
         live = ~self.done
         is_bar = (c == BAR) & live
-        new_bar_start = self.bar_start + self.bar_len
-        self.bar_start = torch.where(is_bar, new_bar_start, self.bar_start)
-        self.bars = self.bars + is_bar.long()
-        finished = is_bar & (self.bars > self.target)
         pos = (c == POSITION) & live
-        pos_cur = self.bar_start + self.pos_idx[tok] * (self.tpb // self.g.pos_per_beat)
         rest = (c == REST) & live
+        # the old tpb, note_end and cur, before they are overwritten below
+        pos_cur = self.pos_idx[tok] * (self.tpb // self.g.pos_per_beat)
         rest_cur = torch.maximum(self.note_end, self.cur) + self.rest_units[tok] * self.tpb // self.g.unit
+        self.bar_start.add_(self.bar_len * is_bar)  # a Bar starts the next bar where this one ends
+        self.bars.add_(is_bar)
+        pos_cur += self.bar_start
         cur = torch.where(is_bar, self.bar_start, self.cur)
         cur = torch.where(pos, pos_cur, cur)
-        cur = torch.where(rest, rest_cur, cur)
-        self.cur_min = torch.where(is_bar | rest, cur, torch.where(pos, cur + 1, self.cur_min))
+        torch.where(rest, rest_cur, cur, out=self.cur)
+        cur = self.cur
+        torch.where(is_bar | rest, cur, torch.where(pos, cur + 1, self.cur_min), out=self.cur_min)
         dur = (c == DURATION) & live
-        self.note_end = torch.where(dur, torch.maximum(self.note_end, cur + self.dur_units[tok] * self.tpb
-                                                       // self.g.unit), self.note_end)
+        torch.where(dur, torch.maximum(self.note_end, cur + self.dur_units[tok] * self.tpb // self.g.unit),
+                    self.note_end, out=self.note_end)
         tempo = (c == TEMPO) & live
-        self.note_end = torch.where(tempo, torch.maximum(self.note_end, cur), self.note_end)
-        self.cur = cur
+        torch.where(tempo, torch.maximum(self.note_end, cur), self.note_end, out=self.note_end)
         ts = (c == TIMESIG) & live
-        self.bar_len = torch.where(ts, self.ts_bar[tok], self.bar_len)
-        self.tpb = torch.where(ts, self.ts_tpb[tok], self.tpb)
-        self.meter = torch.where(ts, tok, self.meter)
-        self.pedal = torch.where((c == PEDAL) & live, PEDAL_ON, self.pedal)
-        self.pedal = torch.where((c == PEDALOFF) & live, PEDAL_OFF, self.pedal)
-        self.tokens = self.tokens + live.long()
-        self.done = self.done | finished
-        self.state = torch.where(self.done, S_DONE, torch.where(live, c, self.state))
-
-    def update_(self, tok: torch.Tensor) -> None:
-        """`update` writing into the existing tensors (CUDA graph capture needs fixed storage)."""
-        old = {name: getattr(self, name) for name in (*self.FIELDS, "done")}
-        self.update(tok)
-        for name, buf in old.items():
-            buf.copy_(getattr(self, name))
-            setattr(self, name, buf)
+        torch.where(ts, self.ts_bar[tok], self.bar_len, out=self.bar_len)
+        torch.where(ts, self.ts_tpb[tok], self.tpb, out=self.tpb)
+        torch.where(ts, tok, self.meter, out=self.meter)
+        self.pedal.masked_fill_((c == PEDAL) & live, PEDAL_ON)
+        self.pedal.masked_fill_((c == PEDALOFF) & live, PEDAL_OFF)
+        self.tokens.add_(live)
+        self.done |= is_bar & (self.bars > self.target)
+        torch.where(live, c, self.state, out=self.state)
+        self.state.masked_fill_(self.done, S_DONE)

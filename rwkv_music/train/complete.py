@@ -185,7 +185,7 @@ class _Decoder:
             self.logp.add_(torch.where(free, lp, 0.0))
             self.n.add_(free.float())
         self.out.index_put_((self.rows, self.t.expand_as(self.rows)), tok)
-        self.g.update_(tok)
+        self.g.update(tok)
         if self.fast is not None:  # updates self.state in place
             self.logits.copy_(self.fast(tok, self.state)[:, : self.V])
         else:

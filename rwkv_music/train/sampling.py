@@ -35,20 +35,25 @@ def sample(logits: Tensor, u: Tensor, cfg: SamplingConfig) -> Tensor:
     logits = logits.float()
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    # Each op is a kernel of the decode step's CUDA graph (a few microseconds each), so none is spent on a no-op.
+    probs = torch.softmax(logits if cfg.temperature == 1 else logits / cfg.temperature, dim=-1)
     p_sorted, order = probs.sort(dim=-1, descending=True, stable=True)
-    keep = torch.ones_like(p_sorted, dtype=torch.bool)
-    if cfg.top_k > 0:
-        keep[:, cfg.top_k:] = False
+    keep = None
     if cfg.top_p < 1.0:
         before = p_sorted.cumsum(dim=-1) - p_sorted  # mass of the more likely tokens; the first is always kept
-        keep &= before < cfg.top_p
+        keep = before < cfg.top_p
     if cfg.min_p > 0.0:  # the cut scales with the model's confidence, unlike top-p's fixed mass
-        keep &= p_sorted >= cfg.min_p * p_sorted[:, :1]
-    kept = p_sorted * keep
+        big = p_sorted >= cfg.min_p * p_sorted[:, :1]
+        keep = big if keep is None else keep & big
+    if cfg.top_k > 0:
+        if keep is None:
+            keep = torch.ones_like(p_sorted, dtype=torch.bool)
+        keep[:, cfg.top_k:] = False
+    kept = p_sorted if keep is None else p_sorted * keep
     cdf = kept.cumsum(dim=-1)
     threshold = u[:, None] * cdf[:, -1:]
     j = (cdf <= threshold).sum(dim=-1, keepdim=True)
-    last = (kept > 0).sum(dim=-1, keepdim=True) - 1  # rounding must never pick a token of zero probability
-    j = torch.minimum(j, last.clamp(min=0))
-    return order.gather(-1, j).squeeze(-1)
+    # Rounding must never pick a token of zero probability. The likeliest token always has some (at least 1 / V), so
+    # the last one kept is at index >= 0.
+    last = (kept > 0).sum(dim=-1, keepdim=True) - 1
+    return order.gather(-1, torch.minimum(j, last)).squeeze(-1)

@@ -154,7 +154,7 @@ def test_batched_allows_exactly_what_the_reference_allows(corpus_dir: Path, tok,
         logits[:, grammar.bar_id] += 3.0  # so that the walks end within the loop
         logits = logits.masked_fill(~torch.from_numpy(allowed), -1e9)
         tok_ = torch.distributions.Categorical(logits=logits).sample()
-        bg.update_(tok_)
+        bg.update(tok_)
         for b in range(B):
             if refs[b].state == S_DONE:
                 continue
@@ -190,7 +190,7 @@ def test_budget_forcing_ends_every_sample_in_time(corpus_dir: Path, tok, grammar
         t = torch.distributions.Categorical(logits=torch.randn(B, grammar.vocab_size, generator=gen)
                                             .masked_fill(~a, -1e9)).sample()
         out.append(t)
-        bg.update_(t)
+        bg.update(t)
     assert bool(bg.done.all()) and (bg.bars == bars + 1).all()
     seqs = torch.stack(out, 1).tolist()
     for s in seqs:
