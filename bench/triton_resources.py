@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=None,
                     help="Cap registers per thread (Triton's maxnreg): 128 at 8 warps lets two programs share an SM.")
     ap.add_argument("--kernels", nargs="+", default=None,
-                    help="Only these (fwd_walk bwd_walk prep bwd_chunk bwd_chunk_state bwd_chunk_keys).")
+                    help="Only these (fwd_walk bwd_walk prep bwd_chunk).")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     grads = {f"d{n}_ptr": BF for n in "rwkvab"}
@@ -76,13 +76,6 @@ def main() -> None:
                     "bwd_chunk": (kern._bwd_chunk, {**SEQ, "st_ptr": "*u8", "S_ptr": F32, "dSn_ptr": F32, "dy_ptr": BF,
                                                  **grads, "T": "i32", "NC": "i32", "H": "i32"}, {**c, "HAS_ST": True}),
                 }
-                kernels["bwd_chunk_state"] = (kern._bwd_chunk_state, {**SEQ, "st_ptr": "*u8", "S_ptr": F32,
-                                                                     "dSn_ptr": F32, "dy_ptr": BF, "X_ptr": F32,
-                                                                     "T": "i32", "NC": "i32", "H": "i32"},
-                                              {**c, "HAS_ST": True})
-                kernels["bwd_chunk_keys"] = (kern._bwd_chunk_keys, {**SEQ, "st_ptr": "*u8", "X_ptr": F32, **grads,
-                                                                   "T": "i32", "NC": "i32", "H": "i32"},
-                                             {**c, "HAS_ST": True})
                 kernels = {k: v for k, v in kernels.items() if not args.kernels or k in args.kernels}
                 row = " | ".join(f"{name} {usage(fn, sig, ce, warps, args.maxnreg)}"
                                  for name, (fn, sig, ce) in kernels.items())

@@ -205,22 +205,16 @@ def wkv_bwd_3pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16
 
 
 def wkv_bwd_1pass(r, w, k, v, a, b, S, dy, dsT=None, state=None, chunk: int = 16, bv: int = 16,
-                  precision: str = "ieee", starts=None, chunk_warps: int = 8, split: bool = False):
+                  precision: str = "ieee", starts=None, chunk_warps: int = 8):
     """Gradients as in `wkv_bwd_3pass`, for `wkv_fwd_1pass(..., save=True)`: the reverse walk (the chunk algebra made
-    again in registers, no R' or A buffers), then the per-chunk gradients (in two kernels if `split`); the
-    package's launch."""
+    again in registers, no R' or A buffers), then the per-chunk gradients; the package's launch."""
     xs = [x.contiguous() for x in (r, w, k, v, a, b)]
     return walk_backward(*xs, S, dy.contiguous(), None if dsT is None else dsT.float().contiguous(), starts, bv,
-                         precision, chunk=chunk, chunk_warps=chunk_warps, split=split)
+                         precision, chunk=chunk, chunk_warps=chunk_warps)
 
 
-def wkv_bwd_1pass_split(*args, **kwargs):
-    """`wkv_bwd_1pass` with the per-chunk gradients in two kernels (`_bwd_chunk_state`, `_bwd_chunk_keys`)."""
-    return wkv_bwd_1pass(*args, **kwargs, split=True)
-
-
-IMPLS = {"1pass": wkv_fwd_1pass, "3pass": wkv_fwd_3pass, "1split": wkv_fwd_1pass}
-BWD = {"1pass": wkv_bwd_1pass, "3pass": wkv_bwd_3pass, "1split": wkv_bwd_1pass_split}
+IMPLS = {"1pass": wkv_fwd_1pass, "3pass": wkv_fwd_3pass}
+BWD = {"1pass": wkv_bwd_1pass, "3pass": wkv_bwd_3pass}
 
 
 def _inputs(B, T, H, dtype, device, seed, w_scale=3.0):
@@ -470,8 +464,7 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=["1pass", "3pass"], choices=list(IMPLS),
                     help="1pass: one program per head and row tile walks the chunks (forward and the backward's "
                          "scan); 3pass: the state-free terms of all chunks at once, a scan of one product per chunk, "
-                         "all outputs at once; 1split (only if named): 1pass with the backward's per-chunk gradients "
-                         "in two kernels.")
+                         "all outputs at once.")
     args = ap.parse_args()
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
     ok = True

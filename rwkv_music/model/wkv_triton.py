@@ -128,12 +128,10 @@ def walk_forward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
 
 def walk_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor, dy: Tensor,
                   dsT: Tensor | None, starts: Tensor | None, bv: int, prec: str,
-                  chunk: int = CHUNK, chunk_warps: int = 8, split: bool = False) -> tuple[Tensor, ...]:
+                  chunk: int = CHUNK, chunk_warps: int = 8) -> tuple[Tensor, ...]:
     """Launch the reverse walk, then the per-chunk gradients, for `walk_forward(..., save=True)`'s S: the gradients
     of r, w, k, v, a, b (input dtype) and of the initial state (fp32). dy contiguous; dsT fp32 or None. Benchmarks
-    set the rest: `chunk`, `chunk_warps` (the per-chunk kernels' warps) and `split` (the per-chunk gradients in two
-    kernels, `_bwd_chunk_state` then `_bwd_chunk_keys`, through a fp32 scratch of 6 L 64 + 2 L^2 + 64 floats per
-    chunk and head: 26 KiB at L = 16)."""
+    set the rest: `chunk` and `chunk_warps` (the per-chunk kernel's warps)."""
     B, T, H, N = r.shape
     nc = S.shape[1]
     kern = _kernels()
@@ -144,28 +142,23 @@ def walk_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     kern._bwd_walk[(B * H, N // bv)](
         r, w, k, a, b, st, dy, ds0 if dsT is None else dsT, dSn, ds0, T, nc, H, N=N, L=chunk, BV=bv, LOG2L=log2l,
         HAS_DST=dsT is not None, HAS_ST=starts is not None, PREC=prec, num_warps=walk_warps(bv))
-    grads = chunk_gradients(r, w, k, v, a, b, starts, st, S, dSn, dy, chunk, prec, chunk_warps, split)
+    grads = chunk_gradients(r, w, k, v, a, b, starts, st, S, dSn, dy, chunk, prec, chunk_warps)
     return (*grads, ds0)
 
 
 def chunk_gradients(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, starts: Tensor | None,
-                    st: Tensor, S: Tensor, dSn: Tensor, dy: Tensor, chunk: int, prec: str, chunk_warps: int = 8,
-                    split: bool = False) -> list[Tensor]:
+                    st: Tensor, S: Tensor, dSn: Tensor, dy: Tensor, chunk: int, prec: str,
+                    chunk_warps: int = 8) -> list[Tensor]:
     """Launch the per-chunk backward (one program per chunk and head) given each chunk's initial state S and its
     end state's gradient dSn [B*H, NC, 64, 64]: the gradients of r, w, k, v, a, b (input dtype). `st`: the resets as
-    `starts_u8` gave them. `chunk_warps` and `split` as in `walk_backward`."""
+    `starts_u8` gave them. `chunk_warps` as in `walk_backward`."""
     B, T, H, N = r.shape
     nc = S.shape[1]
     kern = _kernels()
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     common = dict(N=N, L=chunk, LOG2L=int(math.log2(chunk)), HAS_ST=starts is not None, PREC=prec,
                   num_warps=chunk_warps)
-    if split:
-        scratch = torch.empty(B * H * nc, 6 * chunk * N + 2 * chunk * chunk + N, device=r.device, dtype=torch.float32)
-        kern._bwd_chunk_state[(B * H * nc,)](r, w, k, v, a, b, st, S, dSn, dy, scratch, T, nc, H, **common)
-        kern._bwd_chunk_keys[(B * H * nc,)](r, w, k, v, a, b, st, scratch, *grads, T, nc, H, **common)
-    else:
-        kern._bwd_chunk[(B * H * nc,)](r, w, k, v, a, b, st, S, dSn, dy, *grads, T, nc, H, **common)
+    kern._bwd_chunk[(B * H * nc,)](r, w, k, v, a, b, st, S, dSn, dy, *grads, T, nc, H, **common)
     return grads
 
 

@@ -61,29 +61,6 @@ def recompute_case() -> dict:
         del os.environ["RWKV_MUSIC_WKV_RECOMPUTE"]
 
 
-def split_case() -> dict:
-    """The per-chunk gradients in two kernels through a scratch (`walk_backward(..., split=True)`, a benchmark
-    variant): every gradient against float64, and the largest difference from the one-kernel version."""
-    from rwkv_music.model.wkv_triton import precision, walk_backward, walk_forward
-
-    B, T, H = 2, 37, 3
-    g = torch.Generator().manual_seed(9)
-    xs = wkv_inputs(B, T, H, 64, torch.float32, seed=9)
-    s0 = torch.randn(B, H, 64, 64, generator=g) * 0.3
-    starts = torch.rand(B, T, generator=g) < 0.15
-    starts[0, ::16] = True
-    dy, ds = torch.randn(B, T, H, 64, generator=g), torch.randn(B, H, 64, 64, generator=g)
-    _, _, S = walk_forward(*xs, s0, starts, True, 32, precision())
-    one = walk_backward(*xs, S, dy, ds, starts, 32, precision())
-    two = walk_backward(*xs, S, dy, ds, starts, 32, precision(), split=True)
-    ref_in = [x.double().requires_grad_() for x in xs] + [s0.double().requires_grad_()]
-    y_ref, s_ref = wkv_reference(*ref_in[:6], ref_in[6], starts=starts)
-    want = torch.autograd.grad((y_ref * dy.double()).sum() + (s_ref * ds.double()).sum(), ref_in)
-    out = {n: rel_err(a, b) for n, a, b in zip(NAMES[2:], two, want, strict=True)}
-    out["split_vs_one"] = max(rel_err(a, b) for a, b in zip(two, one, strict=True))
-    return out
-
-
 @triton.jit
 def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -165,7 +142,6 @@ def main() -> None:
         "T37 state resets bv32": lambda: wkv_case(37, True, True, 1.0, 32, 4),
         "T33 extreme decays": lambda: wkv_case(33, True, False, 15.0, None, 5),
         "T37 state resets recompute": recompute_case,
-        "T37 state resets split": split_case,
         "model": model_case,
         "rounding": rounding_case,
     }
