@@ -326,8 +326,8 @@ class BatchedGrammar:
         self.tok_ok = t(grammar.next_class[:, grammar.cls])  # [S, V]
         self.cost_of_tok = t(grammar.close_cost[grammar.cls])  # [V]: tokens needed after it before a Bar
         self.arange = torch.arange(grammar.vocab_size, device=dev)
-        # Per-token constants of the step's mask, made once: a decode step is ~100 tiny kernels, so every one spared
-        # counts (each is a few microseconds of a CUDA graph replay).
+        # Per-token constants of the step's mask, made once: mask, sampling and update are ~110 tiny kernels a decode
+        # step, so every one spared counts (each is a few microseconds of a CUDA graph replay).
         self.not_pos, self.not_rest, self.not_ts = self.cls != POSITION, self.cls != REST, self.cls != TIMESIG
         self.is_bar = self.cls == BAR
         self.bar_long = self.is_bar.long()

@@ -53,7 +53,7 @@ def sample(logits: Tensor, u: Tensor, cfg: SamplingConfig) -> Tensor:
     cdf = kept.cumsum(dim=-1)
     threshold = u[:, None] * cdf[:, -1:]
     j = (cdf <= threshold).sum(dim=-1, keepdim=True)
-    # Rounding must never pick a token of zero probability. The likeliest token always has some (at least 1 / V), so
-    # the last one kept is at index >= 0.
+    # Rounding must never pick a token of zero probability; a row of NaN (a diverged model, a temperature so small
+    # that logits / T overflows) keeps none, and gets its first token instead of an index of -1.
     last = (kept > 0).sum(dim=-1, keepdim=True) - 1
-    return order.gather(-1, torch.minimum(j, last)).squeeze(-1)
+    return order.gather(-1, torch.minimum(j, last).clamp_(min=0)).squeeze(-1)

@@ -35,6 +35,16 @@ def test_masked_tokens_are_never_picked_even_at_high_temperature():
         assert allowed[torch.arange(512), toks].all()
 
 
+def test_rows_without_a_probability_give_a_token_instead_of_an_error():
+    """NaN probabilities (a diverged model's logits, or a temperature so small that logits / T overflows) keep no
+    token; the sampler must still return an index in range (on CUDA an index of -1 is a device assert mid-decode)."""
+    u = torch.tensor([0.3, 0.9, 0.5])
+    logits = torch.tensor([[float("-inf")] * 4, [float("nan")] * 4, [1.0, 2.0, 3.0, 4.0]])
+    for cfg in (SamplingConfig(), SamplingConfig(top_p=1.0, top_k=2), SamplingConfig(temperature=1e-40, min_p=0.1)):
+        tok = sample(logits, u, cfg)
+        assert tok.shape == (3,) and bool(((tok >= 0) & (tok < 4)).all()), (cfg, tok)
+
+
 def test_top_k_and_top_p_filter():
     logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
     n = 1000
