@@ -45,11 +45,9 @@ def sample(logits: Tensor, u: Tensor, cfg: SamplingConfig) -> Tensor:
     if cfg.min_p > 0.0:  # the cut scales with the model's confidence, unlike top-p's fixed mass
         big = p_sorted >= cfg.min_p * p_sorted[:, :1]
         keep = big if keep is None else keep & big
-    if cfg.top_k > 0:
-        if keep is None:
-            keep = torch.ones_like(p_sorted, dtype=torch.bool)
-        keep[:, cfg.top_k:] = False
     kept = p_sorted if keep is None else p_sorted * keep
+    if cfg.top_k > 0:
+        kept[:, cfg.top_k:] = 0.0  # in place, even on p_sorted: it is not read again
     cdf = kept.cumsum(dim=-1)
     threshold = u[:, None] * cdf[:, -1:]
     j = (cdf <= threshold).sum(dim=-1, keepdim=True)
